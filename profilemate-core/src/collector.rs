@@ -1,0 +1,601 @@
+//! The collector thread: drains every thread's buffer, resolves times, feeds the profilers and
+//! hands rows and summaries to the sinks.
+
+use crate::backend::{Mark, Resolution};
+use crate::config::Config;
+use crate::event::Event;
+use crate::handles::BatchSample;
+use crate::manifest::{RunManifest, FORMAT_VERSION, MANIFEST_FILE};
+use crate::profilers::*;
+use crate::record::*;
+use crate::recorder::{DropCounters, Shared, ThreadBuffer, Timing};
+use crate::rows::{Rows, Table};
+use crate::sink::{write_atomic, Sink};
+use crate::summary::Summaries;
+use crate::types::{Component, DropReason, LifecycleEvent, Phase, ProfilerKind};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Messages from the session to its collector.
+pub(crate) enum Control {
+    Flush(SyncSender<()>),
+    Shutdown,
+}
+
+/// Static facts about the run, fixed when the session was built.
+pub(crate) struct RunInfo {
+    pub(crate) config: Config,
+    pub(crate) manifest_dir: Option<PathBuf>,
+    pub(crate) started_at: String,
+    pub(crate) monotonic_start_ns: u64,
+    pub(crate) host: String,
+    pub(crate) timing_backend: String,
+}
+
+/// One event read from a buffer, with its own text.
+struct Decoded {
+    kind: u8,
+    tag: u8,
+    flags: u8,
+    op: u16,
+    /// Start (or, with `F_DURATION`, end) reading.
+    t0: u64,
+    /// End reading, or duration in ns.
+    t1: u64,
+    device: (u64, u64),
+    a: (u32, u32),
+    b: (u32, u32),
+    c: (u32, u32),
+    texts: [String; 3],
+}
+
+impl Decoded {
+    fn decode<'s>(head: &'s Slot, rest: &mut dyn Iterator<Item = &'s Slot>, scratch: &mut Vec<u8>) -> Decoded {
+        let mut d = Decoded {
+            kind: head.kind(),
+            tag: head.tag(),
+            flags: head.flags(),
+            op: head.u16_at4(),
+            t0: head.word(1),
+            t1: 0,
+            device: (0, 0),
+            a: (0, 0),
+            b: (0, 0),
+            c: (0, 0),
+            texts: Default::default(),
+        };
+        let mut text = |inline_at: usize, lens: &[usize], rest: &mut dyn Iterator<Item = &'s Slot>| {
+            scratch.clear();
+            let total = lens.iter().sum();
+            let mut it = &mut *rest;
+            read_text(head, inline_at, total, &mut it, scratch);
+            let mut texts: [String; 3] = Default::default();
+            let mut at = 0;
+            for (i, len) in lens.iter().enumerate() {
+                let end = (at + len).min(scratch.len());
+                texts[i] = String::from_utf8_lossy(&scratch[at..end]).into_owned();
+                at = end;
+            }
+            texts
+        };
+        match d.kind {
+            K_FORWARD => {
+                d.t1 = head.word(2);
+                d.device = (head.word(3), head.word(4));
+                d.a = head.pair(5);
+            }
+            K_CPU => {
+                d.t1 = head.word(2);
+                d.texts = text(CPU_TEXT_AT, &[head.word(3) as usize], rest);
+            }
+            K_COMPONENT => {
+                d.t1 = head.word(2);
+                d.device = (head.word(3), head.word(4));
+                d.texts = text(COMPONENT_TEXT_AT, &[head.word(5) as usize], rest);
+            }
+            K_BATCH => {
+                d.a = head.pair(2);
+                d.b = head.pair(3);
+                d.c = head.pair(4);
+            }
+            K_LIFECYCLE => {
+                let w = head.word(2);
+                let lens = [(w & 0xffff) as usize, ((w >> 16) & 0xffff) as usize, ((w >> 32) & 0xffff) as usize];
+                d.texts = text(LIFECYCLE_TEXT_AT, &lens, rest);
+            }
+            _ => {}
+        }
+        d
+    }
+
+    fn profiler(&self) -> ProfilerKind {
+        match self.kind {
+            K_FORWARD => ProfilerKind::ForwardPass,
+            K_CPU => ProfilerKind::CpuTiming,
+            K_BATCH => ProfilerKind::BatchUtilization,
+            K_LIFECYCLE => ProfilerKind::Preemption,
+            _ => ProfilerKind::EncoderDecoder,
+        }
+    }
+
+    fn needs_device(&self) -> bool {
+        self.flags & F_DEVICE != 0
+    }
+
+    /// Start reading, for ordering events of one drain.
+    fn start_raw(&self) -> u64 {
+        self.t0
+    }
+}
+
+pub(crate) struct Collector {
+    shared: Arc<Shared>,
+    info: RunInfo,
+    buffers: Vec<ThreadBuffer>,
+    retired_drops: Vec<Arc<DropCounters>>,
+    sinks: Vec<Box<dyn Sink>>,
+    sink_errors: BTreeMap<String, u64>,
+    sinks_warned: HashSet<usize>,
+    forward: Option<ForwardPassProfiler>,
+    cpu: Option<CpuTimingProfiler>,
+    batch: Option<BatchUtilizationProfiler>,
+    preemption: Option<PreemptionProfiler>,
+    encoder_decoder: Option<EncoderDecoderProfiler>,
+    rows: Rows,
+    rows_written: [u64; 6],
+    sink_drops: DropCounters,
+    batch_events: Vec<Decoded>,
+    pending: VecDeque<Decoded>,
+    scratch: Vec<u8>,
+    last_summary_step: u64,
+    summaries_dirty: bool,
+    last_file_flush: Instant,
+    last_summary_time: Instant,
+}
+
+const FILE_FLUSH_EVERY: Duration = Duration::from_secs(1);
+const SUMMARY_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
+const SHUTDOWN_DEVICE_WAIT: Duration = Duration::from_secs(10);
+
+impl Collector {
+    pub(crate) fn new(shared: Arc<Shared>, info: RunInfo, sinks: Vec<Box<dyn Sink>>) -> Collector {
+        let on = |k: ProfilerKind| shared.is_enabled(k);
+        let threshold = info.config.underutilization_threshold_pct;
+        Collector {
+            forward: on(ProfilerKind::ForwardPass).then(ForwardPassProfiler::new),
+            cpu: on(ProfilerKind::CpuTiming).then(CpuTimingProfiler::new),
+            batch: on(ProfilerKind::BatchUtilization).then(|| BatchUtilizationProfiler::new(threshold)),
+            preemption: on(ProfilerKind::Preemption).then(PreemptionProfiler::new),
+            encoder_decoder: on(ProfilerKind::EncoderDecoder).then(EncoderDecoderProfiler::new),
+            shared,
+            info,
+            buffers: Vec::new(),
+            retired_drops: Vec::new(),
+            sinks,
+            sink_errors: BTreeMap::new(),
+            sinks_warned: HashSet::new(),
+            rows: Rows::default(),
+            rows_written: [0; 6],
+            sink_drops: DropCounters::default(),
+            batch_events: Vec::new(),
+            pending: VecDeque::new(),
+            scratch: Vec::new(),
+            last_summary_step: 0,
+            summaries_dirty: false,
+            last_file_flush: Instant::now(),
+            last_summary_time: Instant::now(),
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: Receiver<Control>) -> RunManifest {
+        let period = Duration::from_millis(self.info.config.flush_interval_ms);
+        loop {
+            let msg = rx.recv_timeout(period);
+            self.cycle();
+            match msg {
+                Ok(Control::Flush(ack)) => {
+                    self.write_summaries();
+                    self.flush_sinks();
+                    let _ = ack.send(());
+                }
+                Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if self.last_file_flush.elapsed() >= FILE_FLUSH_EVERY {
+                self.flush_sinks();
+            }
+        }
+        self.shutdown()
+    }
+
+    /// One pass: drain, resolve, observe, write rows, and summaries when due.
+    fn cycle(&mut self) {
+        self.drain_buffers();
+        self.resolve_pending(false);
+        self.write_rows();
+        let steps = self.steps();
+        let interval = self.info.config.log_interval;
+        let due_by_steps = steps / interval > self.last_summary_step / interval;
+        let due_by_time = self.summaries_dirty && self.last_summary_time.elapsed() >= SUMMARY_AT_LEAST_EVERY;
+        if due_by_steps || due_by_time {
+            self.write_summaries();
+        }
+    }
+
+    fn steps(&self) -> u64 {
+        self.forward.as_ref().map_or(0, |f| f.steps())
+    }
+
+    fn drain_buffers(&mut self) {
+        {
+            let mut incoming = self.shared.incoming.lock().unwrap_or_else(|p| p.into_inner());
+            self.buffers.append(&mut incoming);
+        }
+        let mut events = std::mem::take(&mut self.batch_events);
+        let scratch = &mut self.scratch;
+        for buf in &mut self.buffers {
+            drain(&mut buf.consumer, |head, rest| events.push(Decoded::decode(head, rest, scratch)));
+        }
+        // Buffers of threads that exited are empty now: retire them, keeping their drop counts.
+        let retired = &mut self.retired_drops;
+        self.buffers.retain(|b| {
+            let gone = b.consumer.is_abandoned() && b.consumer.is_empty();
+            if gone {
+                retired.push(b.drops.clone());
+            }
+            !gone
+        });
+        // Threads are drained one after another: order this batch by time.
+        events.sort_by_key(Decoded::start_raw);
+        for d in events.drain(..) {
+            if d.needs_device() || (!self.pending.is_empty() && matches!(d.kind, K_FORWARD | K_COMPONENT)) {
+                self.pending.push_back(d);
+            } else {
+                self.dispatch(&d, None);
+            }
+        }
+        self.batch_events = events;
+    }
+
+    /// Resolves device-timed events in order, `cuda_event_batch` at a time. With `wait`, keeps
+    /// polling (shutdown) until all are done or the wait runs out.
+    fn resolve_pending(&mut self, wait: bool) {
+        let Timing::Device(backend) = &self.shared.timing else {
+            // Host timing never leaves events pending.
+            while let Some(d) = self.pending.pop_front() {
+                self.dispatch(&d, None);
+            }
+            return;
+        };
+        let backend = backend.clone();
+        let batch = backend.batch_size().unwrap_or(self.info.config.cuda_event_batch).max(1);
+        let deadline = Instant::now() + SHUTDOWN_DEVICE_WAIT;
+        loop {
+            let mut polled = 0;
+            while polled < batch {
+                let Some(front) = self.pending.front() else { break };
+                if !front.needs_device() {
+                    let d = self.pending.pop_front().expect("front exists");
+                    self.dispatch(&d, None);
+                    continue;
+                }
+                let (start, end) = (Mark(front.device.0), Mark(front.device.1));
+                polled += 1;
+                match backend.poll(start, end) {
+                    Resolution::Pending => break,
+                    Resolution::Ready(d) => {
+                        backend.release(start, end);
+                        let ev = self.pending.pop_front().expect("front exists");
+                        self.dispatch(&ev, Some(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)));
+                    }
+                    Resolution::Failed(why) => {
+                        backend.release(start, end);
+                        let ev = self.pending.pop_front().expect("front exists");
+                        self.sink_drops.add(ev.profiler(), DropReason::Timing, 1);
+                        warn_once(&format!("timing backend `{}` could not time an event: {why}", backend.name()));
+                    }
+                }
+            }
+            if !wait || self.pending.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                for ev in self.pending.drain(..) {
+                    if ev.needs_device() {
+                        backend.release(Mark(ev.device.0), Mark(ev.device.1));
+                    }
+                    self.sink_drops.add(ev.profiler(), DropReason::Timing, 1);
+                }
+                warn_once("device events still unfinished at shutdown were dropped (counted in the manifest)");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn ts(&self, raw: u64) -> u64 {
+        self.shared.clock.delta_ns(self.shared.start_raw, raw)
+    }
+
+    /// (timestamp, duration) of a timed record; `device_ns` overrides the host duration.
+    fn span(&self, d: &Decoded, device_ns: Option<u64>) -> (u64, u64) {
+        if d.flags & F_DURATION != 0 {
+            let end = self.ts(d.t0);
+            (end.saturating_sub(d.t1), d.t1)
+        } else {
+            let host = self.shared.clock.delta_ns(d.t0, d.t1);
+            (self.ts(d.t0), device_ns.unwrap_or(host))
+        }
+    }
+
+    fn dispatch(&mut self, d: &Decoded, device_ns: Option<u64>) {
+        let mut rows = std::mem::take(&mut self.rows);
+        match d.kind {
+            K_FORWARD => {
+                let (timestamp_ns, duration_ns) = self.span(d, device_ns);
+                if let Some(p) = &mut self.forward {
+                    let ev = Event::ForwardPass {
+                        timestamp_ns,
+                        phase: Phase::from_index(d.tag),
+                        batch_size: d.a.0,
+                        num_tokens: d.a.1,
+                        duration_ns,
+                    };
+                    p.observe(&ev, &mut rows);
+                }
+            }
+            K_CPU => {
+                let (timestamp_ns, duration_ns) = self.span(d, None);
+                let name = {
+                    let ops = self.shared.operations.read().unwrap_or_else(|p| p.into_inner());
+                    ops.get(usize::from(d.op)).cloned()
+                };
+                if let (Some(p), Some(name)) = (&mut self.cpu, name) {
+                    let ev = Event::CpuOperation {
+                        timestamp_ns,
+                        operation: d.op,
+                        name: &name,
+                        duration_ns,
+                        context: &d.texts[0],
+                    };
+                    p.observe(&ev, &mut rows);
+                }
+            }
+            K_BATCH => {
+                let timestamp_ns = self.ts(d.t0);
+                if let Some(p) = &mut self.batch {
+                    let sample = BatchSample {
+                        num_seqs: d.a.0,
+                        max_num_seqs: d.a.1,
+                        num_tokens: d.b.0,
+                        max_tokens: d.b.1,
+                        phase: Phase::from_index(d.tag),
+                        running_queue_len: d.c.0,
+                        waiting_queue_len: d.c.1,
+                    };
+                    p.observe(&Event::Batch { timestamp_ns, sample }, &mut rows);
+                }
+            }
+            K_LIFECYCLE => {
+                let timestamp_ns = self.ts(d.t0);
+                if let Some(p) = &mut self.preemption {
+                    let ev = Event::Lifecycle {
+                        timestamp_ns,
+                        request_id: &d.texts[0],
+                        event: LifecycleEvent::from_index(d.tag),
+                        reason: &d.texts[1],
+                        extra_info: &d.texts[2],
+                    };
+                    p.observe(&ev, &mut rows);
+                }
+            }
+            K_COMPONENT => {
+                let (timestamp_ns, duration_ns) = self.span(d, device_ns);
+                if let Some(p) = &mut self.encoder_decoder {
+                    let ev = Event::Component {
+                        timestamp_ns,
+                        component: Component::from_index(d.tag),
+                        duration_ns,
+                        context: &d.texts[0],
+                    };
+                    p.observe(&ev, &mut rows);
+                }
+            }
+            _ => {}
+        }
+        self.rows = rows;
+    }
+
+    fn write_rows(&mut self) {
+        if self.rows.is_empty() {
+            return;
+        }
+        self.summaries_dirty = true;
+        for (i, t) in Table::ALL.iter().enumerate() {
+            self.rows_written[i] += self.rows.len(*t) as u64;
+        }
+        for i in 0..self.sinks.len() {
+            if let Err(e) = self.sinks[i].write_rows(&self.rows) {
+                self.sink_failed(i, "write rows", &*e);
+                for t in Table::ALL {
+                    self.sink_drops.add(t.profiler(), DropReason::SinkError, self.rows.len(t) as u64);
+                }
+            }
+        }
+        self.rows.clear();
+    }
+
+    fn summaries(&mut self) -> Summaries {
+        let mut s = Summaries::default();
+        if let Some(p) = &self.forward {
+            p.summarize(&mut s);
+        }
+        if let Some(p) = &self.cpu {
+            p.summarize(&mut s);
+        }
+        if let Some(p) = &self.batch {
+            p.summarize(&mut s);
+        }
+        if let Some(p) = &self.preemption {
+            p.summarize(&mut s);
+        }
+        if let Some(p) = &mut self.encoder_decoder {
+            p.set_declared_model_type(self.shared.declared_model_type());
+            p.summarize(&mut s);
+        }
+        s
+    }
+
+    fn write_summaries(&mut self) {
+        self.last_summary_step = self.steps();
+        self.last_summary_time = Instant::now();
+        self.summaries_dirty = false;
+        let summaries = self.summaries();
+        for i in 0..self.sinks.len() {
+            if let Err(e) = self.sinks[i].write_summaries(&summaries) {
+                self.sink_failed(i, "write summaries", &*e);
+            }
+        }
+        if self.info.config.verbose {
+            log_summaries(&summaries, self.steps());
+        }
+        let manifest = self.manifest(false);
+        self.write_manifest(&manifest);
+    }
+
+    fn flush_sinks(&mut self) {
+        self.last_file_flush = Instant::now();
+        for i in 0..self.sinks.len() {
+            if let Err(e) = self.sinks[i].flush() {
+                self.sink_failed(i, "flush", &*e);
+            }
+        }
+    }
+
+    fn sink_failed(&mut self, i: usize, what: &str, e: &(dyn std::error::Error + 'static)) {
+        let name = self.sinks[i].name().to_string();
+        *self.sink_errors.entry(name.clone()).or_insert(0) += 1;
+        if self.sinks_warned.insert(i) {
+            eprintln!(
+                "profilemate: sink `{name}` failed to {what}: {e} (the session goes on; further errors of this \
+                 sink are counted in {MANIFEST_FILE})"
+            );
+        }
+    }
+
+    fn write_manifest(&mut self, manifest: &RunManifest) {
+        let Some(dir) = &self.info.manifest_dir else { return };
+        let result = serde_json::to_vec_pretty(manifest)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_atomic(&dir.join(MANIFEST_FILE), &bytes));
+        if let Err(e) = result {
+            let first = !self.sink_errors.contains_key("manifest");
+            *self.sink_errors.entry("manifest".to_string()).or_insert(0) += 1;
+            if first {
+                eprintln!("profilemate: cannot write {}: {e} (the session goes on)", dir.join(MANIFEST_FILE).display());
+            }
+        }
+    }
+
+    pub(crate) fn manifest(&self, finished: bool) -> RunManifest {
+        let mut dropped = BTreeMap::new();
+        for kind in ProfilerKind::FIVE {
+            let mut reasons = BTreeMap::new();
+            for reason in DropReason::ALL {
+                let mut n = self.shared.orphan_drops.get(kind, reason) + self.sink_drops.get(kind, reason);
+                n += self.buffers.iter().map(|b| b.drops.get(kind, reason)).sum::<u64>();
+                n += self.retired_drops.iter().map(|d| d.get(kind, reason)).sum::<u64>();
+                reasons.insert(reason.as_str().to_string(), n);
+            }
+            dropped.insert(kind.as_str().to_string(), reasons);
+        }
+        let config = &self.info.config;
+        RunManifest {
+            format_version: FORMAT_VERSION,
+            profilemate_version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: self.info.started_at.clone(),
+            monotonic_start_ns: self.info.monotonic_start_ns,
+            pid: std::process::id(),
+            host: self.info.host.clone(),
+            config: config.clone(),
+            timing_backend: self.info.timing_backend.clone(),
+            profilers: ProfilerKind::FIVE
+                .iter()
+                .filter(|k| self.shared.is_enabled(**k))
+                .map(|k| k.as_str().to_string())
+                .collect(),
+            sinks: self.sinks.iter().map(|s| s.name().to_string()).collect(),
+            rows: Table::ALL
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| self.shared.is_enabled(t.profiler()))
+                .map(|(i, t)| (t.file_name().to_string(), self.rows_written[i]))
+                .collect(),
+            dropped,
+            sink_errors: self.sink_errors.clone(),
+            steps: self.steps(),
+            elapsed_sec: self.ts(self.shared.now()) as f64 / 1e9,
+            finished,
+        }
+    }
+
+    fn shutdown(mut self) -> RunManifest {
+        self.drain_buffers();
+        self.resolve_pending(true);
+        let now = self.ts(self.shared.now());
+        let mut rows = std::mem::take(&mut self.rows);
+        if let Some(p) = &mut self.preemption {
+            p.finish(now, &mut rows);
+        }
+        self.rows = rows;
+        self.write_rows();
+        self.write_summaries();
+        let manifest = self.manifest(true);
+        for i in 0..self.sinks.len() {
+            if let Err(e) = self.sinks[i].finish(&manifest) {
+                self.sink_failed(i, "finish", &*e);
+            }
+        }
+        // Sink errors at finish belong in the manifest too.
+        let manifest = self.manifest(true);
+        self.write_manifest(&manifest);
+        manifest
+    }
+}
+
+fn log_summaries(s: &Summaries, steps: u64) {
+    let mut line = format!("profilemate: {steps} steps");
+    if let Some(f) = &s.forward_pass {
+        line += &format!(
+            "; forward prefill/decode/mixed {}/{}/{} (decode mean {:.3} ms)",
+            f.prefill.count, f.decode.count, f.mixed.count, f.decode.mean_ms
+        );
+    }
+    if let Some(c) = &s.cpu_timing {
+        let n: u64 = c.values().map(|o| o.count).sum();
+        line += &format!("; cpu ops {n}");
+    }
+    if let Some(b) = &s.batch_utilization {
+        line += &format!("; batches {} (token util {:.1}%)", b.total_samples, b.mean_token_utilization_pct);
+    }
+    if let Some(p) = &s.preemption {
+        line += &format!("; requests {} preemptions {}", p.total_requests, p.total_preemptions);
+    }
+    if let Some(e) = &s.encoder_decoder {
+        line += &format!("; encoder {:.1}%", e.encoder_pct);
+    }
+    eprintln!("{line}");
+}
+
+fn warn_once(msg: &str) {
+    use std::sync::Mutex;
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if !seen.iter().any(|m| m == msg) {
+        seen.push(msg.to_string());
+        eprintln!("profilemate: {msg}");
+    }
+}

@@ -1,0 +1,645 @@
+//! The recording handles an engine calls on its hot path.
+//!
+//! Every handle is cheap to clone, `Send + Sync`, and has a disabled form whose methods do
+//! nothing but test one pointer. Recording never blocks, allocates, locks or returns an error:
+//! an event that cannot be buffered is dropped and counted.
+
+use crate::backend::Mark;
+use crate::record::*;
+use crate::recorder::{Shared, Timing};
+use crate::types::{Component, CpuOp, DropReason, LifecycleEvent, ModelType, Phase, ProfilerKind};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[inline]
+fn shared_for(shared: &Option<Arc<Shared>>, kind: ProfilerKind) -> Option<Arc<Shared>> {
+    shared.as_ref().filter(|s| s.is_enabled(kind)).cloned()
+}
+
+/// Converts milliseconds given by the caller to nanoseconds; `None` for negative, NaN or
+/// infinite values (dropped and counted as [`DropReason::InvalidValue`]).
+#[inline]
+fn ms_to_ns(ms: f64) -> Option<u64> {
+    (0.0..1.8e13).contains(&ms).then(|| (ms * 1e6).round() as u64)
+}
+
+#[inline]
+fn dur_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A region timed with the session's timing backend (host clock or device events).
+#[derive(Clone, Copy)]
+struct Timed {
+    start_raw: u64,
+    device: Option<Mark>,
+}
+
+#[inline(always)]
+fn begin(shared: &Shared, kind: ProfilerKind) -> Option<Timed> {
+    let start_raw = shared.now();
+    match &shared.timing {
+        Timing::Host => Some(Timed { start_raw, device: None }),
+        Timing::Device(b) => match b.start() {
+            Some(m) => Some(Timed { start_raw, device: Some(m) }),
+            None => {
+                timing_failure(shared, kind);
+                None
+            }
+        },
+    }
+}
+
+#[cold]
+fn timing_failure(shared: &Shared, kind: ProfilerKind) {
+    shared.orphan_drops.add(kind, DropReason::Timing, 1);
+}
+
+/// Fills words 1..=4 of `slot` for a timed region that ends now. Returns `false` when the
+/// device could not mark the end (the event is dropped and counted).
+#[inline(always)]
+fn end(shared: &Shared, kind: ProfilerKind, t: Timed, slot: &mut Slot) -> bool {
+    slot.set_word(1, t.start_raw);
+    if let (Some(start), Timing::Device(b)) = (t.device, &shared.timing) {
+        let Some(stop) = b.stop(start) else {
+            b.release(start, start);
+            timing_failure(shared, kind);
+            return false;
+        };
+        slot.0[2] |= F_DEVICE;
+        slot.set_word(3, start.0);
+        slot.set_word(4, stop.0);
+    }
+    slot.set_word(2, shared.now());
+    true
+}
+
+/// Fills words 1 and 2 of `slot` for a region that ended now and lasted `ns`.
+#[inline(always)]
+fn measured(shared: &Shared, ns: u64, slot: &mut Slot) {
+    slot.0[2] |= F_DURATION;
+    slot.set_word(1, shared.now());
+    slot.set_word(2, ns);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward pass
+
+/// Records forward passes (engine steps) for `forward_pass_timing.csv`.
+///
+/// ```
+/// use profilemate_core::{Phase, Session};
+/// let session = Session::builder().in_memory_only().build()?;
+/// let forward = session.forward_pass();
+///
+/// let pass = forward.start(Phase::Decode, 32, 32);
+/// // ... run the model ...
+/// pass.stop();
+///
+/// // A pass timed elsewhere (for example by the engine's own events):
+/// forward.record(Phase::Prefill, 1, 512, std::time::Duration::from_micros(4500));
+/// # Ok::<(), profilemate_core::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct ForwardPass {
+    shared: Option<Arc<Shared>>,
+}
+
+impl ForwardPass {
+    pub(crate) fn new(shared: &Option<Arc<Shared>>) -> Self {
+        ForwardPass { shared: shared_for(shared, ProfilerKind::ForwardPass) }
+    }
+
+    /// A handle that records nothing.
+    pub const fn disabled() -> Self {
+        ForwardPass { shared: None }
+    }
+
+    /// Whether this handle records.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Starts timing a forward pass; it ends when the guard is stopped or dropped.
+    #[inline]
+    pub fn start(&self, phase: Phase, batch_size: u32, num_tokens: u32) -> ForwardGuard<'_> {
+        let timed = match &self.shared {
+            Some(s) => begin(s, ProfilerKind::ForwardPass),
+            None => None,
+        };
+        ForwardGuard { shared: self.shared.as_ref(), timed, phase, batch_size, num_tokens }
+    }
+
+    /// Records a pass that took `duration` and ended now.
+    #[inline]
+    pub fn record(&self, phase: Phase, batch_size: u32, num_tokens: u32, duration: Duration) {
+        if let Some(s) = &self.shared {
+            let mut slot = forward_slot(phase, batch_size, num_tokens);
+            measured(s, dur_ns(duration), &mut slot);
+            s.push(ProfilerKind::ForwardPass, slot);
+        }
+    }
+
+    /// Records a pass that took `ms` milliseconds and ended now. Negative, NaN or infinite
+    /// values are dropped and counted as [`DropReason::InvalidValue`].
+    #[inline]
+    pub fn record_ms(&self, phase: Phase, batch_size: u32, num_tokens: u32, ms: f64) {
+        if let Some(s) = &self.shared {
+            match ms_to_ns(ms) {
+                Some(ns) => {
+                    let mut slot = forward_slot(phase, batch_size, num_tokens);
+                    measured(s, ns, &mut slot);
+                    s.push(ProfilerKind::ForwardPass, slot);
+                }
+                None => s.count_drop(ProfilerKind::ForwardPass, DropReason::InvalidValue),
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn forward_slot(phase: Phase, batch_size: u32, num_tokens: u32) -> Slot {
+    let mut slot = Slot::head(K_FORWARD, phase as u8, 0);
+    slot.set_pair(5, batch_size, num_tokens);
+    slot
+}
+
+/// A forward pass being timed. It is recorded when stopped or dropped.
+#[must_use = "dropping the guard ends the forward pass at once; bind it (`let pass = ...`) and call `stop()` after the model ran"]
+pub struct ForwardGuard<'a> {
+    shared: Option<&'a Arc<Shared>>,
+    timed: Option<Timed>,
+    phase: Phase,
+    batch_size: u32,
+    num_tokens: u32,
+}
+
+impl ForwardGuard<'_> {
+    /// Ends the pass now and records it.
+    #[inline]
+    pub fn stop(self) {}
+
+    /// Corrects the batch before the pass ends (for engines that learn it late).
+    #[inline]
+    pub fn set_batch(&mut self, phase: Phase, batch_size: u32, num_tokens: u32) {
+        self.phase = phase;
+        self.batch_size = batch_size;
+        self.num_tokens = num_tokens;
+    }
+
+    /// Forgets the pass: nothing is recorded.
+    pub fn cancel(mut self) {
+        if let (Some(s), Some(t)) = (self.shared, self.timed.take()) {
+            if let (Some(m), Timing::Device(b)) = (t.device, &s.timing) {
+                b.release(m, m);
+            }
+        }
+    }
+}
+
+impl Drop for ForwardGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if let (Some(s), Some(t)) = (self.shared, self.timed) {
+            let mut slot = forward_slot(self.phase, self.batch_size, self.num_tokens);
+            if end(s, ProfilerKind::ForwardPass, t, &mut slot) {
+                s.push(ProfilerKind::ForwardPass, slot);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU operations
+
+/// Records CPU operations for `cpu_operations_timing.csv`.
+///
+/// ```
+/// use profilemate_core::{CpuOp, Session};
+/// let session = Session::builder().in_memory_only().build()?;
+/// let cpu = session.cpu_timing();
+///
+/// {
+///     let _scheduling = cpu.start(CpuOp::SCHEDULING);
+///     // ... choose the next batch ...
+/// }
+/// let batch = cpu.time_with(CpuOp::BATCH_PREPARATION, "phase=decode;batch_size=32", || vec![0u32; 32]);
+/// assert_eq!(batch.len(), 32);
+///
+/// let detokenize = session.register_cpu_operation("detokenize")?;
+/// cpu.record(detokenize, std::time::Duration::from_micros(40), "");
+/// # Ok::<(), profilemate_core::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct CpuTiming {
+    shared: Option<Arc<Shared>>,
+}
+
+impl CpuTiming {
+    pub(crate) fn new(shared: &Option<Arc<Shared>>) -> Self {
+        CpuTiming { shared: shared_for(shared, ProfilerKind::CpuTiming) }
+    }
+
+    /// A handle that records nothing.
+    pub const fn disabled() -> Self {
+        CpuTiming { shared: None }
+    }
+
+    /// Whether this handle records.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Starts timing `op`; it ends when the guard is stopped or dropped.
+    #[inline]
+    pub fn start(&self, op: CpuOp) -> CpuGuard<'_> {
+        self.start_with(op, "")
+    }
+
+    /// Starts timing `op` with a context (`key=value` pairs separated by `;`).
+    #[inline]
+    pub fn start_with<'a>(&'a self, op: CpuOp, context: &'a str) -> CpuGuard<'a> {
+        let start_raw = self.shared.as_ref().map_or(0, |s| s.now());
+        CpuGuard { shared: self.shared.as_ref(), op, context, start_raw }
+    }
+
+    /// Times `f` as `op` and returns what it returned.
+    #[inline]
+    pub fn time<R>(&self, op: CpuOp, f: impl FnOnce() -> R) -> R {
+        let _guard = self.start(op);
+        f()
+    }
+
+    /// Times `f` as `op` with a context and returns what it returned.
+    #[inline]
+    pub fn time_with<R>(&self, op: CpuOp, context: &str, f: impl FnOnce() -> R) -> R {
+        let _guard = self.start_with(op, context);
+        f()
+    }
+
+    /// Records `op` that took `duration` and ended now.
+    #[inline]
+    pub fn record(&self, op: CpuOp, duration: Duration, context: &str) {
+        if let Some(s) = &self.shared {
+            let mut slot = cpu_slot(op, context);
+            measured(s, dur_ns(duration), &mut slot);
+            s.push_text(ProfilerKind::CpuTiming, slot, CPU_TEXT_AT, &[context.as_bytes()]);
+        }
+    }
+
+    /// Records `op` that took `ms` milliseconds and ended now. Negative, NaN or infinite values
+    /// are dropped and counted as [`DropReason::InvalidValue`].
+    #[inline]
+    pub fn record_ms(&self, op: CpuOp, ms: f64, context: &str) {
+        if let Some(s) = &self.shared {
+            match ms_to_ns(ms) {
+                Some(ns) => {
+                    let mut slot = cpu_slot(op, context);
+                    measured(s, ns, &mut slot);
+                    s.push_text(ProfilerKind::CpuTiming, slot, CPU_TEXT_AT, &[context.as_bytes()]);
+                }
+                None => s.count_drop(ProfilerKind::CpuTiming, DropReason::InvalidValue),
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn cpu_slot(op: CpuOp, context: &str) -> Slot {
+    let mut slot = Slot::head(K_CPU, 0, 0);
+    slot.set_u16_at4(op.0);
+    slot.set_word(3, context.len() as u64);
+    slot
+}
+
+/// A CPU operation being timed. It is recorded when stopped or dropped.
+#[must_use = "dropping the guard ends the operation at once; bind it (`let _op = ...`) for the scope you time"]
+pub struct CpuGuard<'a> {
+    shared: Option<&'a Arc<Shared>>,
+    op: CpuOp,
+    context: &'a str,
+    start_raw: u64,
+}
+
+impl CpuGuard<'_> {
+    /// Ends the operation now and records it.
+    #[inline]
+    pub fn stop(self) {}
+
+    /// Forgets the operation: nothing is recorded.
+    pub fn cancel(mut self) {
+        self.shared = None;
+    }
+}
+
+impl Drop for CpuGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(s) = self.shared {
+            let mut slot = cpu_slot(self.op, self.context);
+            slot.set_word(1, self.start_raw);
+            slot.set_word(2, s.now());
+            if self.context.is_empty() {
+                s.push(ProfilerKind::CpuTiming, slot);
+            } else {
+                s.push_text(ProfilerKind::CpuTiming, slot, CPU_TEXT_AT, &[self.context.as_bytes()]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch utilization
+
+/// One scheduled batch against the scheduler's limits, for `batch_utilization.csv`.
+///
+/// Percentages are computed by the collector: `num / max * 100`, empty when the limit is 0 and
+/// clamped to 100 (and counted in the summary's `over_limit_samples`) when the batch exceeds
+/// its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSample {
+    /// Sequences scheduled.
+    pub num_seqs: u32,
+    /// The scheduler's sequence limit (`max_num_seqs`).
+    pub max_num_seqs: u32,
+    /// Tokens scheduled.
+    pub num_tokens: u32,
+    /// The scheduler's token limit (`max_num_batched_tokens`).
+    pub max_tokens: u32,
+    /// Prefill, decode or mixed.
+    pub phase: Phase,
+    /// Requests running after scheduling.
+    pub running_queue_len: u32,
+    /// Requests waiting after scheduling.
+    pub waiting_queue_len: u32,
+}
+
+/// Records scheduled batches for `batch_utilization.csv`.
+///
+/// ```
+/// use profilemate_core::{BatchSample, Phase, Session};
+/// let session = Session::builder().in_memory_only().build()?;
+/// let batches = session.batch_utilization();
+/// batches.record(&BatchSample {
+///     num_seqs: 24, max_num_seqs: 256, num_tokens: 1850, max_tokens: 8192,
+///     phase: Phase::Mixed, running_queue_len: 24, waiting_queue_len: 12,
+/// });
+/// # Ok::<(), profilemate_core::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct BatchUtilization {
+    shared: Option<Arc<Shared>>,
+}
+
+impl BatchUtilization {
+    pub(crate) fn new(shared: &Option<Arc<Shared>>) -> Self {
+        BatchUtilization { shared: shared_for(shared, ProfilerKind::BatchUtilization) }
+    }
+
+    /// A handle that records nothing.
+    pub const fn disabled() -> Self {
+        BatchUtilization { shared: None }
+    }
+
+    /// Whether this handle records.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Records one scheduled batch, now.
+    #[inline]
+    pub fn record(&self, sample: &BatchSample) {
+        if let Some(s) = &self.shared {
+            let mut slot = Slot::head(K_BATCH, sample.phase as u8, 0);
+            slot.set_word(1, s.now());
+            slot.set_pair(2, sample.num_seqs, sample.max_num_seqs);
+            slot.set_pair(3, sample.num_tokens, sample.max_tokens);
+            slot.set_pair(4, sample.running_queue_len, sample.waiting_queue_len);
+            s.push(ProfilerKind::BatchUtilization, slot);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request lifecycle
+
+/// Records request lifecycle events (`preemption_events.csv`, `request_lifecycle.csv`).
+///
+/// Request ids are the engine's own strings; any text is kept as given (commas, quotes,
+/// newlines and non-ASCII round-trip through the CSV files). An empty id is dropped and counted
+/// as [`DropReason::InvalidValue`].
+///
+/// ```
+/// use profilemate_core::Session;
+/// let session = Session::builder().in_memory_only().build()?;
+/// let requests = session.requests();
+/// requests.started("req-1");
+/// requests.preempted("req-1", "RECOMPUTE", "num_blocks=128;num_computed_tokens=812");
+/// requests.resumed("req-1");
+/// requests.finished("req-1", "status=FINISHED_STOPPED");
+/// # Ok::<(), profilemate_core::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct Requests {
+    shared: Option<Arc<Shared>>,
+}
+
+impl Requests {
+    pub(crate) fn new(shared: &Option<Arc<Shared>>) -> Self {
+        Requests { shared: shared_for(shared, ProfilerKind::Preemption) }
+    }
+
+    /// A handle that records nothing.
+    pub const fn disabled() -> Self {
+        Requests { shared: None }
+    }
+
+    /// Whether this handle records.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The request began processing.
+    #[inline]
+    pub fn started(&self, request_id: &str) {
+        self.record(request_id, LifecycleEvent::Started, "", "");
+    }
+
+    /// The request was preempted; `reason` is `RECOMPUTE`, `SWAP`, `kv_cache_full` or an
+    /// engine's own word.
+    #[inline]
+    pub fn preempted(&self, request_id: &str, reason: &str, extra_info: &str) {
+        self.record(request_id, LifecycleEvent::Preempted, reason, extra_info);
+    }
+
+    /// A preempted request runs again.
+    #[inline]
+    pub fn resumed(&self, request_id: &str) {
+        self.record(request_id, LifecycleEvent::Resumed, "", "");
+    }
+
+    /// The request completed.
+    #[inline]
+    pub fn finished(&self, request_id: &str, extra_info: &str) {
+        self.record(request_id, LifecycleEvent::Finished, "", extra_info);
+    }
+
+    /// The request was removed before completing.
+    #[inline]
+    pub fn evicted(&self, request_id: &str, reason: &str, extra_info: &str) {
+        self.record(request_id, LifecycleEvent::Evicted, reason, extra_info);
+    }
+
+    /// Records any lifecycle event, now.
+    #[inline]
+    pub fn record(&self, request_id: &str, event: LifecycleEvent, reason: &str, extra_info: &str) {
+        if let Some(s) = &self.shared {
+            if request_id.is_empty() {
+                s.count_drop(ProfilerKind::Preemption, DropReason::InvalidValue);
+                return;
+            }
+            let lens = [request_id.len(), reason.len(), extra_info.len()];
+            if lens.iter().sum::<usize>() > MAX_TEXT_BYTES {
+                s.count_drop(ProfilerKind::Preemption, DropReason::TextTooLong);
+                return;
+            }
+            let mut slot = Slot::head(K_LIFECYCLE, event as u8, 0);
+            slot.set_word(1, s.now());
+            slot.set_word(2, lens[0] as u64 | (lens[1] as u64) << 16 | (lens[2] as u64) << 32);
+            s.push_text(
+                ProfilerKind::Preemption,
+                slot,
+                LIFECYCLE_TEXT_AT,
+                &[request_id.as_bytes(), reason.as_bytes(), extra_info.as_bytes()],
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoder / decoder components
+
+/// Records encoder, decoder and cross-attention time for `encoder_decoder_timing.csv`.
+///
+/// Components are timed with the session's timing backend, like forward passes.
+///
+/// ```
+/// use profilemate_core::{Component, ModelType, Session};
+/// let session = Session::builder().in_memory_only().build()?;
+/// let components = session.components();
+/// components.declare_model_type(ModelType::EncoderDecoder);
+/// {
+///     let _encoder = components.start(Component::Encoder, "audio_encoder");
+///     // ... encode the audio once per request ...
+/// }
+/// components.record(Component::Decoder, "language_model", std::time::Duration::from_millis(3));
+/// # Ok::<(), profilemate_core::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct Components {
+    shared: Option<Arc<Shared>>,
+}
+
+impl Components {
+    pub(crate) fn new(shared: &Option<Arc<Shared>>) -> Self {
+        Components { shared: shared_for(shared, ProfilerKind::EncoderDecoder) }
+    }
+
+    /// A handle that records nothing.
+    pub const fn disabled() -> Self {
+        Components { shared: None }
+    }
+
+    /// Whether this handle records.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Declares the model's architecture; without it the summary infers one (any encoder time
+    /// means `encoder_decoder`).
+    pub fn declare_model_type(&self, model_type: ModelType) {
+        if let Some(s) = &self.shared {
+            s.model_type.store(model_type as u8 + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts timing `component`; `context` names the part (`vision_encoder`, `language_model`).
+    #[inline]
+    pub fn start<'a>(&'a self, component: Component, context: &'a str) -> ComponentGuard<'a> {
+        let timed = match &self.shared {
+            Some(s) => begin(s, ProfilerKind::EncoderDecoder),
+            None => None,
+        };
+        ComponentGuard { shared: self.shared.as_ref(), timed, component, context }
+    }
+
+    /// Records `component` that took `duration` and ended now.
+    #[inline]
+    pub fn record(&self, component: Component, context: &str, duration: Duration) {
+        if let Some(s) = &self.shared {
+            let mut slot = component_slot(component, context);
+            measured(s, dur_ns(duration), &mut slot);
+            s.push_text(ProfilerKind::EncoderDecoder, slot, COMPONENT_TEXT_AT, &[context.as_bytes()]);
+        }
+    }
+
+    /// Records `component` that took `ms` milliseconds and ended now. Negative, NaN or infinite
+    /// values are dropped and counted as [`DropReason::InvalidValue`].
+    #[inline]
+    pub fn record_ms(&self, component: Component, context: &str, ms: f64) {
+        if let Some(s) = &self.shared {
+            match ms_to_ns(ms) {
+                Some(ns) => {
+                    let mut slot = component_slot(component, context);
+                    measured(s, ns, &mut slot);
+                    s.push_text(ProfilerKind::EncoderDecoder, slot, COMPONENT_TEXT_AT, &[context.as_bytes()]);
+                }
+                None => s.count_drop(ProfilerKind::EncoderDecoder, DropReason::InvalidValue),
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn component_slot(component: Component, context: &str) -> Slot {
+    let mut slot = Slot::head(K_COMPONENT, component as u8, 0);
+    slot.set_word(5, context.len() as u64);
+    slot
+}
+
+/// A component being timed. It is recorded when stopped or dropped.
+#[must_use = "dropping the guard ends the component at once; bind it (`let _enc = ...`) for the scope you time"]
+pub struct ComponentGuard<'a> {
+    shared: Option<&'a Arc<Shared>>,
+    timed: Option<Timed>,
+    component: Component,
+    context: &'a str,
+}
+
+impl ComponentGuard<'_> {
+    /// Ends the component now and records it.
+    #[inline]
+    pub fn stop(self) {}
+
+    /// Forgets the component: nothing is recorded.
+    pub fn cancel(mut self) {
+        if let (Some(s), Some(t)) = (self.shared, self.timed.take()) {
+            if let (Some(m), Timing::Device(b)) = (t.device, &s.timing) {
+                b.release(m, m);
+            }
+        }
+    }
+}
+
+impl Drop for ComponentGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if let (Some(s), Some(t)) = (self.shared, self.timed) {
+            let mut slot = component_slot(self.component, self.context);
+            if end(s, ProfilerKind::EncoderDecoder, t, &mut slot) {
+                s.push_text(ProfilerKind::EncoderDecoder, slot, COMPONENT_TEXT_AT, &[self.context.as_bytes()]);
+            }
+        }
+    }
+}

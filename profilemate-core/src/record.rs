@@ -1,0 +1,204 @@
+//! The fixed-size records that recording threads write and the collector reads.
+//!
+//! Every event is one 64-byte slot; text (request ids, context, extra info) that does not fit
+//! in the slot's inline space continues in following slots, committed together with the head
+//! slot, so the collector never sees half an event.
+
+use crate::types::DropReason;
+use rtrb::{Consumer, Producer};
+
+/// The longest text one event may carry, all its fields together, in bytes. Longer events are
+/// dropped and counted as [`DropReason::TextTooLong`].
+pub const MAX_TEXT_BYTES: usize = 4096;
+
+pub(crate) const SLOT: usize = 64;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Slot(pub(crate) [u8; SLOT]);
+
+pub(crate) const K_FORWARD: u8 = 1;
+pub(crate) const K_CPU: u8 = 2;
+pub(crate) const K_BATCH: u8 = 3;
+pub(crate) const K_LIFECYCLE: u8 = 4;
+pub(crate) const K_COMPONENT: u8 = 5;
+
+/// Word 2 holds a duration in nanoseconds rather than an end reading.
+pub(crate) const F_DURATION: u8 = 1;
+/// Words 3 and 4 hold timing-backend marks.
+pub(crate) const F_DEVICE: u8 = 2;
+
+/// Where inline text starts, per kind.
+pub(crate) const CPU_TEXT_AT: usize = 32;
+pub(crate) const COMPONENT_TEXT_AT: usize = 48;
+pub(crate) const LIFECYCLE_TEXT_AT: usize = 24;
+
+impl Slot {
+    pub(crate) const ZERO: Slot = Slot([0; SLOT]);
+
+    #[inline(always)]
+    pub(crate) fn head(kind: u8, tag: u8, flags: u8) -> Slot {
+        let mut s = Slot::ZERO;
+        s.0[0] = kind;
+        s.0[1] = tag;
+        s.0[2] = flags;
+        s
+    }
+
+    #[inline(always)]
+    pub(crate) fn kind(&self) -> u8 {
+        self.0[0]
+    }
+    #[inline(always)]
+    pub(crate) fn tag(&self) -> u8 {
+        self.0[1]
+    }
+    #[inline(always)]
+    pub(crate) fn flags(&self) -> u8 {
+        self.0[2]
+    }
+    #[inline(always)]
+    pub(crate) fn u16_at4(&self) -> u16 {
+        u16::from_le_bytes([self.0[4], self.0[5]])
+    }
+    #[inline(always)]
+    pub(crate) fn set_u16_at4(&mut self, v: u16) {
+        self.0[4..6].copy_from_slice(&v.to_le_bytes());
+    }
+    #[inline(always)]
+    pub(crate) fn word(&self, i: usize) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(b)
+    }
+    #[inline(always)]
+    pub(crate) fn set_word(&mut self, i: usize, v: u64) {
+        self.0[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    #[inline(always)]
+    pub(crate) fn set_pair(&mut self, i: usize, lo: u32, hi: u32) {
+        self.set_word(i, u64::from(lo) | (u64::from(hi) << 32));
+    }
+    #[inline(always)]
+    pub(crate) fn pair(&self, i: usize) -> (u32, u32) {
+        let w = self.word(i);
+        (w as u32, (w >> 32) as u32)
+    }
+}
+
+/// Copies a sequence of byte strings into consecutive destinations.
+struct TextCursor<'a> {
+    pieces: &'a [&'a [u8]],
+    piece: usize,
+    offset: usize,
+}
+
+impl<'a> TextCursor<'a> {
+    fn new(pieces: &'a [&'a [u8]]) -> Self {
+        TextCursor { pieces, piece: 0, offset: 0 }
+    }
+
+    /// Fills as much of `dst` as there is text left.
+    #[inline]
+    fn fill(&mut self, dst: &mut [u8]) {
+        let mut at = 0;
+        while at < dst.len() && self.piece < self.pieces.len() {
+            let src = &self.pieces[self.piece][self.offset..];
+            let n = src.len().min(dst.len() - at);
+            dst[at..at + n].copy_from_slice(&src[..n]);
+            at += n;
+            self.offset += n;
+            if self.offset == self.pieces[self.piece].len() {
+                self.piece += 1;
+                self.offset = 0;
+            }
+        }
+    }
+}
+
+/// Pushes a slot that carries no text.
+#[inline(always)]
+pub(crate) fn push_plain(p: &mut Producer<Slot>, slot: Slot) -> Result<(), DropReason> {
+    p.push(slot).map_err(|_| DropReason::BufferFull)
+}
+
+/// Pushes `head` followed by `texts`, starting inline at byte `inline_at` of the head slot.
+#[inline]
+pub(crate) fn push_with_text(
+    p: &mut Producer<Slot>,
+    mut head: Slot,
+    inline_at: usize,
+    texts: &[&[u8]],
+) -> Result<(), DropReason> {
+    let total: usize = texts.iter().map(|t| t.len()).sum();
+    if total > MAX_TEXT_BYTES {
+        return Err(DropReason::TextTooLong);
+    }
+    let inline_cap = SLOT - inline_at;
+    let mut cursor = TextCursor::new(texts);
+    if total <= inline_cap {
+        cursor.fill(&mut head.0[inline_at..inline_at + total]);
+        return push_plain(p, head);
+    }
+    let extra = (total - inline_cap).div_ceil(SLOT);
+    let mut chunk = p.write_chunk_uninit(1 + extra).map_err(|_| DropReason::BufferFull)?;
+    cursor.fill(&mut head.0[inline_at..]);
+    let (a, b) = chunk.as_mut_slices();
+    let mut first = true;
+    for dst in a.iter_mut().chain(b.iter_mut()) {
+        if first {
+            dst.write(head);
+            first = false;
+        } else {
+            let mut s = Slot::ZERO;
+            cursor.fill(&mut s.0);
+            dst.write(s);
+        }
+    }
+    // SAFETY: the loop above initialised every slot of the chunk (a and b together hold
+    // exactly `1 + extra` slots).
+    unsafe { chunk.commit_all() };
+    Ok(())
+}
+
+/// Reads `total` bytes of text: the inline part of `head` from `inline_at`, then whole
+/// continuation slots from `rest`.
+pub(crate) fn read_text<'s>(
+    head: &Slot,
+    inline_at: usize,
+    total: usize,
+    rest: &mut impl Iterator<Item = &'s Slot>,
+    out: &mut Vec<u8>,
+) {
+    let inline = total.min(SLOT - inline_at);
+    out.extend_from_slice(&head.0[inline_at..inline_at + inline]);
+    let mut left = total - inline;
+    while left > 0 {
+        let Some(s) = rest.next() else { break };
+        let n = left.min(SLOT);
+        out.extend_from_slice(&s.0[..n]);
+        left -= n;
+    }
+}
+
+/// Drains every complete event currently in `c`, calling `f` with each head slot and an
+/// iterator positioned at its continuation slots.
+pub(crate) fn drain<F>(c: &mut Consumer<Slot>, mut f: F) -> usize
+where
+    F: for<'s> FnMut(&'s Slot, &mut dyn Iterator<Item = &'s Slot>),
+{
+    let n = c.slots();
+    if n == 0 {
+        return 0;
+    }
+    let Ok(chunk) = c.read_chunk(n) else { return 0 };
+    let (a, b) = chunk.as_slices();
+    let mut it = a.iter().chain(b.iter());
+    let mut events = 0;
+    while let Some(head) = it.next() {
+        f(head, &mut it);
+        events += 1;
+    }
+    chunk.commit_all();
+    events
+}

@@ -1,0 +1,173 @@
+//! The engine-thread side: per-thread bounded buffers found through a thread-local, and drop
+//! counters. No lock, allocation or I/O per event; a thread takes a lock and allocates its
+//! buffer once, the first time it records into a session.
+
+use crate::backend::{HostClock, TimingBackend};
+use crate::record::{push_plain, push_with_text, Slot};
+use crate::types::{DropReason, ModelType, ProfilerKind};
+use rtrb::{Consumer, Producer, RingBuffer};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+const KINDS: usize = ProfilerKind::ALL.len();
+const REASONS: usize = DropReason::ALL.len();
+
+/// Drop counts per profiler and reason.
+#[derive(Debug, Default)]
+pub(crate) struct DropCounters {
+    counts: [[AtomicU64; REASONS]; KINDS],
+}
+
+impl DropCounters {
+    #[inline]
+    pub(crate) fn add(&self, kind: ProfilerKind, reason: DropReason, n: u64) {
+        self.counts[kind.index()][reason.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self, kind: ProfilerKind, reason: DropReason) -> u64 {
+        self.counts[kind.index()][reason.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// The collector's end of one thread's buffer.
+pub(crate) struct ThreadBuffer {
+    pub(crate) consumer: Consumer<Slot>,
+    pub(crate) drops: Arc<DropCounters>,
+}
+
+struct LocalBuffer {
+    session: u64,
+    producer: Producer<Slot>,
+    drops: Arc<DropCounters>,
+    shared: std::sync::Weak<Shared>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Vec<LocalBuffer>> = const { RefCell::new(Vec::new()) };
+}
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// The timing used for forward passes and components.
+pub(crate) enum Timing {
+    Host,
+    Device(Arc<dyn TimingBackend>),
+}
+
+/// State shared by the session, its handles and its collector.
+pub(crate) struct Shared {
+    pub(crate) id: u64,
+    pub(crate) clock: HostClock,
+    pub(crate) start_raw: u64,
+    pub(crate) timing: Timing,
+    pub(crate) enabled: [bool; KINDS],
+    pub(crate) closed: AtomicBool,
+    pub(crate) buffer_events: usize,
+    /// Buffers of threads that started recording since the collector last looked.
+    pub(crate) incoming: Mutex<Vec<ThreadBuffer>>,
+    /// Drops that could not be charged to a thread buffer (thread shutting down, session
+    /// closed).
+    pub(crate) orphan_drops: DropCounters,
+    /// CPU operation names by id.
+    pub(crate) operations: RwLock<Vec<Arc<str>>>,
+    /// 0: not declared; otherwise 1 + ModelType.
+    pub(crate) model_type: AtomicU8,
+}
+
+impl Shared {
+    pub(crate) fn new(clock: HostClock, timing: Timing, enabled: [bool; KINDS], buffer_events: usize) -> Shared {
+        let start_raw = clock.raw();
+        Shared {
+            id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            clock,
+            start_raw,
+            timing,
+            enabled,
+            closed: AtomicBool::new(false),
+            buffer_events,
+            incoming: Mutex::new(Vec::new()),
+            orphan_drops: DropCounters::default(),
+            operations: RwLock::new(crate::types::CpuOp::BUILTIN_NAMES.iter().map(|n| Arc::from(*n)).collect()),
+            model_type: AtomicU8::new(0),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn is_enabled(&self, kind: ProfilerKind) -> bool {
+        self.enabled[kind.index()]
+    }
+
+    #[inline(always)]
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.raw()
+    }
+
+    pub(crate) fn declared_model_type(&self) -> Option<ModelType> {
+        match self.model_type.load(Ordering::Relaxed) {
+            1 => Some(ModelType::EncoderDecoder),
+            2 => Some(ModelType::DecoderOnly),
+            _ => None,
+        }
+    }
+
+    /// Counts a drop that happened before anything reached a buffer.
+    #[cold]
+    pub(crate) fn count_drop(self: &Arc<Self>, kind: ProfilerKind, reason: DropReason) {
+        self.with_local(kind, |_| Err(reason));
+    }
+
+    #[inline(always)]
+    pub(crate) fn push(self: &Arc<Self>, kind: ProfilerKind, slot: Slot) {
+        self.with_local(kind, |p| push_plain(p, slot));
+    }
+
+    #[inline]
+    pub(crate) fn push_text(self: &Arc<Self>, kind: ProfilerKind, slot: Slot, inline_at: usize, texts: &[&[u8]]) {
+        self.with_local(kind, |p| push_with_text(p, slot, inline_at, texts));
+    }
+
+    /// Runs `write` against this thread's buffer for this session, counting a drop if it fails.
+    #[inline(always)]
+    fn with_local(
+        self: &Arc<Self>,
+        kind: ProfilerKind,
+        write: impl FnOnce(&mut Producer<Slot>) -> Result<(), DropReason>,
+    ) {
+        if self.closed.load(Ordering::Relaxed) {
+            self.orphan_drops.add(kind, DropReason::SessionClosed, 1);
+            return;
+        }
+        let done = LOCAL.try_with(|cell| {
+            let Ok(mut buffers) = cell.try_borrow_mut() else { return false };
+            let index = match buffers.iter().position(|b| b.session == self.id) {
+                Some(i) => i,
+                None => self.register(&mut buffers),
+            };
+            let local = &mut buffers[index];
+            if let Err(reason) = write(&mut local.producer) {
+                local.drops.add(kind, reason, 1);
+            }
+            true
+        });
+        if done != Ok(true) {
+            self.orphan_drops.add(kind, DropReason::BufferFull, 1);
+        }
+    }
+
+    /// Creates this thread's buffer: once per thread and session.
+    #[cold]
+    #[inline(never)]
+    fn register(self: &Arc<Self>, buffers: &mut Vec<LocalBuffer>) -> usize {
+        // Forget buffers of sessions that are gone, so a long-lived thread does not collect them.
+        buffers.retain(|b| b.shared.upgrade().is_some_and(|s| !s.closed.load(Ordering::Relaxed)));
+        let shared = Arc::downgrade(self);
+        let (producer, consumer) = RingBuffer::new(self.buffer_events);
+        let drops = Arc::new(DropCounters::default());
+        let mut incoming = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+        incoming.push(ThreadBuffer { consumer, drops: drops.clone() });
+        drop(incoming);
+        buffers.push(LocalBuffer { session: self.id, producer, drops, shared });
+        buffers.len() - 1
+    }
+}

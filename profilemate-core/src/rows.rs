@@ -1,0 +1,329 @@
+//! The rows of the contract tables, as the collector hands them to sinks.
+
+use crate::types::{Component, LifecycleEvent, Phase};
+use std::sync::Arc;
+
+/// One of the six contract CSV tables.
+///
+/// ```
+/// use profilemate_core::Table;
+/// assert_eq!(Table::ForwardPass.file_name(), "forward_pass_timing.csv");
+/// assert_eq!(Table::ForwardPass.columns()[0], "timestamp_sec");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// `forward_pass_timing.csv`
+    ForwardPass,
+    /// `cpu_operations_timing.csv`
+    CpuOperations,
+    /// `batch_utilization.csv`
+    BatchUtilization,
+    /// `preemption_events.csv`
+    PreemptionEvents,
+    /// `request_lifecycle.csv`
+    RequestLifecycle,
+    /// `encoder_decoder_timing.csv`
+    EncoderDecoder,
+}
+
+impl Table {
+    /// All tables.
+    pub const ALL: [Table; 6] = [
+        Table::ForwardPass,
+        Table::CpuOperations,
+        Table::BatchUtilization,
+        Table::PreemptionEvents,
+        Table::RequestLifecycle,
+        Table::EncoderDecoder,
+    ];
+
+    /// The table's base name (file name without extension).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Table::ForwardPass => "forward_pass_timing",
+            Table::CpuOperations => "cpu_operations_timing",
+            Table::BatchUtilization => "batch_utilization",
+            Table::PreemptionEvents => "preemption_events",
+            Table::RequestLifecycle => "request_lifecycle",
+            Table::EncoderDecoder => "encoder_decoder_timing",
+        }
+    }
+
+    /// The CSV file name.
+    pub const fn file_name(self) -> &'static str {
+        match self {
+            Table::ForwardPass => "forward_pass_timing.csv",
+            Table::CpuOperations => "cpu_operations_timing.csv",
+            Table::BatchUtilization => "batch_utilization.csv",
+            Table::PreemptionEvents => "preemption_events.csv",
+            Table::RequestLifecycle => "request_lifecycle.csv",
+            Table::EncoderDecoder => "encoder_decoder_timing.csv",
+        }
+    }
+
+    /// The contract's columns, in order.
+    pub const fn columns(self) -> &'static [&'static str] {
+        match self {
+            Table::ForwardPass => {
+                &["timestamp_sec", "phase", "batch_size", "num_tokens", "forward_time_ms", "throughput_tokens_per_sec"]
+            }
+            Table::CpuOperations => &["timestamp_sec", "operation", "duration_ms", "context"],
+            Table::BatchUtilization => &[
+                "timestamp_sec",
+                "num_seqs",
+                "max_num_seqs",
+                "seq_utilization_pct",
+                "num_tokens",
+                "max_tokens",
+                "token_utilization_pct",
+                "phase",
+                "running_queue_len",
+                "waiting_queue_len",
+            ],
+            Table::PreemptionEvents => {
+                &["timestamp_sec", "request_id", "event", "reason", "running_time_sec", "extra_info"]
+            }
+            Table::RequestLifecycle => &[
+                "request_id",
+                "started_sec",
+                "preempted_sec",
+                "resumed_sec",
+                "finished_sec",
+                "total_time_sec",
+                "preemption_delay_sec",
+                "num_preemptions",
+                "outcome",
+            ],
+            Table::EncoderDecoder => &["timestamp_sec", "component", "duration_ms", "context"],
+        }
+    }
+
+    /// The profiler that fills this table.
+    pub const fn profiler(self) -> crate::ProfilerKind {
+        use crate::ProfilerKind as K;
+        match self {
+            Table::ForwardPass => K::ForwardPass,
+            Table::CpuOperations => K::CpuTiming,
+            Table::BatchUtilization => K::BatchUtilization,
+            Table::PreemptionEvents | Table::RequestLifecycle => K::Preemption,
+            Table::EncoderDecoder => K::EncoderDecoder,
+        }
+    }
+}
+
+/// Nanoseconds to seconds.
+#[inline]
+pub fn ns_to_sec(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// Nanoseconds to milliseconds.
+#[inline]
+pub fn ns_to_ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// A row of `forward_pass_timing.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardPassRow {
+    /// When the pass started, nanoseconds since the session started.
+    pub timestamp_ns: u64,
+    /// Prefill, decode or mixed.
+    pub phase: Phase,
+    /// Sequences in the batch.
+    pub batch_size: u32,
+    /// Tokens processed.
+    pub num_tokens: u32,
+    /// Execution time as the timing backend measured it.
+    pub forward_time_ns: u64,
+}
+
+impl ForwardPassRow {
+    /// `num_tokens / forward_time * 1000` per millisecond, `None` when the time is 0.
+    ///
+    /// ```
+    /// use profilemate_core::{ForwardPassRow, Phase};
+    /// let row = ForwardPassRow { timestamp_ns: 0, phase: Phase::Decode, batch_size: 8, num_tokens: 8, forward_time_ns: 2_000_000 };
+    /// assert_eq!(row.throughput_tokens_per_sec(), Some(4000.0));
+    /// ```
+    pub fn throughput_tokens_per_sec(&self) -> Option<f64> {
+        (self.forward_time_ns > 0).then(|| f64::from(self.num_tokens) / ns_to_ms(self.forward_time_ns) * 1000.0)
+    }
+}
+
+/// A row of `cpu_operations_timing.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuOperationRow {
+    /// When the operation started, nanoseconds since the session started.
+    pub timestamp_ns: u64,
+    /// The operation's name.
+    pub operation: Arc<str>,
+    /// How long it took.
+    pub duration_ns: u64,
+    /// Empty, or `key=value` pairs separated by `;`.
+    pub context: String,
+}
+
+/// A row of `batch_utilization.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchUtilizationRow {
+    /// When the batch was scheduled, nanoseconds since the session started.
+    pub timestamp_ns: u64,
+    /// Sequences scheduled.
+    pub num_seqs: u32,
+    /// The scheduler's sequence limit.
+    pub max_num_seqs: u32,
+    /// `num_seqs / max_num_seqs * 100`, clamped to 100; `None` when the limit is 0.
+    pub seq_utilization_pct: Option<f64>,
+    /// Tokens scheduled.
+    pub num_tokens: u32,
+    /// The scheduler's token limit (`max_num_batched_tokens`).
+    pub max_tokens: u32,
+    /// `num_tokens / max_tokens * 100`, clamped to 100; `None` when the limit is 0.
+    pub token_utilization_pct: Option<f64>,
+    /// Prefill, decode or mixed.
+    pub phase: Phase,
+    /// Requests running.
+    pub running_queue_len: u32,
+    /// Requests waiting.
+    pub waiting_queue_len: u32,
+}
+
+/// A row of `preemption_events.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreemptionEventRow {
+    /// When it happened, nanoseconds since the session started.
+    pub timestamp_ns: u64,
+    /// The engine's request id.
+    pub request_id: String,
+    /// What happened.
+    pub event: LifecycleEvent,
+    /// Why (on `preempted` and `evicted` rows), else empty.
+    pub reason: String,
+    /// On `preempted` rows: how long the request had run since it started or last resumed.
+    pub running_time_ns: Option<u64>,
+    /// Empty, or `key=value` pairs separated by `;`.
+    pub extra_info: String,
+}
+
+/// How a request left the engine, as `request_lifecycle.csv`'s `outcome` column says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It finished.
+    Finished,
+    /// It was evicted or aborted.
+    Evicted,
+    /// It was still in flight when the session shut down.
+    InFlight,
+}
+
+impl Outcome {
+    /// The name used in files.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Finished => "finished",
+            Outcome::Evicted => "evicted",
+            Outcome::InFlight => "in_flight",
+        }
+    }
+}
+
+/// A row of `request_lifecycle.csv`. Times are nanoseconds since the session started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestLifecycleRow {
+    /// The engine's request id.
+    pub request_id: String,
+    /// When it started (`None` if its start was not recorded).
+    pub started_ns: Option<u64>,
+    /// Its first preemption; `None` if never preempted.
+    pub preempted_ns: Option<u64>,
+    /// Its last resume; `None` if never preempted.
+    pub resumed_ns: Option<u64>,
+    /// When it finished or was evicted; `None` while in flight.
+    pub finished_ns: Option<u64>,
+    /// `finished - started`; `None` while in flight or when the start is unknown.
+    pub total_time_ns: Option<u64>,
+    /// Sum over its preemptions of the time until the matching resume; `None` if never
+    /// preempted.
+    pub preemption_delay_ns: Option<u64>,
+    /// How many times it was preempted.
+    pub num_preemptions: u32,
+    /// How it left the engine.
+    pub outcome: Outcome,
+}
+
+/// A row of `encoder_decoder_timing.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComponentRow {
+    /// When the component started, nanoseconds since the session started.
+    pub timestamp_ns: u64,
+    /// Encoder, decoder or cross-attention.
+    pub component: Component,
+    /// How long it took.
+    pub duration_ns: u64,
+    /// The part, for example `vision_encoder`.
+    pub context: String,
+}
+
+/// A batch of rows of every table, in the order they were recorded.
+///
+/// ```
+/// use profilemate_core::{Rows, Table};
+/// let rows = Rows::default();
+/// assert!(rows.is_empty());
+/// assert_eq!(rows.len(Table::ForwardPass), 0);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rows {
+    /// `forward_pass_timing.csv`
+    pub forward_pass: Vec<ForwardPassRow>,
+    /// `cpu_operations_timing.csv`
+    pub cpu_operations: Vec<CpuOperationRow>,
+    /// `batch_utilization.csv`
+    pub batch_utilization: Vec<BatchUtilizationRow>,
+    /// `preemption_events.csv`
+    pub preemption_events: Vec<PreemptionEventRow>,
+    /// `request_lifecycle.csv`
+    pub request_lifecycle: Vec<RequestLifecycleRow>,
+    /// `encoder_decoder_timing.csv`
+    pub encoder_decoder: Vec<ComponentRow>,
+}
+
+impl Rows {
+    /// Rows of `table` in this batch.
+    pub fn len(&self, table: Table) -> usize {
+        match table {
+            Table::ForwardPass => self.forward_pass.len(),
+            Table::CpuOperations => self.cpu_operations.len(),
+            Table::BatchUtilization => self.batch_utilization.len(),
+            Table::PreemptionEvents => self.preemption_events.len(),
+            Table::RequestLifecycle => self.request_lifecycle.len(),
+            Table::EncoderDecoder => self.encoder_decoder.len(),
+        }
+    }
+
+    /// Whether the batch holds no row at all.
+    pub fn is_empty(&self) -> bool {
+        Table::ALL.iter().all(|t| self.len(*t) == 0)
+    }
+
+    /// Empties every table, keeping the allocations.
+    pub fn clear(&mut self) {
+        self.forward_pass.clear();
+        self.cpu_operations.clear();
+        self.batch_utilization.clear();
+        self.preemption_events.clear();
+        self.request_lifecycle.clear();
+        self.encoder_decoder.clear();
+    }
+
+    /// Appends every row of `other` (used by in-memory sinks).
+    pub fn extend_from(&mut self, other: &Rows) {
+        self.forward_pass.extend_from_slice(&other.forward_pass);
+        self.cpu_operations.extend_from_slice(&other.cpu_operations);
+        self.batch_utilization.extend_from_slice(&other.batch_utilization);
+        self.preemption_events.extend_from_slice(&other.preemption_events);
+        self.request_lifecycle.extend_from_slice(&other.request_lifecycle);
+        self.encoder_decoder.extend_from_slice(&other.encoder_decoder);
+    }
+}

@@ -1,0 +1,259 @@
+//! The JSON summaries of the contract, as typed structs.
+//!
+//! Each struct serializes to exactly the keys of `../shared/CONTRACT.md`; no field is ever NaN or
+//! infinite (empty groups are all zeros).
+
+use crate::stats::DurationStats;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One summary file.
+///
+/// ```
+/// use profilemate_core::SummaryFile;
+/// assert_eq!(SummaryFile::CpuTiming.file_name(), "cpu_timing_summary.json");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SummaryFile {
+    /// `forward_pass_summary.json`
+    ForwardPass,
+    /// `cpu_timing_summary.json`
+    CpuTiming,
+    /// `batch_utilization_summary.json`
+    BatchUtilization,
+    /// `preemption_summary.json`
+    Preemption,
+    /// `encoder_decoder_summary.json`
+    EncoderDecoder,
+}
+
+impl SummaryFile {
+    /// All summary files.
+    pub const ALL: [SummaryFile; 5] = [
+        SummaryFile::ForwardPass,
+        SummaryFile::CpuTiming,
+        SummaryFile::BatchUtilization,
+        SummaryFile::Preemption,
+        SummaryFile::EncoderDecoder,
+    ];
+
+    /// The file's name.
+    pub const fn file_name(self) -> &'static str {
+        match self {
+            SummaryFile::ForwardPass => "forward_pass_summary.json",
+            SummaryFile::CpuTiming => "cpu_timing_summary.json",
+            SummaryFile::BatchUtilization => "batch_utilization_summary.json",
+            SummaryFile::Preemption => "preemption_summary.json",
+            SummaryFile::EncoderDecoder => "encoder_decoder_summary.json",
+        }
+    }
+}
+
+/// Forward pass statistics of one phase (`forward_pass_summary.json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct PhaseStats {
+    pub count: u64,
+    pub mean_ms: f64,
+    pub std_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub total_ms: f64,
+    pub total_tokens: u64,
+    /// Mean of the rows' `throughput_tokens_per_sec` (rows with a zero time have none), as
+    /// `df.throughput_tokens_per_sec.mean()` computes it.
+    pub mean_throughput_tokens_per_sec: f64,
+}
+
+/// `forward_pass_summary.json`: all three phases are always present.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct ForwardPassSummary {
+    pub prefill: PhaseStats,
+    pub decode: PhaseStats,
+    pub mixed: PhaseStats,
+}
+
+/// Statistics of one CPU operation (`cpu_timing_summary.json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct OperationStats {
+    pub count: u64,
+    pub mean_ms: f64,
+    pub std_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub total_ms: f64,
+}
+
+impl From<&DurationStats> for OperationStats {
+    fn from(s: &DurationStats) -> Self {
+        OperationStats {
+            count: s.count(),
+            mean_ms: s.mean_ms(),
+            std_ms: s.std_ms(),
+            min_ms: s.min_ms(),
+            max_ms: s.max_ms(),
+            p50_ms: s.percentile_ms(50.0),
+            p95_ms: s.percentile_ms(95.0),
+            p99_ms: s.percentile_ms(99.0),
+            total_ms: s.total_ms(),
+        }
+    }
+}
+
+/// `cpu_timing_summary.json`: a closed object, one key per operation seen.
+pub type CpuTimingSummary = BTreeMap<String, OperationStats>;
+
+/// `batch_utilization_summary.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct BatchUtilizationSummary {
+    pub total_samples: u64,
+    pub mean_seq_utilization_pct: f64,
+    pub mean_token_utilization_pct: f64,
+    pub underutilization_events: u64,
+    pub underutilization_threshold_pct: f64,
+    pub prefill_avg_utilization: f64,
+    pub decode_avg_utilization: f64,
+    pub mixed_avg_utilization: f64,
+    pub max_num_seqs: u32,
+    pub max_tokens: u32,
+    pub mean_running_queue_len: f64,
+    pub mean_waiting_queue_len: f64,
+    pub max_waiting_queue_len: u32,
+    /// Samples whose batch exceeded a non-zero limit (their percentage was clamped to 100).
+    pub over_limit_samples: u64,
+    /// Samples with a zero limit (their percentage is empty).
+    pub zero_limit_samples: u64,
+}
+
+/// `preemption_summary.json` (times in seconds).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct PreemptionSummary {
+    pub total_preemptions: u64,
+    pub total_requests: u64,
+    pub requests_preempted: u64,
+    pub preemption_rate_pct: f64,
+    pub preemption_reasons: BTreeMap<String, u64>,
+    pub mean_running_time_before_preempt: f64,
+    pub mean_resume_delay: f64,
+    pub max_resume_delay: f64,
+    /// Requests finished, evicted, and still in flight at the last summary.
+    pub requests_finished: u64,
+    #[allow(missing_docs)]
+    pub requests_evicted: u64,
+    #[allow(missing_docs)]
+    pub requests_in_flight: u64,
+}
+
+/// Statistics of one component (`encoder_decoder_summary.json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct ComponentStats {
+    pub count: u64,
+    pub total_ms: f64,
+    pub mean_ms: f64,
+    pub std_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+}
+
+impl From<&DurationStats> for ComponentStats {
+    fn from(s: &DurationStats) -> Self {
+        ComponentStats {
+            count: s.count(),
+            total_ms: s.total_ms(),
+            mean_ms: s.mean_ms(),
+            std_ms: s.std_ms(),
+            min_ms: s.min_ms(),
+            max_ms: s.max_ms(),
+            p50_ms: s.percentile_ms(50.0),
+            p95_ms: s.percentile_ms(95.0),
+        }
+    }
+}
+
+/// `encoder_decoder_summary.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct EncoderDecoderSummary {
+    /// `encoder_decoder` or `decoder_only`.
+    pub model_type: String,
+    pub encoder: ComponentStats,
+    pub decoder: ComponentStats,
+    pub cross_attention: ComponentStats,
+    pub encoder_pct: f64,
+    pub decoder_pct: f64,
+    pub cross_attention_pct: f64,
+    /// Whether `model_type` was declared by the engine (`true`) or inferred.
+    pub model_type_declared: bool,
+}
+
+impl Default for EncoderDecoderSummary {
+    fn default() -> Self {
+        EncoderDecoderSummary {
+            model_type: crate::ModelType::DecoderOnly.as_str().to_string(),
+            encoder: ComponentStats::default(),
+            decoder: ComponentStats::default(),
+            cross_attention: ComponentStats::default(),
+            encoder_pct: 0.0,
+            decoder_pct: 0.0,
+            cross_attention_pct: 0.0,
+            model_type_declared: false,
+        }
+    }
+}
+
+/// The summaries of every profiler that runs (`None` for one that is disabled).
+///
+/// ```
+/// use profilemate_core::Summaries;
+/// let s = Summaries::default();
+/// assert!(s.forward_pass.is_none());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+#[allow(missing_docs)]
+pub struct Summaries {
+    pub forward_pass: Option<ForwardPassSummary>,
+    pub cpu_timing: Option<CpuTimingSummary>,
+    pub batch_utilization: Option<BatchUtilizationSummary>,
+    pub preemption: Option<PreemptionSummary>,
+    pub encoder_decoder: Option<EncoderDecoderSummary>,
+}
+
+impl Summaries {
+    /// Each present summary as its file name and JSON value.
+    ///
+    /// # Errors
+    ///
+    /// Only if serialization fails, which the types here rule out.
+    pub fn to_json_files(&self) -> serde_json::Result<Vec<(SummaryFile, serde_json::Value)>> {
+        let mut out = Vec::new();
+        if let Some(s) = &self.forward_pass {
+            out.push((SummaryFile::ForwardPass, serde_json::to_value(s)?));
+        }
+        if let Some(s) = &self.cpu_timing {
+            out.push((SummaryFile::CpuTiming, serde_json::to_value(s)?));
+        }
+        if let Some(s) = &self.batch_utilization {
+            out.push((SummaryFile::BatchUtilization, serde_json::to_value(s)?));
+        }
+        if let Some(s) = &self.preemption {
+            out.push((SummaryFile::Preemption, serde_json::to_value(s)?));
+        }
+        if let Some(s) = &self.encoder_decoder {
+            out.push((SummaryFile::EncoderDecoder, serde_json::to_value(s)?));
+        }
+        Ok(out)
+    }
+}

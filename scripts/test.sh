@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every test of the project, from a fresh machine: installs what it needs, then runs the suites.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo >/dev/null || { echo "scripts/test.sh: cargo is required (https://rustup.rs)" >&2; exit 1; }
+
+echo "== cargo test --workspace"
+cargo test --workspace --all-targets
+echo "== doc tests"
+cargo test --workspace --doc
+echo "== benchmarks compile"
+cargo bench --workspace --no-run
