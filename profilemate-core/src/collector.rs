@@ -353,15 +353,21 @@ impl Collector {
                     let ops = self.shared.operations.read().unwrap_or_else(|p| p.into_inner());
                     ops.get(usize::from(d.op)).cloned()
                 };
-                if let (Some(p), Some(name)) = (&mut self.cpu, name) {
-                    let ev = Event::CpuOperation {
-                        timestamp_ns,
-                        operation: d.op,
-                        name: &name,
-                        duration_ns,
-                        context: &d.texts[0],
-                    };
-                    p.observe(&ev, &mut rows);
+                match (&mut self.cpu, name) {
+                    (Some(p), Some(name)) => {
+                        let ev = Event::CpuOperation {
+                            timestamp_ns,
+                            operation: d.op,
+                            name: &name,
+                            duration_ns,
+                            context: &d.texts[0],
+                        };
+                        p.observe(&ev, &mut rows);
+                    }
+                    // An id this session never registered (another session's, or a disabled
+                    // session's): dropped, and counted rather than lost silently.
+                    (Some(_), None) => self.sink_drops.add(ProfilerKind::CpuTiming, DropReason::InvalidValue, 1),
+                    (None, _) => {}
                 }
             }
             K_BATCH => {

@@ -75,6 +75,10 @@ impl std::str::FromStr for SinkKind {
     }
 }
 
+/// The smallest per-thread buffer: an event carrying [`MAX_TEXT_BYTES`](crate::MAX_TEXT_BYTES)
+/// of text takes 65 slots, and such an event must fit in an empty buffer.
+pub const MIN_BUFFER_EVENTS: usize = 128;
+
 /// Everything a session needs to know, with the contract's defaults.
 ///
 /// Build it in code, or read it from the environment with [`Config::from_env`]:
@@ -89,7 +93,7 @@ impl std::str::FromStr for SinkKind {
 /// | `cuda_event_batch` | `PROFILEMATE_CUDA_EVENT_BATCH` (> 0) | 100 |
 /// | `disabled` | `PROFILEMATE_DISABLE` (comma list of profiler names) | none |
 /// | `sinks` | `PROFILEMATE_SINKS` (comma list: `csv`, `json`, `parquet`, `perfetto`) | `csv,json` |
-/// | `buffer_events` | `PROFILEMATE_BUFFER_EVENTS` (per recording thread, >= 64) | 16384 |
+/// | `buffer_events` | `PROFILEMATE_BUFFER_EVENTS` (per recording thread, >= 128) | 16384 |
 /// | `flush_interval_ms` | `PROFILEMATE_FLUSH_MS` (collector period, 1..=60000) | 100 |
 ///
 /// A malformed value is an error naming the variable, the value and what is accepted; it never
@@ -300,7 +304,7 @@ impl Config {
             }
         }
         if let Some(v) = lookup(env::BUFFER_EVENTS) {
-            c.buffer_events = parse_int(env::BUFFER_EVENTS, &v, 64usize, 1 << 26)?;
+            c.buffer_events = parse_int(env::BUFFER_EVENTS, &v, MIN_BUFFER_EVENTS, 1 << 26)?;
         }
         if let Some(v) = lookup(env::FLUSH_MS) {
             c.flush_interval_ms = parse_int(env::FLUSH_MS, &v, 1u64, 60_000)?;
@@ -321,8 +325,12 @@ impl Config {
         if self.cuda_event_batch == 0 {
             return Err(invalid("cuda_event_batch", "0", "a batch size greater than 0"));
         }
-        if self.buffer_events < 64 {
-            return Err(invalid("buffer_events", &self.buffer_events.to_string(), "at least 64 events"));
+        if self.buffer_events < MIN_BUFFER_EVENTS {
+            return Err(invalid(
+                "buffer_events",
+                &self.buffer_events.to_string(),
+                "at least 128 events (an event with the longest text takes 65)",
+            ));
         }
         if !(1..=60_000).contains(&self.flush_interval_ms) {
             return Err(invalid("flush_interval_ms", &self.flush_interval_ms.to_string(), "1 to 60000 milliseconds"));

@@ -76,7 +76,7 @@ mod summary;
 mod types;
 
 pub use backend::{HostClock, Mark, Resolution, TimingBackend};
-pub use config::{env, BackendChoice, Config, SinkKind};
+pub use config::{env, BackendChoice, Config, SinkKind, MIN_BUFFER_EVENTS};
 pub use error::{Error, Result};
 pub use event::Event;
 pub use handles::{
@@ -92,7 +92,7 @@ pub use rows::{
     ns_to_ms, ns_to_sec, BatchUtilizationRow, ComponentRow, CpuOperationRow, ForwardPassRow, Outcome,
     PreemptionEventRow, RequestLifecycleRow, Rows, Table,
 };
-pub use session::{Session, SessionBuilder, SinkFactory};
+pub use session::{BackendFactory, Session, SessionBuilder, SinkFactory};
 pub use sink::{write_atomic, MemorySink, Sink, SinkError};
 pub use stats::{DurationStats, Mean};
 pub use summary::{

@@ -123,7 +123,7 @@ pub(crate) fn push_plain(p: &mut Producer<Slot>, slot: Slot) -> Result<(), DropR
 }
 
 /// Pushes `head` followed by `texts`, starting inline at byte `inline_at` of the head slot.
-#[inline]
+#[inline(always)]
 pub(crate) fn push_with_text(
     p: &mut Producer<Slot>,
     mut head: Slot,
@@ -135,11 +135,29 @@ pub(crate) fn push_with_text(
         return Err(DropReason::TextTooLong);
     }
     let inline_cap = SLOT - inline_at;
-    let mut cursor = TextCursor::new(texts);
     if total <= inline_cap {
-        cursor.fill(&mut head.0[inline_at..inline_at + total]);
+        // The common case: everything fits in the head slot.
+        let mut at = inline_at;
+        for t in texts {
+            head.0[at..at + t.len()].copy_from_slice(t);
+            at += t.len();
+        }
         return push_plain(p, head);
     }
+    push_spilled(p, head, inline_at, texts, total)
+}
+
+/// Text that continues past the head slot: a chunk of slots committed at once.
+#[inline(never)]
+fn push_spilled(
+    p: &mut Producer<Slot>,
+    mut head: Slot,
+    inline_at: usize,
+    texts: &[&[u8]],
+    total: usize,
+) -> Result<(), DropReason> {
+    let inline_cap = SLOT - inline_at;
+    let mut cursor = TextCursor::new(texts);
     let extra = (total - inline_cap).div_ceil(SLOT);
     let mut chunk = p.write_chunk_uninit(1 + extra).map_err(|_| DropReason::BufferFull)?;
     cursor.fill(&mut head.0[inline_at..]);

@@ -20,6 +20,12 @@ use std::time::Duration;
 /// directory. The `profilemate` facade installs the one from `profilemate-sinks`.
 pub type SinkFactory = fn(&Config, &Path) -> Result<Vec<Box<dyn Sink>>>;
 
+/// Supplies a device timing backend when the configuration allows one (`PROFILEMATE_BACKEND`
+/// `auto` or `cuda`). `Ok(None)` means none is usable here: the session uses the host clock
+/// (with `auto`) or fails with [`Error::BackendUnavailable`] (with `cuda`). The `profilemate`
+/// facade installs the CUDA one when its `cuda` feature is on.
+pub type BackendFactory = fn(&Config) -> Result<Option<Arc<dyn TimingBackend>>>;
+
 /// Configures and starts a [`Session`].
 ///
 /// ```
@@ -40,12 +46,20 @@ pub struct SessionBuilder {
     sinks: Vec<Box<dyn Sink>>,
     factory: Option<SinkFactory>,
     backend: Option<Arc<dyn TimingBackend>>,
+    backend_factory: Option<BackendFactory>,
     files: bool,
 }
 
 impl Default for SessionBuilder {
     fn default() -> Self {
-        SessionBuilder { config: Config::default(), sinks: Vec::new(), factory: None, backend: None, files: true }
+        SessionBuilder {
+            config: Config::default(),
+            sinks: Vec::new(),
+            factory: None,
+            backend: None,
+            backend_factory: None,
+            files: true,
+        }
     }
 }
 
@@ -158,6 +172,13 @@ impl SessionBuilder {
         self
     }
 
+    /// Installs the factory asked for a device timing backend when none was given with
+    /// [`timing_backend`](Self::timing_backend) and the configuration is not `host`.
+    pub fn backend_factory(mut self, factory: BackendFactory) -> Self {
+        self.backend_factory = Some(factory);
+        self
+    }
+
     /// Validates the configuration, prepares the output directory, and starts the collector.
     ///
     /// A disabled configuration gives a [`Session::disabled`] session and touches nothing.
@@ -171,11 +192,16 @@ impl SessionBuilder {
     ///   written;
     /// - [`Error::Collector`] when the collector thread cannot start.
     pub fn build(self) -> Result<Session> {
-        let SessionBuilder { config, mut sinks, factory, backend, files } = self;
+        let SessionBuilder { config, mut sinks, factory, backend, backend_factory, files } = self;
         config.validate()?;
         if !config.enabled {
             return Ok(Session::disabled());
         }
+        let backend = match (backend, backend_factory, config.backend) {
+            (Some(b), _, _) => Some(b),
+            (None, Some(f), BackendChoice::Auto | BackendChoice::Cuda) => f(&config)?,
+            _ => None,
+        };
         let (timing, timing_name) = match (config.backend, backend) {
             (BackendChoice::Host, _) | (BackendChoice::Auto, None) => (Timing::Host, "host".to_string()),
             (BackendChoice::Auto | BackendChoice::Cuda, Some(b)) => {
@@ -185,8 +211,9 @@ impl SessionBuilder {
             (BackendChoice::Cuda, None) => {
                 return Err(Error::BackendUnavailable {
                     backend: "cuda".into(),
-                    reason: "no CUDA timing backend was supplied (build with the `cuda` feature of \
-                             `profilemate`, or set PROFILEMATE_BACKEND=host)"
+                    reason: "no CUDA timing backend is available (build with the `cuda` feature of \
+                             `profilemate` on a machine with a CUDA driver and device, or set \
+                             PROFILEMATE_BACKEND=host)"
                         .into(),
                 })
             }
@@ -411,7 +438,9 @@ impl Session {
     /// returns the manifest (rows per file, drops, sink errors).
     ///
     /// Handles still held elsewhere keep working and record nothing; their events are counted
-    /// as `session_closed` on their side.
+    /// as `session_closed` on their side. Stop recording before calling this: an event whose
+    /// recording is under way on another thread at the very instant of shutdown may be lost
+    /// without being counted.
     ///
     /// # Errors
     ///

@@ -18,7 +18,8 @@ use hdrhistogram::Histogram;
 /// assert_eq!(s.count(), 4);
 /// assert_eq!(s.mean_ms(), 2.5);
 /// assert!((s.std_ms() - 1.118033988749895).abs() < 1e-12);
-/// assert_eq!(s.percentile_ms(50.0), 2.0);
+/// // The exact nearest-rank median is 2 ms; the histogram's answer is within 0.1 % of it.
+/// assert!((s.percentile_ms(50.0) - 2.0).abs() <= 2.0 * 1e-3);
 /// ```
 #[derive(Debug, Clone)]
 pub struct DurationStats {

@@ -1,7 +1,6 @@
 //! The contract CSV tables.
 
-use profilemate_core::{ns_to_ms, ns_to_sec, Config, ProfilerKind, Rows, Sink, SinkError, Table};
-use std::fmt::Write as _;
+use profilemate_core::{Config, ProfilerKind, Rows, Sink, SinkError, Table};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -11,8 +10,10 @@ use std::path::{Path, PathBuf};
 /// start of the run. Rows are buffered and reach the disk at every flush (about once a second);
 /// a process killed at any instant leaves files whose complete lines all parse.
 ///
-/// Formats: seconds with 6 decimals, milliseconds with 6, percentages with 4, throughput with
-/// 3; a field with no value is empty; text is quoted where RFC 4180 requires it.
+/// Formats: seconds with 6 decimals (rounded to the microsecond), milliseconds with 6 (exact to
+/// the nanosecond), percentages with 4, throughput with 3, all written from the integer
+/// nanoseconds and counts by integer arithmetic; a field with no value is empty; text is quoted
+/// where RFC 4180 requires it.
 ///
 /// ```
 /// use profilemate_sinks::CsvSink;
@@ -24,13 +25,12 @@ use std::path::{Path, PathBuf};
 /// sink.flush()?;
 /// let header = std::fs::read_to_string(dir.path().join("forward_pass_timing.csv"))?;
 /// assert!(header.starts_with("timestamp_sec,phase,batch_size"));
-/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
 /// ```
 pub struct CsvSink {
     dir: PathBuf,
     writers: Vec<(Table, csv::Writer<File>)>,
     record: csv::ByteRecord,
-    field: String,
 }
 
 impl std::fmt::Debug for CsvSink {
@@ -65,7 +65,7 @@ impl CsvSink {
             w.flush()?;
             writers.push((table, w));
         }
-        Ok(CsvSink { dir: dir.to_path_buf(), writers, record: csv::ByteRecord::new(), field: String::new() })
+        Ok(CsvSink { dir: dir.to_path_buf(), writers, record: csv::ByteRecord::new() })
     }
 
     /// The directory the files are in.
@@ -81,10 +81,10 @@ impl CsvSink {
     }
 }
 
-/// Builds one CSV record field by field, formatting numbers without allocating.
+/// Builds one CSV record field by field. Times are integers (nanoseconds) and are written
+/// with integer arithmetic, exactly and without float formatting.
 struct RecordBuilder<'a> {
     record: &'a mut csv::ByteRecord,
-    field: &'a mut String,
 }
 
 impl RecordBuilder<'_> {
@@ -92,37 +92,69 @@ impl RecordBuilder<'_> {
         self.record.push_field(s.as_bytes());
         self
     }
+    fn empty(&mut self) -> &mut Self {
+        self.record.push_field(b"");
+        self
+    }
     fn int(&mut self, v: impl Into<u64>) -> &mut Self {
-        let mut b = itoa_buf();
-        let s = fmt_u64(&mut b, v.into());
-        self.record.push_field(s);
+        let mut buf = [0u8; 20];
+        self.record.push_field(fmt_u64(&mut buf, v.into()));
         self
     }
-    fn float(&mut self, v: f64, decimals: usize) -> &mut Self {
-        self.field.clear();
-        let _ = write!(self.field, "{v:.decimals$}");
-        self.record.push_field(self.field.as_bytes());
-        self
-    }
-    fn opt_float(&mut self, v: Option<f64>, decimals: usize) -> &mut Self {
-        match v {
-            Some(v) if v.is_finite() => self.float(v, decimals),
-            _ => self.text(""),
+    /// `int.frac` with `frac` zero-padded to `digits`.
+    fn fixed(&mut self, int: u64, frac: u64, digits: usize) -> &mut Self {
+        let mut buf = [0u8; 48];
+        let mut digits_buf = [0u8; 20];
+        let i = fmt_u64(&mut digits_buf, int);
+        let mut at = i.len();
+        buf[..at].copy_from_slice(i);
+        buf[at] = b'.';
+        at += 1;
+        let f = fmt_u64(&mut digits_buf, frac);
+        for _ in f.len()..digits {
+            buf[at] = b'0';
+            at += 1;
         }
+        buf[at..at + f.len()].copy_from_slice(f);
+        at += f.len();
+        self.record.push_field(&buf[..at]);
+        self
     }
+    /// Nanoseconds as seconds with 6 decimals (rounded to the microsecond).
     fn sec(&mut self, ns: u64) -> &mut Self {
-        self.float(ns_to_sec(ns), 6)
+        let us = ns / 1000 + u64::from(ns % 1000 >= 500);
+        self.fixed(us / 1_000_000, us % 1_000_000, 6)
     }
     fn opt_sec(&mut self, ns: Option<u64>) -> &mut Self {
-        self.opt_float(ns.map(ns_to_sec), 6)
+        match ns {
+            Some(ns) => self.sec(ns),
+            None => self.empty(),
+        }
     }
+    /// Nanoseconds as milliseconds with 6 decimals (exact).
     fn ms(&mut self, ns: u64) -> &mut Self {
-        self.float(ns_to_ms(ns), 6)
+        self.fixed(ns / 1_000_000, ns % 1_000_000, 6)
     }
-}
-
-fn itoa_buf() -> [u8; 20] {
-    [0; 20]
+    /// `num / max * 100` clamped to 100, with 4 decimals; empty when `max` is 0.
+    fn pct(&mut self, num: u32, max: u32) -> &mut Self {
+        if max == 0 {
+            return self.empty();
+        }
+        let num = u64::from(num.min(max));
+        let max = u64::from(max);
+        let scaled = (num * 1_000_000 + max / 2) / max; // percent * 10^4, rounded
+        self.fixed(scaled / 10_000, scaled % 10_000, 4)
+    }
+    /// `tokens / ns * 10^9` with 3 decimals; empty when `ns` is 0.
+    fn throughput(&mut self, tokens: u32, ns: u64) -> &mut Self {
+        if ns == 0 {
+            return self.empty();
+        }
+        let ns = u128::from(ns);
+        let milli = (u128::from(tokens) * 1_000_000_000_000 + ns / 2) / ns; // tokens/s * 10^3
+        let milli = u64::try_from(milli).unwrap_or(u64::MAX);
+        self.fixed(milli / 1000, milli % 1000, 3)
+    }
 }
 
 fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
@@ -143,7 +175,7 @@ impl CsvSink {
         let Some((_, w)) = self.writers.iter_mut().find(|(t, _)| *t == table) else {
             return Ok(());
         };
-        let mut b = RecordBuilder { record: &mut self.record, field: &mut self.field };
+        let mut b = RecordBuilder { record: &mut self.record };
         macro_rules! emit {
             ($b:ident) => {{
                 w.write_byte_record($b.record)?;
@@ -158,7 +190,7 @@ impl CsvSink {
                         .int(r.batch_size)
                         .int(r.num_tokens)
                         .ms(r.forward_time_ns)
-                        .opt_float(r.throughput_tokens_per_sec(), 3);
+                        .throughput(r.num_tokens, r.forward_time_ns);
                     emit!(b);
                 }
             }
@@ -173,10 +205,10 @@ impl CsvSink {
                     b.sec(r.timestamp_ns)
                         .int(r.num_seqs)
                         .int(r.max_num_seqs)
-                        .opt_float(r.seq_utilization_pct, 4)
+                        .pct(r.num_seqs, r.max_num_seqs)
                         .int(r.num_tokens)
                         .int(r.max_tokens)
-                        .opt_float(r.token_utilization_pct, 4)
+                        .pct(r.num_tokens, r.max_tokens)
                         .text(r.phase.as_str())
                         .int(r.running_queue_len)
                         .int(r.waiting_queue_len);
@@ -245,5 +277,124 @@ impl Sink for CsvSink {
             w.flush().map_err(|e| format!("{}: {e}", table.file_name()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(f: impl FnOnce(&mut RecordBuilder<'_>)) -> String {
+        let mut record = csv::ByteRecord::new();
+        f(&mut RecordBuilder { record: &mut record });
+        String::from_utf8(record[0].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn numbers_are_written_exactly() {
+        assert_eq!(
+            field(|b| {
+                b.sec(0);
+            }),
+            "0.000000"
+        );
+        assert_eq!(
+            field(|b| {
+                b.sec(1_234_567_499);
+            }),
+            "1.234567"
+        );
+        assert_eq!(
+            field(|b| {
+                b.sec(1_234_567_500);
+            }),
+            "1.234568"
+        );
+        assert_eq!(
+            field(|b| {
+                b.sec(999_999_999_999);
+            }),
+            "1000.000000"
+        );
+        assert_eq!(
+            field(|b| {
+                b.ms(45_234_001);
+            }),
+            "45.234001"
+        );
+        assert_eq!(
+            field(|b| {
+                b.ms(7);
+            }),
+            "0.000007"
+        );
+        assert_eq!(
+            field(|b| {
+                b.pct(24, 256);
+            }),
+            "9.3750"
+        );
+        assert_eq!(
+            field(|b| {
+                b.pct(1, 3);
+            }),
+            "33.3333"
+        );
+        assert_eq!(
+            field(|b| {
+                b.pct(2, 3);
+            }),
+            "66.6667"
+        );
+        assert_eq!(
+            field(|b| {
+                b.pct(300, 256);
+            }),
+            "100.0000"
+        );
+        assert_eq!(
+            field(|b| {
+                b.pct(5, 0);
+            }),
+            ""
+        );
+        assert_eq!(
+            field(|b| {
+                b.throughput(256, 45_234_000);
+            }),
+            "5659.460"
+        );
+        assert_eq!(
+            field(|b| {
+                b.throughput(1, 0);
+            }),
+            ""
+        );
+        assert_eq!(
+            field(|b| {
+                b.int(u64::MAX);
+            }),
+            "18446744073709551615"
+        );
+    }
+
+    #[test]
+    fn written_numbers_agree_with_the_rows_floats() {
+        for ns in [1u64, 999, 1_000_001, 45_234_567, 3_600_000_000_123] {
+            let ms: f64 = field(|b| {
+                b.ms(ns);
+            })
+            .parse()
+            .unwrap();
+            assert!((ms - ns as f64 / 1e6).abs() <= 1e-9 * ms.max(1.0));
+        }
+        for (num, max) in [(1u32, 7u32), (24, 256), (8191, 8192)] {
+            let pct: f64 = field(|b| {
+                b.pct(num, max);
+            })
+            .parse()
+            .unwrap();
+            assert!((pct - f64::from(num) / f64::from(max) * 100.0).abs() <= 0.5e-4 + 1e-12);
+        }
     }
 }

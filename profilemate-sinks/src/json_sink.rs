@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 /// sink.write_summaries(&summaries)?;
 /// let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("forward_pass_summary.json"))?)?;
 /// assert_eq!(json["mixed"]["count"], 0);
-/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct JsonSummarySink {

@@ -1,0 +1,171 @@
+//! An engine loop with profiling on against off, in the same binary, interleaved.
+//!
+//! ```text
+//! cargo bench --bench engine_loop
+//! ```
+//!
+//! Each step does fixed real work (calibrated to about 1 ms, then about 100 us) split into
+//! scheduling, batch preparation, the forward pass and sampling, and uses the five profilers as
+//! an engine would: three CPU spans, a batch sample, a forward pass, a decoder component, and a
+//! request's start and finish every 16 steps. "On" writes CSV and JSON into a temporary
+//! directory; "off" uses a disabled session, so both run the same code. Rounds alternate which
+//! goes first; the overhead of each round is `on / off - 1`, and the median and spread over the
+//! rounds are printed.
+
+use profilemate::{BatchSample, Component, CpuOp, Phase, Session};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// Arithmetic that the compiler cannot remove, `n` rounds.
+#[inline(never)]
+fn work(n: u64) -> u64 {
+    let mut x = black_box(0x9e3779b97f4a7c15u64);
+    for i in 0..n {
+        x = x.rotate_left(7) ^ i.wrapping_mul(0x2545f4914f6cdd1d);
+    }
+    black_box(x)
+}
+
+struct Engine {
+    forward: profilemate::ForwardPass,
+    cpu: profilemate::CpuTiming,
+    batches: profilemate::BatchUtilization,
+    requests: profilemate::Requests,
+    components: profilemate::Components,
+    ids: Vec<String>,
+}
+
+impl Engine {
+    fn new(session: &Session) -> Engine {
+        Engine {
+            forward: session.forward_pass(),
+            cpu: session.cpu_timing(),
+            batches: session.batch_utilization(),
+            requests: session.requests(),
+            components: session.components(),
+            ids: (0..256).map(|i| format!("cmpl-{i:08x}-0")).collect(),
+        }
+    }
+
+    fn step(&self, step: u64, n: u64) {
+        let scheduling = self.cpu.start(CpuOp::SCHEDULING);
+        work(n / 50);
+        self.batches.record(&BatchSample {
+            num_seqs: 32,
+            max_num_seqs: 256,
+            num_tokens: 32,
+            max_tokens: 8192,
+            phase: Phase::Decode,
+            running_queue_len: 32,
+            waiting_queue_len: 0,
+        });
+        scheduling.stop();
+        self.cpu.time(CpuOp::BATCH_PREPARATION, || work(n / 20));
+        let pass = self.forward.start(Phase::Decode, 32, 32);
+        let decoder = self.components.start(Component::Decoder, "language_model");
+        work(n - n / 50 - n / 20 - n / 20);
+        decoder.stop();
+        pass.stop();
+        self.cpu.time(CpuOp::SAMPLING, || work(n / 20));
+        if step % 16 == 0 {
+            let id = &self.ids[(step / 16) as usize % self.ids.len()];
+            self.requests.started(id);
+            self.requests.finished(id, "status=FINISHED_STOPPED");
+        }
+    }
+
+    fn run(&self, steps: u64, n: u64) -> Duration {
+        let t = Instant::now();
+        for s in 0..steps {
+            self.step(s, n);
+        }
+        t.elapsed()
+    }
+}
+
+/// Rounds of `work` that take about `target`.
+fn calibrate(target: Duration) -> u64 {
+    let mut n = 1000u64;
+    loop {
+        let t = Instant::now();
+        work(n);
+        let d = t.elapsed();
+        if d >= Duration::from_millis(20) {
+            return (n as f64 * target.as_secs_f64() / d.as_secs_f64()).max(1.0) as u64;
+        }
+        n *= 2;
+    }
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
+}
+
+/// `engine_loop --instructions on|off STEPS WORK`: runs one configuration only, for counting
+/// instructions under callgrind (see `scripts/overhead-instructions.sh`).
+fn instructions_mode(args: &[String]) -> bool {
+    let Some(i) = args.iter().position(|a| a == "--instructions") else { return false };
+    let mode = args.get(i + 1).map(String::as_str).unwrap_or("on");
+    let steps: u64 = args.get(i + 2).and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n: u64 = args.get(i + 3).and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let session = if mode == "on" {
+        profilemate::builder().dir(dir.path()).build().expect("session")
+    } else {
+        Session::disabled()
+    };
+    Engine::new(&session).run(steps, n);
+    let manifest = session.shutdown().expect("shutdown");
+    println!("{mode}: {steps} steps of {n} work rounds, {} profiled steps", manifest.steps);
+    true
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if instructions_mode(&args) {
+        return;
+    }
+    let bench_mode = args.iter().any(|a| a == "--bench");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let on_session = profilemate::builder().dir(dir.path()).build().expect("session");
+    let off_session = Session::disabled();
+    let (on, off) = (Engine::new(&on_session), Engine::new(&off_session));
+
+    let (rounds, round_time) =
+        if bench_mode { (40, Duration::from_millis(250)) } else { (2, Duration::from_millis(5)) };
+    println!("engine loop: profiling on (CSV + JSON) against off, {rounds} interleaved rounds per step size");
+    for target in [Duration::from_millis(1), Duration::from_micros(100)] {
+        let n = calibrate(target);
+        let steps = (round_time.as_secs_f64() / target.as_secs_f64()).max(1.0) as u64;
+        // Warm both paths (thread buffers, caches, files).
+        on.run(steps.min(100), n);
+        off.run(steps.min(100), n);
+        let mut overheads = Vec::with_capacity(rounds);
+        let mut step_ns = Vec::with_capacity(rounds);
+        for r in 0..rounds {
+            let (t_on, t_off) = if r % 2 == 0 {
+                let off_t = off.run(steps, n);
+                (on.run(steps, n), off_t)
+            } else {
+                let on_t = on.run(steps, n);
+                (on_t, off.run(steps, n))
+            };
+            overheads.push((t_on.as_secs_f64() / t_off.as_secs_f64() - 1.0) * 100.0);
+            step_ns.push(t_off.as_secs_f64() * 1e9 / steps as f64);
+        }
+        overheads.sort_by(f64::total_cmp);
+        step_ns.sort_by(f64::total_cmp);
+        println!(
+            "  step ~{:>6.1} us ({steps} steps/round): overhead median {:+.3} %, p25 {:+.3} %, p75 {:+.3} %, min {:+.3} %, max {:+.3} %",
+            quantile(&step_ns, 0.5) / 1e3,
+            quantile(&overheads, 0.5),
+            quantile(&overheads, 0.25),
+            quantile(&overheads, 0.75),
+            overheads[0],
+            overheads[overheads.len() - 1],
+        );
+    }
+    let manifest = on_session.shutdown().expect("shutdown");
+    println!("  profiled: {} steps, {} events dropped", manifest.steps, manifest.total_dropped());
+}
