@@ -490,6 +490,9 @@ fn many_threads_recording_at_once_lose_nothing() {
         ("preemption_events.csv", 2 * n),
         ("request_lifecycle.csv", n),
         ("encoder_decoder_timing.csv", n),
+        ("kv_cache_usage.csv", 0),
+        ("cuda_graph_events.csv", 0),
+        ("moe_expert_routing.csv", 0),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -686,10 +689,20 @@ fn a_disabled_profiler_writes_no_files_and_records_nothing() {
     session.components().record(Component::Encoder, "vision_encoder", Duration::from_millis(1));
     session.forward_pass().record(Phase::Decode, 1, 1, Duration::from_millis(1));
     let manifest = session.shutdown().expect("shutdown");
-    assert_eq!(manifest.profilers, ["forward_pass", "cpu_timing", "batch_utilization"]);
+    assert_eq!(
+        manifest.profilers,
+        ["forward_pass", "cpu_timing", "batch_utilization", "kv_cache", "cuda_graph", "moe_expert"]
+    );
     assert_eq!(
         manifest.rows.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["batch_utilization.csv", "cpu_operations_timing.csv", "forward_pass_timing.csv"]
+        [
+            "batch_utilization.csv",
+            "cpu_operations_timing.csv",
+            "cuda_graph_events.csv",
+            "forward_pass_timing.csv",
+            "kv_cache_usage.csv",
+            "moe_expert_routing.csv"
+        ]
     );
     for file in [
         "preemption_events.csv",

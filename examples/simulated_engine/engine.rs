@@ -10,7 +10,7 @@
 //! and profilemate times that work. Scheduling decisions depend only on the seed, so a run is
 //! reproducible; only the measured times differ between runs.
 
-use profilemate::{BatchSample, Component, CpuOp, ModelType, Phase, Session};
+use profilemate::{BatchSample, Component, CpuOp, KvCacheSample, ModelType, Phase, Session};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::VecDeque;
@@ -69,12 +69,24 @@ pub struct SimConfig {
     pub burst: usize,
     /// Simulated seconds of quiet between waves.
     pub quiet_sec: f64,
+    /// Experts per MoE layer; 0 for a dense model.
+    pub experts: u32,
+    /// MoE layers.
+    pub moe_layers: u32,
+    /// Experts each token is routed to.
+    pub top_k: u32,
+    /// How uneven the router is: expert `e` (in a per-layer order) gets weight
+    /// `1 / (e + 1)^(skew * (1 + layer / layers))`; 0 routes uniformly.
+    pub moe_skew: f64,
+    /// Batch sizes with a captured CUDA graph (decode steps up to the largest replay one,
+    /// padded to the next captured size; other steps run eagerly).
+    pub graph_sizes: Vec<u32>,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
-            shape: Shape::EncoderDecoder,
+            shape: Shape::VisionLanguage,
             seed: 7,
             requests: 400,
             arrival_rate: 90.0,
@@ -87,6 +99,11 @@ impl Default for SimConfig {
             hidden: 160,
             burst: 80,
             quiet_sec: 1.0,
+            experts: 16,
+            moe_layers: 4,
+            top_k: 2,
+            moe_skew: 1.0,
+            graph_sizes: vec![1, 2, 4, 8, 16, 24, 32],
         }
     }
 }
@@ -109,6 +126,15 @@ impl SimConfig {
         }
         if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 || self.block_size == 0 {
             return Err("--max-num-seqs, --max-batched-tokens and --block-size must be positive".into());
+        }
+        if self.experts > 0 && (self.top_k == 0 || self.top_k > self.experts || self.moe_layers == 0) {
+            return Err("--experts: top-k must be between 1 and the number of experts, with at least one layer".into());
+        }
+        if self.experts as usize > profilemate::MAX_EXPERTS {
+            return Err(format!("--experts: at most {} experts per layer", profilemate::MAX_EXPERTS));
+        }
+        if !(self.moe_skew >= 0.0 && self.moe_skew.is_finite()) {
+            return Err("--moe-skew: expected a number >= 0".into());
         }
         if self.arrival_rate.is_nan()
             || self.arrival_rate <= 0.0
@@ -162,6 +188,8 @@ pub struct RunStats {
     pub trace: Vec<(Phase, u32, u32)>,
     /// Largest KV usage seen, in blocks.
     pub peak_blocks: u32,
+    /// Scheduling passes that ended with nothing to run (everything preempted).
+    pub empty_schedules: u64,
 }
 
 /// The model's real work: matrix-vector products of width `hidden`.
@@ -214,6 +242,66 @@ impl Model {
     }
 }
 
+/// A mixture-of-experts router that is deliberately uneven: per layer, a fixed permutation of
+/// the experts gets Zipf-like weights, steeper in deeper layers.
+struct Router {
+    /// Per layer: cumulative weights over the experts.
+    cumulative: Vec<Vec<f64>>,
+    rng: StdRng,
+    top_k: u32,
+}
+
+impl Router {
+    fn new(config: &SimConfig) -> Router {
+        // Its own random stream, so that MoE mode does not change the schedule.
+        let mut rng = StdRng::seed_from_u64(config.seed ^ 0x6d6f65);
+        let e = config.experts as usize;
+        let cumulative = (0..config.moe_layers)
+            .map(|layer| {
+                let mut order: Vec<usize> = (0..e).collect();
+                for i in (1..e).rev() {
+                    order.swap(i, rng.random_range(0..=i));
+                }
+                let exponent = config.moe_skew * (1.0 + f64::from(layer) / f64::from(config.moe_layers));
+                let mut weights = vec![0.0; e];
+                for (rank, &expert) in order.iter().enumerate() {
+                    weights[expert] = 1.0 / ((rank + 1) as f64).powf(exponent);
+                }
+                let mut acc = 0.0;
+                weights
+                    .iter()
+                    .map(|w| {
+                        acc += w;
+                        acc
+                    })
+                    .collect()
+            })
+            .collect();
+        Router { cumulative, rng, top_k: config.top_k }
+    }
+
+    /// Routes `tokens` tokens of `layer` to `top_k` distinct experts each; returns the counts.
+    fn route(&mut self, layer: usize, tokens: u32, counts: &mut [u32]) {
+        counts.iter_mut().for_each(|c| *c = 0);
+        let cum = &self.cumulative[layer];
+        let total = cum.last().copied().unwrap_or(0.0);
+        let mut chosen = Vec::with_capacity(self.top_k as usize);
+        for _ in 0..tokens {
+            chosen.clear();
+            while chosen.len() < self.top_k as usize {
+                let x = self.rng.random::<f64>() * total;
+                let expert = cum.partition_point(|c| *c <= x).min(cum.len() - 1);
+                if !chosen.contains(&expert) {
+                    chosen.push(expert);
+                }
+            }
+            for &e in &chosen {
+                counts[e] += 1;
+            }
+        }
+    }
+}
+
 /// One scheduled piece of work in a step.
 struct Scheduled {
     index: usize,
@@ -229,6 +317,9 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
     let batches = session.batch_utilization();
     let lifecycle = session.requests();
     let components = session.components();
+    let kv_cache = session.kv_cache();
+    let graphs = session.cuda_graphs();
+    let moe = session.moe_experts();
     let detokenize = session.register_cpu_operation("detokenize").map_err(|e| e.to_string())?;
     components.declare_model_type(match config.shape {
         Shape::DecoderOnly => ModelType::DecoderOnly,
@@ -237,6 +328,18 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
 
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut model = Model::new(config.hidden, &mut rng);
+    let mut router = (config.experts > 0).then(|| Router::new(config));
+    let mut expert_counts = vec![0u32; config.experts as usize];
+
+    // "Capture" a graph per size: a warm-up pass of that batch, timed.
+    let mut graph_sizes = config.graph_sizes.clone();
+    graph_sizes.sort_unstable();
+    graph_sizes.dedup();
+    for &size in &graph_sizes {
+        let t = std::time::Instant::now();
+        model.layers(4 * size + 8);
+        graphs.capture(size, t.elapsed());
+    }
 
     // Arrivals in simulated time. Traffic comes in waves: each wave opens with a tenth of its
     // requests at once (prefill-only steps), the rest follow as a Poisson process, and a quiet
@@ -299,12 +402,12 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
             if need > free_blocks {
                 // Out of KV blocks: preempt the newest running request and retry.
                 let mut victim = running.pop().expect("running is not empty");
-                free_blocks += victim.blocks;
                 let extra = format!(
-                    "num_blocks={};num_computed_tokens={};free_blocks={}",
-                    victim.blocks, victim.computed, free_blocks
+                    "num_blocks={};num_computed_tokens={};free_blocks_before={free_blocks};needed_blocks={need}",
+                    victim.blocks, victim.computed
                 );
                 lifecycle.preempted(&victim.id, "RECOMPUTE", &extra);
+                free_blocks += victim.blocks;
                 victim.blocks = 0;
                 victim.computed = 0;
                 victim.preempted = true;
@@ -351,6 +454,13 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
         let num_tokens: u32 = plan.iter().map(|s| s.tokens).sum();
         let phase = Phase::from_token_mix(prefill_seqs, num_seqs - prefill_seqs);
         stats.peak_blocks = stats.peak_blocks.max(config.kv_blocks - free_blocks);
+        kv_cache.record(&KvCacheSample {
+            used_blocks: config.kv_blocks - free_blocks,
+            total_blocks: config.kv_blocks,
+            // This engine has no prefix cache.
+            prefix_cache_queries: 0,
+            prefix_cache_hits: 0,
+        });
         batches.record(&BatchSample {
             num_seqs,
             max_num_seqs: config.max_num_seqs,
@@ -363,6 +473,7 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
         scheduling.stop();
         if plan.is_empty() {
             // Everything was preempted this step; the next step reschedules.
+            stats.empty_schedules += 1;
             now += 1e-4;
             continue;
         }
@@ -412,6 +523,16 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
         }
         let decoder = components.start(Component::Decoder, "language_model");
         model.layers(num_tokens + 4 * num_seqs);
+        if let Some(router) = &mut router {
+            for layer in 0..config.moe_layers {
+                router.route(layer as usize, num_tokens, &mut expert_counts);
+                // Each expert's feed-forward: work in proportion to the tokens it received.
+                for &c in &expert_counts {
+                    model.layers(c / 16);
+                }
+                moe.record_layer(layer, &expert_counts);
+            }
+        }
         decoder.stop();
         if config.shape == Shape::EncoderDecoder {
             let cross = components.start(Component::CrossAttention, "decoder_cross_attention");
@@ -420,6 +541,11 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
         }
         pass.stop();
         execution.stop();
+        // Decode batches up to the largest captured size replay a graph, padded.
+        match graph_sizes.iter().find(|&&g| g >= num_seqs) {
+            Some(&padded) if phase == Phase::Decode => graphs.replay(num_seqs, padded),
+            _ => graphs.eager(num_seqs),
+        }
 
         // ---- sampling: one token for every sequence whose context is complete
         for s in &plan {

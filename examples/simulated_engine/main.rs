@@ -4,6 +4,7 @@
 //! cargo run --release --example simulated_engine -- [--model gpt|whisper|vlm] [--seed N]
 //!     [--requests N] [--rate PER_SEC] [--prompt-len MIN-MAX] [--output-len MIN-MAX]
 //!     [--max-num-seqs N] [--max-batched-tokens N] [--kv-blocks N] [--block-size N]
+//!     [--experts N] [--moe-layers N] [--top-k N] [--moe-skew X]
 //! ```
 //!
 //! The files go into `PROFILEMATE_DIR` (default `./profilemate_out`); the run prints where.
@@ -14,7 +15,8 @@ use engine::{Shape, SimConfig};
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: simulated_engine [--model gpt|whisper|vlm] [--seed N] [--requests N] [--rate PER_SEC] \
-[--prompt-len MIN-MAX] [--output-len MIN-MAX] [--max-num-seqs N] [--max-batched-tokens N] [--kv-blocks N] [--block-size N]";
+[--prompt-len MIN-MAX] [--output-len MIN-MAX] [--max-num-seqs N] [--max-batched-tokens N] [--kv-blocks N] [--block-size N] \
+[--experts N] [--moe-layers N] [--top-k N] [--moe-skew X]";
 
 fn parse_args(args: &[String]) -> Result<SimConfig, String> {
     let mut c = SimConfig::default();
@@ -47,6 +49,12 @@ fn parse_args(args: &[String]) -> Result<SimConfig, String> {
             "--max-batched-tokens" => c.max_num_batched_tokens = small(value)?,
             "--kv-blocks" => c.kv_blocks = small(value)?,
             "--block-size" => c.block_size = small(value)?,
+            "--experts" => c.experts = small(value)?,
+            "--moe-layers" => c.moe_layers = small(value)?,
+            "--top-k" => c.top_k = small(value)?,
+            "--moe-skew" => {
+                c.moe_skew = value.parse().map_err(|_| format!("--moe-skew {value:?}: expected a number >= 0"))?
+            }
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
     }

@@ -12,6 +12,7 @@ fn small(shape: Shape) -> SimConfig {
         prompt_len: (16, 300),
         output_len: (4, 40),
         kv_blocks: 80,
+        experts: 0,
         ..SimConfig::default()
     }
 }
@@ -124,4 +125,61 @@ fn bad_configurations_are_refused() {
     assert!(crate::parse_args(&["--model".into(), "bert".into()]).unwrap_err().contains("gpt, whisper or vlm"));
     assert!(crate::parse_args(&["--prompt-len".into(), "10".into()]).unwrap_err().contains("MIN-MAX"));
     assert!(crate::parse_args(&["--frobnicate".into(), "1".into()]).unwrap_err().contains("unknown option"));
+}
+
+#[test]
+fn kv_usage_stays_within_the_cache_and_preemptions_happen_only_when_it_is_full() {
+    let config = SimConfig { kv_blocks: 30, prompt_len: (16, 120), output_len: (20, 80), ..small(Shape::DecoderOnly) };
+    let (stats, rows) = run_recorded(&config);
+    assert!(stats.preemptions > 0);
+    assert_eq!(rows.kv_cache.len() as u64, stats.steps + stats.empty_schedules);
+    assert!(rows.kv_cache.iter().all(|r| r.total_blocks == config.kv_blocks && r.used_blocks <= r.total_blocks));
+    assert!(rows.kv_cache.iter().any(|r| r.usage_pct() == Some(100.0) || r.used_blocks + 4 > r.total_blocks));
+    for r in rows.preemption_events.iter().filter(|r| r.event == LifecycleEvent::Preempted) {
+        let field = |k: &str| -> u32 {
+            r.extra_info
+                .split(';')
+                .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{k} missing in {}", r.extra_info))
+        };
+        assert!(field("free_blocks_before") < field("needed_blocks"), "preempted with room left: {}", r.extra_info);
+    }
+}
+
+#[test]
+fn a_skewed_router_shows_its_imbalance_and_an_even_one_does_not() {
+    let skewed = SimConfig { experts: 16, moe_layers: 3, moe_skew: 1.2, ..small(Shape::DecoderOnly) };
+    let memory = MemorySink::new();
+    let session = Session::builder().in_memory_only().sink(memory.clone()).build().expect("session");
+    run(&skewed, &session).expect("run");
+    session.shutdown().expect("shutdown");
+    let summary = memory.summaries().and_then(|s| s.moe_expert).expect("moe summary");
+    assert_eq!(summary.layers.len(), 3);
+    // Deeper layers were given a steeper skew: the summary must rank them so.
+    assert_eq!(summary.most_imbalanced_layers, vec![2, 1, 0]);
+    assert!(summary.layers.values().all(|l| l.max_over_mean > 2.0), "{summary:?}");
+
+    let even = SimConfig { moe_skew: 0.0, ..skewed };
+    let memory = MemorySink::new();
+    let session = Session::builder().in_memory_only().sink(memory.clone()).build().expect("session");
+    run(&even, &session).expect("run");
+    session.shutdown().expect("shutdown");
+    let summary = memory.summaries().and_then(|s| s.moe_expert).expect("moe summary");
+    assert!(summary.layers.values().all(|l| l.max_over_mean < 1.3), "{summary:?}");
+}
+
+#[test]
+fn decode_steps_replay_graphs_and_large_or_prefill_steps_run_eagerly() {
+    let config = small(Shape::DecoderOnly);
+    let (stats, rows) = run_recorded(&config);
+    use profilemate::GraphEvent;
+    let captures = rows.cuda_graph.iter().filter(|r| r.event == GraphEvent::Capture).count();
+    assert_eq!(captures, config.graph_sizes.len());
+    let steps = rows.cuda_graph.iter().filter(|r| r.event != GraphEvent::Capture).count() as u64;
+    assert_eq!(steps, stats.steps);
+    for r in rows.cuda_graph.iter().filter(|r| r.event == GraphEvent::Replay) {
+        let padded = r.padded_batch_size.expect("padded size");
+        assert!(padded >= r.batch_size && config.graph_sizes.contains(&padded));
+    }
 }

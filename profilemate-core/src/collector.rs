@@ -4,7 +4,7 @@
 use crate::backend::{Mark, Resolution};
 use crate::config::Config;
 use crate::event::Event;
-use crate::handles::BatchSample;
+use crate::handles::{BatchSample, KvCacheSample};
 use crate::manifest::{RunManifest, FORMAT_VERSION, MANIFEST_FILE};
 use crate::profilers::*;
 use crate::record::*;
@@ -12,7 +12,7 @@ use crate::recorder::{DropCounters, Shared, ThreadBuffer, Timing};
 use crate::rows::{Rows, Table};
 use crate::sink::{write_atomic, Sink};
 use crate::summary::Summaries;
-use crate::types::{Component, DropReason, LifecycleEvent, Phase, ProfilerKind};
+use crate::types::{Component, DropReason, GraphEvent, LifecycleEvent, Phase, ProfilerKind};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -50,6 +50,8 @@ struct Decoded {
     b: (u32, u32),
     c: (u32, u32),
     texts: [String; 3],
+    /// MoE routing counts.
+    counts: Vec<u32>,
 }
 
 impl Decoded {
@@ -66,6 +68,7 @@ impl Decoded {
             b: (0, 0),
             c: (0, 0),
             texts: Default::default(),
+            counts: Vec::new(),
         };
         let mut text = |inline_at: usize, lens: &[usize], rest: &mut dyn Iterator<Item = &'s Slot>| {
             scratch.clear();
@@ -101,6 +104,22 @@ impl Decoded {
                 d.b = head.pair(3);
                 d.c = head.pair(4);
             }
+            K_KV_CACHE => {
+                d.a = head.pair(2);
+                d.device = (head.word(3), head.word(4));
+            }
+            K_CUDA_GRAPH => {
+                d.t1 = head.word(2);
+                d.a = head.pair(3);
+                d.b = head.pair(4);
+            }
+            K_MOE => {
+                d.a = head.pair(2);
+                scratch.clear();
+                let mut it = &mut *rest;
+                read_text(head, MOE_DATA_AT, d.a.1 as usize * 4, &mut it, scratch);
+                d.counts = scratch.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
+            }
             K_LIFECYCLE => {
                 let w = head.word(2);
                 let lens = [(w & 0xffff) as usize, ((w >> 16) & 0xffff) as usize, ((w >> 32) & 0xffff) as usize];
@@ -117,6 +136,9 @@ impl Decoded {
             K_CPU => ProfilerKind::CpuTiming,
             K_BATCH => ProfilerKind::BatchUtilization,
             K_LIFECYCLE => ProfilerKind::Preemption,
+            K_KV_CACHE => ProfilerKind::KvCache,
+            K_CUDA_GRAPH => ProfilerKind::CudaGraph,
+            K_MOE => ProfilerKind::MoeExpert,
             _ => ProfilerKind::EncoderDecoder,
         }
     }
@@ -144,8 +166,11 @@ pub(crate) struct Collector {
     batch: Option<BatchUtilizationProfiler>,
     preemption: Option<PreemptionProfiler>,
     encoder_decoder: Option<EncoderDecoderProfiler>,
+    kv_cache: Option<KvCacheProfiler>,
+    cuda_graph: Option<CudaGraphProfiler>,
+    moe: Option<MoeExpertProfiler>,
     rows: Rows,
-    rows_written: [u64; 6],
+    rows_written: [u64; Table::ALL.len()],
     sink_drops: DropCounters,
     batch_events: Vec<Decoded>,
     pending: VecDeque<Decoded>,
@@ -170,6 +195,9 @@ impl Collector {
             batch: on(ProfilerKind::BatchUtilization).then(|| BatchUtilizationProfiler::new(threshold)),
             preemption: on(ProfilerKind::Preemption).then(PreemptionProfiler::new),
             encoder_decoder: on(ProfilerKind::EncoderDecoder).then(EncoderDecoderProfiler::new),
+            kv_cache: on(ProfilerKind::KvCache).then(KvCacheProfiler::new),
+            cuda_graph: on(ProfilerKind::CudaGraph).then(CudaGraphProfiler::new),
+            moe: on(ProfilerKind::MoeExpert).then(MoeExpertProfiler::new),
             shared,
             info,
             buffers: Vec::new(),
@@ -178,7 +206,7 @@ impl Collector {
             sink_errors: BTreeMap::new(),
             sinks_warned: HashSet::new(),
             rows: Rows::default(),
-            rows_written: [0; 6],
+            rows_written: [0; Table::ALL.len()],
             sink_drops: DropCounters::default(),
             batch_events: Vec::new(),
             pending: VecDeque::new(),
@@ -410,6 +438,45 @@ impl Collector {
                     p.observe(&ev, &mut rows);
                 }
             }
+            K_KV_CACHE => {
+                let timestamp_ns = self.ts(d.t0);
+                if let Some(p) = &mut self.kv_cache {
+                    let sample = KvCacheSample {
+                        used_blocks: d.a.0,
+                        total_blocks: d.a.1,
+                        prefix_cache_queries: d.device.0,
+                        prefix_cache_hits: d.device.1,
+                    };
+                    p.observe(&Event::KvCache { timestamp_ns, sample }, &mut rows);
+                }
+            }
+            K_CUDA_GRAPH => {
+                let (timestamp_ns, duration_ns) = if d.flags & F_DURATION != 0 {
+                    let (t, ns) = self.span(d, None);
+                    (t, Some(ns))
+                } else {
+                    (self.ts(d.t0), None)
+                };
+                if let Some(p) = &mut self.cuda_graph {
+                    let ev = Event::CudaGraph {
+                        timestamp_ns,
+                        event: GraphEvent::from_index(d.tag),
+                        batch_size: d.a.0,
+                        padded_batch_size: (d.flags & F_PADDED != 0).then_some(d.b.0),
+                        duration_ns,
+                    };
+                    p.observe(&ev, &mut rows);
+                }
+            }
+            K_MOE => {
+                let timestamp_ns = self.ts(d.t0);
+                if let Some(p) = &mut self.moe {
+                    p.observe(
+                        &Event::MoeRouting { timestamp_ns, layer: d.a.0, tokens_per_expert: &d.counts },
+                        &mut rows,
+                    );
+                }
+            }
             _ => {}
         }
         self.rows = rows;
@@ -450,6 +517,15 @@ impl Collector {
         }
         if let Some(p) = &mut self.encoder_decoder {
             p.set_declared_model_type(self.shared.declared_model_type());
+            p.summarize(&mut s);
+        }
+        if let Some(p) = &self.kv_cache {
+            p.summarize(&mut s);
+        }
+        if let Some(p) = &self.cuda_graph {
+            p.summarize(&mut s);
+        }
+        if let Some(p) = &self.moe {
             p.summarize(&mut s);
         }
         s
@@ -508,7 +584,7 @@ impl Collector {
 
     pub(crate) fn manifest(&self, finished: bool) -> RunManifest {
         let mut dropped = BTreeMap::new();
-        for kind in ProfilerKind::FIVE {
+        for kind in ProfilerKind::ALL.into_iter().filter(|k| self.shared.is_enabled(*k)) {
             let mut reasons = BTreeMap::new();
             for reason in DropReason::ALL {
                 let mut n = self.shared.orphan_drops.get(kind, reason) + self.sink_drops.get(kind, reason);
@@ -528,7 +604,7 @@ impl Collector {
             host: self.info.host.clone(),
             config: config.clone(),
             timing_backend: self.info.timing_backend.clone(),
-            profilers: ProfilerKind::FIVE
+            profilers: ProfilerKind::ALL
                 .iter()
                 .filter(|k| self.shared.is_enabled(**k))
                 .map(|k| k.as_str().to_string())

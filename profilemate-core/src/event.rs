@@ -1,7 +1,7 @@
 //! Resolved events, as the collector hands them to profilers.
 
-use crate::handles::BatchSample;
-use crate::types::{Component, LifecycleEvent, Phase};
+use crate::handles::{BatchSample, KvCacheSample};
+use crate::types::{Component, GraphEvent, LifecycleEvent, Phase};
 
 /// One recorded event after the collector resolved its times. Timestamps and durations are
 /// nanoseconds; timestamps count from the session's start.
@@ -65,6 +65,35 @@ pub enum Event<'a> {
         /// The part (`vision_encoder`, `language_model`).
         context: &'a str,
     },
+    /// A KV cache reading.
+    KvCache {
+        /// When it was read.
+        timestamp_ns: u64,
+        /// The reading.
+        sample: KvCacheSample,
+    },
+    /// A CUDA graph capture, replay or eager step.
+    CudaGraph {
+        /// When it happened (a capture: when it started).
+        timestamp_ns: u64,
+        /// What happened.
+        event: GraphEvent,
+        /// The batch size.
+        batch_size: u32,
+        /// The captured size a replay was padded to.
+        padded_batch_size: Option<u32>,
+        /// How long it took, when timed.
+        duration_ns: Option<u64>,
+    },
+    /// One layer's routing of one step's tokens.
+    MoeRouting {
+        /// The step's time.
+        timestamp_ns: u64,
+        /// The layer.
+        layer: u32,
+        /// Tokens routed to each expert, by expert id.
+        tokens_per_expert: &'a [u32],
+    },
 }
 
 impl Event<'_> {
@@ -75,7 +104,10 @@ impl Event<'_> {
             | Event::CpuOperation { timestamp_ns, .. }
             | Event::Batch { timestamp_ns, .. }
             | Event::Lifecycle { timestamp_ns, .. }
-            | Event::Component { timestamp_ns, .. } => *timestamp_ns,
+            | Event::Component { timestamp_ns, .. }
+            | Event::KvCache { timestamp_ns, .. }
+            | Event::CudaGraph { timestamp_ns, .. }
+            | Event::MoeRouting { timestamp_ns, .. } => *timestamp_ns,
         }
     }
 }

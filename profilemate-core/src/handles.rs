@@ -7,7 +7,7 @@
 use crate::backend::Mark;
 use crate::record::*;
 use crate::recorder::{Shared, Timing};
-use crate::types::{Component, CpuOp, DropReason, LifecycleEvent, ModelType, Phase, ProfilerKind};
+use crate::types::{Component, CpuOp, DropReason, GraphEvent, LifecycleEvent, ModelType, Phase, ProfilerKind};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -640,6 +640,198 @@ impl Drop for ComponentGuard<'_> {
             if end(s, ProfilerKind::EncoderDecoder, t, &mut slot) {
                 s.push_text(ProfilerKind::EncoderDecoder, slot, COMPONENT_TEXT_AT, &[self.context.as_bytes()]);
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trackers: KV cache, CUDA graphs, MoE experts
+
+/// One reading of the KV cache, for `kv_cache_usage.csv`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvCacheSample {
+    /// Blocks in use.
+    pub used_blocks: u32,
+    /// Blocks in the cache.
+    pub total_blocks: u32,
+    /// Prefix-cache lookups since the previous sample.
+    pub prefix_cache_queries: u64,
+    /// Prefix-cache hits since the previous sample.
+    pub prefix_cache_hits: u64,
+}
+
+/// Records KV cache usage for `kv_cache_usage.csv`, typically once per step.
+///
+/// ```
+/// use profilemate_core::{KvCacheSample, Session};
+/// let session = Session::builder().in_memory_only().build()?;
+/// session.kv_cache().record(&KvCacheSample { used_blocks: 96, total_blocks: 128, prefix_cache_queries: 4, prefix_cache_hits: 3 });
+/// # Ok::<(), profilemate_core::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct KvCacheUsage {
+    shared: Option<Arc<Shared>>,
+}
+
+impl KvCacheUsage {
+    pub(crate) fn new(shared: &Option<Arc<Shared>>) -> Self {
+        KvCacheUsage { shared: shared_for(shared, ProfilerKind::KvCache) }
+    }
+
+    /// A handle that records nothing.
+    pub const fn disabled() -> Self {
+        KvCacheUsage { shared: None }
+    }
+
+    /// Whether this handle records.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Records one reading, now.
+    #[inline]
+    pub fn record(&self, sample: &KvCacheSample) {
+        if let Some(s) = &self.shared {
+            let mut slot = Slot::head(K_KV_CACHE, 0, 0);
+            slot.set_word(1, s.now());
+            slot.set_pair(2, sample.used_blocks, sample.total_blocks);
+            slot.set_word(3, sample.prefix_cache_queries);
+            slot.set_word(4, sample.prefix_cache_hits);
+            s.push(ProfilerKind::KvCache, slot);
+        }
+    }
+}
+
+/// Records CUDA graph captures, replays and eager steps for `cuda_graph_events.csv`.
+///
+/// ```
+/// use profilemate_core::Session;
+/// use std::time::Duration;
+/// let session = Session::builder().in_memory_only().build()?;
+/// let graphs = session.cuda_graphs();
+/// graphs.capture(8, Duration::from_millis(40));
+/// graphs.replay(5, 8);   // a batch of 5 padded to the graph captured for 8
+/// graphs.eager(300);     // larger than any captured graph
+/// # Ok::<(), profilemate_core::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct CudaGraphs {
+    shared: Option<Arc<Shared>>,
+}
+
+impl CudaGraphs {
+    pub(crate) fn new(shared: &Option<Arc<Shared>>) -> Self {
+        CudaGraphs { shared: shared_for(shared, ProfilerKind::CudaGraph) }
+    }
+
+    /// A handle that records nothing.
+    pub const fn disabled() -> Self {
+        CudaGraphs { shared: None }
+    }
+
+    /// Whether this handle records.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// A graph for `batch_size` was captured in `duration`.
+    #[inline]
+    pub fn capture(&self, batch_size: u32, duration: Duration) {
+        self.record(GraphEvent::Capture, batch_size, None, Some(duration));
+    }
+
+    /// A step of `batch_size` sequences replayed the graph captured for `padded_batch_size`.
+    #[inline]
+    pub fn replay(&self, batch_size: u32, padded_batch_size: u32) {
+        self.record(GraphEvent::Replay, batch_size, Some(padded_batch_size), None);
+    }
+
+    /// A step of `batch_size` sequences ran without a graph.
+    #[inline]
+    pub fn eager(&self, batch_size: u32) {
+        self.record(GraphEvent::Eager, batch_size, None, None);
+    }
+
+    /// Records any graph event, now; `duration` when it was timed.
+    #[inline]
+    pub fn record(
+        &self,
+        event: GraphEvent,
+        batch_size: u32,
+        padded_batch_size: Option<u32>,
+        duration: Option<Duration>,
+    ) {
+        if let Some(s) = &self.shared {
+            let mut slot = Slot::head(K_CUDA_GRAPH, event as u8, 0);
+            match duration {
+                Some(d) => measured(s, dur_ns(d), &mut slot),
+                None => slot.set_word(1, s.now()),
+            }
+            if let Some(p) = padded_batch_size {
+                slot.0[2] |= F_PADDED;
+                slot.set_pair(4, p, 0);
+            }
+            slot.set_pair(3, batch_size, 0);
+            s.push(ProfilerKind::CudaGraph, slot);
+        }
+    }
+}
+
+/// Records how a mixture-of-experts router spread one step's tokens over the experts of a
+/// layer, for `moe_expert_routing.csv`: one call per layer per step, not one per token.
+///
+/// ```
+/// use profilemate_core::Session;
+/// let session = Session::builder().in_memory_only().build()?;
+/// let moe = session.moe_experts();
+/// let tokens_per_expert = [12u32, 0, 3, 41, 8, 0, 0, 0];
+/// moe.record_layer(0, &tokens_per_expert);
+/// # Ok::<(), profilemate_core::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct MoeRouting {
+    shared: Option<Arc<Shared>>,
+}
+
+/// The most experts one layer may report (a record holds 4 bytes per expert).
+pub const MAX_EXPERTS: usize = MAX_TEXT_BYTES / 4;
+
+impl MoeRouting {
+    pub(crate) fn new(shared: &Option<Arc<Shared>>) -> Self {
+        MoeRouting { shared: shared_for(shared, ProfilerKind::MoeExpert) }
+    }
+
+    /// A handle that records nothing.
+    pub const fn disabled() -> Self {
+        MoeRouting { shared: None }
+    }
+
+    /// Whether this handle records.
+    pub fn is_enabled(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Tokens routed to each expert of `layer` in this step, indexed by expert id. More than
+    /// [`MAX_EXPERTS`] experts are dropped and counted as [`DropReason::TextTooLong`].
+    #[inline]
+    pub fn record_layer(&self, layer: u32, tokens_per_expert: &[u32]) {
+        if let Some(s) = &self.shared {
+            if tokens_per_expert.len() > MAX_EXPERTS {
+                s.count_drop(ProfilerKind::MoeExpert, DropReason::TextTooLong);
+                return;
+            }
+            let mut slot = Slot::head(K_MOE, 0, 0);
+            slot.set_word(1, s.now());
+            slot.set_pair(2, layer, tokens_per_expert.len() as u32);
+            // SAFETY: a `u32` slice viewed as bytes: same memory, 4 bytes per element, no padding,
+            // and `u8` has no alignment requirement.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    tokens_per_expert.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(tokens_per_expert),
+                )
+            };
+            s.push_text(ProfilerKind::MoeExpert, slot, MOE_DATA_AT, &[bytes]);
         }
     }
 }

@@ -35,7 +35,7 @@
 //! - A [`Session`] is built from a [`Config`] (code or `PROFILEMATE_*` environment). It owns a
 //!   collector thread and hands out handles: [`ForwardPass`], [`CpuTiming`],
 //!   [`BatchUtilization`], [`Requests`] (lifecycle and preemptions) and [`Components`]
-//!   (encoder/decoder).
+//!   (encoder/decoder), plus the trackers [`KvCacheUsage`], [`CudaGraphs`] and [`MoeRouting`].
 //! - Handles write fixed-size records into a bounded buffer owned by the calling thread. The
 //!   collector drains every buffer about every 100 ms, resolves times through the
 //!   [`TimingBackend`], feeds the five [`Profiler`]s, and hands [`Rows`] and [`Summaries`] to
@@ -80,23 +80,25 @@ pub use config::{env, BackendChoice, Config, SinkKind, MIN_BUFFER_EVENTS};
 pub use error::{Error, Result};
 pub use event::Event;
 pub use handles::{
-    BatchSample, BatchUtilization, ComponentGuard, Components, CpuGuard, CpuTiming, ForwardGuard, ForwardPass, Requests,
+    BatchSample, BatchUtilization, ComponentGuard, Components, CpuGuard, CpuTiming, CudaGraphs, ForwardGuard,
+    ForwardPass, KvCacheSample, KvCacheUsage, MoeRouting, Requests, MAX_EXPERTS,
 };
 pub use manifest::{RunManifest, FORMAT_VERSION, MANIFEST_FILE};
 pub use profilers::{
-    BatchUtilizationProfiler, CpuTimingProfiler, EncoderDecoderProfiler, ForwardPassProfiler, PreemptionProfiler,
-    Profiler,
+    BatchUtilizationProfiler, CpuTimingProfiler, CudaGraphProfiler, EncoderDecoderProfiler, ForwardPassProfiler,
+    KvCacheProfiler, MoeExpertProfiler, PreemptionProfiler, Profiler,
 };
 pub use record::MAX_TEXT_BYTES;
 pub use rows::{
-    ns_to_ms, ns_to_sec, BatchUtilizationRow, ComponentRow, CpuOperationRow, ForwardPassRow, Outcome,
-    PreemptionEventRow, RequestLifecycleRow, Rows, Table,
+    ns_to_ms, ns_to_sec, BatchUtilizationRow, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, KvCacheRow,
+    MoeRoutingRow, Outcome, PreemptionEventRow, RequestLifecycleRow, Rows, Table,
 };
 pub use session::{BackendFactory, Session, SessionBuilder, SinkFactory};
 pub use sink::{write_atomic, MemorySink, Sink, SinkError};
 pub use stats::{DurationStats, Mean};
 pub use summary::{
-    BatchUtilizationSummary, ComponentStats, CpuTimingSummary, EncoderDecoderSummary, ForwardPassSummary,
-    OperationStats, PhaseStats, PreemptionSummary, Summaries, SummaryFile,
+    BatchUtilizationSummary, ComponentStats, CpuTimingSummary, CudaGraphSummary, EncoderDecoderSummary,
+    ForwardPassSummary, KvCacheSummary, MoeExpertSummary, MoeLayerStats, OperationStats, PhaseStats, PreemptionSummary,
+    Summaries, SummaryFile,
 };
-pub use types::{Component, CpuOp, DropReason, LifecycleEvent, ModelType, Phase, ProfilerKind};
+pub use types::{Component, CpuOp, DropReason, GraphEvent, LifecycleEvent, ModelType, Phase, ProfilerKind};

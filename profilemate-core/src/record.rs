@@ -22,6 +22,9 @@ pub(crate) const K_CPU: u8 = 2;
 pub(crate) const K_BATCH: u8 = 3;
 pub(crate) const K_LIFECYCLE: u8 = 4;
 pub(crate) const K_COMPONENT: u8 = 5;
+pub(crate) const K_KV_CACHE: u8 = 6;
+pub(crate) const K_CUDA_GRAPH: u8 = 7;
+pub(crate) const K_MOE: u8 = 8;
 
 /// Word 2 holds a duration in nanoseconds rather than an end reading.
 pub(crate) const F_DURATION: u8 = 1;
@@ -32,6 +35,9 @@ pub(crate) const F_DEVICE: u8 = 2;
 pub(crate) const CPU_TEXT_AT: usize = 32;
 pub(crate) const COMPONENT_TEXT_AT: usize = 48;
 pub(crate) const LIFECYCLE_TEXT_AT: usize = 24;
+pub(crate) const MOE_DATA_AT: usize = 24;
+/// Flag on a CUDA graph record: word 4 holds a padded batch size.
+pub(crate) const F_PADDED: u8 = 4;
 
 impl Slot {
     pub(crate) const ZERO: Slot = Slot([0; SLOT]);

@@ -1,6 +1,6 @@
 //! The rows of the contract tables, as the collector hands them to sinks.
 
-use crate::types::{Component, LifecycleEvent, Phase};
+use crate::types::{Component, GraphEvent, LifecycleEvent, Phase};
 use std::sync::Arc;
 
 /// One of the six contract CSV tables.
@@ -24,17 +24,26 @@ pub enum Table {
     RequestLifecycle,
     /// `encoder_decoder_timing.csv`
     EncoderDecoder,
+    /// `kv_cache_usage.csv`
+    KvCacheUsage,
+    /// `cuda_graph_events.csv`
+    CudaGraphEvents,
+    /// `moe_expert_routing.csv`
+    MoeExpertRouting,
 }
 
 impl Table {
     /// All tables.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 9] = [
         Table::ForwardPass,
         Table::CpuOperations,
         Table::BatchUtilization,
         Table::PreemptionEvents,
         Table::RequestLifecycle,
         Table::EncoderDecoder,
+        Table::KvCacheUsage,
+        Table::CudaGraphEvents,
+        Table::MoeExpertRouting,
     ];
 
     /// The table's base name (file name without extension).
@@ -46,6 +55,9 @@ impl Table {
             Table::PreemptionEvents => "preemption_events",
             Table::RequestLifecycle => "request_lifecycle",
             Table::EncoderDecoder => "encoder_decoder_timing",
+            Table::KvCacheUsage => "kv_cache_usage",
+            Table::CudaGraphEvents => "cuda_graph_events",
+            Table::MoeExpertRouting => "moe_expert_routing",
         }
     }
 
@@ -58,6 +70,9 @@ impl Table {
             Table::PreemptionEvents => "preemption_events.csv",
             Table::RequestLifecycle => "request_lifecycle.csv",
             Table::EncoderDecoder => "encoder_decoder_timing.csv",
+            Table::KvCacheUsage => "kv_cache_usage.csv",
+            Table::CudaGraphEvents => "cuda_graph_events.csv",
+            Table::MoeExpertRouting => "moe_expert_routing.csv",
         }
     }
 
@@ -95,6 +110,16 @@ impl Table {
                 "outcome",
             ],
             Table::EncoderDecoder => &["timestamp_sec", "component", "duration_ms", "context"],
+            Table::KvCacheUsage => &[
+                "timestamp_sec",
+                "used_blocks",
+                "total_blocks",
+                "usage_pct",
+                "prefix_cache_queries",
+                "prefix_cache_hits",
+            ],
+            Table::CudaGraphEvents => &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms"],
+            Table::MoeExpertRouting => &["timestamp_sec", "layer", "expert_id", "num_tokens"],
         }
     }
 
@@ -107,6 +132,9 @@ impl Table {
             Table::BatchUtilization => K::BatchUtilization,
             Table::PreemptionEvents | Table::RequestLifecycle => K::Preemption,
             Table::EncoderDecoder => K::EncoderDecoder,
+            Table::KvCacheUsage => K::KvCache,
+            Table::CudaGraphEvents => K::CudaGraph,
+            Table::MoeExpertRouting => K::MoeExpert,
         }
     }
 }
@@ -265,6 +293,58 @@ pub struct ComponentRow {
     pub context: String,
 }
 
+/// A row of `kv_cache_usage.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvCacheRow {
+    /// When it was sampled, nanoseconds since the session started.
+    pub timestamp_ns: u64,
+    /// Blocks in use.
+    pub used_blocks: u32,
+    /// Blocks in the cache.
+    pub total_blocks: u32,
+    /// Prefix-cache lookups since the previous sample (in blocks or tokens, as the engine counts).
+    pub prefix_cache_queries: u64,
+    /// Prefix-cache hits since the previous sample.
+    pub prefix_cache_hits: u64,
+}
+
+impl KvCacheRow {
+    /// `used / total * 100`, clamped to 100; `None` when the cache has no block.
+    pub fn usage_pct(&self) -> Option<f64> {
+        (self.total_blocks > 0)
+            .then(|| f64::from(self.used_blocks.min(self.total_blocks)) / f64::from(self.total_blocks) * 100.0)
+    }
+}
+
+/// A row of `cuda_graph_events.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CudaGraphRow {
+    /// When it happened, nanoseconds since the session started.
+    pub timestamp_ns: u64,
+    /// Capture, replay or eager.
+    pub event: GraphEvent,
+    /// The batch size of the step (or the size captured).
+    pub batch_size: u32,
+    /// The captured size a replayed batch was padded to; `None` for eager steps.
+    pub padded_batch_size: Option<u32>,
+    /// How long it took, when timed (always for captures).
+    pub duration_ns: Option<u64>,
+}
+
+/// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert in one step.
+/// Experts that received no token in a step have no row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeRoutingRow {
+    /// The step's time, nanoseconds since the session started.
+    pub timestamp_ns: u64,
+    /// The MoE layer.
+    pub layer: u32,
+    /// The expert.
+    pub expert_id: u32,
+    /// Tokens routed to it.
+    pub num_tokens: u32,
+}
+
 /// A batch of rows of every table, in the order they were recorded.
 ///
 /// ```
@@ -287,6 +367,12 @@ pub struct Rows {
     pub request_lifecycle: Vec<RequestLifecycleRow>,
     /// `encoder_decoder_timing.csv`
     pub encoder_decoder: Vec<ComponentRow>,
+    /// `kv_cache_usage.csv`
+    pub kv_cache: Vec<KvCacheRow>,
+    /// `cuda_graph_events.csv`
+    pub cuda_graph: Vec<CudaGraphRow>,
+    /// `moe_expert_routing.csv`
+    pub moe_routing: Vec<MoeRoutingRow>,
 }
 
 impl Rows {
@@ -299,6 +385,9 @@ impl Rows {
             Table::PreemptionEvents => self.preemption_events.len(),
             Table::RequestLifecycle => self.request_lifecycle.len(),
             Table::EncoderDecoder => self.encoder_decoder.len(),
+            Table::KvCacheUsage => self.kv_cache.len(),
+            Table::CudaGraphEvents => self.cuda_graph.len(),
+            Table::MoeExpertRouting => self.moe_routing.len(),
         }
     }
 
@@ -315,6 +404,9 @@ impl Rows {
         self.preemption_events.clear();
         self.request_lifecycle.clear();
         self.encoder_decoder.clear();
+        self.kv_cache.clear();
+        self.cuda_graph.clear();
+        self.moe_routing.clear();
     }
 
     /// Appends every row of `other` (used by in-memory sinks).
@@ -325,5 +417,8 @@ impl Rows {
         self.preemption_events.extend_from_slice(&other.preemption_events);
         self.request_lifecycle.extend_from_slice(&other.request_lifecycle);
         self.encoder_decoder.extend_from_slice(&other.encoder_decoder);
+        self.kv_cache.extend_from_slice(&other.kv_cache);
+        self.cuda_graph.extend_from_slice(&other.cuda_graph);
+        self.moe_routing.extend_from_slice(&other.moe_routing);
     }
 }

@@ -4,7 +4,9 @@ use crate::backend::{monotonic_ns, HostClock, TimingBackend};
 use crate::collector::{Collector, Control, RunInfo};
 use crate::config::{BackendChoice, Config, SinkKind};
 use crate::error::{Error, Result};
-use crate::handles::{BatchUtilization, Components, CpuTiming, ForwardPass, Requests};
+use crate::handles::{
+    BatchUtilization, Components, CpuTiming, CudaGraphs, ForwardPass, KvCacheUsage, MoeRouting, Requests,
+};
 use crate::manifest::{RunManifest, MANIFEST_FILE};
 use crate::recorder::{Shared, Timing};
 use crate::sink::{write_atomic, Sink};
@@ -374,6 +376,21 @@ impl Session {
     /// The encoder/decoder component handle.
     pub fn components(&self) -> Components {
         Components::new(&self.shared)
+    }
+
+    /// The KV cache tracker's handle.
+    pub fn kv_cache(&self) -> KvCacheUsage {
+        KvCacheUsage::new(&self.shared)
+    }
+
+    /// The CUDA graph tracker's handle.
+    pub fn cuda_graphs(&self) -> CudaGraphs {
+        CudaGraphs::new(&self.shared)
+    }
+
+    /// The mixture-of-experts routing tracker's handle.
+    pub fn moe_experts(&self) -> MoeRouting {
+        MoeRouting::new(&self.shared)
     }
 
     /// Declares the model's architecture for `encoder_decoder_summary.json`.

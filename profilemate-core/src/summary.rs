@@ -25,16 +25,25 @@ pub enum SummaryFile {
     Preemption,
     /// `encoder_decoder_summary.json`
     EncoderDecoder,
+    /// `kv_cache_summary.json`
+    KvCache,
+    /// `cuda_graph_summary.json`
+    CudaGraph,
+    /// `moe_expert_summary.json`
+    MoeExpert,
 }
 
 impl SummaryFile {
     /// All summary files.
-    pub const ALL: [SummaryFile; 5] = [
+    pub const ALL: [SummaryFile; 8] = [
         SummaryFile::ForwardPass,
         SummaryFile::CpuTiming,
         SummaryFile::BatchUtilization,
         SummaryFile::Preemption,
         SummaryFile::EncoderDecoder,
+        SummaryFile::KvCache,
+        SummaryFile::CudaGraph,
+        SummaryFile::MoeExpert,
     ];
 
     /// The file's name.
@@ -45,6 +54,9 @@ impl SummaryFile {
             SummaryFile::BatchUtilization => "batch_utilization_summary.json",
             SummaryFile::Preemption => "preemption_summary.json",
             SummaryFile::EncoderDecoder => "encoder_decoder_summary.json",
+            SummaryFile::KvCache => "kv_cache_summary.json",
+            SummaryFile::CudaGraph => "cuda_graph_summary.json",
+            SummaryFile::MoeExpert => "moe_expert_summary.json",
         }
     }
 }
@@ -214,6 +226,81 @@ impl Default for EncoderDecoderSummary {
     }
 }
 
+/// `kv_cache_summary.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KvCacheSummary {
+    /// Mean of the samples' usage (samples of a cache with no block are left out).
+    pub mean_usage_pct: f64,
+    /// Highest usage seen.
+    pub max_usage_pct: f64,
+    /// Samples recorded.
+    pub samples: u64,
+    /// `hits / queries * 100` over the run (0 without queries).
+    pub prefix_cache_hit_rate_pct: f64,
+    /// Prefix-cache lookups over the run.
+    pub prefix_cache_queries: u64,
+    /// Prefix-cache hits over the run.
+    pub prefix_cache_hits: u64,
+    /// Blocks in the cache at the last sample.
+    pub total_blocks: u32,
+    /// Samples at 100 % usage.
+    pub full_samples: u64,
+}
+
+/// `cuda_graph_summary.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CudaGraphSummary {
+    /// Graphs captured.
+    pub captures: u64,
+    /// Steps that replayed a graph.
+    pub replays: u64,
+    /// Steps that ran eagerly.
+    pub eager_steps: u64,
+    /// `replays / (replays + eager_steps) * 100` (0 when there was no step).
+    pub replay_rate_pct: f64,
+    /// Mean over replays of `(padded - batch) / padded * 100`: the share of a replayed batch
+    /// that was padding.
+    pub mean_padding_pct: f64,
+    /// Time spent capturing, in all.
+    pub capture_time_ms: f64,
+    /// The batch sizes captured, ascending.
+    pub captured_sizes: Vec<u32>,
+    /// The largest batch size that ran eagerly (0 if none).
+    pub max_eager_batch_size: u32,
+}
+
+/// Load of one MoE layer over the run (`moe_expert_summary.json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MoeLayerStats {
+    /// Tokens routed to each expert, indexed by expert id.
+    pub tokens_per_expert: Vec<u64>,
+    /// Tokens routed in all (a token routed to k experts counts k times).
+    pub total_tokens: u64,
+    /// The busiest expert's tokens over the mean per expert: 1 is perfectly even.
+    pub max_over_mean: f64,
+    /// Standard deviation over mean of the tokens per expert (population): 0 is perfectly even.
+    pub coefficient_of_variation: f64,
+    /// The busiest expert.
+    pub hottest_expert: u32,
+    /// The least used expert.
+    pub coldest_expert: u32,
+}
+
+/// `moe_expert_summary.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MoeExpertSummary {
+    /// Per layer, keyed by the layer index.
+    pub layers: BTreeMap<String, MoeLayerStats>,
+    /// Layers by `max_over_mean`, most imbalanced first (at most 10).
+    pub most_imbalanced_layers: Vec<u32>,
+    /// The highest `max_over_mean` of any layer (0 without routing).
+    pub max_over_mean: f64,
+    /// Mean of the layers' `max_over_mean`.
+    pub mean_max_over_mean: f64,
+    /// Routing records received (one per layer per step).
+    pub records: u64,
+}
+
 /// The summaries of every profiler that runs (`None` for one that is disabled).
 ///
 /// ```
@@ -229,6 +316,9 @@ pub struct Summaries {
     pub batch_utilization: Option<BatchUtilizationSummary>,
     pub preemption: Option<PreemptionSummary>,
     pub encoder_decoder: Option<EncoderDecoderSummary>,
+    pub kv_cache: Option<KvCacheSummary>,
+    pub cuda_graph: Option<CudaGraphSummary>,
+    pub moe_expert: Option<MoeExpertSummary>,
 }
 
 impl Summaries {
@@ -253,6 +343,15 @@ impl Summaries {
         }
         if let Some(s) = &self.encoder_decoder {
             out.push((SummaryFile::EncoderDecoder, serde_json::to_value(s)?));
+        }
+        if let Some(s) = &self.kv_cache {
+            out.push((SummaryFile::KvCache, serde_json::to_value(s)?));
+        }
+        if let Some(s) = &self.cuda_graph {
+            out.push((SummaryFile::CudaGraph, serde_json::to_value(s)?));
+        }
+        if let Some(s) = &self.moe_expert {
+            out.push((SummaryFile::MoeExpert, serde_json::to_value(s)?));
         }
         Ok(out)
     }

@@ -219,6 +219,42 @@ impl fmt::Display for LifecycleEvent {
     }
 }
 
+/// What a step did with CUDA graphs, for `cuda_graph_events.csv`.
+///
+/// ```
+/// use profilemate_core::GraphEvent;
+/// assert_eq!(GraphEvent::Replay.as_str(), "replay");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GraphEvent {
+    /// A graph was captured for a batch size.
+    Capture,
+    /// A step replayed a captured graph (its batch padded to the captured size).
+    Replay,
+    /// A step ran eagerly, without a graph.
+    Eager,
+}
+
+impl GraphEvent {
+    /// The name used in files.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            GraphEvent::Capture => "capture",
+            GraphEvent::Replay => "replay",
+            GraphEvent::Eager => "eager",
+        }
+    }
+
+    pub(crate) fn from_index(i: u8) -> GraphEvent {
+        match i {
+            0 => GraphEvent::Capture,
+            1 => GraphEvent::Replay,
+            _ => GraphEvent::Eager,
+        }
+    }
+}
+
 /// The profilers and trackers a session can run, by the names `PROFILEMATE_DISABLE` accepts.
 ///
 /// ```
@@ -258,7 +294,9 @@ impl ProfilerKind {
         ProfilerKind::CudaGraph,
         ProfilerKind::MoeExpert,
     ];
-    /// The five profilers this version records.
+    /// The three trackers beyond the five profilers.
+    pub const TRACKERS: [ProfilerKind; 3] = [ProfilerKind::KvCache, ProfilerKind::CudaGraph, ProfilerKind::MoeExpert];
+    /// The five profilers.
     pub const FIVE: [ProfilerKind; 5] = [
         ProfilerKind::ForwardPass,
         ProfilerKind::CpuTiming,

@@ -4,7 +4,7 @@ use profilemate_core::{Config, ProfilerKind, Rows, Sink, SinkError, Table};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// Writes the six contract CSV tables (one per enabled profiler table) into a directory.
+/// Writes the contract CSV tables (those of the enabled profilers and trackers) into a directory.
 ///
 /// Each file is created with its header row at once, so a reader finds every file from the
 /// start of the run. Rows are buffered and reach the disk at every flush (about once a second);
@@ -243,6 +243,37 @@ impl CsvSink {
             Table::EncoderDecoder => {
                 for r in &rows.encoder_decoder {
                     b.sec(r.timestamp_ns).text(r.component.as_str()).ms(r.duration_ns).text(&r.context);
+                    emit!(b);
+                }
+            }
+            Table::KvCacheUsage => {
+                for r in &rows.kv_cache {
+                    b.sec(r.timestamp_ns)
+                        .int(r.used_blocks)
+                        .int(r.total_blocks)
+                        .pct(r.used_blocks, r.total_blocks)
+                        .int(r.prefix_cache_queries)
+                        .int(r.prefix_cache_hits);
+                    emit!(b);
+                }
+            }
+            Table::CudaGraphEvents => {
+                for r in &rows.cuda_graph {
+                    b.sec(r.timestamp_ns).text(r.event.as_str()).int(r.batch_size);
+                    match r.padded_batch_size {
+                        Some(p) => b.int(p),
+                        None => b.empty(),
+                    };
+                    match r.duration_ns {
+                        Some(ns) => b.ms(ns),
+                        None => b.empty(),
+                    };
+                    emit!(b);
+                }
+            }
+            Table::MoeExpertRouting => {
+                for r in &rows.moe_routing {
+                    b.sec(r.timestamp_ns).int(r.layer).int(r.expert_id).int(r.num_tokens);
                     emit!(b);
                 }
             }

@@ -3,7 +3,7 @@
 use profilemate_core::{write_atomic, Sink, SinkError, Summaries};
 use std::path::{Path, PathBuf};
 
-/// Writes the five contract summaries (`forward_pass_summary.json`, ...) into a directory,
+/// Writes the contract summaries (`forward_pass_summary.json`, ...) into a directory,
 /// each replaced atomically (a temporary file renamed over the old one), so a reader never sees
 /// half a summary.
 ///

@@ -1,18 +1,24 @@
-//! The collector-side halves of the five profilers.
+//! The collector-side halves of the five profilers and the three trackers.
 //!
 //! Each owns its aggregates, turns [`Event`]s into rows, and summarizes itself. They run on the
 //! collector thread only; they can also be fed by hand to recompute summaries from rows.
 
 mod batch;
 mod cpu;
+mod cuda_graph;
 mod encoder_decoder;
 mod forward;
+mod kv_cache;
+mod moe;
 mod preemption;
 
 pub use batch::BatchUtilizationProfiler;
 pub use cpu::CpuTimingProfiler;
+pub use cuda_graph::CudaGraphProfiler;
 pub use encoder_decoder::EncoderDecoderProfiler;
 pub use forward::ForwardPassProfiler;
+pub use kv_cache::KvCacheProfiler;
+pub use moe::MoeExpertProfiler;
 pub use preemption::PreemptionProfiler;
 
 use crate::event::Event;
