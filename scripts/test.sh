@@ -9,5 +9,7 @@ echo "== cargo test --workspace"
 cargo test --workspace --all-targets
 echo "== doc tests"
 cargo test --workspace --doc
+echo "== the facade with CUDA timing compiled in (no GPU here: the fallback path)"
+cargo test -p profilemate --features cuda
 echo "== benchmarks compile"
 cargo bench --workspace --no-run

@@ -41,6 +41,12 @@
 pub use profilemate_core::*;
 pub use profilemate_sinks::{standard_sinks, CsvSink, JsonSummarySink};
 
+/// CUDA-event timing (the `cuda` feature): the `profilemate-cuda` crate. [`builder`] and
+/// [`from_env`] install its [`backend_factory`](cuda::backend_factory); an engine timing its own
+/// stream gives [`SessionBuilder::timing_backend`] a [`cuda::CudaTimingBackend`].
+#[cfg(feature = "cuda")]
+pub use profilemate_cuda as cuda;
+
 /// A session builder with the standard writers (`csv`, `json`) installed.
 ///
 /// ```
@@ -52,7 +58,11 @@ pub use profilemate_sinks::{standard_sinks, CsvSink, JsonSummarySink};
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn builder() -> SessionBuilder {
-    Session::builder().sink_factory(standard_sinks)
+    let builder = Session::builder().sink_factory(standard_sinks);
+    // With the `cuda` feature, `auto` and `cuda` time on the GPU where one is usable.
+    #[cfg(feature = "cuda")]
+    let builder = builder.backend_factory(profilemate_cuda::backend_factory);
+    builder
 }
 
 /// A session configured from `PROFILEMATE_*` environment variables, with the standard writers.
@@ -71,4 +81,41 @@ pub fn builder() -> SessionBuilder {
 /// As [`SessionBuilder::build`], and [`Error::InvalidSetting`] for a malformed variable.
 pub fn from_env() -> Result<Session> {
     builder().from_env()?.build()
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use super::*;
+
+    /// `PROFILEMATE_DIR` only, as if from the environment: `PROFILEMATE_BACKEND` unset.
+    fn config(dir: &std::path::Path, backend: Option<&str>) -> Config {
+        Config::from_lookup(|name| match name {
+            env::DIR => Some(dir.display().to_string()),
+            env::BACKEND => backend.map(str::to_string),
+            _ => None,
+        })
+        .expect("a valid configuration")
+    }
+
+    #[test]
+    fn without_a_gpu_the_facade_times_with_the_host_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let session = builder().config(config(dir.path(), None)).build().unwrap();
+        session.forward_pass().start(Phase::Decode, 4, 4).stop();
+        let manifest = session.shutdown().unwrap();
+        let expected = if cuda::probe().is_ok() { "cuda" } else { "host" };
+        assert_eq!(manifest.timing_backend, expected);
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(MANIFEST_FILE)).unwrap()).unwrap();
+        assert_eq!(written["timing_backend"], expected);
+    }
+
+    #[test]
+    fn demanding_cuda_without_a_gpu_is_an_error_that_says_why() {
+        let Err(why) = cuda::probe() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let err = builder().config(config(dir.path(), Some("cuda"))).build().unwrap_err();
+        assert!(matches!(err, Error::BackendUnavailable { .. }), "{err}");
+        assert!(err.to_string().contains(&why.to_string()), "{err}");
+    }
 }

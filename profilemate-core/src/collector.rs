@@ -288,8 +288,10 @@ impl Collector {
         self.batch_events = events;
     }
 
-    /// Resolves device-timed events in order, `cuda_event_batch` at a time. With `wait`, keeps
-    /// polling (shutdown) until all are done or the wait runs out.
+    /// Resolves device-timed events in order, in batches of `cuda_event_batch` queries, batch
+    /// after batch until the oldest pending event is not done yet (so the engine's step rate,
+    /// not the batch size, sets the pace). With `wait`, keeps polling (shutdown) until all are
+    /// done or the wait runs out.
     fn resolve_pending(&mut self, wait: bool) {
         let Timing::Device(backend) = &self.shared.timing else {
             // Host timing never leaves events pending.
@@ -303,6 +305,7 @@ impl Collector {
         let deadline = Instant::now() + SHUTDOWN_DEVICE_WAIT;
         loop {
             let mut polled = 0;
+            let mut blocked = false;
             while polled < batch {
                 let Some(front) = self.pending.front() else { break };
                 if !front.needs_device() {
@@ -313,7 +316,10 @@ impl Collector {
                 let (start, end) = (Mark(front.device.0), Mark(front.device.1));
                 polled += 1;
                 match backend.poll(start, end) {
-                    Resolution::Pending => break,
+                    Resolution::Pending => {
+                        blocked = true;
+                        break;
+                    }
                     Resolution::Ready(d) => {
                         backend.release(start, end);
                         let ev = self.pending.pop_front().expect("front exists");
@@ -327,7 +333,14 @@ impl Collector {
                     }
                 }
             }
-            if !wait || self.pending.is_empty() {
+            if self.pending.is_empty() {
+                return;
+            }
+            if !blocked {
+                // A whole batch resolved: the next may be done too.
+                continue;
+            }
+            if !wait {
                 return;
             }
             if Instant::now() >= deadline {

@@ -1,0 +1,310 @@
+//! The contract's files as this crate reads them: file names, required CSV columns and the JSON
+//! summaries.
+//!
+//! The summary types mirror `../shared/CONTRACT.md` key for key. Every key the contract lists is
+//! required; keys it does not list (a writer may add them) are ignored, so a report works on any
+//! engine's output, not only on files written by `profilemate-core`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// `forward_pass_timing.csv`
+pub const FORWARD_PASS_CSV: &str = "forward_pass_timing.csv";
+/// `forward_pass_summary.json`
+pub const FORWARD_PASS_JSON: &str = "forward_pass_summary.json";
+/// `cpu_operations_timing.csv`
+pub const CPU_CSV: &str = "cpu_operations_timing.csv";
+/// `cpu_timing_summary.json`
+pub const CPU_JSON: &str = "cpu_timing_summary.json";
+/// `batch_utilization.csv`
+pub const BATCH_CSV: &str = "batch_utilization.csv";
+/// `batch_utilization_summary.json`
+pub const BATCH_JSON: &str = "batch_utilization_summary.json";
+/// `preemption_events.csv`
+pub const PREEMPTION_EVENTS_CSV: &str = "preemption_events.csv";
+/// `request_lifecycle.csv`
+pub const LIFECYCLE_CSV: &str = "request_lifecycle.csv";
+/// `preemption_summary.json`
+pub const PREEMPTION_JSON: &str = "preemption_summary.json";
+/// `encoder_decoder_timing.csv`
+pub const ENCODER_DECODER_CSV: &str = "encoder_decoder_timing.csv";
+/// `encoder_decoder_summary.json`
+pub const ENCODER_DECODER_JSON: &str = "encoder_decoder_summary.json";
+/// `profilemate_run.json`, the run manifest.
+pub const MANIFEST_JSON: &str = "profilemate_run.json";
+
+/// Every file name this crate reads.
+pub const ALL_FILES: [&str; 12] = [
+    FORWARD_PASS_CSV,
+    FORWARD_PASS_JSON,
+    CPU_CSV,
+    CPU_JSON,
+    BATCH_CSV,
+    BATCH_JSON,
+    PREEMPTION_EVENTS_CSV,
+    LIFECYCLE_CSV,
+    PREEMPTION_JSON,
+    ENCODER_DECODER_CSV,
+    ENCODER_DECODER_JSON,
+    MANIFEST_JSON,
+];
+
+/// The columns the contract requires in each CSV file, in the contract's order. A file may have
+/// more columns after these; they are ignored.
+///
+/// ```
+/// use profilemate_cli::contract::{required_columns, FORWARD_PASS_CSV};
+/// assert_eq!(required_columns(FORWARD_PASS_CSV).unwrap()[4], "forward_time_ms");
+/// assert!(required_columns("unknown.csv").is_none());
+/// ```
+pub fn required_columns(file: &str) -> Option<&'static [&'static str]> {
+    Some(match file {
+        FORWARD_PASS_CSV => {
+            &["timestamp_sec", "phase", "batch_size", "num_tokens", "forward_time_ms", "throughput_tokens_per_sec"]
+        }
+        CPU_CSV => &["timestamp_sec", "operation", "duration_ms", "context"],
+        BATCH_CSV => &[
+            "timestamp_sec",
+            "num_seqs",
+            "max_num_seqs",
+            "seq_utilization_pct",
+            "num_tokens",
+            "max_tokens",
+            "token_utilization_pct",
+            "phase",
+            "running_queue_len",
+            "waiting_queue_len",
+        ],
+        PREEMPTION_EVENTS_CSV => &["timestamp_sec", "request_id", "event", "reason", "running_time_sec", "extra_info"],
+        LIFECYCLE_CSV => &[
+            "request_id",
+            "started_sec",
+            "preempted_sec",
+            "resumed_sec",
+            "finished_sec",
+            "total_time_sec",
+            "preemption_delay_sec",
+            "num_preemptions",
+        ],
+        ENCODER_DECODER_CSV => &["timestamp_sec", "component", "duration_ms", "context"],
+        _ => return None,
+    })
+}
+
+/// Forward pass statistics of one phase.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct PhaseStats {
+    pub count: u64,
+    pub mean_ms: f64,
+    pub std_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub total_ms: f64,
+    pub total_tokens: u64,
+    pub mean_throughput_tokens_per_sec: f64,
+}
+
+/// `forward_pass_summary.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct ForwardPassSummary {
+    pub prefill: PhaseStats,
+    pub decode: PhaseStats,
+    pub mixed: PhaseStats,
+}
+
+/// Statistics of one CPU operation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct OperationStats {
+    pub count: u64,
+    pub mean_ms: f64,
+    pub std_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub total_ms: f64,
+}
+
+/// `cpu_timing_summary.json`: one key per operation, nothing else.
+pub type CpuTimingSummary = BTreeMap<String, OperationStats>;
+
+/// `batch_utilization_summary.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct BatchUtilizationSummary {
+    pub total_samples: u64,
+    pub mean_seq_utilization_pct: f64,
+    pub mean_token_utilization_pct: f64,
+    pub underutilization_events: u64,
+    pub underutilization_threshold_pct: f64,
+    pub prefill_avg_utilization: f64,
+    pub decode_avg_utilization: f64,
+    pub mixed_avg_utilization: f64,
+    pub max_num_seqs: u64,
+    pub max_tokens: u64,
+    pub mean_running_queue_len: f64,
+    pub mean_waiting_queue_len: f64,
+    pub max_waiting_queue_len: u64,
+}
+
+/// `preemption_summary.json` (times in seconds).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct PreemptionSummary {
+    pub total_preemptions: u64,
+    pub total_requests: u64,
+    pub requests_preempted: u64,
+    pub preemption_rate_pct: f64,
+    pub preemption_reasons: BTreeMap<String, u64>,
+    pub mean_running_time_before_preempt: f64,
+    pub mean_resume_delay: f64,
+    pub max_resume_delay: f64,
+}
+
+/// Statistics of one model component.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct ComponentStats {
+    pub count: u64,
+    pub total_ms: f64,
+    pub mean_ms: f64,
+    pub std_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+}
+
+/// `encoder_decoder_summary.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct EncoderDecoderSummary {
+    /// `encoder_decoder` or `decoder_only`.
+    pub model_type: String,
+    pub encoder: ComponentStats,
+    pub decoder: ComponentStats,
+    pub cross_attention: ComponentStats,
+    pub encoder_pct: f64,
+    pub decoder_pct: f64,
+    pub cross_attention_pct: f64,
+}
+
+/// What the run manifest (`profilemate_run.json`) says about the run, where it says it.
+///
+/// The manifest's shape beyond these keys is the writer's business, so every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct RunInfo {
+    /// Version of profilemate that wrote the run.
+    pub profilemate_version: Option<String>,
+    /// Wall-clock start (RFC 3339) of `timestamp_sec = 0`.
+    pub started_at: Option<String>,
+    /// Host name.
+    pub host: Option<String>,
+    /// Process id.
+    pub pid: Option<u64>,
+    /// Timing backend of forward passes (`cuda` or `host`).
+    pub timing_backend: Option<String>,
+    /// Forward passes seen.
+    pub steps: Option<u64>,
+    /// Whether the session shut down cleanly (`false`: killed or still running).
+    pub finished: Option<bool>,
+    /// Events dropped, all profilers and reasons together.
+    pub events_dropped: Option<u64>,
+    /// The underutilization threshold in force (percent).
+    pub underutilization_threshold_pct: Option<f64>,
+}
+
+impl RunInfo {
+    /// Picks the known keys out of a manifest; anything else is ignored.
+    pub(crate) fn from_value(v: &serde_json::Value) -> RunInfo {
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let dropped = v.get("dropped").and_then(|d| d.as_object()).map(|per_profiler| {
+            per_profiler
+                .values()
+                .filter_map(|reasons| reasons.as_object())
+                .flat_map(|reasons| reasons.values())
+                .filter_map(|n| n.as_u64())
+                .sum()
+        });
+        RunInfo {
+            profilemate_version: s("profilemate_version"),
+            started_at: s("started_at"),
+            host: s("host"),
+            pid: v.get("pid").and_then(|x| x.as_u64()),
+            timing_backend: s("timing_backend"),
+            steps: v.get("steps").and_then(|x| x.as_u64()),
+            finished: v.get("finished").and_then(|x| x.as_bool()),
+            events_dropped: dropped,
+            underutilization_threshold_pct: v
+                .get("config")
+                .and_then(|c| c.get("underutilization_threshold_pct"))
+                .and_then(|x| x.as_f64()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use profilemate_core::{SummaryFile, Table};
+
+    /// The contract's columns are a prefix of what profilemate-core writes, so a file from the
+    /// core always satisfies this reader.
+    #[test]
+    fn required_columns_are_a_prefix_of_core_tables() {
+        let mut checked = 0;
+        for table in Table::ALL {
+            // Trackers this crate does not read yet (kv_cache_usage.csv, ...) are not checked.
+            let Some(required) = required_columns(table.file_name()) else { continue };
+            assert_eq!(&table.columns()[..required.len()], required, "{}", table.file_name());
+            checked += 1;
+        }
+        assert_eq!(checked, 6, "the five profilers' six tables");
+    }
+
+    #[test]
+    fn summary_file_names_match_core() {
+        let ours = [FORWARD_PASS_JSON, CPU_JSON, BATCH_JSON, PREEMPTION_JSON, ENCODER_DECODER_JSON];
+        for (file, name) in SummaryFile::ALL.iter().zip(ours) {
+            assert_eq!(file.file_name(), name);
+        }
+        assert_eq!(profilemate_core::MANIFEST_FILE, MANIFEST_JSON);
+    }
+
+    /// A summary written by profilemate-core (with its extra keys) reads back here.
+    #[test]
+    fn core_summaries_deserialize() {
+        let core = profilemate_core::BatchUtilizationSummary { total_samples: 3, max_tokens: 8, ..Default::default() };
+        let json = serde_json::to_string(&core).expect("serializes");
+        let ours: BatchUtilizationSummary = serde_json::from_str(&json).expect("reads");
+        assert_eq!(ours.total_samples, 3);
+        assert_eq!(ours.max_tokens, 8);
+        let core = profilemate_core::ForwardPassSummary::default();
+        let ours: ForwardPassSummary =
+            serde_json::from_str(&serde_json::to_string(&core).expect("serializes")).expect("reads");
+        assert_eq!(ours, ForwardPassSummary::default());
+    }
+
+    #[test]
+    fn run_info_sums_dropped_events() {
+        let v = serde_json::json!({
+            "profilemate_version": "0.1.0",
+            "finished": false,
+            "dropped": {"forward_pass": {"buffer_full": 2, "timing": 1}, "cpu_timing": {"buffer_full": 4}},
+            "config": {"underutilization_threshold_pct": 40.0}
+        });
+        let info = RunInfo::from_value(&v);
+        assert_eq!(info.events_dropped, Some(7));
+        assert_eq!(info.finished, Some(false));
+        assert_eq!(info.underutilization_threshold_pct, Some(40.0));
+        assert_eq!(info.host, None);
+    }
+}

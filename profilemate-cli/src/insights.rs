@@ -1,0 +1,578 @@
+//! The seed's "Optimization Insights", as explicit rules over the report's numbers.
+//!
+//! Each rule reads one figure, compares it with one threshold and, when the figure is beyond it,
+//! yields an [`Insight`] that carries the figure, the threshold and the advice. A figure exactly
+//! at its threshold does not fire. The thresholds are the seed's where it gives one (token
+//! utilization 60 % / 95 %, preemption rate 10 %, resume delay 1 s) and this crate's otherwise;
+//! all of them live in [`Thresholds`].
+//!
+//! One rule departs from the seed on purpose: the seed reads a dominant `RECOMPUTE` preemption
+//! reason as "CUDA graph cache misses". It is not: `RECOMPUTE` means the scheduler freed the
+//! request's KV cache and will recompute it on resume, which is KV-cache pressure. The rule here
+//! says so and advises on KV-cache memory, not on graph modes.
+
+use crate::report::Report;
+use serde::Serialize;
+use std::fmt;
+
+/// The limits the rules compare against. `Thresholds::default()` holds the documented values.
+///
+/// ```
+/// use profilemate_cli::Thresholds;
+/// let t = Thresholds::default();
+/// assert_eq!(t.low_token_utilization_pct, 60.0);
+/// assert_eq!(t.preemption_rate_pct, 10.0);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Thresholds {
+    /// Mean token utilization below this (percent) fires [`Rule::LowTokenUtilization`]. Seed: 60.
+    pub low_token_utilization_pct: f64,
+    /// Mean sequence utilization below this (percent) adds "reduce `max_num_seqs`" to the low
+    /// token utilization advice. Seed: "if sequence utilization is also low"; here 60.
+    pub low_seq_utilization_pct: f64,
+    /// Mean token utilization above this (percent) fires [`Rule::HighTokenUtilization`]. Seed: 95.
+    pub high_token_utilization_pct: f64,
+    /// The seed's "waiting queue consistently > 0": the share of batches (percent) scheduled
+    /// while requests were waiting, above which [`Rule::WaitingQueueBacklog`] fires. 50.
+    pub waiting_batches_pct: f64,
+    /// Without `batch_utilization.csv` the share is unknown; the mean waiting queue length
+    /// above this fires [`Rule::WaitingQueueBacklog`] instead. 1.
+    pub mean_waiting_queue_len: f64,
+    /// Preemption rate (percent of requests) above this fires [`Rule::HighPreemptionRate`].
+    /// Seed: 10.
+    pub preemption_rate_pct: f64,
+    /// Mean resume delay (seconds) above this fires [`Rule::LongResumeDelay`]. Seed: 1.
+    pub mean_resume_delay_sec: f64,
+    /// Share of preemptions (percent) with reason `RECOMPUTE` above which it "dominates" and
+    /// [`Rule::RecomputeDominates`] fires. 50.
+    pub recompute_share_pct: f64,
+    /// Host CPU share of step time (percent, CPU operations other than `model_execution` against
+    /// forward time) above which [`Rule::HighCpuOverhead`] fires. 10.
+    pub cpu_overhead_pct: f64,
+    /// Decode p99 / p50 above this fires [`Rule::DecodeTailLatency`]. 2.
+    pub decode_p99_over_p50: f64,
+    /// Fewer decode passes than this and [`Rule::DecodeTailLatency`] stays silent: a p99 of a
+    /// handful of passes is noise. 100.
+    pub min_decode_passes: u64,
+    /// Encoder share of component time (percent) above which [`Rule::EncoderBottleneck`] fires.
+    /// 50.
+    pub encoder_share_pct: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            low_token_utilization_pct: 60.0,
+            low_seq_utilization_pct: 60.0,
+            high_token_utilization_pct: 95.0,
+            waiting_batches_pct: 50.0,
+            mean_waiting_queue_len: 1.0,
+            preemption_rate_pct: 10.0,
+            mean_resume_delay_sec: 1.0,
+            recompute_share_pct: 50.0,
+            cpu_overhead_pct: 10.0,
+            decode_p99_over_p50: 2.0,
+            min_decode_passes: 100,
+            encoder_share_pct: 50.0,
+        }
+    }
+}
+
+/// Which rule fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Rule {
+    /// Batches use little of the token budget.
+    LowTokenUtilization,
+    /// Batches fill the token budget.
+    HighTokenUtilization,
+    /// Requests wait in most steps: the server is overloaded.
+    WaitingQueueBacklog,
+    /// Many requests are preempted.
+    HighPreemptionRate,
+    /// Preempted requests wait long before they resume.
+    LongResumeDelay,
+    /// Most preemptions free the KV cache for recomputation: KV-cache pressure.
+    RecomputeDominates,
+    /// Host CPU work is a large share of step time.
+    HighCpuOverhead,
+    /// Decode latency has a long tail.
+    DecodeTailLatency,
+    /// The encoder takes most of the component time.
+    EncoderBottleneck,
+    /// Batches were recorded with a zero limit, so utilization is unknown.
+    MissingBatchLimits,
+    /// The profiler dropped events, so every figure undercounts.
+    EventsDropped,
+}
+
+impl Rule {
+    /// The rule's name, as in JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Rule::LowTokenUtilization => "low_token_utilization",
+            Rule::HighTokenUtilization => "high_token_utilization",
+            Rule::WaitingQueueBacklog => "waiting_queue_backlog",
+            Rule::HighPreemptionRate => "high_preemption_rate",
+            Rule::LongResumeDelay => "long_resume_delay",
+            Rule::RecomputeDominates => "recompute_dominates",
+            Rule::HighCpuOverhead => "high_cpu_overhead",
+            Rule::DecodeTailLatency => "decode_tail_latency",
+            Rule::EncoderBottleneck => "encoder_bottleneck",
+            Rule::MissingBatchLimits => "missing_batch_limits",
+            Rule::EventsDropped => "events_dropped",
+        }
+    }
+}
+
+/// How much an insight matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Worth acting on.
+    Warning,
+    /// Worth knowing.
+    Info,
+}
+
+/// How the figure compares with the threshold when the rule fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Comparison {
+    /// The figure is above the threshold.
+    #[serde(rename = ">")]
+    Above,
+    /// The figure is below the threshold.
+    #[serde(rename = "<")]
+    Below,
+}
+
+/// One fired rule: the figure that fired it, the threshold, and what to do.
+///
+/// ```
+/// use profilemate_cli::{Report, Rule};
+/// let dir = tempfile::tempdir()?;
+/// std::fs::write(
+///     dir.path().join("preemption_summary.json"),
+///     r#"{"total_preemptions": 30, "total_requests": 100, "requests_preempted": 20,
+///         "preemption_rate_pct": 30.0, "preemption_reasons": {"RECOMPUTE": 30},
+///         "mean_running_time_before_preempt": 0.5, "mean_resume_delay": 0.2, "max_resume_delay": 0.9}"#,
+/// )?;
+/// let report = Report::from_dir(dir.path())?;
+/// let rate = report.insights.iter().find(|i| i.rule == Rule::HighPreemptionRate).unwrap();
+/// assert_eq!((rate.value, rate.threshold), (30.0, 10.0));
+/// assert!(rate.to_string().contains("30.0% > 10.0%"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct Insight {
+    /// Which rule fired.
+    pub rule: Rule,
+    /// How much it matters.
+    pub severity: Severity,
+    /// A short headline.
+    pub title: String,
+    /// What the figure is, in words.
+    pub figure: String,
+    /// The figure's value.
+    pub value: f64,
+    /// The figure's unit (`%`, `s`, `x`, or empty for a count).
+    pub unit: &'static str,
+    /// How the value compares with the threshold.
+    pub comparison: Comparison,
+    /// The threshold it crossed.
+    pub threshold: f64,
+    /// What to do about it, most useful first.
+    pub advice: Vec<String>,
+}
+
+fn fmt_value(v: f64, unit: &str) -> String {
+    match unit {
+        "%" => format!("{v:.1}%"),
+        "s" => format!("{v:.3} s"),
+        "x" => format!("{v:.2}x"),
+        _ => format!("{v}"),
+    }
+}
+
+impl fmt::Display for Insight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Warning => "warning",
+            Severity::Info => "info",
+        };
+        let cmp = match self.comparison {
+            Comparison::Above => ">",
+            Comparison::Below => "<",
+        };
+        write!(
+            f,
+            "[{sev}] {}: {} {} {cmp} {} ({})",
+            self.title,
+            self.figure,
+            fmt_value(self.value, self.unit),
+            fmt_value(self.threshold, self.unit),
+            self.rule.as_str()
+        )?;
+        for a in &self.advice {
+            write!(f, "\n      - {a}")?;
+        }
+        Ok(())
+    }
+}
+
+struct Fired<'a> {
+    out: &'a mut Vec<Insight>,
+}
+
+impl Fired<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        &mut self,
+        rule: Rule,
+        severity: Severity,
+        title: &str,
+        figure: &str,
+        value: f64,
+        unit: &'static str,
+        comparison: Comparison,
+        threshold: f64,
+        advice: impl FnOnce() -> Vec<String>,
+    ) {
+        let fires = match comparison {
+            Comparison::Above => value > threshold,
+            Comparison::Below => value < threshold,
+        };
+        if fires {
+            self.out.push(Insight {
+                rule,
+                severity,
+                title: title.to_string(),
+                figure: figure.to_string(),
+                value,
+                unit,
+                comparison,
+                threshold,
+                advice: advice(),
+            });
+        }
+    }
+}
+
+/// Evaluates every rule on `report`'s numbers (its own `insights` are not read).
+///
+/// ```
+/// use profilemate_cli::{insights::evaluate, Report, Thresholds};
+/// let dir = tempfile::tempdir()?;
+/// std::fs::write(
+///     dir.path().join("preemption_summary.json"),
+///     r#"{"total_preemptions": 3, "total_requests": 100, "requests_preempted": 3,
+///         "preemption_rate_pct": 3.0, "preemption_reasons": {"SWAP": 3},
+///         "mean_running_time_before_preempt": 0.5, "mean_resume_delay": 0.2, "max_resume_delay": 0.9}"#,
+/// )?;
+/// let report = Report::from_dir(dir.path())?;
+/// assert!(evaluate(&report, &Thresholds::default()).is_empty());
+/// let strict = Thresholds { preemption_rate_pct: 2.0, ..Thresholds::default() };
+/// assert_eq!(evaluate(&report, &strict).len(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn evaluate(report: &Report, t: &Thresholds) -> Vec<Insight> {
+    use Comparison::{Above, Below};
+    use Severity::{Info, Warning};
+    let mut out = Vec::new();
+    let mut fired = Fired { out: &mut out };
+
+    if let Some(run) = &report.run {
+        if let Some(dropped) = run.events_dropped {
+            fired.check(
+                Rule::EventsDropped,
+                Warning,
+                "Events dropped",
+                "events dropped by the profilers",
+                dropped as f64,
+                "",
+                Above,
+                0.0,
+                || {
+                    vec![
+                        "Every count and total in this report is short by those events; the manifest \
+                         (profilemate_run.json) lists them per profiler and reason."
+                            .into(),
+                        "`buffer_full` drops: raise the event buffer or the flush rate.".into(),
+                    ]
+                },
+            );
+        }
+    }
+
+    if let Some(b) = &report.batch {
+        let s = &b.summary;
+        if s.total_samples > 0 {
+            let which = match (s.max_num_seqs, s.max_tokens) {
+                (0, 0) => "max_num_seqs and max_tokens are",
+                (0, _) => "max_num_seqs is",
+                _ => "max_tokens is",
+            };
+            fired.check(
+                Rule::MissingBatchLimits,
+                Warning,
+                "Batch limits not recorded",
+                "smaller of max_num_seqs and max_tokens at the last sample",
+                s.max_num_seqs.min(s.max_tokens) as f64,
+                "",
+                Below,
+                1.0,
+                || {
+                    vec![
+                        format!("{which} 0, so utilization percentages are empty or meaningless."),
+                        "The scheduler was not instrumented correctly: pass the limits in force with each \
+                         batch sample."
+                            .into(),
+                    ]
+                },
+            );
+        }
+        if s.total_samples > 0 {
+            let decode_bound =
+                (s.max_num_seqs > 0 && s.max_tokens > 0).then(|| s.max_num_seqs as f64 / s.max_tokens as f64 * 100.0);
+            let waiting = s.mean_waiting_queue_len > 0.0;
+            fired.check(
+                Rule::LowTokenUtilization,
+                Warning,
+                "Low token utilization",
+                "mean token utilization",
+                s.mean_token_utilization_pct,
+                "%",
+                Below,
+                t.low_token_utilization_pct,
+                || {
+                    let mut a = vec![
+                        "Reduce max_num_batched_tokens to save memory (batches do not use the budget).".to_string()
+                    ];
+                    if s.mean_seq_utilization_pct < t.low_seq_utilization_pct {
+                        a.push(format!(
+                            "Sequence utilization is also low ({:.1}% < {:.0}%): reduce max_num_seqs.",
+                            s.mean_seq_utilization_pct, t.low_seq_utilization_pct
+                        ));
+                    } else {
+                        a.push(format!(
+                            "Sequence utilization is {:.1}%: keep max_num_seqs; only the token budget is oversized.",
+                            s.mean_seq_utilization_pct
+                        ));
+                    }
+                    a.push("Consider smaller batch sizes.".into());
+                    if let Some(bound) = decode_bound {
+                        if bound < t.low_token_utilization_pct {
+                            a.push(format!(
+                                "A decode step schedules one token per sequence, so decode token utilization \
+                                 cannot exceed max_num_seqs / max_tokens = {bound:.1}%: in a decode-heavy run low \
+                                 token utilization is expected; judge by sequence utilization."
+                            ));
+                        }
+                    }
+                    if waiting {
+                        a.push(format!(
+                            "Requests were waiting (mean queue {:.1}) while batches ran under-full: the token budget \
+                             is not what binds; look at KV-cache capacity (preemptions) instead.",
+                            s.mean_waiting_queue_len
+                        ));
+                    }
+                    a
+                },
+            );
+            fired.check(
+                Rule::HighTokenUtilization,
+                Warning,
+                "Token budget saturated",
+                "mean token utilization",
+                s.mean_token_utilization_pct,
+                "%",
+                Above,
+                t.high_token_utilization_pct,
+                || {
+                    vec![
+                        "Increase max_num_batched_tokens for better batching.".into(),
+                        "Batches hit the limit, so long prompts are split by chunked prefill (see the mixed phase)."
+                            .into(),
+                    ]
+                },
+            );
+            let backlog_advice = || {
+                vec![
+                    "The system is overloaded: requests queue for a batch slot.".into(),
+                    "Add GPUs (replicas or tensor parallelism) or raise throughput per GPU.".into(),
+                ]
+            };
+            match b.waiting_batches_pct {
+                Some(pct) => fired.check(
+                    Rule::WaitingQueueBacklog,
+                    Warning,
+                    "Requests waiting consistently",
+                    "batches scheduled while requests were waiting",
+                    pct,
+                    "%",
+                    Above,
+                    t.waiting_batches_pct,
+                    backlog_advice,
+                ),
+                None => fired.check(
+                    Rule::WaitingQueueBacklog,
+                    Warning,
+                    "Requests waiting consistently",
+                    "mean waiting queue length",
+                    s.mean_waiting_queue_len,
+                    "",
+                    Above,
+                    t.mean_waiting_queue_len,
+                    backlog_advice,
+                ),
+            }
+        }
+    }
+
+    if let Some(p) = &report.preemption {
+        let s = &p.summary;
+        fired.check(
+            Rule::HighPreemptionRate,
+            Warning,
+            "High preemption rate",
+            "preemption rate",
+            s.preemption_rate_pct,
+            "%",
+            Above,
+            t.preemption_rate_pct,
+            || {
+                vec![
+                    "Give the KV cache more memory: raise gpu_memory_utilization.".into(),
+                    "Reduce max_model_len if such long contexts are not needed.".into(),
+                    "Lower max_num_seqs so fewer sequences compete for KV-cache blocks.".into(),
+                ]
+            },
+        );
+        if s.total_preemptions > 0 {
+            fired.check(
+                Rule::LongResumeDelay,
+                Warning,
+                "Long delays after preemption",
+                "mean resume delay",
+                s.mean_resume_delay,
+                "s",
+                Above,
+                t.mean_resume_delay_sec,
+                || {
+                    vec![
+                        format!("The longest wait was {:.3} s: the system is overloaded.", s.max_resume_delay),
+                        "Add capacity, or admit fewer requests at once.".into(),
+                    ]
+                },
+            );
+            let recompute = s.preemption_reasons.get("RECOMPUTE").copied().unwrap_or(0);
+            fired.check(
+                Rule::RecomputeDominates,
+                Warning,
+                "RECOMPUTE preemptions dominate: KV-cache pressure",
+                "share of preemptions with reason RECOMPUTE",
+                recompute as f64 / s.total_preemptions as f64 * 100.0,
+                "%",
+                Above,
+                t.recompute_share_pct,
+                || {
+                    vec![
+                        "RECOMPUTE means the scheduler freed the request's KV cache and recomputes it on \
+                         resume: the cache is too small for the load (not a CUDA graph issue)."
+                            .into(),
+                        "Raise gpu_memory_utilization to enlarge the KV cache.".into(),
+                        "Lower max_num_seqs (or max_num_batched_tokens) so fewer sequences hold blocks at once.".into(),
+                        "Reduce max_model_len if not needed; enable prefix caching if prompts share prefixes.".into(),
+                    ]
+                },
+            );
+        }
+    }
+
+    if let Some(c) = &report.cpu {
+        if let Some(share) = c.host_overhead_share_pct {
+            let top = c
+                .operations
+                .iter()
+                .filter(|(op, _)| op.as_str() != "model_execution")
+                .max_by(|a, b| a.1.total_ms.total_cmp(&b.1.total_ms))
+                .map(|(op, s)| (op.clone(), s.total_ms));
+            fired.check(
+                Rule::HighCpuOverhead,
+                Warning,
+                "High host CPU overhead",
+                "host CPU time (all operations but model_execution) / (that + forward time)",
+                share,
+                "%",
+                Above,
+                t.cpu_overhead_pct,
+                || {
+                    let mut a = Vec::new();
+                    if let Some((op, ms)) = top {
+                        a.push(format!(
+                            "The largest is `{op}` ({ms:.1} ms in all): the GPU waits while the host works."
+                        ));
+                    }
+                    a.push(
+                        "Overlap host work with the GPU (async scheduling), batch more per step, and use CUDA \
+                         graphs to cut kernel launch time in decode."
+                            .into(),
+                    );
+                    a
+                },
+            );
+        }
+    }
+
+    if let Some(fp) = &report.forward_pass {
+        let d = &fp.phases.decode;
+        if d.count >= t.min_decode_passes && d.p50_ms > 0.0 {
+            fired.check(
+                Rule::DecodeTailLatency,
+                Warning,
+                "Long decode latency tail",
+                "decode p99 / p50",
+                d.p99_ms / d.p50_ms,
+                "x",
+                Above,
+                t.decode_p99_over_p50,
+                || {
+                    vec![
+                        format!(
+                            "Decode p50 {:.3} ms, p99 {:.3} ms: one step in a hundred is that slow.",
+                            d.p50_ms, d.p99_ms
+                        ),
+                        "Look for steps that share the GPU with prefill chunks (mixed phase), preemptions, host \
+                         stalls (CPU p95) and batch sizes that miss a captured CUDA graph and run eagerly."
+                            .into(),
+                    ]
+                },
+            );
+        }
+    }
+
+    if let Some(ed) = &report.components {
+        let s = &ed.summary;
+        if s.model_type == "encoder_decoder" {
+            fired.check(
+                Rule::EncoderBottleneck,
+                Info,
+                "Encoder is the larger component",
+                "encoder share of component time",
+                s.encoder_pct,
+                "%",
+                Above,
+                t.encoder_share_pct,
+                || {
+                    vec!["Optimize the encoder first: batch encoder inputs (images, audio) and cache encoder \
+                         outputs that repeat."
+                        .into()]
+                },
+            );
+        }
+    }
+
+    out
+}

@@ -1,0 +1,656 @@
+//! The combined breakdown of one run: the seed's five sections, the insights and the notes.
+
+use crate::contract::*;
+use crate::data::RunData;
+use crate::insights::{evaluate, Insight, Thresholds};
+use crate::recompute;
+use crate::ReportError;
+use serde::Serialize;
+use std::fmt;
+use std::path::Path;
+
+/// What kind of note.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoteKind {
+    /// A section or a figure was left out because its file is missing.
+    Skipped,
+    /// Something was read with a caveat (a torn last line, an empty file, a stale summary).
+    Warning,
+}
+
+/// A remark about the input: what was skipped, and what was read with a caveat.
+///
+/// ```
+/// use profilemate_cli::{Note, NoteKind};
+/// let n = Note::skipped("no preemption_events.csv");
+/// assert_eq!(n.kind, NoteKind::Skipped);
+/// assert_eq!(n.to_string(), "skipped: no preemption_events.csv");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Note {
+    /// Skipped or warning.
+    pub kind: NoteKind,
+    /// What happened.
+    pub message: String,
+}
+
+impl Note {
+    /// A "skipped" note.
+    pub fn skipped(message: impl Into<String>) -> Note {
+        Note { kind: NoteKind::Skipped, message: message.into() }
+    }
+
+    /// A warning.
+    pub fn warning(message: impl Into<String>) -> Note {
+        Note { kind: NoteKind::Warning, message: message.into() }
+    }
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            NoteKind::Skipped => write!(f, "skipped: {}", self.message),
+            NoteKind::Warning => write!(f, "warning: {}", self.message),
+        }
+    }
+}
+
+/// Share of forward time per phase, in percent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[allow(missing_docs)]
+pub struct PhaseShares {
+    pub prefill: f64,
+    pub decode: f64,
+    pub mixed: f64,
+}
+
+/// Section 1: forward passes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct ForwardPassSection {
+    /// Where the numbers come from (a JSON file, or "recomputed from" a CSV file).
+    pub source: String,
+    /// Per-phase statistics, as in `forward_pass_summary.json`.
+    pub phases: ForwardPassSummary,
+    /// Forward passes of all phases.
+    pub total_passes: u64,
+    /// Tokens of all phases.
+    pub total_tokens: u64,
+    /// Forward time of all phases, `sum(count * mean_ms)` (milliseconds).
+    pub total_forward_ms: f64,
+    /// `total_tokens / total_forward_ms * 1000`: throughput while the GPU runs forward passes
+    /// (0 when no time was recorded).
+    pub overall_throughput_tokens_per_sec: f64,
+    /// Share of forward time per phase (all 0 when no time was recorded).
+    pub time_share_pct: PhaseShares,
+}
+
+/// Section 2: CPU operations.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct CpuSection {
+    /// Where the numbers come from.
+    pub source: String,
+    /// Per-operation statistics, as in `cpu_timing_summary.json`.
+    pub operations: CpuTimingSummary,
+    /// The seed's `total_cpu = sum(count * mean_ms)` over every operation (milliseconds).
+    pub total_cpu_ms: f64,
+    /// The seed's `total_gpu`: forward time `sum(count * mean_ms)` over the phases, mixed
+    /// included (the seed predates it); `None` without forward pass data.
+    pub forward_ms: Option<f64>,
+    /// The seed's "CPU overhead": `total_cpu / (total_cpu + total_gpu) * 100`.
+    ///
+    /// `model_execution` wraps the forward pass (with CUDA events it includes the sync), so this
+    /// counts forward time on both sides; see [`CpuSection::host_overhead_share_pct`].
+    pub cpu_share_pct: Option<f64>,
+    /// CPU time of every operation except `model_execution` (milliseconds).
+    pub host_overhead_ms: f64,
+    /// `host_overhead_ms / (host_overhead_ms + forward_ms) * 100`: the share of step time the
+    /// GPU waits on host work.
+    pub host_overhead_share_pct: Option<f64>,
+}
+
+/// Section 3: model components.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct ComponentSection {
+    /// Where the numbers come from.
+    pub source: String,
+    /// As in `encoder_decoder_summary.json`.
+    pub summary: EncoderDecoderSummary,
+}
+
+/// Section 4: batch utilization.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct BatchSection {
+    /// Where the numbers come from.
+    pub source: String,
+    /// As in `batch_utilization_summary.json`.
+    pub summary: BatchUtilizationSummary,
+    /// `underutilization_events / total_samples * 100` (0 without samples).
+    pub underutilization_share_pct: f64,
+    /// Longest running queue (needs `batch_utilization.csv`).
+    pub max_running_queue_len: Option<u64>,
+    /// Share of batches scheduled while requests were waiting (needs `batch_utilization.csv`).
+    pub waiting_batches_pct: Option<f64>,
+}
+
+/// Section 5: preemptions.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct PreemptionSection {
+    /// Where the numbers come from.
+    pub source: String,
+    /// As in `preemption_summary.json`.
+    pub summary: PreemptionSummary,
+    /// `requests_preempted / total_requests * 100` (0 without requests).
+    pub requests_preempted_pct: f64,
+}
+
+/// The combined breakdown of one run directory: what the seed's "Combined Analysis" prints,
+/// with every phase and percentile, then the insights.
+///
+/// Summaries come from the JSON files; a section whose JSON file is missing is recomputed from
+/// its CSV file; a section with neither is `None` and a [`Note`] says it was skipped.
+/// `Display` prints the text report, `Serialize` the same report for machines.
+///
+/// ```
+/// use profilemate_cli::Report;
+/// let dir = tempfile::tempdir()?;
+/// std::fs::write(
+///     dir.path().join("forward_pass_timing.csv"),
+///     "timestamp_sec,phase,batch_size,num_tokens,forward_time_ms,throughput_tokens_per_sec\n\
+///      0.000000,prefill,1,256,40.000,6400.000\n\
+///      0.050000,decode,32,32,8.000,4000.000\n",
+/// )?;
+/// let report = Report::from_dir(dir.path())?;
+/// let fp = report.forward_pass.as_ref().unwrap();
+/// assert_eq!(fp.total_tokens, 288);
+/// assert_eq!(fp.source, "recomputed from forward_pass_timing.csv");
+/// assert!(report.to_string().contains("1. Forward Pass Timing"));
+/// let json = serde_json::to_value(&report)?;
+/// assert_eq!(json["forward_pass"]["phases"]["decode"]["count"], 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct Report {
+    /// The directory the report is about.
+    pub dir: String,
+    /// What the run manifest says, when there is one.
+    pub run: Option<RunInfo>,
+    /// Section 1.
+    pub forward_pass: Option<ForwardPassSection>,
+    /// Section 2.
+    pub cpu: Option<CpuSection>,
+    /// Section 3.
+    pub components: Option<ComponentSection>,
+    /// Section 4.
+    pub batch: Option<BatchSection>,
+    /// Section 5.
+    pub preemption: Option<PreemptionSection>,
+    /// The rules that fired.
+    pub insights: Vec<Insight>,
+    /// The thresholds the rules used.
+    pub thresholds: Thresholds,
+    /// What was skipped, and what was read with a caveat.
+    pub notes: Vec<Note>,
+}
+
+fn pct(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 {
+        part / whole * 100.0
+    } else {
+        0.0
+    }
+}
+
+fn json_source(file: &str) -> String {
+    file.to_string()
+}
+
+fn csv_source(file: &str) -> String {
+    format!("recomputed from {file}")
+}
+
+impl Report {
+    /// Reads `dir` and builds the report with the default [`Thresholds`].
+    ///
+    /// # Errors
+    ///
+    /// As [`RunData::load`]: no contract file in `dir`, a file that cannot be read, or a
+    /// malformed file (the error names the file, the line and the column).
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Report, ReportError> {
+        Ok(Report::from_data(&RunData::load(dir)?, &Thresholds::default()))
+    }
+
+    /// Builds the report from data already read.
+    ///
+    /// ```
+    /// use profilemate_cli::{Report, RunData, Thresholds};
+    /// let data = RunData::default();
+    /// let report = Report::from_data(&data, &Thresholds::default());
+    /// assert!(report.forward_pass.is_none());
+    /// assert_eq!(report.notes.len(), 5); // every section skipped
+    /// ```
+    pub fn from_data(data: &RunData, thresholds: &Thresholds) -> Report {
+        let mut notes = data.notes.clone();
+        if data.run.as_ref().and_then(|r| r.finished) == Some(false) {
+            notes.push(Note::warning(
+                "the run did not shut down cleanly (profilemate_run.json says finished: false): \
+                 the last second of rows may be missing and summaries may lag the CSV files",
+            ));
+        }
+
+        let forward_pass = {
+            let summary = match (&data.forward_pass_summary, &data.forward_pass) {
+                (Some(s), rows) => {
+                    if let Some(rows) = rows {
+                        let n = s.prefill.count + s.decode.count + s.mixed.count;
+                        stale_note(&mut notes, FORWARD_PASS_JSON, n, FORWARD_PASS_CSV, rows.len());
+                    }
+                    Some((s.clone(), json_source(FORWARD_PASS_JSON)))
+                }
+                (None, Some(rows)) => Some((recompute::forward_pass(rows), csv_source(FORWARD_PASS_CSV))),
+                (None, None) => {
+                    notes.push(Note::skipped(format!("no {FORWARD_PASS_JSON} or {FORWARD_PASS_CSV}")));
+                    None
+                }
+            };
+            summary.map(|(phases, source)| forward_section(phases, source))
+        };
+
+        let cpu = {
+            let summary = match (&data.cpu_summary, &data.cpu_operations) {
+                (Some(s), _) => Some((s.clone(), json_source(CPU_JSON))),
+                (None, Some(rows)) => Some((recompute::cpu_timing(rows), csv_source(CPU_CSV))),
+                (None, None) => {
+                    notes.push(Note::skipped(format!("no {CPU_JSON} or {CPU_CSV}")));
+                    None
+                }
+            };
+            summary.map(|(operations, source)| {
+                let total_cpu_ms: f64 = operations.values().map(|o| o.count as f64 * o.mean_ms).sum();
+                let host_overhead_ms: f64 = operations
+                    .iter()
+                    .filter(|(op, _)| op.as_str() != "model_execution")
+                    .map(|(_, o)| o.count as f64 * o.mean_ms)
+                    .sum();
+                let forward_ms = forward_pass.as_ref().map(|f| f.total_forward_ms);
+                let share = |cpu: f64| forward_ms.filter(|&f| cpu + f > 0.0).map(|f| pct(cpu, cpu + f));
+                CpuSection {
+                    source,
+                    cpu_share_pct: share(total_cpu_ms),
+                    host_overhead_share_pct: share(host_overhead_ms),
+                    operations,
+                    total_cpu_ms,
+                    forward_ms,
+                    host_overhead_ms,
+                }
+            })
+        };
+
+        let components = match (&data.encoder_decoder_summary, &data.components) {
+            (Some(s), _) => Some(ComponentSection { source: json_source(ENCODER_DECODER_JSON), summary: s.clone() }),
+            (None, Some(rows)) => Some(ComponentSection {
+                source: csv_source(ENCODER_DECODER_CSV),
+                summary: recompute::encoder_decoder(rows),
+            }),
+            (None, None) => {
+                notes.push(Note::skipped(format!("no {ENCODER_DECODER_JSON} or {ENCODER_DECODER_CSV}")));
+                None
+            }
+        };
+
+        let batch = {
+            let summary = match (&data.batch_summary, &data.batch) {
+                (Some(s), rows) => {
+                    if let Some(rows) = rows {
+                        stale_note(&mut notes, BATCH_JSON, s.total_samples, BATCH_CSV, rows.len());
+                    }
+                    Some((s.clone(), json_source(BATCH_JSON)))
+                }
+                (None, Some(rows)) => {
+                    let threshold = data.run.as_ref().and_then(|r| r.underutilization_threshold_pct).unwrap_or(50.0);
+                    Some((recompute::batch_utilization(rows, threshold), csv_source(BATCH_CSV)))
+                }
+                (None, None) => {
+                    notes.push(Note::skipped(format!("no {BATCH_JSON} or {BATCH_CSV}")));
+                    None
+                }
+            };
+            summary.map(|(summary, source)| {
+                let rows = data.batch.as_deref();
+                BatchSection {
+                    source,
+                    underutilization_share_pct: pct(
+                        summary.underutilization_events as f64,
+                        summary.total_samples as f64,
+                    ),
+                    max_running_queue_len: rows.map(|r| r.iter().map(|b| b.running_queue_len).max().unwrap_or(0)),
+                    waiting_batches_pct: rows
+                        .filter(|r| !r.is_empty())
+                        .map(|r| pct(r.iter().filter(|b| b.waiting_queue_len > 0).count() as f64, r.len() as f64)),
+                    summary,
+                }
+            })
+        };
+
+        let preemption = {
+            let summary = match (&data.preemption_summary, &data.preemption_events) {
+                (Some(s), _) => Some((s.clone(), json_source(PREEMPTION_JSON))),
+                (None, Some(rows)) => Some((recompute::preemption(rows), csv_source(PREEMPTION_EVENTS_CSV))),
+                (None, None) => {
+                    let hint = if data.request_lifecycle.is_some() {
+                        format!(" ({LIFECYCLE_CSV} alone holds no reasons or per-preemption delays)")
+                    } else {
+                        String::new()
+                    };
+                    notes.push(Note::skipped(format!("no {PREEMPTION_JSON} or {PREEMPTION_EVENTS_CSV}{hint}")));
+                    None
+                }
+            };
+            summary.map(|(summary, source)| PreemptionSection {
+                source,
+                requests_preempted_pct: pct(summary.requests_preempted as f64, summary.total_requests as f64),
+                summary,
+            })
+        };
+
+        let mut report = Report {
+            dir: data.dir.display().to_string(),
+            run: data.run.clone(),
+            forward_pass,
+            cpu,
+            components,
+            batch,
+            preemption,
+            insights: Vec::new(),
+            thresholds: thresholds.clone(),
+            notes,
+        };
+        report.insights = evaluate(&report, thresholds);
+        report
+    }
+}
+
+fn stale_note(notes: &mut Vec<Note>, json: &str, json_count: u64, csv: &str, csv_rows: usize) {
+    if json_count != csv_rows as u64 {
+        notes.push(Note::warning(format!(
+            "{json} counts {json_count} rows but {csv} has {csv_rows}: summaries are rewritten every log \
+             interval, so the file written last is ahead; figures here are from {json}"
+        )));
+    }
+}
+
+fn forward_section(phases: ForwardPassSummary, source: String) -> ForwardPassSection {
+    let all = [&phases.prefill, &phases.decode, &phases.mixed];
+    let time = |p: &PhaseStats| p.count as f64 * p.mean_ms;
+    let total_forward_ms: f64 = all.iter().map(|p| time(p)).sum();
+    let total_tokens = all.iter().map(|p| p.total_tokens).sum();
+    ForwardPassSection {
+        total_passes: all.iter().map(|p| p.count).sum(),
+        total_tokens,
+        overall_throughput_tokens_per_sec: if total_forward_ms > 0.0 {
+            total_tokens as f64 / total_forward_ms * 1000.0
+        } else {
+            0.0
+        },
+        time_share_pct: PhaseShares {
+            prefill: pct(time(&phases.prefill), total_forward_ms),
+            decode: pct(time(&phases.decode), total_forward_ms),
+            mixed: pct(time(&phases.mixed), total_forward_ms),
+        },
+        total_forward_ms,
+        source,
+        phases,
+    }
+}
+
+/// `-` for the numbers of an empty group, so a count of 0 does not read as a time of 0.
+fn ms(count: u64, v: f64) -> String {
+    if count == 0 {
+        "-".into()
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "=== COMPLETE PERFORMANCE BREAKDOWN: {} ===", self.dir)?;
+        if let Some(run) = &self.run {
+            let mut parts = Vec::new();
+            if let Some(v) = &run.profilemate_version {
+                parts.push(format!("profilemate {v}"));
+            }
+            if let Some(v) = &run.started_at {
+                parts.push(format!("started {v}"));
+            }
+            if let Some(v) = &run.host {
+                parts.push(format!("host {v}"));
+            }
+            if let Some(v) = run.pid {
+                parts.push(format!("pid {v}"));
+            }
+            if let Some(v) = &run.timing_backend {
+                parts.push(format!("{v} timing"));
+            }
+            if let Some(v) = run.steps {
+                parts.push(format!("{v} steps"));
+            }
+            match run.finished {
+                Some(true) => parts.push("finished cleanly".into()),
+                Some(false) => parts.push("NOT finished".into()),
+                None => {}
+            }
+            if let Some(v) = run.events_dropped {
+                parts.push(format!("{v} events dropped"));
+            }
+            writeln!(f, "run: {}", parts.join(", "))?;
+        }
+
+        writeln!(f, "\n1. Forward Pass Timing")?;
+        match &self.forward_pass {
+            None => writeln!(f, "   (no data)")?,
+            Some(fp) => {
+                writeln!(f, "   source: {}", fp.source)?;
+                writeln!(
+                    f,
+                    "   {:<8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>12}",
+                    "phase", "count", "mean ms", "p50 ms", "p95 ms", "p99 ms", "total ms", "tokens", "mean tok/s"
+                )?;
+                for (name, p) in
+                    [("prefill", &fp.phases.prefill), ("decode", &fp.phases.decode), ("mixed", &fp.phases.mixed)]
+                {
+                    writeln!(
+                        f,
+                        "   {:<8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>12}",
+                        name,
+                        p.count,
+                        ms(p.count, p.mean_ms),
+                        ms(p.count, p.p50_ms),
+                        ms(p.count, p.p95_ms),
+                        ms(p.count, p.p99_ms),
+                        ms(p.count, p.total_ms),
+                        p.total_tokens,
+                        if p.count == 0 { "-".into() } else { format!("{:.1}", p.mean_throughput_tokens_per_sec) },
+                    )?;
+                }
+                writeln!(
+                    f,
+                    "   all: {} passes, {} tokens in {:.3} ms of forward time = {:.1} tokens/s",
+                    fp.total_passes, fp.total_tokens, fp.total_forward_ms, fp.overall_throughput_tokens_per_sec
+                )?;
+                let s = &fp.time_share_pct;
+                writeln!(
+                    f,
+                    "   time share: prefill {:.1}%, decode {:.1}%, mixed {:.1}%",
+                    s.prefill, s.decode, s.mixed
+                )?;
+            }
+        }
+
+        writeln!(f, "\n2. CPU Operations")?;
+        match &self.cpu {
+            None => writeln!(f, "   (no data)")?,
+            Some(c) => {
+                writeln!(f, "   source: {}", c.source)?;
+                writeln!(
+                    f,
+                    "   {:<24} {:>8} {:>10} {:>10} {:>12}",
+                    "operation", "count", "mean ms", "p95 ms", "total ms"
+                )?;
+                let mut ops: Vec<_> = c.operations.iter().collect();
+                ops.sort_by(|a, b| b.1.total_ms.total_cmp(&a.1.total_ms).then(a.0.cmp(b.0)));
+                for (op, s) in ops {
+                    writeln!(
+                        f,
+                        "   {:<24} {:>8} {:>10} {:>10} {:>12}",
+                        op,
+                        s.count,
+                        ms(s.count, s.mean_ms),
+                        ms(s.count, s.p95_ms),
+                        ms(s.count, s.total_ms)
+                    )?;
+                }
+                match (c.forward_ms, c.cpu_share_pct) {
+                    (Some(fwd), Some(share)) => {
+                        writeln!(
+                            f,
+                            "   CPU overhead (seed: cpu / (cpu + forward)): {:.3} ms CPU vs {:.3} ms forward = {:.1}%",
+                            c.total_cpu_ms, fwd, share
+                        )?;
+                        if let Some(h) = c.host_overhead_share_pct {
+                            writeln!(
+                                f,
+                                "   without model_execution (it wraps the forward pass): {:.3} ms = {:.1}%",
+                                c.host_overhead_ms, h
+                            )?;
+                        }
+                    }
+                    _ => writeln!(
+                        f,
+                        "   CPU total {:.3} ms (no forward pass data: share of step time unknown)",
+                        c.total_cpu_ms
+                    )?,
+                }
+            }
+        }
+
+        writeln!(f, "\n3. Model Components")?;
+        match &self.components {
+            None => writeln!(f, "   (no data)")?,
+            Some(c) => {
+                let s = &c.summary;
+                writeln!(f, "   source: {}", c.source)?;
+                writeln!(f, "   model type: {}", s.model_type)?;
+                let line = |f: &mut fmt::Formatter<'_>, name: &str, pct: f64, g: &ComponentStats| {
+                    writeln!(
+                        f,
+                        "   {:<16} {:>6.1}%  {:>8} calls, mean {} ms, p95 {} ms, total {} ms",
+                        name,
+                        pct,
+                        g.count,
+                        ms(g.count, g.mean_ms),
+                        ms(g.count, g.p95_ms),
+                        ms(g.count, g.total_ms)
+                    )
+                };
+                if s.model_type == "encoder_decoder" {
+                    line(f, "encoder", s.encoder_pct, &s.encoder)?;
+                    line(f, "decoder", s.decoder_pct, &s.decoder)?;
+                    if s.cross_attention.count > 0 {
+                        line(f, "cross_attention", s.cross_attention_pct, &s.cross_attention)?;
+                    }
+                } else if s.decoder.count == 0 && s.encoder.count == 0 && s.cross_attention.count == 0 {
+                    writeln!(f, "   Decoder-only: no component time recorded")?;
+                } else {
+                    writeln!(f, "   Decoder-only: {:.1}% decoder", s.decoder_pct)?;
+                    line(f, "decoder", s.decoder_pct, &s.decoder)?;
+                }
+            }
+        }
+
+        writeln!(f, "\n4. Batch Utilization")?;
+        match &self.batch {
+            None => writeln!(f, "   (no data)")?,
+            Some(b) => {
+                let s = &b.summary;
+                writeln!(f, "   source: {}", b.source)?;
+                writeln!(
+                    f,
+                    "   {} samples; limits at the last sample: max_num_seqs {}, max_tokens {}",
+                    s.total_samples, s.max_num_seqs, s.max_tokens
+                )?;
+                writeln!(f, "   Mean sequence utilization: {:.1}%", s.mean_seq_utilization_pct)?;
+                writeln!(f, "   Mean token utilization: {:.1}%", s.mean_token_utilization_pct)?;
+                writeln!(
+                    f,
+                    "   Underutilization events (token utilization < {:.0}%): {} ({:.1}% of samples)",
+                    s.underutilization_threshold_pct, s.underutilization_events, b.underutilization_share_pct
+                )?;
+                writeln!(
+                    f,
+                    "   Token utilization per phase: prefill {:.1}%, decode {:.1}%, mixed {:.1}%",
+                    s.prefill_avg_utilization, s.decode_avg_utilization, s.mixed_avg_utilization
+                )?;
+                let max_running = b.max_running_queue_len.map_or_else(|| "-".into(), |m| m.to_string());
+                writeln!(
+                    f,
+                    "   Queues: running mean {:.1} (max {}), waiting mean {:.1} (max {})",
+                    s.mean_running_queue_len, max_running, s.mean_waiting_queue_len, s.max_waiting_queue_len
+                )?;
+                if let Some(w) = b.waiting_batches_pct {
+                    writeln!(f, "   Batches scheduled while requests waited: {w:.1}%")?;
+                }
+            }
+        }
+
+        writeln!(f, "\n5. Preemptions")?;
+        match &self.preemption {
+            None => writeln!(f, "   (no data)")?,
+            Some(p) => {
+                let s = &p.summary;
+                writeln!(f, "   source: {}", p.source)?;
+                writeln!(f, "   Total preemptions: {} over {} requests", s.total_preemptions, s.total_requests)?;
+                writeln!(f, "   Preemption rate: {:.1}%", s.preemption_rate_pct)?;
+                writeln!(f, "   Requests preempted: {} ({:.1}%)", s.requests_preempted, p.requests_preempted_pct)?;
+                if s.preemption_reasons.is_empty() {
+                    writeln!(f, "   Preemption reasons: none")?;
+                } else {
+                    writeln!(f, "   Preemption reasons:")?;
+                    let mut reasons: Vec<_> = s.preemption_reasons.iter().collect();
+                    reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                    let total: u64 = reasons.iter().map(|r| *r.1).sum();
+                    for (reason, n) in reasons {
+                        writeln!(f, "     {reason}: {n} ({:.1}%)", pct(*n as f64, total as f64))?;
+                    }
+                }
+                if s.total_preemptions > 0 {
+                    writeln!(f, "   Mean running time before preemption: {:.3} s", s.mean_running_time_before_preempt)?;
+                    writeln!(f, "   Resume delay: mean {:.3} s, max {:.3} s", s.mean_resume_delay, s.max_resume_delay)?;
+                }
+            }
+        }
+
+        writeln!(f, "\nInsights")?;
+        if self.insights.is_empty() {
+            writeln!(f, "   none fired (every figure is within its threshold)")?;
+        }
+        for i in &self.insights {
+            writeln!(f, "   {i}")?;
+        }
+
+        if !self.notes.is_empty() {
+            writeln!(f, "\nNotes")?;
+            for n in &self.notes {
+                writeln!(f, "   {n}")?;
+            }
+        }
+        Ok(())
+    }
+}

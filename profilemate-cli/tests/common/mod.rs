@@ -1,0 +1,184 @@
+//! Fixture run directories written file by file, as an engine would.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use serde_json::{json, Value};
+use std::path::Path;
+use tempfile::TempDir;
+
+pub const FORWARD_HEADER: &str =
+    "timestamp_sec,phase,batch_size,num_tokens,forward_time_ms,throughput_tokens_per_sec\n";
+pub const CPU_HEADER: &str = "timestamp_sec,operation,duration_ms,context\n";
+pub const BATCH_HEADER: &str = "timestamp_sec,num_seqs,max_num_seqs,seq_utilization_pct,num_tokens,max_tokens,token_utilization_pct,phase,running_queue_len,waiting_queue_len\n";
+pub const EVENTS_HEADER: &str = "timestamp_sec,request_id,event,reason,running_time_sec,extra_info\n";
+pub const LIFECYCLE_HEADER: &str = "request_id,started_sec,preempted_sec,resumed_sec,finished_sec,total_time_sec,preemption_delay_sec,num_preemptions\n";
+pub const COMPONENT_HEADER: &str = "timestamp_sec,component,duration_ms,context\n";
+
+pub struct Run {
+    pub dir: TempDir,
+}
+
+impl Run {
+    pub fn new() -> Run {
+        Run { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, name: &str, content: &str) -> &Run {
+        std::fs::write(self.path().join(name), content).unwrap();
+        self
+    }
+
+    pub fn json(&self, name: &str, value: &Value) -> &Run {
+        self.write(name, &serde_json::to_string_pretty(value).unwrap())
+    }
+
+    pub fn remove(&self, name: &str) -> &Run {
+        std::fs::remove_file(self.path().join(name)).unwrap();
+        self
+    }
+
+    /// Every summary of a normal run (the seed's example numbers), and the manifest.
+    pub fn normal() -> Run {
+        let run = Run::new();
+        run.json("forward_pass_summary.json", &forward_json());
+        run.json("cpu_timing_summary.json", &cpu_json());
+        run.json("batch_utilization_summary.json", &batch_json());
+        run.json("preemption_summary.json", &preemption_json());
+        run.json("encoder_decoder_summary.json", &encoder_decoder_json());
+        run.json("profilemate_run.json", &manifest_json());
+        run
+    }
+}
+
+pub fn phase(count: u64, mean: f64, p50: f64, p95: f64, p99: f64, tokens: u64, tput: f64) -> Value {
+    json!({
+        "count": count, "mean_ms": mean, "std_ms": if count > 0 { 1.0 } else { 0.0 },
+        "min_ms": if count > 0 { p50 * 0.8 } else { 0.0 }, "max_ms": p99 * 1.2,
+        "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "total_ms": count as f64 * mean,
+        "total_tokens": tokens, "mean_throughput_tokens_per_sec": tput
+    })
+}
+
+pub fn forward_json() -> Value {
+    json!({
+        "prefill": phase(100, 45.2, 43.5, 62.3, 71.2, 25_600, 5658.3),
+        "decode": phase(4000, 8.7, 8.5, 10.8, 12.4, 128_000, 3651.2),
+        "mixed": phase(0, 0.0, 0.0, 0.0, 0.0, 0, 0.0),
+    })
+}
+
+pub fn op(count: u64, mean: f64, p95: f64) -> Value {
+    json!({
+        "count": count, "mean_ms": mean, "std_ms": 0.1, "min_ms": mean * 0.5, "max_ms": mean * 3.0,
+        "p50_ms": mean, "p95_ms": p95, "p99_ms": p95 * 1.1, "total_ms": count as f64 * mean
+    })
+}
+
+/// Host operations 4100 * 0.75 ms = 3075 ms against 39320 ms forward: 7.25 %.
+pub fn cpu_json() -> Value {
+    json!({
+        "scheduling": op(4100, 0.5, 0.7),
+        "sampling": op(4100, 0.25, 0.4),
+        "model_execution": op(4100, 10.0, 12.0),
+    })
+}
+
+pub fn batch_json() -> Value {
+    json!({
+        "total_samples": 4100, "mean_seq_utilization_pct": 67.3, "mean_token_utilization_pct": 82.1,
+        "underutilization_events": 234, "underutilization_threshold_pct": 50.0,
+        "prefill_avg_utilization": 89.2, "decode_avg_utilization": 78.5, "mixed_avg_utilization": 0.0,
+        "max_num_seqs": 256, "max_tokens": 8192, "mean_running_queue_len": 24.0,
+        "mean_waiting_queue_len": 0.4, "max_waiting_queue_len": 12
+    })
+}
+
+pub fn preemption_json() -> Value {
+    json!({
+        "total_preemptions": 45, "total_requests": 1234, "requests_preempted": 40,
+        "preemption_rate_pct": 45.0 / 1234.0 * 100.0,
+        "preemption_reasons": {"RECOMPUTE": 20, "SWAP": 20, "kv_cache_full": 5},
+        "mean_running_time_before_preempt": 0.523, "mean_resume_delay": 0.8, "max_resume_delay": 3.456
+    })
+}
+
+pub fn component(count: u64, total: f64) -> Value {
+    let mean = if count > 0 { total / count as f64 } else { 0.0 };
+    json!({
+        "count": count, "total_ms": total, "mean_ms": mean, "std_ms": 0.0, "min_ms": mean,
+        "max_ms": mean, "p50_ms": mean, "p95_ms": mean
+    })
+}
+
+pub fn encoder_decoder_json() -> Value {
+    json!({
+        "model_type": "encoder_decoder",
+        "encoder": component(1234, 22456.7), "decoder": component(1234, 126234.5),
+        "cross_attention": component(0, 0.0),
+        "encoder_pct": 15.1, "decoder_pct": 84.9, "cross_attention_pct": 0.0
+    })
+}
+
+pub fn manifest_json() -> Value {
+    json!({
+        "format_version": 1, "profilemate_version": "0.1.0", "started_at": "2026-01-01T00:00:00Z",
+        "pid": 42, "host": "gpu-node-7", "timing_backend": "cuda", "steps": 4100, "finished": true,
+        "config": {"underutilization_threshold_pct": 50.0},
+        "dropped": {"forward_pass": {"buffer_full": 0}, "cpu_timing": {"buffer_full": 0}}
+    })
+}
+
+/// CSV rows of a small run with every table filled, for figures and recomputation.
+pub fn write_csv_run(run: &Run, steps: usize) {
+    let mut fp = String::from(FORWARD_HEADER);
+    let mut cpu = String::from(CPU_HEADER);
+    let mut batch = String::from(BATCH_HEADER);
+    let mut comp = String::from(COMPONENT_HEADER);
+    let mut t = 0.0f64;
+    for i in 0..steps {
+        let (phase, tokens, ms) = match i % 10 {
+            0 => ("prefill", 2048u64, 40.0 + (i % 7) as f64),
+            5 => ("mixed", 600, 15.0 + (i % 3) as f64),
+            _ => ("decode", 32, 8.0 + (i % 5) as f64 * 0.25),
+        };
+        fp.push_str(&format!("{t:.6},{phase},32,{tokens},{ms:.3},{:.3}\n", tokens as f64 / ms * 1000.0));
+        cpu.push_str(&format!("{t:.6},scheduling,{:.3},\n", 0.5 + (i % 3) as f64 * 0.1));
+        cpu.push_str(&format!("{t:.6},sampling,0.300,\"phase={phase};batch_size=32\"\n"));
+        let util = tokens as f64 / 4096.0 * 100.0;
+        batch.push_str(&format!("{t:.6},32,64,50.0000,{tokens},4096,{:.4},{phase},32,{}\n", util.min(100.0), i % 4));
+        if i % 10 == 0 {
+            comp.push_str(&format!("{t:.6},encoder,{:.3},vision_encoder\n", 12.0 + (i % 3) as f64));
+        }
+        comp.push_str(&format!("{t:.6},decoder,{ms:.3},language_model\n"));
+        t += ms / 1000.0 + 0.001;
+    }
+    let mut events = String::from(EVENTS_HEADER);
+    let mut lifecycle = String::from(LIFECYCLE_HEADER);
+    for r in 0..20 {
+        let s = r as f64 * 0.1;
+        events.push_str(&format!("{s:.6},req-{r},started,,,\n"));
+        if r % 5 == 0 {
+            events.push_str(&format!("{:.6},req-{r},preempted,RECOMPUTE,0.200000,\"num_blocks=128,x\"\n", s + 0.2));
+            events.push_str(&format!("{:.6},req-{r},resumed,,,\n", s + 0.5));
+            events.push_str(&format!("{:.6},req-{r},finished,,,\n", s + 1.0));
+            lifecycle.push_str(&format!(
+                "req-{r},{s:.6},{:.6},{:.6},{:.6},1.000000,0.300000,1\n",
+                s + 0.2,
+                s + 0.5,
+                s + 1.0
+            ));
+        } else {
+            events.push_str(&format!("{:.6},req-{r},finished,,,\n", s + 1.0));
+            lifecycle.push_str(&format!("req-{r},{s:.6},,,{:.6},1.000000,,0\n", s + 1.0));
+        }
+    }
+    run.write("forward_pass_timing.csv", &fp)
+        .write("cpu_operations_timing.csv", &cpu)
+        .write("batch_utilization.csv", &batch)
+        .write("encoder_decoder_timing.csv", &comp)
+        .write("preemption_events.csv", &events)
+        .write("request_lifecycle.csv", &lifecycle);
+}

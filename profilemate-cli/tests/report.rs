@@ -1,0 +1,567 @@
+//! The report on fixture directories: sections, sources, notes and errors.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use profilemate_cli::{NoteKind, Report, ReportError, RunData, Thresholds};
+use serde_json::{json, Value};
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * b.abs().max(1.0)
+}
+
+#[test]
+fn normal_run_prints_every_section_from_the_summaries() {
+    let run = Run::normal();
+    let report = Report::from_dir(run.path()).unwrap();
+
+    let fp = report.forward_pass.as_ref().unwrap();
+    assert_eq!(fp.source, "forward_pass_summary.json");
+    assert_eq!(fp.total_passes, 4100);
+    assert_eq!(fp.total_tokens, 153_600);
+    assert!(close(fp.total_forward_ms, 39_320.0));
+    assert!(close(fp.overall_throughput_tokens_per_sec, 153_600.0 / 39_320.0 * 1000.0));
+    assert!(close(fp.time_share_pct.prefill, 4520.0 / 39_320.0 * 100.0));
+
+    // The seed's CPU overhead: sum(count * mean) over operations against prefill + decode time.
+    let cpu = report.cpu.as_ref().unwrap();
+    let total_cpu = 4100.0 * (0.5 + 0.25 + 10.0);
+    assert!(close(cpu.total_cpu_ms, total_cpu));
+    assert!(close(cpu.cpu_share_pct.unwrap(), total_cpu / (total_cpu + 39_320.0) * 100.0));
+    assert!(close(cpu.host_overhead_share_pct.unwrap(), 3075.0 / (3075.0 + 39_320.0) * 100.0));
+
+    let batch = report.batch.as_ref().unwrap();
+    assert!(close(batch.underutilization_share_pct, 234.0 / 4100.0 * 100.0));
+    assert_eq!(batch.waiting_batches_pct, None, "no CSV, so unknown");
+    let pre = report.preemption.as_ref().unwrap();
+    assert!(close(pre.requests_preempted_pct, 40.0 / 1234.0 * 100.0));
+    assert_eq!(report.components.as_ref().unwrap().summary.model_type, "encoder_decoder");
+    assert_eq!(report.run.as_ref().unwrap().host.as_deref(), Some("gpu-node-7"));
+    assert!(report.insights.is_empty(), "a healthy run fires nothing: {:?}", report.insights);
+    assert!(report.notes.is_empty(), "{:?}", report.notes);
+
+    let text = report.to_string();
+    for needle in [
+        "1. Forward Pass Timing",
+        "2. CPU Operations",
+        "3. Model Components",
+        "4. Batch Utilization",
+        "5. Preemptions",
+        "Insights",
+        "host gpu-node-7",
+        // prefill: count, mean, p50, p95, p99
+        "prefill       100     45.200     43.500     62.300     71.200",
+        "decode       4000      8.700      8.500     10.800     12.400",
+        "Encoder: ",
+        "Mean token utilization: 82.1%",
+        "Underutilization events (token utilization < 50%): 234 (5.7% of samples)",
+        "Token utilization per phase: prefill 89.2%, decode 78.5%, mixed 0.0%",
+        "Queues: running mean 24.0 (max -), waiting mean 0.4 (max 12)",
+        "Total preemptions: 45 over 1234 requests",
+        "Preemption rate: 3.6%",
+        "Requests preempted: 40 (3.2%)",
+        "RECOMPUTE: 20 (44.4%)",
+        "Resume delay: mean 0.800 s, max 3.456 s",
+        "none fired",
+    ] {
+        if needle == "Encoder: " {
+            let line = text.lines().find(|l| l.trim_start().starts_with("encoder ")).unwrap();
+            assert!(line.contains("15.1%") && line.contains("1234 calls"), "{line}");
+            continue;
+        }
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    // scheduling's line: count, mean, p95, total
+    assert!(text.contains("scheduling                   4100      0.500      0.700     2050.000"), "{text}");
+}
+
+#[test]
+fn json_report_is_one_object_with_the_same_numbers() {
+    let run = Run::normal();
+    let report = Report::from_dir(run.path()).unwrap();
+    let v: Value = serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
+    assert!(v.is_object());
+    assert_eq!(v["forward_pass"]["phases"]["decode"]["p99_ms"], 12.4);
+    assert_eq!(v["forward_pass"]["phases"]["mixed"]["count"], 0);
+    assert_eq!(v["preemption"]["summary"]["preemption_reasons"]["SWAP"], 20);
+    assert_eq!(v["batch"]["summary"]["max_tokens"], 8192);
+    assert_eq!(v["thresholds"]["preemption_rate_pct"], 10.0);
+    assert_eq!(v["insights"], json!([]));
+    assert_eq!(v["cpu"]["operations"]["sampling"]["count"], 4100);
+}
+
+#[test]
+fn empty_groups_print_dashes_and_serialize_zeros() {
+    let run = Run::new();
+    let zero = phase(0, 0.0, 0.0, 0.0, 0.0, 0, 0.0);
+    run.json("forward_pass_summary.json", &json!({"prefill": zero, "decode": zero, "mixed": zero}));
+    run.json("cpu_timing_summary.json", &json!({}));
+    let mut batch = batch_json();
+    for k in ["total_samples", "underutilization_events", "max_num_seqs", "max_tokens", "max_waiting_queue_len"] {
+        batch[k] = json!(0);
+    }
+    for k in
+        ["mean_seq_utilization_pct", "mean_token_utilization_pct", "mean_running_queue_len", "mean_waiting_queue_len"]
+    {
+        batch[k] = json!(0.0);
+    }
+    run.json("batch_utilization_summary.json", &batch);
+    run.json(
+        "preemption_summary.json",
+        &json!({"total_preemptions": 0, "total_requests": 0, "requests_preempted": 0, "preemption_rate_pct": 0.0,
+                "preemption_reasons": {}, "mean_running_time_before_preempt": 0.0, "mean_resume_delay": 0.0,
+                "max_resume_delay": 0.0}),
+    );
+    let report = Report::from_dir(run.path()).unwrap();
+    let fp = report.forward_pass.as_ref().unwrap();
+    assert_eq!(fp.total_passes, 0);
+    assert_eq!(fp.overall_throughput_tokens_per_sec, 0.0);
+    assert_eq!(fp.time_share_pct.decode, 0.0);
+    let cpu = report.cpu.as_ref().unwrap();
+    assert_eq!(cpu.total_cpu_ms, 0.0);
+    assert_eq!(cpu.cpu_share_pct, None, "0 / 0 is no share, not NaN");
+    assert_eq!(report.batch.as_ref().unwrap().underutilization_share_pct, 0.0);
+    assert_eq!(report.preemption.as_ref().unwrap().requests_preempted_pct, 0.0);
+    // Zero samples: no utilization rule fires on the zeros.
+    assert!(report.insights.is_empty(), "{:?}", report.insights);
+
+    let text = report.to_string();
+    assert!(
+        text.contains(
+            "mixed           0          -          -          -          -            -          0            -"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("Preemption reasons: none"), "{text}");
+    assert!(!text.contains("NaN") && !text.contains("inf"), "{text}");
+    let json = serde_json::to_string(&report).unwrap();
+    assert!(!json.contains("NaN"));
+    assert!(serde_json::from_str::<Value>(&json).unwrap()["forward_pass"]["phases"]["mixed"]["mean_ms"] == 0.0);
+}
+
+#[test]
+fn decoder_only_model_prints_decoder_only() {
+    let run = Run::new();
+    run.json(
+        "encoder_decoder_summary.json",
+        &json!({"model_type": "decoder_only", "encoder": component(0, 0.0), "decoder": component(200, 400.0),
+                "cross_attention": component(0, 0.0), "encoder_pct": 0.0, "decoder_pct": 100.0,
+                "cross_attention_pct": 0.0}),
+    );
+    let report = Report::from_dir(run.path()).unwrap();
+    let text = report.to_string();
+    assert!(text.contains("model type: decoder_only"), "{text}");
+    assert!(text.contains("Decoder-only: 100.0% decoder"), "{text}");
+    assert!(text.contains("200 calls, mean 2.000 ms"), "{text}");
+    assert!(!text.contains("encoder   "), "no encoder line for a decoder-only model:\n{text}");
+}
+
+#[test]
+fn decoder_only_recomputed_from_csv_is_inferred() {
+    let run = Run::new();
+    run.write(
+        "encoder_decoder_timing.csv",
+        &format!("{COMPONENT_HEADER}0.1,decoder,2.000,language_model\n0.2,decoder,4.000,language_model\n"),
+    );
+    let report = Report::from_dir(run.path()).unwrap();
+    let c = report.components.as_ref().unwrap();
+    assert_eq!(c.source, "recomputed from encoder_decoder_timing.csv");
+    assert_eq!(c.summary.model_type, "decoder_only");
+    assert_eq!(c.summary.decoder.count, 2);
+    assert_eq!(c.summary.decoder.mean_ms, 3.0);
+    assert_eq!(c.summary.decoder_pct, 100.0);
+}
+
+#[test]
+fn missing_optional_files_are_reported_as_skipped() {
+    let run = Run::new();
+    run.json("forward_pass_summary.json", &forward_json());
+    let report = Report::from_dir(run.path()).unwrap();
+    assert!(report.forward_pass.is_some());
+    assert!(
+        report.cpu.is_none() && report.batch.is_none() && report.preemption.is_none() && report.components.is_none()
+    );
+    let skipped: Vec<String> =
+        report.notes.iter().filter(|n| n.kind == NoteKind::Skipped).map(|n| n.to_string()).collect();
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    assert!(
+        skipped.contains(&"skipped: no preemption_summary.json or preemption_events.csv".to_string()),
+        "{skipped:?}"
+    );
+    assert!(skipped.contains(&"skipped: no cpu_timing_summary.json or cpu_operations_timing.csv".to_string()));
+    let text = report.to_string();
+    assert!(text.contains("5. Preemptions\n   (no data)"), "{text}");
+    assert!(text.contains("skipped: no batch_utilization_summary.json or batch_utilization.csv"), "{text}");
+}
+
+#[test]
+fn lifecycle_alone_is_not_enough_for_the_preemption_section() {
+    let run = Run::new();
+    run.write("request_lifecycle.csv", &format!("{LIFECYCLE_HEADER}a,0.1,,,0.5,0.4,,0\n"));
+    let report = Report::from_dir(run.path()).unwrap();
+    assert!(report.preemption.is_none());
+    assert!(report.notes.iter().any(|n| n.message.contains("request_lifecycle.csv alone")), "{:?}", report.notes);
+}
+
+#[test]
+fn csv_only_run_is_recomputed() {
+    let run = Run::new();
+    write_csv_run(&run, 100);
+    let report = Report::from_dir(run.path()).unwrap();
+    let fp = report.forward_pass.as_ref().unwrap();
+    assert_eq!(fp.source, "recomputed from forward_pass_timing.csv");
+    assert_eq!((fp.phases.prefill.count, fp.phases.decode.count, fp.phases.mixed.count), (10, 80, 10));
+    assert_eq!(fp.phases.prefill.total_tokens, 20_480);
+    let cpu = report.cpu.as_ref().unwrap();
+    assert_eq!(cpu.operations["sampling"].count, 100);
+    assert!(close(cpu.operations["sampling"].mean_ms, 0.3));
+    let batch = report.batch.as_ref().unwrap();
+    assert_eq!(batch.summary.total_samples, 100);
+    assert_eq!(batch.summary.max_tokens, 4096);
+    assert_eq!(batch.summary.max_waiting_queue_len, 3);
+    assert_eq!(batch.max_running_queue_len, Some(32));
+    assert!(close(batch.waiting_batches_pct.unwrap(), 75.0), "i % 4 > 0 in 3 of 4 batches");
+    let pre = report.preemption.as_ref().unwrap();
+    assert_eq!(pre.source, "recomputed from preemption_events.csv");
+    assert_eq!((pre.summary.total_requests, pre.summary.total_preemptions), (20, 4));
+    assert!(close(pre.summary.preemption_rate_pct, 20.0));
+    assert!(close(pre.summary.mean_resume_delay, 0.3));
+    assert_eq!(pre.summary.preemption_reasons.get("RECOMPUTE"), Some(&4));
+    let ed = report.components.as_ref().unwrap();
+    assert_eq!(ed.summary.model_type, "encoder_decoder");
+    assert_eq!(ed.summary.encoder.count, 10);
+    assert!(close(ed.summary.encoder_pct + ed.summary.decoder_pct, 100.0));
+}
+
+/// A run written by profilemate itself: the report from its JSON summaries and the report
+/// recomputed from its CSV files alone agree.
+#[test]
+fn core_written_run_reads_back_and_recomputes_to_the_same_numbers() {
+    use profilemate_core::{BatchSample, Component, CpuOp, Phase, Session};
+    let run = Run::new();
+    let session = Session::builder().sink_factory(profilemate_sinks::standard_sinks).dir(run.path()).build().unwrap();
+    let (fwd, cpu, batch, req, comp) = (
+        session.forward_pass(),
+        session.cpu_timing(),
+        session.batch_utilization(),
+        session.requests(),
+        session.components(),
+    );
+    for i in 0..300u32 {
+        let phase = match i % 10 {
+            0 => Phase::Prefill,
+            5 => Phase::Mixed,
+            _ => Phase::Decode,
+        };
+        fwd.record_ms(phase, 16, 16 + i, 5.0 + f64::from(i % 13) * 0.37);
+        cpu.record_ms(CpuOp::SCHEDULING, 0.2 + f64::from(i % 7) * 0.05, "");
+        cpu.record_ms(CpuOp::SAMPLING, 0.4, "phase=decode;batch_size=16");
+        batch.record(&BatchSample {
+            num_seqs: 16,
+            max_num_seqs: 32,
+            num_tokens: 16 + i,
+            max_tokens: 512,
+            phase,
+            running_queue_len: 16,
+            waiting_queue_len: i % 3,
+        });
+        comp.record_ms(Component::Decoder, "language_model", 4.0 + f64::from(i % 5));
+        if i % 30 == 0 {
+            comp.record_ms(Component::Encoder, "vision_encoder", 9.0);
+        }
+    }
+    for r in 0..10 {
+        let id = format!("req-{r}");
+        req.started(&id);
+        if r % 3 == 0 {
+            req.preempted(&id, "RECOMPUTE", "num_blocks=64");
+            req.resumed(&id);
+        }
+        req.finished(&id, "");
+    }
+    session.shutdown().unwrap();
+
+    let from_json = Report::from_dir(run.path()).unwrap();
+    assert_eq!(from_json.forward_pass.as_ref().unwrap().source, "forward_pass_summary.json");
+    assert!(from_json.notes.is_empty(), "summaries and CSV files agree: {:?}", from_json.notes);
+    for f in [
+        "forward_pass_summary.json",
+        "cpu_timing_summary.json",
+        "batch_utilization_summary.json",
+        "preemption_summary.json",
+        "encoder_decoder_summary.json",
+    ] {
+        run.remove(f);
+    }
+    let from_csv = Report::from_dir(run.path()).unwrap();
+    assert_eq!(from_csv.forward_pass.as_ref().unwrap().source, "recomputed from forward_pass_timing.csv");
+
+    let (a, b) = (from_json.forward_pass.unwrap(), from_csv.forward_pass.unwrap());
+    for (pa, pb) in [
+        (&a.phases.prefill, &b.phases.prefill),
+        (&a.phases.decode, &b.phases.decode),
+        (&a.phases.mixed, &b.phases.mixed),
+    ] {
+        assert_eq!(pa.count, pb.count);
+        assert_eq!(pa.total_tokens, pb.total_tokens);
+        // The CSV holds milliseconds to 3 decimals.
+        for (x, y) in [(pa.mean_ms, pb.mean_ms), (pa.p50_ms, pb.p50_ms), (pa.p95_ms, pb.p95_ms), (pa.p99_ms, pb.p99_ms)]
+        {
+            assert!((x - y).abs() < 0.002 + x * 0.001, "{x} vs {y}");
+        }
+        assert!((pa.mean_throughput_tokens_per_sec - pb.mean_throughput_tokens_per_sec).abs() < 1.0);
+    }
+    assert_eq!(a.phases.decode.count, 240);
+
+    let (a, b) = (from_json.batch.unwrap().summary, from_csv.batch.unwrap().summary);
+    assert_eq!(a.total_samples, b.total_samples);
+    assert_eq!(a.underutilization_events, b.underutilization_events);
+    assert!((a.mean_token_utilization_pct - b.mean_token_utilization_pct).abs() < 1e-3);
+    assert!((a.mean_waiting_queue_len - b.mean_waiting_queue_len).abs() < 1e-9);
+
+    let (a, b) = (from_json.preemption.unwrap().summary, from_csv.preemption.unwrap().summary);
+    assert_eq!((a.total_requests, a.total_preemptions, a.requests_preempted), (10, 4, 4));
+    assert_eq!((b.total_requests, b.total_preemptions, b.requests_preempted), (10, 4, 4));
+    assert_eq!(a.preemption_reasons, b.preemption_reasons);
+    assert!((a.mean_resume_delay - b.mean_resume_delay).abs() < 1e-5);
+
+    let (a, b) = (from_json.cpu.unwrap(), from_csv.cpu.unwrap());
+    assert_eq!(a.operations.keys().collect::<Vec<_>>(), b.operations.keys().collect::<Vec<_>>());
+    assert!((a.total_cpu_ms - b.total_cpu_ms).abs() < 0.01);
+
+    let (a, b) = (from_json.components.unwrap().summary, from_csv.components.unwrap().summary);
+    assert_eq!(a.model_type, b.model_type);
+    assert_eq!(a.encoder.count, 10);
+    assert!((a.encoder_pct - b.encoder_pct).abs() < 1e-3);
+}
+
+#[test]
+fn stale_summary_is_noted() {
+    let run = Run::new();
+    run.json("forward_pass_summary.json", &forward_json());
+    run.write("forward_pass_timing.csv", &format!("{FORWARD_HEADER}0.1,decode,1,1,1.000,1000.000\n"));
+    let report = Report::from_dir(run.path()).unwrap();
+    assert_eq!(report.forward_pass.as_ref().unwrap().total_passes, 4100, "figures from the summary");
+    let warning = report.notes.iter().find(|n| n.kind == NoteKind::Warning).unwrap();
+    assert!(warning.message.contains("counts 4100 rows but forward_pass_timing.csv has 1"), "{warning}");
+}
+
+#[test]
+fn unfinished_run_is_noted() {
+    let run = Run::normal();
+    let mut manifest = manifest_json();
+    manifest["finished"] = json!(false);
+    run.json("profilemate_run.json", &manifest);
+    let report = Report::from_dir(run.path()).unwrap();
+    assert!(report.notes.iter().any(|n| n.message.contains("did not shut down cleanly")), "{:?}", report.notes);
+    assert!(report.to_string().contains("NOT finished"));
+}
+
+// --- torn and malformed files -----------------------------------------------------------------
+
+#[test]
+fn torn_last_line_is_skipped_with_a_warning() {
+    let run = Run::new();
+    run.write(
+        "forward_pass_timing.csv",
+        &format!("{FORWARD_HEADER}0.1,decode,1,4,2.000,2000.000\n0.2,decode,1,4,4.000,2000.000\n0.3,dec"),
+    );
+    let data = RunData::load(run.path()).unwrap();
+    assert_eq!(data.forward_pass.as_ref().unwrap().len(), 2);
+    assert_eq!(data.notes.len(), 1);
+    assert!(data.notes[0].message.contains("forward_pass_timing.csv: torn last line 4 skipped"), "{:?}", data.notes);
+    let report = Report::from_data(&data, &Thresholds::default());
+    assert_eq!(report.forward_pass.unwrap().phases.decode.mean_ms, 3.0);
+}
+
+/// A write cut inside the last field leaves a row that parses; only the missing line end tells.
+#[test]
+fn torn_last_line_with_every_field_is_still_skipped() {
+    let run = Run::new();
+    run.write(
+        "forward_pass_timing.csv",
+        &format!("{FORWARD_HEADER}0.1,decode,1,4,2.000,2000.000\n0.2,decode,1,4,4.000,10"),
+    );
+    let data = RunData::load(run.path()).unwrap();
+    assert_eq!(data.forward_pass.as_ref().unwrap().len(), 1);
+    assert!(data.notes[0].message.contains("torn last line 3"), "{:?}", data.notes);
+}
+
+#[test]
+fn torn_last_line_inside_a_quoted_field_is_skipped() {
+    let run = Run::new();
+    // Killed while writing a context that holds a newline: the file ends with one, inside quotes.
+    run.write(
+        "cpu_operations_timing.csv",
+        &format!("{CPU_HEADER}0.1,scheduling,0.500,\"a=1;\nb=2\"\n0.2,sampling,0.4"),
+    );
+    let data = RunData::load(run.path()).unwrap();
+    assert_eq!(data.cpu_operations.as_ref().unwrap().len(), 1);
+    assert_eq!(data.notes.len(), 1, "{:?}", data.notes);
+    run.write("cpu_operations_timing.csv", &format!("{CPU_HEADER}0.1,scheduling,0.500,\"a=1\n0.2,sampling,0.4,x\n"));
+    let data = RunData::load(run.path()).unwrap();
+    assert_eq!(data.cpu_operations.as_ref().unwrap().len(), 0, "the open quote swallowed the rest: torn");
+    assert_eq!(data.notes.len(), 1, "{:?}", data.notes);
+}
+
+#[test]
+fn quoted_fields_with_commas_and_newlines_round_trip() {
+    let run = Run::new();
+    run.write(
+        "preemption_events.csv",
+        &format!("{EVENTS_HEADER}0.1,\"req,1\",started,,,\n0.2,\"req,1\",preempted,RECOMPUTE,0.100000,\"a=1,\nb=\"\"2\"\"\"\n0.3,\"req,1\",resumed,,,\n"),
+    );
+    let data = RunData::load(run.path()).unwrap();
+    let rows = data.preemption_events.as_ref().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[1].request_id, "req,1");
+    assert!(data.notes.is_empty());
+    let report = Report::from_data(&data, &Thresholds::default());
+    assert_eq!(report.preemption.unwrap().summary.total_requests, 1);
+}
+
+#[test]
+fn header_only_and_empty_files_read_as_no_rows() {
+    let run = Run::new();
+    run.write("forward_pass_timing.csv", FORWARD_HEADER);
+    run.write("batch_utilization.csv", "");
+    let data = RunData::load(run.path()).unwrap();
+    assert_eq!(data.forward_pass.as_ref().map(Vec::len), Some(0));
+    assert_eq!(data.batch.as_ref().map(Vec::len), Some(0));
+    assert_eq!(data.notes.len(), 1, "the empty file is noted: {:?}", data.notes);
+    let report = Report::from_data(&data, &Thresholds::default());
+    assert_eq!(report.forward_pass.unwrap().total_passes, 0);
+}
+
+fn malformed(file: &str, content: &str) -> ReportError {
+    let run = Run::new();
+    run.write(file, content);
+    Report::from_dir(run.path()).unwrap_err()
+}
+
+#[test]
+fn malformed_csv_names_file_line_and_column() {
+    let err = malformed("forward_pass_timing.csv", &format!("{FORWARD_HEADER}0.1,decode,1,4,2.000,2000.000\n0.2,decode,1,4,abc,2000.000\n0.3,decode,1,4,2.000,2000.000\n"));
+    match &err {
+        ReportError::MalformedCsv { file, line, column_index, column, message } => {
+            assert_eq!(file, "forward_pass_timing.csv");
+            assert_eq!(*line, 3);
+            assert_eq!(*column_index, 5);
+            assert_eq!(column, "forward_time_ms");
+            assert!(message.contains("`abc` is not a number"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err.to_string(), "forward_pass_timing.csv: line 3, column 5 (`forward_time_ms`): `abc` is not a number");
+}
+
+#[test]
+fn malformed_csv_cases() {
+    let cases: [(&str, String, &str); 7] = [
+        (
+            "batch_utilization.csv",
+            format!("{BATCH_HEADER}0.1,1,4,25.0,1,8,12.5,sideways,1,0\n"),
+            "line 2, column 8 (`phase`): `sideways` is not one of prefill, decode, mixed",
+        ),
+        (
+            "cpu_operations_timing.csv",
+            format!("{CPU_HEADER}0.1,scheduling,NaN,\n"),
+            "line 2, column 3 (`duration_ms`): `NaN` is not a finite number",
+        ),
+        (
+            "cpu_operations_timing.csv",
+            format!("{CPU_HEADER}0.1,scheduling,-1.0,\n"),
+            "line 2, column 3 (`duration_ms`): -1 is negative",
+        ),
+        ("preemption_events.csv", format!("{EVENTS_HEADER}0.1,a,exploded,,,\n"), "line 2, column 3 (`event`)"),
+        (
+            "request_lifecycle.csv",
+            format!("{LIFECYCLE_HEADER}a,0.1,,,0.5,0.4,,1.5\n"),
+            "line 2, column 8 (`num_preemptions`): `1.5` is not a non-negative integer",
+        ),
+        // Too few fields in the middle of the file is not a torn line.
+        (
+            "encoder_decoder_timing.csv",
+            format!("{COMPONENT_HEADER}0.1,encoder\n0.2,decoder,1.0,x\n"),
+            "line 2, column 3 (`duration_ms`): the row has 2 fields",
+        ),
+        (
+            "forward_pass_timing.csv",
+            format!("{FORWARD_HEADER}0.1,decode,1,4,,\n"),
+            "line 2, column 5 (`forward_time_ms`): empty",
+        ),
+    ];
+    for (file, content, expected) in cases {
+        let err = malformed(file, &content);
+        assert!(matches!(err, ReportError::MalformedCsv { .. }), "{file}: {err:?}");
+        let text = err.to_string();
+        assert!(text.starts_with(file), "{text}");
+        assert!(text.contains(expected), "{file}: {text}");
+    }
+}
+
+#[test]
+fn missing_column_is_named() {
+    let err = malformed("batch_utilization.csv", "timestamp_sec,num_seqs\n0.1,1\n");
+    match err {
+        ReportError::MissingColumn { file, column, .. } => {
+            assert_eq!(file, "batch_utilization.csv");
+            assert_eq!(column, "max_num_seqs");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn extra_columns_and_reordered_columns_are_accepted() {
+    let run = Run::new();
+    run.write(
+        "request_lifecycle.csv",
+        &format!("{}outcome\na,0.1,0.2,0.3,0.5,0.4,0.1,1,finished\n", LIFECYCLE_HEADER.trim_end().to_string() + ","),
+    );
+    run.write("cpu_operations_timing.csv", "operation,timestamp_sec,context,duration_ms\nsampling,0.1,,0.250\n");
+    let data = RunData::load(run.path()).unwrap();
+    assert_eq!(data.request_lifecycle.as_ref().unwrap()[0].num_preemptions, 1);
+    assert_eq!(data.cpu_operations.as_ref().unwrap()[0].duration_ms, 0.25);
+}
+
+#[test]
+fn malformed_json_names_file_line_and_column() {
+    let err = malformed("preemption_summary.json", "{\n  \"total_preemptions\": 3,\n  \"total_requests\": ,\n}");
+    match &err {
+        ReportError::MalformedJson { file, line, column, .. } => {
+            assert_eq!(file, "preemption_summary.json");
+            assert_eq!(*line, 3);
+            assert!(*column >= 20, "{column}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().starts_with("preemption_summary.json: line 3, column "), "{err}");
+
+    // A value of the wrong type, and a key of the contract missing.
+    let mut batch = batch_json();
+    batch["mean_token_utilization_pct"] = json!("high");
+    let err = malformed("batch_utilization_summary.json", &serde_json::to_string_pretty(&batch).unwrap());
+    assert!(matches!(err, ReportError::MalformedJson { line, .. } if line > 1), "{err:?}");
+    assert!(err.to_string().contains("invalid type: string \"high\""), "{err}");
+
+    let mut fp = forward_json();
+    fp.as_object_mut().unwrap().remove("mixed");
+    let err = malformed("forward_pass_summary.json", &serde_json::to_string(&fp).unwrap());
+    assert!(err.to_string().contains("missing field `mixed`"), "{err}");
+
+    let err = malformed("cpu_timing_summary.json", "{\"scheduling\": null}");
+    assert!(err.to_string().starts_with("cpu_timing_summary.json: line 1, column "), "{err}");
+}
+
+#[test]
+fn directory_without_contract_files_is_an_error() {
+    let run = Run::new();
+    run.write("notes.txt", "hello");
+    let err = Report::from_dir(run.path()).unwrap_err();
+    assert!(matches!(err, ReportError::NoContractFiles { .. }), "{err:?}");
+    assert!(err.to_string().contains("no profilemate output here"));
+    let err = Report::from_dir(run.path().join("nope")).unwrap_err();
+    assert!(matches!(err, ReportError::Io { .. }), "{err:?}");
+}
