@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 steps="${1:-100}"
 command -v valgrind >/dev/null || { echo "valgrind is required (apt-get install valgrind)" >&2; exit 1; }
 cargo bench --bench engine_loop --no-run 2>/dev/null
-bin=$(ls -t target/release/deps/engine_loop-* | grep -v '\.d$' | head -1)
+bin=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/engine_loop-* | grep -v "\.d$" | head -1)
 out=$(mktemp -d)
 for work in 1000000 100000; do
   for mode in off on; do

@@ -36,6 +36,7 @@ pub(crate) struct RunInfo {
 }
 
 /// One event read from a buffer, with its own text.
+#[derive(Default)]
 struct Decoded {
     kind: u8,
     tag: u8,
@@ -173,6 +174,8 @@ pub(crate) struct Collector {
     rows_written: [u64; Table::ALL.len()],
     sink_drops: DropCounters,
     batch_events: Vec<Decoded>,
+    /// (start reading, index) of `batch_events`, when they need ordering.
+    order: Vec<(u64, u32)>,
     pending: VecDeque<Decoded>,
     scratch: Vec<u8>,
     last_summary_step: u64,
@@ -209,6 +212,7 @@ impl Collector {
             rows_written: [0; Table::ALL.len()],
             sink_drops: DropCounters::default(),
             batch_events: Vec::new(),
+            order: Vec::new(),
             pending: VecDeque::new(),
             scratch: Vec::new(),
             last_summary_step: 0,
@@ -276,16 +280,29 @@ impl Collector {
             }
             !gone
         });
-        // Threads are drained one after another: order this batch by time.
-        events.sort_by_key(Decoded::start_raw);
-        for d in events.drain(..) {
+        // Threads are drained one after another: take this batch in time order. Each thread's
+        // events already are, so with one recording thread there is nothing to sort; otherwise
+        // sort small keys, not the events themselves.
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
+        if !events.is_sorted_by_key(Decoded::start_raw) {
+            order.extend(events.iter().enumerate().map(|(i, d)| (d.start_raw(), i as u32)));
+            order.sort_unstable();
+        }
+        let mut next = 0;
+        while next < events.len() {
+            let i = order.get(next).map_or(next, |o| o.1 as usize);
+            next += 1;
+            let d = std::mem::take(&mut events[i]);
             if d.needs_device() || (!self.pending.is_empty() && matches!(d.kind, K_FORWARD | K_COMPONENT)) {
                 self.pending.push_back(d);
             } else {
                 self.dispatch(&d, None);
             }
         }
+        events.clear();
         self.batch_events = events;
+        self.order = order;
     }
 
     /// Resolves device-timed events in order, in batches of `cuda_event_batch` queries, batch

@@ -194,7 +194,9 @@ impl Sink for MemorySink {
 }
 
 /// Writes `bytes` to `path` so that a reader sees the old file or the new one, never half of
-/// one: a temporary file in the same directory, synced, then renamed over `path`.
+/// one: a temporary file in the same directory, renamed over `path`. This holds when the
+/// process is killed at any instant; it does not force the data to the disk (no `fsync`), so a
+/// power loss may lose the latest rewrite.
 ///
 /// ```
 /// let dir = tempfile::tempdir()?;
@@ -214,7 +216,7 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_data()?;
+        drop(f);
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
