@@ -13,3 +13,8 @@ echo "== the facade with CUDA timing compiled in (no GPU here: the fallback path
 cargo test -p profilemate --features cuda
 echo "== benchmarks compile"
 cargo bench --workspace --no-run
+echo "== the main job, then its HTML page in headless Chromium and the seed's analysis snippets on its files"
+dir="$(mktemp -d)"
+PROFILEMATE_DIR="$dir" bash scripts/main-job.sh
+bash scripts/check-html.sh "$dir"
+bash scripts/check-seed-snippets.sh "$dir"

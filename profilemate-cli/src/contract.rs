@@ -30,11 +30,23 @@ pub const PREEMPTION_JSON: &str = "preemption_summary.json";
 pub const ENCODER_DECODER_CSV: &str = "encoder_decoder_timing.csv";
 /// `encoder_decoder_summary.json`
 pub const ENCODER_DECODER_JSON: &str = "encoder_decoder_summary.json";
+/// `kv_cache_usage.csv`
+pub const KV_CACHE_CSV: &str = "kv_cache_usage.csv";
+/// `kv_cache_summary.json`
+pub const KV_CACHE_JSON: &str = "kv_cache_summary.json";
+/// `cuda_graph_events.csv`
+pub const CUDA_GRAPH_CSV: &str = "cuda_graph_events.csv";
+/// `cuda_graph_summary.json`
+pub const CUDA_GRAPH_JSON: &str = "cuda_graph_summary.json";
+/// `moe_expert_routing.csv`
+pub const MOE_CSV: &str = "moe_expert_routing.csv";
+/// `moe_expert_summary.json`
+pub const MOE_JSON: &str = "moe_expert_summary.json";
 /// `profilemate_run.json`, the run manifest.
 pub const MANIFEST_JSON: &str = "profilemate_run.json";
 
 /// Every file name this crate reads.
-pub const ALL_FILES: [&str; 12] = [
+pub const ALL_FILES: [&str; 18] = [
     FORWARD_PASS_CSV,
     FORWARD_PASS_JSON,
     CPU_CSV,
@@ -46,6 +58,12 @@ pub const ALL_FILES: [&str; 12] = [
     PREEMPTION_JSON,
     ENCODER_DECODER_CSV,
     ENCODER_DECODER_JSON,
+    KV_CACHE_CSV,
+    KV_CACHE_JSON,
+    CUDA_GRAPH_CSV,
+    CUDA_GRAPH_JSON,
+    MOE_CSV,
+    MOE_JSON,
     MANIFEST_JSON,
 ];
 
@@ -87,6 +105,11 @@ pub fn required_columns(file: &str) -> Option<&'static [&'static str]> {
             "num_preemptions",
         ],
         ENCODER_DECODER_CSV => &["timestamp_sec", "component", "duration_ms", "context"],
+        KV_CACHE_CSV => {
+            &["timestamp_sec", "used_blocks", "total_blocks", "usage_pct", "prefix_cache_queries", "prefix_cache_hits"]
+        }
+        CUDA_GRAPH_CSV => &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms"],
+        MOE_CSV => &["timestamp_sec", "layer", "expert_id", "num_tokens"],
         _ => return None,
     })
 }
@@ -196,6 +219,101 @@ pub struct EncoderDecoderSummary {
     pub cross_attention_pct: f64,
 }
 
+/// `kv_cache_summary.json`.
+///
+/// The contract names the first four keys; the others are what profilemate-core adds, read
+/// when present (another engine may not write them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KvCacheSummary {
+    /// Mean of the samples' usage (percent; samples of a cache with no block are left out).
+    pub mean_usage_pct: f64,
+    /// Highest usage seen (percent).
+    pub max_usage_pct: f64,
+    /// Samples recorded.
+    pub samples: u64,
+    /// `hits / queries * 100` over the run (0 without queries).
+    pub prefix_cache_hit_rate_pct: f64,
+    /// Prefix-cache lookups over the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_queries: Option<u64>,
+    /// Prefix-cache hits over the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_hits: Option<u64>,
+    /// Blocks in the cache at the last sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_blocks: Option<u64>,
+    /// Samples at 100 % usage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_samples: Option<u64>,
+}
+
+/// `cuda_graph_summary.json`.
+///
+/// The contract names the first six keys; the last two are profilemate-core's, read when
+/// present.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CudaGraphSummary {
+    /// Graphs captured.
+    pub captures: u64,
+    /// Steps that replayed a graph.
+    pub replays: u64,
+    /// Steps that ran eagerly.
+    pub eager_steps: u64,
+    /// `replays / (replays + eager_steps) * 100` (0 when there was no step).
+    pub replay_rate_pct: f64,
+    /// Mean over replays of `(padded - batch) / padded * 100`.
+    pub mean_padding_pct: f64,
+    /// Time spent capturing, in all (milliseconds).
+    pub capture_time_ms: f64,
+    /// The batch sizes captured, ascending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captured_sizes: Option<Vec<u64>>,
+    /// The largest batch size that ran eagerly (0 if none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_eager_batch_size: Option<u64>,
+}
+
+/// Load of one MoE layer over the run, in `moe_expert_summary.json`.
+///
+/// The contract names tokens per expert, `max_over_mean` and the coefficient of variation;
+/// the rest is profilemate-core's, read when present.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MoeLayerStats {
+    /// Tokens routed to each expert, indexed by expert id.
+    pub tokens_per_expert: Vec<u64>,
+    /// The busiest expert's tokens over the mean per expert: 1 is perfectly even.
+    pub max_over_mean: f64,
+    /// Population standard deviation over mean of the tokens per expert: 0 is perfectly even.
+    pub coefficient_of_variation: f64,
+    /// Tokens routed in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_tokens: Option<u64>,
+    /// The busiest expert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hottest_expert: Option<u64>,
+    /// The least used expert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coldest_expert: Option<u64>,
+}
+
+/// `moe_expert_summary.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MoeExpertSummary {
+    /// Per layer, keyed by the layer index (`"0"`, `"1"`, ...).
+    pub layers: BTreeMap<String, MoeLayerStats>,
+    /// Layers by `max_over_mean`, most imbalanced first.
+    pub most_imbalanced_layers: Vec<u64>,
+    /// The highest `max_over_mean` of any layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_over_mean: Option<f64>,
+    /// Mean of the layers' `max_over_mean`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_max_over_mean: Option<f64>,
+    /// Routing records (one per layer per step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<u64>,
+}
+
 /// What the run manifest (`profilemate_run.json`) says about the run, where it says it.
 ///
 /// The manifest's shape beyond these keys is the writer's business, so every field is optional.
@@ -262,17 +380,26 @@ mod tests {
     fn required_columns_are_a_prefix_of_core_tables() {
         let mut checked = 0;
         for table in Table::ALL {
-            // Trackers this crate does not read yet (kv_cache_usage.csv, ...) are not checked.
-            let Some(required) = required_columns(table.file_name()) else { continue };
+            let required = required_columns(table.file_name()).expect("every core table is read here");
             assert_eq!(&table.columns()[..required.len()], required, "{}", table.file_name());
             checked += 1;
         }
-        assert_eq!(checked, 6, "the five profilers' six tables");
+        assert_eq!(checked, 9, "the five profilers' six tables and the three trackers'");
     }
 
     #[test]
     fn summary_file_names_match_core() {
-        let ours = [FORWARD_PASS_JSON, CPU_JSON, BATCH_JSON, PREEMPTION_JSON, ENCODER_DECODER_JSON];
+        let ours = [
+            FORWARD_PASS_JSON,
+            CPU_JSON,
+            BATCH_JSON,
+            PREEMPTION_JSON,
+            ENCODER_DECODER_JSON,
+            KV_CACHE_JSON,
+            CUDA_GRAPH_JSON,
+            MOE_JSON,
+        ];
+        assert_eq!(SummaryFile::ALL.len(), ours.len());
         for (file, name) in SummaryFile::ALL.iter().zip(ours) {
             assert_eq!(file.file_name(), name);
         }
@@ -291,6 +418,53 @@ mod tests {
         let ours: ForwardPassSummary =
             serde_json::from_str(&serde_json::to_string(&core).expect("serializes")).expect("reads");
         assert_eq!(ours, ForwardPassSummary::default());
+
+        let core =
+            profilemate_core::KvCacheSummary { samples: 5, full_samples: 2, total_blocks: 64, ..Default::default() };
+        let ours: KvCacheSummary =
+            serde_json::from_str(&serde_json::to_string(&core).expect("serializes")).expect("reads");
+        assert_eq!((ours.samples, ours.full_samples, ours.total_blocks), (5, Some(2), Some(64)));
+        let core = profilemate_core::CudaGraphSummary {
+            captures: 2,
+            captured_sizes: vec![1, 8],
+            max_eager_batch_size: 9,
+            ..Default::default()
+        };
+        let ours: CudaGraphSummary =
+            serde_json::from_str(&serde_json::to_string(&core).expect("serializes")).expect("reads");
+        assert_eq!((ours.captured_sizes, ours.max_eager_batch_size), (Some(vec![1, 8]), Some(9)));
+        let mut core = profilemate_core::MoeExpertSummary { most_imbalanced_layers: vec![3], ..Default::default() };
+        core.layers.insert(
+            "3".into(),
+            profilemate_core::MoeLayerStats { tokens_per_expert: vec![1, 3], hottest_expert: 1, ..Default::default() },
+        );
+        let ours: MoeExpertSummary =
+            serde_json::from_str(&serde_json::to_string(&core).expect("serializes")).expect("reads");
+        assert_eq!(ours.layers["3"].tokens_per_expert, vec![1, 3]);
+        assert_eq!(ours.layers["3"].hottest_expert, Some(1));
+        assert_eq!(ours.most_imbalanced_layers, vec![3]);
+    }
+
+    /// Another engine may write only the keys the contract names.
+    #[test]
+    fn tracker_summaries_need_only_the_contract_keys() {
+        let kv: KvCacheSummary = serde_json::from_str(
+            r#"{"mean_usage_pct": 50.0, "max_usage_pct": 90.0, "samples": 3, "prefix_cache_hit_rate_pct": 0.0}"#,
+        )
+        .expect("reads");
+        assert_eq!(kv.full_samples, None);
+        let g: CudaGraphSummary = serde_json::from_str(
+            r#"{"captures": 1, "replays": 2, "eager_steps": 0, "replay_rate_pct": 100.0, "mean_padding_pct": 0.0,
+                "capture_time_ms": 1.5}"#,
+        )
+        .expect("reads");
+        assert_eq!(g.captured_sizes, None);
+        let m: MoeExpertSummary = serde_json::from_str(
+            r#"{"layers": {"0": {"tokens_per_expert": [1, 1], "max_over_mean": 1.0, "coefficient_of_variation": 0.0}},
+                "most_imbalanced_layers": [0]}"#,
+        )
+        .expect("reads");
+        assert_eq!(m.layers["0"].total_tokens, None);
     }
 
     #[test]

@@ -94,6 +94,32 @@ impl LifecycleEvent {
     ];
 }
 
+/// An event of `cuda_graph_events.csv`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GraphEvent {
+    /// A graph was captured for a batch size.
+    Capture,
+    /// A step replayed a captured graph (its batch padded to the graph's size).
+    Replay,
+    /// A step ran without a graph.
+    Eager,
+}
+
+impl GraphEvent {
+    /// The word used in files.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            GraphEvent::Capture => "capture",
+            GraphEvent::Replay => "replay",
+            GraphEvent::Eager => "eager",
+        }
+    }
+
+    const WORDS: [(&'static str, GraphEvent); 3] =
+        [("capture", GraphEvent::Capture), ("replay", GraphEvent::Replay), ("eager", GraphEvent::Eager)];
+}
+
 /// A row of `forward_pass_timing.csv`.
 #[derive(Debug, Clone, PartialEq)]
 #[allow(missing_docs)]
@@ -169,6 +195,106 @@ pub struct ComponentRow {
     pub context: String,
 }
 
+/// A row of `kv_cache_usage.csv`.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)]
+pub struct KvCacheRow {
+    pub timestamp_sec: f64,
+    pub used_blocks: u64,
+    pub total_blocks: u64,
+    /// Empty in the file when the cache has no block.
+    pub usage_pct: Option<f64>,
+    /// Lookups since the previous sample (an empty field reads as 0).
+    pub prefix_cache_queries: u64,
+    /// Hits since the previous sample (an empty field reads as 0).
+    pub prefix_cache_hits: u64,
+}
+
+impl KvCacheRow {
+    /// The file's usage, or `used / total * 100` (clamped to 100) when the field is empty;
+    /// `None` for a cache with no block.
+    pub fn usage(&self) -> Option<f64> {
+        self.usage_pct.or_else(|| {
+            (self.total_blocks > 0)
+                .then(|| self.used_blocks.min(self.total_blocks) as f64 / self.total_blocks as f64 * 100.0)
+        })
+    }
+}
+
+/// A row of `cuda_graph_events.csv`.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)]
+pub struct CudaGraphRow {
+    pub timestamp_sec: f64,
+    pub event: GraphEvent,
+    /// The step's batch size (or the size captured).
+    pub batch_size: u64,
+    /// The graph size a replayed batch was padded to; empty for captures and eager steps.
+    pub padded_batch_size: Option<u64>,
+    /// Empty when the event was not timed.
+    pub duration_ms: Option<f64>,
+}
+
+/// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert in one step.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)]
+pub struct MoeRoutingRow {
+    pub timestamp_sec: f64,
+    pub layer: u64,
+    pub expert_id: u64,
+    pub num_tokens: u64,
+}
+
+/// The most experts a layer may have in `moe_expert_routing.csv`; a larger expert id is taken
+/// for a corrupt value rather than a reason to allocate gigabytes.
+pub const MAX_EXPERT_ID: u64 = 65_535;
+
+/// `moe_expert_routing.csv`, summed as it is read.
+///
+/// The file has a row per layer, expert and step (a long run of a large MoE model writes
+/// hundreds of millions), so its rows are not kept: only the tokens per expert per layer.
+///
+/// ```
+/// use profilemate_cli::{MoeRouting, MoeRoutingRow};
+/// let mut routing = MoeRouting::default();
+/// for (expert_id, num_tokens) in [(0, 5), (3, 2)] {
+///     routing.add(&MoeRoutingRow { timestamp_sec: 0.5, layer: 7, expert_id, num_tokens });
+/// }
+/// assert_eq!(routing.tokens[&7], vec![5, 0, 0, 2]);
+/// assert_eq!((routing.rows, routing.records), (2, 1));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct MoeRouting {
+    /// Tokens per expert (indexed by expert id) per layer, over the run. A layer's list ends
+    /// at the highest expert id routed to in it.
+    pub tokens: std::collections::BTreeMap<u64, Vec<u64>>,
+    /// Rows read.
+    pub rows: u64,
+    /// Routing records: runs of consecutive rows of one layer and one timestamp (a writer
+    /// writes a layer's experts of one step together).
+    pub records: u64,
+    last: Option<(u64, u64)>,
+}
+
+impl MoeRouting {
+    /// Adds one row. `row.expert_id` must not exceed [`MAX_EXPERT_ID`] (the reader checks).
+    pub fn add(&mut self, row: &MoeRoutingRow) {
+        let tokens = self.tokens.entry(row.layer).or_default();
+        let i = row.expert_id.min(MAX_EXPERT_ID) as usize;
+        if tokens.len() <= i {
+            tokens.resize(i + 1, 0);
+        }
+        tokens[i] += row.num_tokens;
+        self.rows += 1;
+        let key = (row.layer, row.timestamp_sec.to_bits());
+        if self.last != Some(key) {
+            self.records += 1;
+            self.last = Some(key);
+        }
+    }
+}
+
 /// Everything read from one run directory: the rows of each CSV file and each JSON summary that
 /// exists (`None` for a file that does not), plus the warnings met while reading.
 ///
@@ -214,6 +340,18 @@ pub struct RunData {
     pub components: Option<Vec<ComponentRow>>,
     /// `encoder_decoder_summary.json`
     pub encoder_decoder_summary: Option<EncoderDecoderSummary>,
+    /// `kv_cache_usage.csv`
+    pub kv_cache: Option<Vec<KvCacheRow>>,
+    /// `kv_cache_summary.json`
+    pub kv_cache_summary: Option<KvCacheSummary>,
+    /// `cuda_graph_events.csv`
+    pub cuda_graph: Option<Vec<CudaGraphRow>>,
+    /// `cuda_graph_summary.json`
+    pub cuda_graph_summary: Option<CudaGraphSummary>,
+    /// `moe_expert_routing.csv`, summed as it is read (its rows are too many to keep).
+    pub moe_routing: Option<MoeRouting>,
+    /// `moe_expert_summary.json`
+    pub moe_expert_summary: Option<MoeExpertSummary>,
     /// Warnings met while reading (torn last lines, empty files).
     pub notes: Vec<Note>,
 }
@@ -284,6 +422,38 @@ fn component_row(r: &Row<'_>) -> Result<ComponentRow, FieldError> {
     })
 }
 
+fn kv_cache_row(r: &Row<'_>) -> Result<KvCacheRow, FieldError> {
+    Ok(KvCacheRow {
+        timestamp_sec: r.non_negative(0)?,
+        used_blocks: r.count(1)?,
+        total_blocks: r.count(2)?,
+        usage_pct: r.opt_non_negative(3)?,
+        prefix_cache_queries: r.opt_count(4)?.unwrap_or(0),
+        prefix_cache_hits: r.opt_count(5)?.unwrap_or(0),
+    })
+}
+
+fn cuda_graph_row(r: &Row<'_>) -> Result<CudaGraphRow, FieldError> {
+    Ok(CudaGraphRow {
+        timestamp_sec: r.non_negative(0)?,
+        event: r.word(1, &GraphEvent::WORDS)?,
+        batch_size: r.count(2)?,
+        padded_batch_size: r.opt_count(3)?,
+        duration_ms: r.opt_non_negative(4)?,
+    })
+}
+
+fn moe_row(r: &Row<'_>) -> Result<MoeRoutingRow, FieldError> {
+    let expert_id = r.count(2)?;
+    if expert_id > MAX_EXPERT_ID {
+        return Err(FieldError {
+            column: 2,
+            message: format!("expert id {expert_id} is beyond {MAX_EXPERT_ID}, more experts than any layer has"),
+        });
+    }
+    Ok(MoeRoutingRow { timestamp_sec: r.non_negative(0)?, layer: r.count(1)?, expert_id, num_tokens: r.count(3)? })
+}
+
 impl RunData {
     /// Reads every contract file of `dir` that exists.
     ///
@@ -317,6 +487,16 @@ impl RunData {
             preemption_summary: read_json(dir, PREEMPTION_JSON)?,
             components: read_csv(dir, ENCODER_DECODER_CSV, &mut notes, component_row)?,
             encoder_decoder_summary: read_json(dir, ENCODER_DECODER_JSON)?,
+            kv_cache: read_csv(dir, KV_CACHE_CSV, &mut notes, kv_cache_row)?,
+            kv_cache_summary: read_json(dir, KV_CACHE_JSON)?,
+            cuda_graph: read_csv(dir, CUDA_GRAPH_CSV, &mut notes, cuda_graph_row)?,
+            cuda_graph_summary: read_json(dir, CUDA_GRAPH_JSON)?,
+            moe_routing: {
+                let mut routing = MoeRouting::default();
+                // Rows are summed as they are read; `()` per row keeps no memory.
+                read_csv(dir, MOE_CSV, &mut notes, |r| moe_row(r).map(|row| routing.add(&row)))?.map(|_| routing)
+            },
+            moe_expert_summary: read_json(dir, MOE_JSON)?,
             notes,
         };
         Ok(data)

@@ -325,6 +325,130 @@ pub fn render(report: &Report, data: &RunData) -> Result<String, ReportError> {
         }
     }
 
+    out.push_str("<h2>6. KV cache</h2>\n");
+    match &report.kv_cache {
+        None => para(&mut out, "No data."),
+        Some(k) => {
+            let s = &k.summary;
+            let _ = writeln!(out, "<p class=\"src\">source: {}</p>", esc(&k.source));
+            let mut t = Table::new(&["figure", "value"]);
+            t.row(vec!["samples".into(), s.samples.to_string()]);
+            if let Some(b) = s.total_blocks {
+                t.row(vec!["blocks (last sample)".into(), b.to_string()]);
+            }
+            t.row(vec!["mean usage".into(), format!("{:.1}%", s.mean_usage_pct)]);
+            t.row(vec!["max usage".into(), format!("{:.1}%", s.max_usage_pct)]);
+            t.row(vec![
+                "samples at 100%".into(),
+                match (k.full_samples, k.full_samples_pct) {
+                    (Some(n), Some(p)) => format!("{n} ({p:.1}%)"),
+                    _ => "unknown".into(),
+                },
+            ]);
+            t.row(vec![
+                "prefix cache".into(),
+                match k.prefix_cache_queries {
+                    Some(0) => "no queries".into(),
+                    Some(q) => format!(
+                        "{} hits of {q} queries = {:.1}%",
+                        k.prefix_cache_hits.map_or_else(|| "?".into(), |h| h.to_string()),
+                        s.prefix_cache_hit_rate_pct
+                    ),
+                    None => format!("hit rate {:.1}%", s.prefix_cache_hit_rate_pct),
+                },
+            ]);
+            match &k.preemptions {
+                Some(m) => {
+                    t.row(vec![
+                        format!("preemptions at usage >= {:.0}% (nearest sample before each)", m.near_full_pct),
+                        format!(
+                            "{} of {} ({:.1}%), {} at 100%",
+                            m.at_near_full, m.preemptions, m.at_near_full_pct, m.at_full
+                        ),
+                    ]);
+                    t.row(vec!["mean usage at a preemption".into(), format!("{:.1}%", m.mean_usage_pct)]);
+                }
+                None => t.row(vec![
+                    "preemptions against usage".into(),
+                    "unknown (needs kv_cache_usage.csv and preemption_events.csv)".into(),
+                ]),
+            }
+            t.render(&mut out);
+        }
+    }
+
+    out.push_str("<h2>7. CUDA graphs</h2>\n");
+    match &report.cuda_graph {
+        None => para(&mut out, "No data."),
+        Some(g) => {
+            let s = &g.summary;
+            let _ = writeln!(out, "<p class=\"src\">source: {}</p>", esc(&g.source));
+            let mut t = Table::new(&["figure", "value"]);
+            t.row(vec!["captures".into(), s.captures.to_string()]);
+            if let Some(sizes) = &g.captured_sizes {
+                t.row(vec!["captured sizes".into(), sizes.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")]);
+            }
+            t.row(vec!["capture time".into(), format!("{:.3} ms", s.capture_time_ms)]);
+            t.row(vec!["steps (replayed + eager)".into(), format!("{} ({} + {})", g.steps, s.replays, s.eager_steps)]);
+            t.row(vec!["replay rate".into(), format!("{:.1}%", s.replay_rate_pct)]);
+            t.row(vec!["mean padding of a replayed batch".into(), format!("{:.1}%", s.mean_padding_pct)]);
+            if let Some(p) = &g.most_padded_graph {
+                t.row(vec![
+                    "most padded graph".into(),
+                    format!(
+                        "size {}: {} slots over {} replays ({:.1}%)",
+                        p.graph_size, p.padded_slots, p.replays, p.padding_pct
+                    ),
+                ]);
+            }
+            t.row(vec!["eager steps".into(), s.eager_steps.to_string()]);
+            if let Some(m) = g.max_eager_batch_size {
+                t.row(vec!["largest eager batch".into(), m.to_string()]);
+            }
+            if let (Some(b), Some(w)) = (g.eager_beyond_largest_graph, g.eager_within_graphs) {
+                let largest = g.largest_captured_size.map_or_else(|| "none captured".into(), |l| l.to_string());
+                t.row(vec![format!("eager steps beyond the largest graph ({largest})"), b.to_string()]);
+                t.row(vec!["eager steps within the captured sizes".into(), w.to_string()]);
+            }
+            t.render(&mut out);
+        }
+    }
+
+    out.push_str("<h2>8. MoE experts</h2>\n");
+    match &report.moe_expert {
+        None => para(&mut out, "No data."),
+        Some(m) => {
+            let _ = writeln!(out, "<p class=\"src\">source: {}</p>", esc(&m.source));
+            para(
+                &mut out,
+                &format!(
+                    "{} layers; max_over_mean: highest {:.2}x, mean over layers {:.2}x. Most imbalanced layers: {}.",
+                    m.layers.len(),
+                    m.max_over_mean,
+                    m.mean_max_over_mean,
+                    if m.most_imbalanced_layers.is_empty() {
+                        "none".to_string()
+                    } else {
+                        m.most_imbalanced_layers.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            );
+            let mut t = Table::new(&["layer", "experts", "tokens", "max/mean", "CV", "hottest expert", "its share"]);
+            for l in &m.layers {
+                t.row(vec![
+                    l.layer.clone(),
+                    l.experts.to_string(),
+                    l.total_tokens.to_string(),
+                    format!("{:.2}x", l.max_over_mean),
+                    format!("{:.3}", l.coefficient_of_variation),
+                    l.hottest_expert.to_string(),
+                    format!("{:.1}%", l.hottest_share_pct),
+                ]);
+            }
+            t.render(&mut out);
+        }
+    }
+
     out.push_str("<h2>Figures</h2>\n");
     let (figures, skipped) = Figure::available_in(data);
     for fig in figures {

@@ -85,6 +85,14 @@ impl Row<'_> {
         }
     }
 
+    /// An optional count (empty means none).
+    pub(crate) fn opt_count(&self, column: usize) -> Result<Option<u64>, FieldError> {
+        if self.raw(column)?.trim().is_empty() {
+            return Ok(None);
+        }
+        self.count(column).map(Some)
+    }
+
     /// One of a fixed set of words.
     pub(crate) fn word<T: Copy>(&self, column: usize, words: &[(&str, T)]) -> Result<T, FieldError> {
         let raw = self.raw(column)?;

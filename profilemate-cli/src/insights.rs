@@ -4,7 +4,8 @@
 //! yields an [`Insight`] that carries the figure, the threshold and the advice. A figure exactly
 //! at its threshold does not fire. The thresholds are the seed's where it gives one (token
 //! utilization 60 % / 95 %, preemption rate 10 %, resume delay 1 s) and this crate's otherwise;
-//! all of them live in [`Thresholds`].
+//! all of them live in [`Thresholds`]. The seed names CUDA graph, KV cache and MoE expert
+//! tracking but gives no insight for them; their rules and thresholds are this crate's.
 //!
 //! One rule departs from the seed on purpose: the seed reads a dominant `RECOMPUTE` preemption
 //! reason as "CUDA graph cache misses". It is not: `RECOMPUTE` means the scheduler freed the
@@ -57,6 +58,24 @@ pub struct Thresholds {
     /// Encoder share of component time (percent) above which [`Rule::EncoderBottleneck`] fires.
     /// 50.
     pub encoder_share_pct: f64,
+    /// KV-cache usage (percent) at or above which the cache counts as "at or near full" when a
+    /// preemption is matched to a KV sample. 95.
+    pub kv_near_full_pct: f64,
+    /// Share of preemptions (percent) that came while the KV cache was at or near full, above
+    /// which [`Rule::PreemptionsAtFullKvCache`] fires. 50.
+    pub kv_full_preemptions_pct: f64,
+    /// CUDA graph replay rate (percent of steps) below which [`Rule::LowGraphReplayRate`]
+    /// fires. 80.
+    pub graph_replay_rate_pct: f64,
+    /// Mean padding of a replayed batch (percent of the graph's size) above which
+    /// [`Rule::GraphPaddingWaste`] fires. 20.
+    pub graph_padding_pct: f64,
+    /// A MoE layer's `max_over_mean` (busiest expert's tokens over the mean) above which
+    /// [`Rule::MoeExpertImbalance`] fires. 1.5.
+    pub moe_max_over_mean: f64,
+    /// Prefix-cache hit rate (percent) below which [`Rule::LowPrefixCacheHitRate`] fires, when
+    /// there were queries. 20.
+    pub prefix_cache_hit_rate_pct: f64,
 }
 
 impl Default for Thresholds {
@@ -74,6 +93,12 @@ impl Default for Thresholds {
             decode_p99_over_p50: 2.0,
             min_decode_passes: 100,
             encoder_share_pct: 50.0,
+            kv_near_full_pct: 95.0,
+            kv_full_preemptions_pct: 50.0,
+            graph_replay_rate_pct: 80.0,
+            graph_padding_pct: 20.0,
+            moe_max_over_mean: 1.5,
+            prefix_cache_hit_rate_pct: 20.0,
         }
     }
 }
@@ -105,6 +130,16 @@ pub enum Rule {
     MissingBatchLimits,
     /// The profiler dropped events, so every figure undercounts.
     EventsDropped,
+    /// Preemptions came while the KV cache was full: KV-cache pressure confirmed.
+    PreemptionsAtFullKvCache,
+    /// Many steps ran without a CUDA graph.
+    LowGraphReplayRate,
+    /// Replayed batches were padded a lot to reach a captured graph size.
+    GraphPaddingWaste,
+    /// MoE layers route far more tokens to some experts than to others.
+    MoeExpertImbalance,
+    /// The prefix cache is queried but rarely hits.
+    LowPrefixCacheHitRate,
 }
 
 impl Rule {
@@ -122,6 +157,11 @@ impl Rule {
             Rule::EncoderBottleneck => "encoder_bottleneck",
             Rule::MissingBatchLimits => "missing_batch_limits",
             Rule::EventsDropped => "events_dropped",
+            Rule::PreemptionsAtFullKvCache => "preemptions_at_full_kv_cache",
+            Rule::LowGraphReplayRate => "low_graph_replay_rate",
+            Rule::GraphPaddingWaste => "graph_padding_waste",
+            Rule::MoeExpertImbalance => "moe_expert_imbalance",
+            Rule::LowPrefixCacheHitRate => "low_prefix_cache_hit_rate",
         }
     }
 }
@@ -569,6 +609,210 @@ pub fn evaluate(report: &Report, t: &Thresholds) -> Vec<Insight> {
                     vec!["Optimize the encoder first: batch encoder inputs (images, audio) and cache encoder \
                          outputs that repeat."
                         .into()]
+                },
+            );
+        }
+    }
+
+    if let Some(k) = &report.kv_cache {
+        if let Some(m) = k.preemptions.as_ref().filter(|m| m.preemptions > 0) {
+            fired.check(
+                Rule::PreemptionsAtFullKvCache,
+                Warning,
+                "Preemptions while the KV cache is full: KV-cache pressure confirmed",
+                &format!("preemptions at KV-cache usage >= {:.0}%", m.near_full_pct),
+                m.at_near_full_pct,
+                "%",
+                Above,
+                t.kv_full_preemptions_pct,
+                || {
+                    let mut a = vec![format!(
+                        "{} of {} preemptions came when the cache was at least {:.0}% full ({} at 100%; mean usage \
+                         at a preemption {:.1}%): the scheduler preempts because it runs out of KV-cache blocks.",
+                        m.at_near_full, m.preemptions, m.near_full_pct, m.at_full, m.mean_usage_pct
+                    )];
+                    if let Some(full) = k.full_samples {
+                        a.push(format!(
+                            "Over the run the cache averaged {:.1}% and was full in {full} of {} samples.",
+                            k.summary.mean_usage_pct, k.summary.samples
+                        ));
+                    }
+                    a.push("Raise gpu_memory_utilization (or free memory elsewhere) to enlarge the KV cache.".into());
+                    a.push(
+                        "Lower max_num_seqs so fewer sequences hold blocks at once; reduce max_model_len if such \
+                         long contexts are not needed."
+                            .into(),
+                    );
+                    a
+                },
+            );
+        }
+        if let Some(q) = k.prefix_cache_queries.filter(|q| *q > 0) {
+            fired.check(
+                Rule::LowPrefixCacheHitRate,
+                Info,
+                "Low prefix-cache hit rate",
+                "prefix-cache hit rate",
+                k.summary.prefix_cache_hit_rate_pct,
+                "%",
+                Below,
+                t.prefix_cache_hit_rate_pct,
+                || {
+                    vec![
+                        format!(
+                            "{} of {q} prefix-cache queries hit: requests share little prefix.",
+                            k.prefix_cache_hits.map_or_else(|| "few".into(), |h| h.to_string())
+                        ),
+                        "If prompts should share a prefix (system prompt, few-shot examples), make it byte-identical \
+                         and put it first; otherwise prefix caching costs lookups and cache space for little gain."
+                            .into(),
+                    ]
+                },
+            );
+        }
+    }
+
+    if let Some(g) = &report.cuda_graph {
+        let s = &g.summary;
+        if g.steps > 0 {
+            fired.check(
+                Rule::LowGraphReplayRate,
+                Warning,
+                "Many steps run without a CUDA graph",
+                "CUDA graph replay rate (replays / (replays + eager steps))",
+                s.replay_rate_pct,
+                "%",
+                Below,
+                t.graph_replay_rate_pct,
+                || {
+                    let mut a = vec![format!(
+                        "{} of {} steps ran eagerly, paying kernel launch overhead a graph replay avoids.",
+                        s.eager_steps, g.steps
+                    )];
+                    let largest = g.largest_captured_size;
+                    let max_eager = g.max_eager_batch_size.map_or_else(|| "?".into(), |m| m.to_string());
+                    if let (Some(beyond), Some(l)) = (g.eager_beyond_largest_graph, largest) {
+                        if beyond > 0 {
+                            a.push(format!(
+                                "{beyond} eager steps had batch sizes beyond the largest captured graph ({l}; largest \
+                                 eager batch {max_eager}): capture larger sizes (raise max_capture_size or extend \
+                                 cudagraph_capture_sizes up to max_num_seqs)."
+                            ));
+                        }
+                    } else if let (Some(l), Some(m)) = (largest, g.max_eager_batch_size) {
+                        if m > l {
+                            a.push(format!(
+                                "The largest eager batch ({m}) is beyond the largest captured graph ({l}): capture \
+                                 larger sizes (raise max_capture_size or extend cudagraph_capture_sizes)."
+                            ));
+                        }
+                    }
+                    if let Some(within) = g.eager_within_graphs.filter(|w| *w > 0) {
+                        let mut line = format!(
+                            "{within} eager steps had batch sizes a captured graph covers: engines capture graphs for \
+                             decode-only batches, so these are usually prefill or mixed steps (expected with chunked \
+                             prefill)."
+                        );
+                        if let Some(fp) = &report.forward_pass {
+                            let prompt = fp.phases.prefill.count + fp.phases.mixed.count;
+                            line.push_str(&format!(
+                                " The run had {prompt} prefill and mixed passes against {} eager steps{}.",
+                                s.eager_steps,
+                                if prompt == s.eager_steps {
+                                    ": consistent with every decode-only step replaying a graph"
+                                } else {
+                                    ""
+                                }
+                            ));
+                        }
+                        a.push(line);
+                        a.push(
+                            "To replay those too, use a graph mode that covers batches with prompt tokens (piecewise \
+                             graphs, which run attention eagerly and replay the rest), or fewer, larger prefill \
+                             chunks."
+                                .into(),
+                        );
+                    }
+                    a
+                },
+            );
+        }
+        if s.replays > 0 {
+            fired.check(
+                Rule::GraphPaddingWaste,
+                Warning,
+                "Replayed batches carry much padding",
+                "mean padding of a replayed batch",
+                s.mean_padding_pct,
+                "%",
+                Above,
+                t.graph_padding_pct,
+                || {
+                    let mut a = vec![format!(
+                        "A replayed batch is padded up to the next captured size; on average {:.1}% of its slots \
+                         computed nothing.",
+                        s.mean_padding_pct
+                    )];
+                    if let Some(p) = &g.most_padded_graph {
+                        a.push(format!(
+                            "Most waste is in graph size {}: {} padded slots over {} replays ({:.1}% of its slots).",
+                            p.graph_size, p.padded_slots, p.replays, p.padding_pct
+                        ));
+                    }
+                    a.push(
+                        "Capture more sizes where batches fall (finer steps in cudagraph_capture_sizes below that \
+                         size); each costs capture time and a little memory."
+                            .into(),
+                    );
+                    a
+                },
+            );
+        }
+    }
+
+    if let Some(m) = &report.moe_expert {
+        if !m.layers.is_empty() {
+            fired.check(
+                Rule::MoeExpertImbalance,
+                Warning,
+                "MoE expert load is imbalanced",
+                "highest max_over_mean of a layer (busiest expert's tokens / mean per expert)",
+                m.max_over_mean,
+                "x",
+                Above,
+                t.moe_max_over_mean,
+                || {
+                    let above = m.layers_above(t.moe_max_over_mean);
+                    let named: Vec<String> = above
+                        .iter()
+                        .take(8)
+                        .map(|l| {
+                            format!(
+                                "layer {} ({:.2}x, expert {} takes {:.1}%)",
+                                l.layer, l.max_over_mean, l.hottest_expert, l.hottest_share_pct
+                            )
+                        })
+                        .collect();
+                    let more = above.len().saturating_sub(named.len());
+                    let mut a = vec![format!(
+                        "{} of {} layers are above {:.2}x: {}{}.",
+                        above.len(),
+                        m.layers.len(),
+                        t.moe_max_over_mean,
+                        named.join(", "),
+                        if more > 0 { format!(" and {more} more") } else { String::new() }
+                    )];
+                    a.push(
+                        "With expert parallelism the busiest expert's GPU sets the step time: rebalance experts \
+                         (expert-parallel load balancing, redundant copies of hot experts)."
+                            .into(),
+                    );
+                    a.push(
+                        "If the imbalance follows the workload (one domain or language), check that the routing \
+                         matches what the model saw in training; otherwise it is the model's own."
+                            .into(),
+                    );
+                    a
                 },
             );
         }

@@ -36,7 +36,10 @@
 //!   skipped with a warning in [`RunData::notes`]; anything else malformed is an error that names
 //!   the file, the line and the column.
 //! - [`Report`] is the combined breakdown: forward passes per phase, CPU operations and their
-//!   share of step time, model components, batch utilization and queues, preemptions. Each
+//!   share of step time, model components, batch utilization and queues, preemptions, and the
+//!   three trackers beyond the five profilers: the KV cache (usage, full samples, prefix-cache
+//!   hits, and how many preemptions came while it was full), CUDA graphs (captures, replay rate,
+//!   padding, eager steps) and MoE experts (per-layer load imbalance, hottest experts). Each
 //!   section comes from its JSON summary, or is recomputed from its CSV file when the summary is
 //!   missing (with the same statistics the core uses). `Display` is the text report; `Serialize`
 //!   gives the JSON one.
@@ -44,17 +47,21 @@
 //!   report's numbers: each carries the figure that fired it and the threshold it crossed
 //!   ([`Thresholds`]). The seed's reading of `RECOMPUTE` preemptions as a CUDA graph problem is
 //!   corrected: they point at KV-cache pressure.
-//! - [`Figure`]s are the seed's plots, drawn with plotters into PNG and SVG with an embedded
-//!   font ([`write_plots`]); [`html::render`] puts the tables, the insights and the figures into
-//!   one self-contained page.
+//! - [`Figure`]s are the seed's plots, plus KV-cache usage with the preemptions on the same
+//!   time axis, CUDA graph replays and eager steps per batch size with their padding, and a heat
+//!   map of the load of each MoE layer's experts; drawn with plotters into PNG and SVG with an
+//!   embedded font ([`write_plots`]); [`html::render`] puts the tables, the insights and the
+//!   figures into one self-contained page.
 //!
 //! # Limits
 //!
 //! - Rows are held in memory while a report is made: about 100 bytes a row, so a run of ten
-//!   million forward passes needs about a gigabyte. Figures thin long series to [`MAX_POINTS`]
+//!   million forward passes needs about a gigabyte. `moe_expert_routing.csv` is the exception:
+//!   it is summed as it is read ([`MoeRouting`]). Figures thin long series to [`MAX_POINTS`]
 //!   points per line.
-//! - The trackers beyond the five profilers (`kv_cache_usage.csv`, `cuda_graph_events.csv`,
-//!   `moe_expert_routing.csv`) are not read yet.
+//! - `moe_expert_routing.csv` has no row for an expert that received no token, so a layer
+//!   recomputed from it (without `moe_expert_summary.json`) cannot see experts above the highest
+//!   id that was ever routed to.
 
 pub mod contract;
 mod data;
@@ -67,13 +74,14 @@ mod recompute;
 mod report;
 
 pub use data::{
-    BatchRow, Component, ComponentRow, CpuOperationRow, ForwardPassRow, LifecycleEvent, LifecycleRow, Phase,
-    PreemptionEventRow, RunData,
+    BatchRow, Component, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, GraphEvent, KvCacheRow,
+    LifecycleEvent, LifecycleRow, MoeRouting, MoeRoutingRow, Phase, PreemptionEventRow, RunData, MAX_EXPERT_ID,
 };
 pub use error::ReportError;
 pub use insights::{Comparison, Insight, Rule, Severity, Thresholds};
 pub use plots::{write_plots, Figure, PlotOutput, MAX_POINTS};
 pub use report::{
-    BatchSection, ComponentSection, CpuSection, ForwardPassSection, Note, NoteKind, PhaseShares, PreemptionSection,
+    BatchSection, ComponentSection, CpuSection, CudaGraphSection, ForwardPassSection, KvCacheSection,
+    KvPreemptionMatch, MoeLayerSection, MoeSection, Note, NoteKind, PaddedGraph, PhaseShares, PreemptionSection,
     Report,
 };

@@ -9,9 +9,10 @@
 //! bucket of consecutive points, the lowest and the highest one, so spikes survive.
 
 use crate::contract::EncoderDecoderSummary;
-use crate::data::{Component, LifecycleEvent, Phase, RunData};
+use crate::data::{Component, CudaGraphRow, GraphEvent, LifecycleEvent, Phase, RunData};
+use crate::insights::Thresholds;
 use crate::recompute;
-use crate::report::Note;
+use crate::report::{kv_usage_samples, usage_before, Note};
 use crate::ReportError;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -41,13 +42,13 @@ fn ensure_font() -> Result<(), ReportError> {
     }
 }
 
-/// One of the figures the seed draws.
+/// One of the figures: the seed's seven, then one per tracker beyond the five profilers.
 ///
 /// ```
 /// use profilemate_cli::Figure;
 /// assert_eq!(Figure::Throughput.file_stem(), "throughput_timeline");
 /// assert_eq!(Figure::Throughput.size(), (1400, 600));
-/// assert_eq!(Figure::ALL.len(), 7);
+/// assert_eq!(Figure::ALL.len(), 10);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -66,11 +67,18 @@ pub enum Figure {
     EncoderDecoderShare,
     /// Encoder and decoder durations over time.
     EncoderDecoderTimeline,
+    /// KV-cache usage over time, with each preemption marked at the usage the cache had.
+    KvCacheUsage,
+    /// Steps per batch size, replayed from a CUDA graph or run eagerly, and the padding of the
+    /// replays.
+    CudaGraphs,
+    /// Heat map of tokens per expert: layers by experts, colour = share of the layer's tokens.
+    MoeExpertLoad,
 }
 
 impl Figure {
     /// Every figure, in the seed's order.
-    pub const ALL: [Figure; 7] = [
+    pub const ALL: [Figure; 10] = [
         Figure::Throughput,
         Figure::DecodeLatency,
         Figure::TokenUtilization,
@@ -78,9 +86,12 @@ impl Figure {
         Figure::Preemptions,
         Figure::EncoderDecoderShare,
         Figure::EncoderDecoderTimeline,
+        Figure::KvCacheUsage,
+        Figure::CudaGraphs,
+        Figure::MoeExpertLoad,
     ];
 
-    /// The file name without extension (the seed's names).
+    /// The file name without extension (the seed's names for the seed's figures).
     pub const fn file_stem(self) -> &'static str {
         match self {
             Figure::Throughput => "throughput_timeline",
@@ -90,6 +101,9 @@ impl Figure {
             Figure::Preemptions => "preemption_timeline",
             Figure::EncoderDecoderShare => "encoder_decoder_breakdown",
             Figure::EncoderDecoderTimeline => "encoder_decoder_timeline",
+            Figure::KvCacheUsage => "kv_cache_usage_timeline",
+            Figure::CudaGraphs => "cuda_graph_batch_sizes",
+            Figure::MoeExpertLoad => "moe_expert_load",
         }
     }
 
@@ -103,6 +117,9 @@ impl Figure {
             Figure::Preemptions => "Preemption Events Over Time",
             Figure::EncoderDecoderShare => "Model Component Time Distribution",
             Figure::EncoderDecoderTimeline => "Encoder vs Decoder Timing",
+            Figure::KvCacheUsage => "KV Cache Usage and Preemptions Over Time",
+            Figure::CudaGraphs => "CUDA Graph Replay vs Eager Steps per Batch Size",
+            Figure::MoeExpertLoad => "MoE Expert Load: Share of Tokens per Layer",
         }
     }
 
@@ -111,6 +128,7 @@ impl Figure {
         match self {
             Figure::DecodeLatency => (1000, 600),
             Figure::EncoderDecoderShare => (800, 600),
+            Figure::CudaGraphs => (1400, 800),
             _ => (1400, 600),
         }
     }
@@ -136,6 +154,12 @@ impl Figure {
                 "encoder_decoder_summary.json or encoder_decoder_timing.csv",
             ),
             Figure::EncoderDecoderTimeline => need(data.components.is_some(), "encoder_decoder_timing.csv"),
+            Figure::KvCacheUsage => need(data.kv_cache.is_some(), "kv_cache_usage.csv"),
+            Figure::CudaGraphs => need(data.cuda_graph.is_some(), "cuda_graph_events.csv"),
+            Figure::MoeExpertLoad => need(
+                data.moe_expert_summary.is_some() || data.moe_routing.is_some(),
+                "moe_expert_summary.json or moe_expert_routing.csv",
+            ),
         }
     }
 
@@ -145,7 +169,7 @@ impl Figure {
     /// use profilemate_cli::{Figure, RunData};
     /// let (figures, skipped) = Figure::available_in(&RunData::default());
     /// assert!(figures.is_empty());
-    /// assert_eq!(skipped.len(), 7);
+    /// assert_eq!(skipped.len(), 10);
     /// ```
     pub fn available_in(data: &RunData) -> (Vec<Figure>, Vec<Note>) {
         let mut figures = Vec::new();
@@ -212,7 +236,17 @@ impl Figure {
                     })
                     .filter(|s| !s.points.is_empty())
                     .collect::<Vec<_>>();
-                xy_chart(root, self.title(), "Time (s)", "Throughput (tokens/s)", &series, &[], None, None, false)
+                xy_chart(
+                    root,
+                    self.title(),
+                    "Time (s)",
+                    "Throughput (tokens/s)",
+                    &series,
+                    &[],
+                    None,
+                    None,
+                    YAxis::Plain,
+                )
             }
             Figure::DecodeLatency => {
                 let times: Vec<f64> = data
@@ -248,7 +282,7 @@ impl Figure {
                     &lines,
                     Some((0.0, 100.0)),
                     None,
-                    false,
+                    YAxis::Plain,
                 )
             }
             Figure::QueueLengths => {
@@ -267,7 +301,17 @@ impl Figure {
                         kind: SeriesKind::Line,
                     },
                 ];
-                xy_chart(root, self.title(), "Time (s)", "Queue length (requests)", &series, &[], None, None, true)
+                xy_chart(
+                    root,
+                    self.title(),
+                    "Time (s)",
+                    "Queue length (requests)",
+                    &series,
+                    &[],
+                    None,
+                    None,
+                    YAxis::Count,
+                )
             }
             Figure::Preemptions => {
                 let rows = data.preemption_events.as_deref().unwrap_or_default();
@@ -290,7 +334,7 @@ impl Figure {
                     &[],
                     None,
                     empty.map(|m| (m, x_max)),
-                    true,
+                    YAxis::Count,
                 )
             }
             Figure::EncoderDecoderShare => {
@@ -323,7 +367,64 @@ impl Figure {
                     .filter(|s| !s.points.is_empty())
                     .collect::<Vec<_>>();
                 let empty = series.is_empty().then_some(("No component time recorded", 1.0));
-                xy_chart(root, self.title(), "Time (s)", "Duration (ms)", &series, &[], None, empty, false)
+                xy_chart(root, self.title(), "Time (s)", "Duration (ms)", &series, &[], None, empty, YAxis::Plain)
+            }
+            Figure::KvCacheUsage => {
+                let rows = data.kv_cache.as_deref().unwrap_or_default();
+                let samples = kv_usage_samples(rows);
+                let near_full = Thresholds::default().kv_near_full_pct;
+                let preemptions: Vec<(f64, f64)> = if samples.is_empty() {
+                    Vec::new()
+                } else {
+                    data.preemption_events
+                        .iter()
+                        .flatten()
+                        .filter(|e| e.event == LifecycleEvent::Preempted)
+                        .map(|e| (e.timestamp_sec, usage_before(&samples, e.timestamp_sec)))
+                        .collect()
+                };
+                let label = if data.preemption_events.is_some() {
+                    format!("Preemption ({}), at the usage of the sample before it", preemptions.len())
+                } else {
+                    "Preemption (no preemption_events.csv)".into()
+                };
+                let empty = samples.is_empty().then_some(("No KV-cache usage recorded", 1.0));
+                let series = [
+                    Series {
+                        label: "KV-cache usage".into(),
+                        color: PALETTE[0],
+                        points: samples,
+                        kind: SeriesKind::Line,
+                    },
+                    Series { label, color: RED_LINE, points: preemptions, kind: SeriesKind::Markers },
+                ];
+                let lines = [HLine { y: near_full, label: format!("Near full ({near_full:.0}%)"), color: PALETTE[1] }];
+                xy_chart(
+                    root,
+                    self.title(),
+                    "Time (s)",
+                    "KV-cache usage (%)",
+                    &series,
+                    &lines,
+                    Some((0.0, 130.0)),
+                    empty,
+                    YAxis::Percent,
+                )
+            }
+            Figure::CudaGraphs => graph_batches(root, data.cuda_graph.as_deref().unwrap_or_default()),
+            Figure::MoeExpertLoad => {
+                let summary = match (&data.moe_expert_summary, &data.moe_routing) {
+                    (Some(s), _) => s.clone(),
+                    (None, Some(rows)) => recompute::moe_expert(rows),
+                    (None, None) => return Err("no MoE routing data".into()),
+                };
+                let mut layers: Vec<(String, Vec<u64>)> =
+                    summary.layers.into_iter().map(|(l, s)| (l, s.tokens_per_expert)).collect();
+                layers.sort_by(|a, b| match (a.0.parse::<u64>(), b.0.parse::<u64>()) {
+                    (Ok(x), Ok(y)) => x.cmp(&y),
+                    _ => a.0.cmp(&b.0),
+                });
+                heat_map(root, self.title(), &layers)
             }
         }
     }
@@ -391,6 +492,8 @@ const DESC_SIZE: u32 = 17;
 enum SeriesKind {
     Line,
     Points,
+    /// Event markers (triangles) over a line.
+    Markers,
 }
 
 struct Series {
@@ -451,6 +554,26 @@ fn whole_tick(v: &f64) -> String {
     }
 }
 
+/// Tick labels of a percent axis drawn above 100 to make room for the legend: none above 100.
+fn pct_tick(v: &f64) -> String {
+    if *v > 100.0 {
+        String::new()
+    } else {
+        tick(v)
+    }
+}
+
+/// What the y axis of an [`xy_chart`] counts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum YAxis {
+    /// Any quantity.
+    Plain,
+    /// Whole numbers: labels only at integers, at least 0..5.
+    Count,
+    /// A percentage: no labels above 100, where the legend sits.
+    Percent,
+}
+
 /// `0..max` with head room; never empty.
 fn upper(max: f64) -> f64 {
     if max.is_finite() && max > 0.0 {
@@ -470,7 +593,7 @@ fn xy_chart<DB: DrawingBackend>(
     hlines: &[HLine],
     y_range: Option<(f64, f64)>,
     empty_message: Option<(&str, f64)>,
-    count_axis: bool,
+    y_axis: YAxis,
 ) -> Result<(), String> {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     let all = || series.iter().flat_map(|s| s.points.iter());
@@ -478,7 +601,7 @@ fn xy_chart<DB: DrawingBackend>(
     let (y_min, y_max) = y_range.unwrap_or_else(|| {
         let top = all().map(|p| p.1).chain(hlines.iter().map(|h| h.y)).fold(0.0, f64::max);
         let top = upper(top);
-        (0.0, if count_axis { top.max(5.0) } else { top })
+        (0.0, if y_axis == YAxis::Count { top.max(5.0) } else { top })
     });
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", TITLE_SIZE))
@@ -492,7 +615,11 @@ fn xy_chart<DB: DrawingBackend>(
         .x_desc(x_desc)
         .y_desc(y_desc)
         .x_label_formatter(&tick)
-        .y_label_formatter(if count_axis { &whole_tick } else { &tick })
+        .y_label_formatter(match y_axis {
+            YAxis::Plain => &tick,
+            YAxis::Count => &whole_tick,
+            YAxis::Percent => &pct_tick,
+        })
         .label_style(("sans-serif", LABEL_SIZE))
         .axis_desc_style(("sans-serif", DESC_SIZE))
         .light_line_style(LIGHT_GRID)
@@ -522,6 +649,13 @@ fn xy_chart<DB: DrawingBackend>(
                     .map_err(e)?
                     .label(s.label.as_str())
                     .legend(move |(x, y)| Circle::new((x + 12, y), 4, color.mix(0.6).filled()));
+            }
+            SeriesKind::Markers => {
+                chart
+                    .draw_series(points.into_iter().map(|p| TriangleMarker::new(p, 6, color.mix(0.75).filled())))
+                    .map_err(e)?
+                    .label(s.label.as_str())
+                    .legend(move |(x, y)| TriangleMarker::new((x + 12, y), 6, color.mix(0.75).filled()));
             }
         }
     }
@@ -659,6 +793,305 @@ fn share_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &EncoderDeco
     Ok(())
 }
 
+/// Replayed and eager steps per batch size (stacked bars) above the mean padding of the
+/// replays at each batch size, on one batch-size axis.
+fn graph_batches<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, rows: &[CudaGraphRow]) -> Result<(), String> {
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    // Per batch size: replays, eager steps, summed padding percent of the replays.
+    let mut per_size: std::collections::BTreeMap<u64, (u64, u64, f64)> = std::collections::BTreeMap::new();
+    let mut captured: Vec<u64> = Vec::new();
+    let (mut replays, mut padded_replays, mut padding_sum) = (0u64, 0u64, 0.0f64);
+    for r in rows {
+        match r.event {
+            GraphEvent::Capture => captured.push(r.batch_size),
+            GraphEvent::Replay => {
+                let entry = per_size.entry(r.batch_size).or_default();
+                entry.0 += 1;
+                replays += 1;
+                if let Some(p) = r.padded_batch_size.filter(|p| *p > 0) {
+                    let pad = p.saturating_sub(r.batch_size) as f64 / p as f64 * 100.0;
+                    entry.2 += pad;
+                    padding_sum += pad;
+                    padded_replays += 1;
+                }
+            }
+            GraphEvent::Eager => per_size.entry(r.batch_size).or_default().1 += 1,
+        }
+    }
+    let largest = captured.iter().copied().max();
+    let x_max = per_size.keys().copied().chain(largest).max().unwrap_or(1) as f64 + 1.0;
+    let top_count = per_size.values().map(|v| v.0 + v.1).max().unwrap_or(0) as f64;
+    let mean_padding = if padded_replays == 0 { 0.0 } else { padding_sum / padded_replays as f64 };
+
+    let area = root.margin(14, 0, 0, 0).titled(Figure::CudaGraphs.title(), ("sans-serif", TITLE_SIZE)).map_err(e)?;
+    let (_, h) = area.dim_in_pixel();
+    let (upper_area, lower_area) = area.split_vertically((h as f64 * 0.62) as u32);
+
+    let mut chart = ChartBuilder::on(&upper_area)
+        .margin(20)
+        .margin_top(8)
+        .x_label_area_size(45)
+        .y_label_area_size(85)
+        .build_cartesian_2d(0.0..x_max, 0.0..upper(top_count).max(5.0))
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("Batch size (sequences)")
+        .y_desc("Steps")
+        .x_label_formatter(&whole_tick)
+        .y_label_formatter(&whole_tick)
+        .label_style(("sans-serif", LABEL_SIZE))
+        .axis_desc_style(("sans-serif", DESC_SIZE))
+        .light_line_style(LIGHT_GRID)
+        .draw()
+        .map_err(e)?;
+    let (replay_color, eager_color) = (PALETTE[0], PALETTE[1]);
+    chart
+        .draw_series(per_size.iter().filter(|(_, v)| v.0 > 0).map(|(&b, v)| {
+            Rectangle::new([(b as f64 - 0.4, 0.0), (b as f64 + 0.4, v.0 as f64)], replay_color.filled())
+        }))
+        .map_err(e)?
+        .label(format!("Replayed a graph ({replays} steps)"))
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], replay_color.filled()));
+    chart
+        .draw_series(per_size.iter().filter(|(_, v)| v.1 > 0).map(|(&b, v)| {
+            Rectangle::new([(b as f64 - 0.4, v.0 as f64), (b as f64 + 0.4, (v.0 + v.1) as f64)], eager_color.filled())
+        }))
+        .map_err(e)?
+        .label(format!("Ran eagerly ({} steps)", per_size.values().map(|v| v.1).sum::<u64>()))
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], eager_color.filled()));
+    if let Some(l) = largest {
+        let y_top = upper(top_count).max(5.0);
+        chart
+            .draw_series(DashedLineSeries::new([(l as f64, 0.0), (l as f64, y_top)], 8, 5, RED_LINE.stroke_width(2)))
+            .map_err(e)?
+            .label(format!("Largest captured graph ({l}); {} sizes captured", captured.len()))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], RED_LINE.stroke_width(2)));
+    }
+    if per_size.is_empty() {
+        let (w, h) = upper_area.dim_in_pixel();
+        let style = TextStyle::from(("sans-serif", 22).into_font())
+            .color(&RGBColor(90, 90, 90))
+            .pos(Pos::new(HPos::Center, VPos::Center));
+        upper_area
+            .draw(&Text::new("No replayed or eager steps recorded", (w as i32 / 2, h as i32 / 2), style))
+            .map_err(e)?;
+    } else {
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", LABEL_SIZE))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(120, 120, 120))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(e)?;
+    }
+
+    // Replays without a recorded padded size have no padding to show.
+    let mut padded_per_size: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    for r in rows.iter().filter(|r| r.event == GraphEvent::Replay && r.padded_batch_size.is_some_and(|p| p > 0)) {
+        *padded_per_size.entry(r.batch_size).or_default() += 1;
+    }
+    let padding: Vec<(u64, f64)> =
+        per_size.iter().filter_map(|(&b, v)| padded_per_size.get(&b).map(|&n| (b, v.2 / n as f64))).collect();
+    let top_pad = padding.iter().map(|p| p.1).fold(0.0, f64::max);
+    let mut chart = ChartBuilder::on(&lower_area)
+        .margin(20)
+        .margin_top(5)
+        .x_label_area_size(45)
+        .y_label_area_size(85)
+        .build_cartesian_2d(0.0..x_max, 0.0..upper(top_pad.max(10.0)))
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("Batch size (sequences)")
+        .y_desc("Padding (%)")
+        .x_label_formatter(&whole_tick)
+        .y_label_formatter(&tick)
+        .label_style(("sans-serif", LABEL_SIZE))
+        .axis_desc_style(("sans-serif", DESC_SIZE))
+        .light_line_style(LIGHT_GRID)
+        .draw()
+        .map_err(e)?;
+    let pad_color = PALETTE[2];
+    chart
+        .draw_series(
+            padding
+                .iter()
+                .map(|&(b, p)| Rectangle::new([(b as f64 - 0.4, 0.0), (b as f64 + 0.4, p)], pad_color.filled())),
+        )
+        .map_err(e)?
+        .label(format!("Mean padding of a replay at this batch size (all replays: {mean_padding:.1}%)"))
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], pad_color.filled()));
+    // Padding drops to zero at each captured size: mark them on the axis.
+    if !captured.is_empty() {
+        chart
+            .draw_series(captured.iter().map(|&c| TriangleMarker::new((c as f64, 0.0), 7, RED_LINE.filled())))
+            .map_err(e)?
+            .label("Captured graph size")
+            .legend(|(x, y)| TriangleMarker::new((x + 9, y), 6, RED_LINE.filled()));
+    }
+    if !padding.is_empty() || !captured.is_empty() {
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", LABEL_SIZE))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(120, 120, 120))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(e)?;
+    }
+    Ok(())
+}
+
+// matplotlib's viridis at nine stops: dark (little load) to yellow (most load), readable in grey
+// and by the colour-blind.
+const VIRIDIS: [(u8, u8, u8); 9] = [
+    (68, 1, 84),
+    (72, 40, 120),
+    (62, 73, 137),
+    (49, 104, 142),
+    (38, 130, 142),
+    (31, 158, 137),
+    (53, 183, 121),
+    (110, 206, 88),
+    (253, 231, 37),
+];
+
+/// The colour of `t` in 0..=1 on the viridis scale.
+fn viridis(t: f64) -> RGBColor {
+    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let x = t * (VIRIDIS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(VIRIDIS.len() - 2);
+    let f = x - i as f64;
+    let (a, b) = (VIRIDIS[i], VIRIDIS[i + 1]);
+    let mix = |a: u8, b: u8| (f64::from(a) + (f64::from(b) - f64::from(a)) * f).round() as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// Layers (rows, the first on top) by experts (columns); each cell's colour is the expert's
+/// share of its layer's tokens, on a scale from 0 to the largest share, shown by a colour bar.
+fn heat_map<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    layers: &[(String, Vec<u64>)],
+) -> Result<(), String> {
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let experts = layers.iter().map(|l| l.1.len()).max().unwrap_or(0);
+    let shares: Vec<Vec<f64>> = layers
+        .iter()
+        .map(|(_, tokens)| {
+            let total: u64 = tokens.iter().sum();
+            tokens.iter().map(|&t| if total == 0 { 0.0 } else { t as f64 / total as f64 * 100.0 }).collect()
+        })
+        .collect();
+    let top = shares.iter().flatten().copied().fold(0.0, f64::max);
+    let scale = if top > 0.0 { top } else { 1.0 };
+
+    let area = root.margin(14, 0, 0, 0).titled(title, ("sans-serif", TITLE_SIZE)).map_err(e)?;
+    if layers.is_empty() || experts == 0 {
+        let (w, h) = area.dim_in_pixel();
+        let style = TextStyle::from(("sans-serif", 22).into_font())
+            .color(&RGBColor(90, 90, 90))
+            .pos(Pos::new(HPos::Center, VPos::Center));
+        return area.draw(&Text::new("No MoE routing recorded", (w as i32 / 2, h as i32 / 2), style)).map_err(e);
+    }
+    let (w, _) = area.dim_in_pixel();
+    let (cells_area, bar_area) = area.split_horizontally(w.saturating_sub(150));
+
+    // Cell (expert x, row r) spans x - 0.5 ..= x + 0.5 and r - 0.5 ..= r + 0.5, so whole
+    // numbers sit at the cells' centres, where their tick labels go. Row r (from the bottom)
+    // shows layer n_layers - 1 - r: the first layer is on top.
+    let (n_layers, n_experts) = (layers.len(), experts);
+    let row_of = |k: usize| (n_layers - 1 - k) as f64;
+    let mut chart = ChartBuilder::on(&cells_area)
+        .margin(20)
+        .margin_top(8)
+        .x_label_area_size(55)
+        .y_label_area_size(85)
+        .build_cartesian_2d(-0.5..n_experts as f64 - 0.5, -0.5..n_layers as f64 - 0.5)
+        .map_err(e)?;
+    let layer_of_row = |v: &f64| {
+        let r = v.round();
+        if (v - r).abs() > 1e-9 || r < 0.0 || r >= n_layers as f64 {
+            return String::new();
+        }
+        layers[n_layers - 1 - r as usize].0.clone()
+    };
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("Expert")
+        .y_desc("Layer")
+        .x_labels((n_experts + 1).min(33))
+        .y_labels((n_layers + 1).min(41))
+        .x_label_formatter(&whole_tick)
+        .y_label_formatter(&layer_of_row)
+        .label_style(("sans-serif", LABEL_SIZE))
+        .axis_desc_style(("sans-serif", DESC_SIZE))
+        .draw()
+        .map_err(e)?;
+    chart
+        .draw_series(shares.iter().enumerate().flat_map(|(k, row)| {
+            let r = row_of(k);
+            (0..n_experts).map(move |x| {
+                let share = row.get(x).copied().unwrap_or(0.0);
+                let x = x as f64;
+                Rectangle::new([(x - 0.5, r - 0.5), (x + 0.5, r + 0.5)], viridis(share / scale).filled())
+            })
+        }))
+        .map_err(e)?;
+    // The share in each cell, where cells are large enough to hold it.
+    let (pw, ph) = chart.plotting_area().dim_in_pixel();
+    let (cell_w, cell_h) = (f64::from(pw) / n_experts as f64, f64::from(ph) / n_layers as f64);
+    if cell_w >= 44.0 && cell_h >= 20.0 {
+        let style = |dark: bool| {
+            TextStyle::from(("sans-serif", 13).into_font())
+                .color(if dark { &BLACK } else { &WHITE })
+                .pos(Pos::new(HPos::Center, VPos::Center))
+        };
+        chart
+            .draw_series(shares.iter().enumerate().flat_map(|(k, row)| {
+                let r = row_of(k);
+                let style = &style;
+                row.iter().enumerate().map(move |(x, &share)| {
+                    // Dark text on the light (yellow-green) end of the scale.
+                    Text::new(format!("{share:.1}%"), (x as f64, r), style(share / scale > 0.6))
+                })
+            }))
+            .map_err(e)?;
+    }
+
+    // The colour bar.
+    let steps = 100;
+    let mut bar = ChartBuilder::on(&bar_area)
+        .margin(20)
+        .margin_top(8)
+        .margin_left(0)
+        .x_label_area_size(55)
+        .right_y_label_area_size(95)
+        .build_cartesian_2d(0.0..1.0, 0.0..scale)
+        .map_err(e)?;
+    bar.configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .y_desc("Share of the layer's tokens (%)")
+        .y_label_formatter(&tick)
+        .label_style(("sans-serif", LABEL_SIZE))
+        .axis_desc_style(("sans-serif", DESC_SIZE))
+        .draw()
+        .map_err(e)?;
+    bar.draw_series((0..steps).map(|i| {
+        let (lo, hi) = (scale * i as f64 / steps as f64, scale * (i + 1) as f64 / steps as f64);
+        // Each step overlaps the next by half a step, so an SVG viewer's antialiasing leaves no
+        // seams between them.
+        let top = if i + 1 < steps { hi + scale / steps as f64 / 2.0 } else { hi };
+        Rectangle::new([(0.0, lo), (1.0, top)], viridis((lo + hi) / 2.0 / scale).filled())
+    }))
+    .map_err(e)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,6 +1106,16 @@ mod tests {
         assert!(thinned.len() <= 1000, "{}", thinned.len());
         assert!(thinned.contains(&(54_321.0, 500.0)));
         assert!(thinned.windows(2).all(|w| w[0].0 < w[1].0), "order kept");
+    }
+
+    #[test]
+    fn viridis_runs_dark_to_light() {
+        let lum = |c: RGBColor| 0.2126 * f64::from(c.0) + 0.7152 * f64::from(c.1) + 0.0722 * f64::from(c.2);
+        let ramp: Vec<f64> = (0..=20).map(|i| lum(viridis(f64::from(i) / 20.0))).collect();
+        assert!(ramp.windows(2).all(|w| w[0] < w[1]), "{ramp:?}");
+        assert_eq!(viridis(-1.0), viridis(0.0));
+        assert_eq!(viridis(f64::NAN), viridis(0.0));
+        assert_eq!(viridis(2.0), RGBColor(253, 231, 37));
     }
 
     #[test]

@@ -230,6 +230,118 @@ pub fn encoder_decoder(rows: &[ComponentRow]) -> EncoderDecoderSummary {
     }
 }
 
+/// `kv_cache_summary.json` from `kv_cache_usage.csv`.
+pub fn kv_cache(rows: &[KvCacheRow]) -> KvCacheSummary {
+    let mut usage = Mean::default();
+    let (mut max_usage, mut full, mut queries, mut hits) = (0.0f64, 0u64, 0u64, 0u64);
+    for r in rows {
+        if let Some(u) = r.usage() {
+            usage.add(u);
+            max_usage = max_usage.max(u);
+            if u >= 100.0 {
+                full += 1;
+            }
+        }
+        queries += r.prefix_cache_queries;
+        hits += r.prefix_cache_hits;
+    }
+    KvCacheSummary {
+        mean_usage_pct: usage.value(),
+        max_usage_pct: max_usage,
+        samples: rows.len() as u64,
+        prefix_cache_hit_rate_pct: if queries == 0 { 0.0 } else { hits as f64 / queries as f64 * 100.0 },
+        prefix_cache_queries: Some(queries),
+        prefix_cache_hits: Some(hits),
+        total_blocks: rows.last().map(|r| r.total_blocks),
+        full_samples: Some(full),
+    }
+}
+
+/// `cuda_graph_summary.json` from `cuda_graph_events.csv`.
+pub fn cuda_graph(rows: &[CudaGraphRow]) -> CudaGraphSummary {
+    let (mut captures, mut replays, mut eager, mut capture_ms, mut max_eager) = (0u64, 0u64, 0u64, 0.0f64, 0u64);
+    let mut padding = Mean::default();
+    let mut sizes = std::collections::BTreeSet::new();
+    for r in rows {
+        match r.event {
+            GraphEvent::Capture => {
+                captures += 1;
+                capture_ms += r.duration_ms.unwrap_or(0.0);
+                sizes.insert(r.batch_size);
+            }
+            GraphEvent::Replay => {
+                replays += 1;
+                if let Some(p) = r.padded_batch_size.filter(|p| *p > 0) {
+                    padding.add(p.saturating_sub(r.batch_size) as f64 / p as f64 * 100.0);
+                }
+            }
+            GraphEvent::Eager => {
+                eager += 1;
+                max_eager = max_eager.max(r.batch_size);
+            }
+        }
+    }
+    let steps = replays + eager;
+    CudaGraphSummary {
+        captures,
+        replays,
+        eager_steps: eager,
+        replay_rate_pct: if steps == 0 { 0.0 } else { replays as f64 / steps as f64 * 100.0 },
+        mean_padding_pct: padding.value(),
+        capture_time_ms: capture_ms,
+        captured_sizes: Some(sizes.into_iter().collect()),
+        max_eager_batch_size: Some(max_eager),
+    }
+}
+
+/// Statistics of one layer's tokens per expert, as profilemate-core computes them.
+pub fn moe_layer(tokens: &[u64]) -> MoeLayerStats {
+    let total: u64 = tokens.iter().sum();
+    let n = tokens.len().max(1) as f64;
+    let mean = total as f64 / n;
+    let (hottest, max) =
+        tokens.iter().enumerate().max_by_key(|(i, t)| (**t, std::cmp::Reverse(*i))).map_or((0, 0), |(i, t)| (i, *t));
+    let coldest = tokens.iter().enumerate().min_by_key(|(i, t)| (**t, *i)).map_or(0, |(i, _)| i);
+    let var = tokens.iter().map(|t| (*t as f64 - mean).powi(2)).sum::<f64>() / n;
+    MoeLayerStats {
+        tokens_per_expert: tokens.to_vec(),
+        max_over_mean: if mean > 0.0 { max as f64 / mean } else { 0.0 },
+        coefficient_of_variation: if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
+        total_tokens: Some(total),
+        hottest_expert: Some(hottest as u64),
+        coldest_expert: Some(coldest as u64),
+    }
+}
+
+/// `moe_expert_summary.json` from `moe_expert_routing.csv`.
+///
+/// The file has no row for an expert that received no token in a step, so an expert that
+/// received none in the whole run is invisible when its id is above every routed one: each
+/// layer has as many experts as the highest expert id seen in any layer, plus one.
+pub fn moe_expert(routing: &MoeRouting) -> MoeExpertSummary {
+    let experts = routing.tokens.values().map(Vec::len).max().unwrap_or(0);
+    let stats: BTreeMap<u64, MoeLayerStats> = routing
+        .tokens
+        .iter()
+        .map(|(l, t)| {
+            let mut t = t.clone();
+            t.resize(experts, 0);
+            (*l, moe_layer(&t))
+        })
+        .collect();
+    let mut order: Vec<(u64, f64)> = stats.iter().map(|(l, s)| (*l, s.max_over_mean)).collect();
+    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let max = order.first().map_or(0.0, |o| o.1);
+    let mean = if order.is_empty() { 0.0 } else { order.iter().map(|o| o.1).sum::<f64>() / order.len() as f64 };
+    MoeExpertSummary {
+        layers: stats.into_iter().map(|(l, s)| (l.to_string(), s)).collect(),
+        most_imbalanced_layers: order.iter().take(10).map(|o| o.0).collect(),
+        max_over_mean: Some(max),
+        mean_max_over_mean: Some(mean),
+        records: Some(routing.records),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,5 +453,57 @@ mod tests {
         assert_eq!(s.model_type, "decoder_only");
         assert_eq!(s.decoder_pct, 100.0);
         assert_eq!(encoder_decoder(&[]).decoder_pct, 0.0);
+    }
+
+    #[test]
+    fn trackers_recompute() {
+        let kv = |used, total, usage_pct, q, h| KvCacheRow {
+            timestamp_sec: 0.0,
+            used_blocks: used,
+            total_blocks: total,
+            usage_pct,
+            prefix_cache_queries: q,
+            prefix_cache_hits: h,
+        };
+        let s = kv_cache(&[kv(50, 100, Some(50.0), 10, 1), kv(100, 100, None, 10, 3), kv(0, 0, None, 0, 0)]);
+        assert_eq!((s.samples, s.mean_usage_pct, s.max_usage_pct, s.full_samples), (3, 75.0, 100.0, Some(1)));
+        assert_eq!((s.prefix_cache_queries, s.prefix_cache_hit_rate_pct), (Some(20), 20.0));
+        assert_eq!(s.total_blocks, Some(0), "the last sample's");
+
+        let g = |event, batch, padded, ms| CudaGraphRow {
+            timestamp_sec: 0.0,
+            event,
+            batch_size: batch,
+            padded_batch_size: padded,
+            duration_ms: ms,
+        };
+        use GraphEvent::*;
+        let s = cuda_graph(&[
+            g(Capture, 8, None, Some(1.5)),
+            g(Capture, 4, None, Some(0.5)),
+            g(Replay, 6, Some(8), None),
+            g(Replay, 4, Some(4), None),
+            g(Eager, 12, None, None),
+            g(Eager, 3, None, None),
+        ]);
+        assert_eq!((s.captures, s.replays, s.eager_steps, s.replay_rate_pct), (2, 2, 2, 50.0));
+        assert_eq!((s.mean_padding_pct, s.capture_time_ms), (12.5, 2.0));
+        assert_eq!((s.captured_sizes, s.max_eager_batch_size), (Some(vec![4, 8]), Some(12)));
+        assert_eq!(cuda_graph(&[]).replay_rate_pct, 0.0);
+
+        let mut routing = MoeRouting::default();
+        for (t, layer, expert_id, num_tokens) in
+            [(0.0, 0, 0, 30), (0.0, 0, 1, 10), (0.0, 1, 0, 20), (0.1, 1, 1, 20), (0.1, 0, 3, 0)]
+        {
+            routing.add(&MoeRoutingRow { timestamp_sec: t, layer, expert_id, num_tokens });
+        }
+        let s = moe_expert(&routing);
+        let l0 = &s.layers["0"];
+        assert_eq!(l0.tokens_per_expert, vec![30, 10, 0, 0], "four experts: ids up to 3 seen");
+        assert_eq!((l0.max_over_mean, l0.hottest_expert, l0.total_tokens), (3.0, Some(0), Some(40)));
+        assert_eq!(s.layers["1"].tokens_per_expert, vec![20, 20, 0, 0]);
+        assert_eq!(s.most_imbalanced_layers, vec![0, 1]);
+        // (0.0, 0), (0.0, 1), (0.1, 1), (0.1, 0): four runs of one layer and one timestamp.
+        assert_eq!(s.records, Some(4), "layer 0 in two steps, layer 1 in two");
     }
 }

@@ -1,7 +1,8 @@
-//! The combined breakdown of one run: the seed's five sections, the insights and the notes.
+//! The combined breakdown of one run: the seed's five sections, the three trackers beyond them
+//! (KV cache, CUDA graphs, MoE experts), the insights and the notes.
 
 use crate::contract::*;
-use crate::data::RunData;
+use crate::data::{CudaGraphRow, GraphEvent, KvCacheRow, LifecycleEvent, PreemptionEventRow, RunData};
 use crate::insights::{evaluate, Insight, Thresholds};
 use crate::recompute;
 use crate::ReportError;
@@ -150,6 +151,149 @@ pub struct PreemptionSection {
     pub requests_preempted_pct: f64,
 }
 
+/// How preemptions line up with KV-cache usage: each preemption of `preemption_events.csv` is
+/// matched to a sample of `kv_cache_usage.csv`.
+///
+/// The sample matched is the nearest one taken before the preemption: the cache as the
+/// scheduler found it in the step that ran out of blocks. A preemption before the first sample
+/// takes the first one. The nearest sample after a preemption (or at the same timestamp) is not
+/// used: an engine samples the cache once scheduling is done, when the victim's blocks are
+/// already freed and handed to others, so it reads lower than the cache was when it ran out.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct KvPreemptionMatch {
+    /// Usage (percent) at or above which the cache counts as "at or near full".
+    pub near_full_pct: f64,
+    /// Preemptions matched to a sample (every preemption, when the cache was sampled).
+    pub preemptions: u64,
+    /// Preemptions whose sample was at or above `near_full_pct`.
+    pub at_near_full: u64,
+    /// `at_near_full / preemptions * 100` (0 without preemptions).
+    pub at_near_full_pct: f64,
+    /// Preemptions whose sample was at 100 %.
+    pub at_full: u64,
+    /// Mean usage of the matched samples (percent; 0 without preemptions).
+    pub mean_usage_pct: f64,
+}
+
+/// Section 6: the KV cache.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct KvCacheSection {
+    /// Where the numbers come from.
+    pub source: String,
+    /// As in `kv_cache_summary.json`.
+    pub summary: KvCacheSummary,
+    /// Samples at 100 % usage: the summary's `full_samples`, else counted in
+    /// `kv_cache_usage.csv`; `None` when neither says.
+    pub full_samples: Option<u64>,
+    /// `full_samples / samples * 100`.
+    pub full_samples_pct: Option<f64>,
+    /// Prefix-cache lookups over the run, where known.
+    pub prefix_cache_queries: Option<u64>,
+    /// Prefix-cache hits over the run, where known.
+    pub prefix_cache_hits: Option<u64>,
+    /// Preemptions against KV usage (needs `kv_cache_usage.csv` and `preemption_events.csv`).
+    pub preemptions: Option<KvPreemptionMatch>,
+}
+
+/// The graph size whose replays padded the most batch slots.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct PaddedGraph {
+    /// The captured size the batches were padded to.
+    pub graph_size: u64,
+    /// Replays of that graph.
+    pub replays: u64,
+    /// Padded (wasted) slots in all: `sum(graph_size - batch_size)`.
+    pub padded_slots: u64,
+    /// `padded_slots / (replays * graph_size) * 100`.
+    pub padding_pct: f64,
+}
+
+/// Section 7: CUDA graphs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct CudaGraphSection {
+    /// Where the numbers come from.
+    pub source: String,
+    /// As in `cuda_graph_summary.json`.
+    pub summary: CudaGraphSummary,
+    /// Steps: replays and eager steps.
+    pub steps: u64,
+    /// Batch sizes captured, ascending (from the summary, else from the captures in the CSV).
+    pub captured_sizes: Option<Vec<u64>>,
+    /// The largest of them.
+    pub largest_captured_size: Option<u64>,
+    /// The largest batch that ran eagerly.
+    pub max_eager_batch_size: Option<u64>,
+    /// Eager steps whose batch is larger than every captured graph (needs the CSV).
+    pub eager_beyond_largest_graph: Option<u64>,
+    /// Eager steps whose batch a captured graph would cover (needs the CSV).
+    pub eager_within_graphs: Option<u64>,
+    /// The graph whose replays padded the most slots (needs the CSV).
+    pub most_padded_graph: Option<PaddedGraph>,
+}
+
+/// One MoE layer in section 8.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct MoeLayerSection {
+    /// The layer, as the summary keys it (its index).
+    pub layer: String,
+    /// Experts in the layer.
+    pub experts: usize,
+    /// Tokens routed in all (a token routed to k experts counts k times).
+    pub total_tokens: u64,
+    /// The busiest expert's tokens over the mean per expert: 1 is perfectly even.
+    pub max_over_mean: f64,
+    /// Population standard deviation over mean of tokens per expert: 0 is perfectly even.
+    pub coefficient_of_variation: f64,
+    /// The busiest expert (the lowest id on a tie).
+    pub hottest_expert: u64,
+    /// Its share of the layer's tokens (percent).
+    pub hottest_share_pct: f64,
+    /// The least used expert.
+    pub coldest_expert: u64,
+    /// Its share of the layer's tokens (percent).
+    pub coldest_share_pct: f64,
+}
+
+/// Section 8: MoE experts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct MoeSection {
+    /// Where the numbers come from.
+    pub source: String,
+    /// Every layer, in layer order.
+    pub layers: Vec<MoeLayerSection>,
+    /// Layers by `max_over_mean`, most imbalanced first (as the summary lists them).
+    pub most_imbalanced_layers: Vec<u64>,
+    /// The highest `max_over_mean` of any layer (0 without routing).
+    pub max_over_mean: f64,
+    /// Mean of the layers' `max_over_mean`.
+    pub mean_max_over_mean: f64,
+}
+
+impl MoeSection {
+    /// The layers whose `max_over_mean` is above `threshold`, most imbalanced first.
+    pub fn layers_above(&self, threshold: f64) -> Vec<&MoeLayerSection> {
+        let mut out: Vec<&MoeLayerSection> = self.layers.iter().filter(|l| l.max_over_mean > threshold).collect();
+        out.sort_by(|a, b| b.max_over_mean.total_cmp(&a.max_over_mean).then(layer_order(&a.layer, &b.layer)));
+        out
+    }
+}
+
+/// Layer keys in numeric order where they are numbers.
+fn layer_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        _ => a.cmp(b),
+    }
+}
+
 /// The combined breakdown of one run directory: what the seed's "Combined Analysis" prints,
 /// with every phase and percentile, then the insights.
 ///
@@ -192,6 +336,12 @@ pub struct Report {
     pub batch: Option<BatchSection>,
     /// Section 5.
     pub preemption: Option<PreemptionSection>,
+    /// Section 6.
+    pub kv_cache: Option<KvCacheSection>,
+    /// Section 7.
+    pub cuda_graph: Option<CudaGraphSection>,
+    /// Section 8.
+    pub moe_expert: Option<MoeSection>,
     /// The rules that fired.
     pub insights: Vec<Insight>,
     /// The thresholds the rules used.
@@ -234,7 +384,7 @@ impl Report {
     /// let data = RunData::default();
     /// let report = Report::from_data(&data, &Thresholds::default());
     /// assert!(report.forward_pass.is_none());
-    /// assert_eq!(report.notes.len(), 5); // every section skipped
+    /// assert_eq!(report.notes.len(), 8); // every section skipped
     /// ```
     pub fn from_data(data: &RunData, thresholds: &Thresholds) -> Report {
         let mut notes = data.notes.clone();
@@ -360,6 +510,10 @@ impl Report {
             })
         };
 
+        let kv_cache = kv_cache_section(data, thresholds, &mut notes);
+        let cuda_graph = cuda_graph_section(data, &mut notes);
+        let moe_expert = moe_section(data, &mut notes);
+
         let mut report = Report {
             dir: data.dir.display().to_string(),
             run: data.run.clone(),
@@ -368,6 +522,9 @@ impl Report {
             components,
             batch,
             preemption,
+            kv_cache,
+            cuda_graph,
+            moe_expert,
             insights: Vec::new(),
             thresholds: thresholds.clone(),
             notes,
@@ -375,6 +532,208 @@ impl Report {
         report.insights = evaluate(&report, thresholds);
         report
     }
+}
+
+fn kv_cache_section(data: &RunData, thresholds: &Thresholds, notes: &mut Vec<Note>) -> Option<KvCacheSection> {
+    let (summary, source) = match (&data.kv_cache_summary, &data.kv_cache) {
+        (Some(s), rows) => {
+            if let Some(rows) = rows {
+                stale_note(notes, KV_CACHE_JSON, s.samples, KV_CACHE_CSV, rows.len());
+            }
+            (s.clone(), json_source(KV_CACHE_JSON))
+        }
+        (None, Some(rows)) => (recompute::kv_cache(rows), csv_source(KV_CACHE_CSV)),
+        (None, None) => {
+            notes.push(Note::skipped(format!("no {KV_CACHE_JSON} or {KV_CACHE_CSV}")));
+            return None;
+        }
+    };
+    let from_csv = data.kv_cache.as_deref().map(recompute::kv_cache);
+    // The summary's own counts where it has them (it is the newer file at a clean shutdown),
+    // else the CSV's.
+    let full_samples = summary.full_samples.or(from_csv.as_ref().and_then(|c| c.full_samples));
+    let prefix_cache_queries = summary.prefix_cache_queries.or(from_csv.as_ref().and_then(|c| c.prefix_cache_queries));
+    let prefix_cache_hits = summary.prefix_cache_hits.or(from_csv.as_ref().and_then(|c| c.prefix_cache_hits));
+    let preemptions = match (&data.kv_cache, &data.preemption_events) {
+        (Some(kv), Some(events)) => match_preemptions(kv, events, thresholds.kv_near_full_pct),
+        _ => None,
+    };
+    Some(KvCacheSection {
+        source,
+        full_samples_pct: full_samples.map(|f| pct(f as f64, summary.samples as f64)),
+        full_samples,
+        prefix_cache_queries,
+        prefix_cache_hits,
+        preemptions,
+        summary,
+    })
+}
+
+/// Matches each preemption to the KV sample at or before it; `None` when the cache has no
+/// usable sample.
+fn match_preemptions(
+    kv: &[KvCacheRow],
+    events: &[PreemptionEventRow],
+    near_full_pct: f64,
+) -> Option<KvPreemptionMatch> {
+    let samples = kv_usage_samples(kv);
+    if samples.is_empty() {
+        return None;
+    }
+    let (mut preemptions, mut near, mut full, mut usage_sum) = (0u64, 0u64, 0u64, 0.0f64);
+    for e in events.iter().filter(|e| e.event == LifecycleEvent::Preempted) {
+        let usage = usage_before(&samples, e.timestamp_sec);
+        preemptions += 1;
+        usage_sum += usage;
+        if usage >= near_full_pct {
+            near += 1;
+        }
+        if usage >= 100.0 {
+            full += 1;
+        }
+    }
+    Some(KvPreemptionMatch {
+        near_full_pct,
+        preemptions,
+        at_near_full: near,
+        at_near_full_pct: pct(near as f64, preemptions as f64),
+        at_full: full,
+        mean_usage_pct: if preemptions == 0 { 0.0 } else { usage_sum / preemptions as f64 },
+    })
+}
+
+/// `(timestamp_sec, usage_pct)` of every KV sample with a usage, in time order.
+pub(crate) fn kv_usage_samples(kv: &[KvCacheRow]) -> Vec<(f64, f64)> {
+    let mut samples: Vec<(f64, f64)> = kv.iter().filter_map(|r| r.usage().map(|u| (r.timestamp_sec, u))).collect();
+    // Files are written in time order, but a merged or hand-made file need not be.
+    samples.sort_by(|a, b| a.0.total_cmp(&b.0));
+    samples
+}
+
+/// The usage of the last sample taken before `t` (the first sample when none is); `samples`
+/// is not empty and in time order.
+pub(crate) fn usage_before(samples: &[(f64, f64)], t: f64) -> f64 {
+    // A sample with the preemption's own timestamp was taken after it: an engine preempts while
+    // it schedules and samples the cache once scheduling is done.
+    let at_or_after = samples.partition_point(|s| s.0 < t);
+    samples[at_or_after.saturating_sub(1)].1
+}
+
+fn cuda_graph_section(data: &RunData, notes: &mut Vec<Note>) -> Option<CudaGraphSection> {
+    let (summary, source) = match (&data.cuda_graph_summary, &data.cuda_graph) {
+        (Some(s), rows) => {
+            if let Some(rows) = rows {
+                stale_note(notes, CUDA_GRAPH_JSON, s.captures + s.replays + s.eager_steps, CUDA_GRAPH_CSV, rows.len());
+            }
+            (s.clone(), json_source(CUDA_GRAPH_JSON))
+        }
+        (None, Some(rows)) => (recompute::cuda_graph(rows), csv_source(CUDA_GRAPH_CSV)),
+        (None, None) => {
+            notes.push(Note::skipped(format!("no {CUDA_GRAPH_JSON} or {CUDA_GRAPH_CSV}")));
+            return None;
+        }
+    };
+    let rows = data.cuda_graph.as_deref();
+    let from_csv = rows.map(recompute::cuda_graph);
+    let captured_sizes = summary
+        .captured_sizes
+        .clone()
+        .or_else(|| from_csv.as_ref().and_then(|c| c.captured_sizes.clone()))
+        .filter(|s| !s.is_empty() || summary.captures == 0);
+    let largest = captured_sizes.as_ref().and_then(|s| s.iter().copied().max());
+    let max_eager = summary.max_eager_batch_size.or(from_csv.as_ref().and_then(|c| c.max_eager_batch_size));
+    let eager_rows = || rows.into_iter().flatten().filter(|r| r.event == GraphEvent::Eager);
+    let (beyond, within) = match (rows, largest) {
+        (Some(_), Some(largest)) => {
+            let beyond = eager_rows().filter(|r| r.batch_size > largest).count() as u64;
+            (Some(beyond), Some(eager_rows().count() as u64 - beyond))
+        }
+        // No graph at all: no batch fits one.
+        (Some(_), None) if summary.captures == 0 => (Some(eager_rows().count() as u64), Some(0)),
+        _ => (None, None),
+    };
+    Some(CudaGraphSection {
+        source,
+        steps: summary.replays + summary.eager_steps,
+        captured_sizes,
+        largest_captured_size: largest,
+        max_eager_batch_size: max_eager,
+        eager_beyond_largest_graph: beyond,
+        eager_within_graphs: within,
+        most_padded_graph: rows.and_then(most_padded_graph),
+        summary,
+    })
+}
+
+fn most_padded_graph(rows: &[CudaGraphRow]) -> Option<PaddedGraph> {
+    let mut per_size: std::collections::BTreeMap<u64, (u64, u64)> = std::collections::BTreeMap::new();
+    for r in rows.iter().filter(|r| r.event == GraphEvent::Replay) {
+        if let Some(p) = r.padded_batch_size.filter(|p| *p > 0) {
+            let e = per_size.entry(p).or_default();
+            e.0 += 1;
+            e.1 += p.saturating_sub(r.batch_size);
+        }
+    }
+    per_size
+        .into_iter()
+        .filter(|(_, (_, padded))| *padded > 0)
+        .max_by(|a, b| a.1 .1.cmp(&b.1 .1).then(b.0.cmp(&a.0)))
+        .map(|(size, (replays, padded))| PaddedGraph {
+            graph_size: size,
+            replays,
+            padded_slots: padded,
+            padding_pct: pct(padded as f64, (replays * size) as f64),
+        })
+}
+
+fn moe_section(data: &RunData, notes: &mut Vec<Note>) -> Option<MoeSection> {
+    let (summary, source) = match (&data.moe_expert_summary, &data.moe_routing) {
+        (Some(s), _) => (s.clone(), json_source(MOE_JSON)),
+        (None, Some(rows)) => (recompute::moe_expert(rows), csv_source(MOE_CSV)),
+        (None, None) => {
+            notes.push(Note::skipped(format!("no {MOE_JSON} or {MOE_CSV}")));
+            return None;
+        }
+    };
+    let mut layers: Vec<MoeLayerSection> = summary
+        .layers
+        .iter()
+        .map(|(layer, s)| {
+            let tokens = &s.tokens_per_expert;
+            let total: u64 = tokens.iter().sum();
+            let hottest = tokens.iter().enumerate().max_by_key(|(i, t)| (**t, std::cmp::Reverse(*i)));
+            let coldest = tokens.iter().enumerate().min_by_key(|(i, t)| (**t, *i));
+            let share = |t: Option<(usize, &u64)>| t.map_or(0.0, |(_, t)| pct(*t as f64, total as f64));
+            MoeLayerSection {
+                layer: layer.clone(),
+                experts: tokens.len(),
+                total_tokens: total,
+                max_over_mean: s.max_over_mean,
+                coefficient_of_variation: s.coefficient_of_variation,
+                hottest_expert: hottest.map_or(0, |(i, _)| i as u64),
+                hottest_share_pct: share(hottest),
+                coldest_expert: coldest.map_or(0, |(i, _)| i as u64),
+                coldest_share_pct: share(coldest),
+            }
+        })
+        .collect();
+    layers.sort_by(|a, b| layer_order(&a.layer, &b.layer));
+    let max_over_mean =
+        summary.max_over_mean.unwrap_or_else(|| layers.iter().map(|l| l.max_over_mean).fold(0.0, f64::max));
+    let mean_max_over_mean = summary.mean_max_over_mean.unwrap_or_else(|| {
+        if layers.is_empty() {
+            0.0
+        } else {
+            layers.iter().map(|l| l.max_over_mean).sum::<f64>() / layers.len() as f64
+        }
+    });
+    Some(MoeSection {
+        source,
+        layers,
+        most_imbalanced_layers: summary.most_imbalanced_layers,
+        max_over_mean,
+        mean_max_over_mean,
+    })
 }
 
 fn stale_note(notes: &mut Vec<Note>, json: &str, json_count: u64, csv: &str, csv_rows: usize) {
@@ -633,6 +992,118 @@ impl fmt::Display for Report {
                 if s.total_preemptions > 0 {
                     writeln!(f, "   Mean running time before preemption: {:.3} s", s.mean_running_time_before_preempt)?;
                     writeln!(f, "   Resume delay: mean {:.3} s, max {:.3} s", s.mean_resume_delay, s.max_resume_delay)?;
+                }
+            }
+        }
+
+        writeln!(f, "\n6. KV Cache")?;
+        match &self.kv_cache {
+            None => writeln!(f, "   (no data)")?,
+            Some(k) => {
+                let s = &k.summary;
+                writeln!(f, "   source: {}", k.source)?;
+                let blocks = s.total_blocks.map_or_else(String::new, |b| format!(" of a {b}-block cache"));
+                writeln!(f, "   {} samples{blocks}", s.samples)?;
+                writeln!(f, "   Usage: mean {:.1}%, max {:.1}%", s.mean_usage_pct, s.max_usage_pct)?;
+                match (k.full_samples, k.full_samples_pct) {
+                    (Some(n), Some(p)) => writeln!(f, "   Samples at 100%: {n} ({p:.1}%)")?,
+                    _ => writeln!(f, "   Samples at 100%: unknown (no kv_cache_usage.csv or full_samples)")?,
+                }
+                match k.prefix_cache_queries {
+                    Some(0) => writeln!(f, "   Prefix cache: no queries (off, or no engine report)")?,
+                    Some(q) => writeln!(
+                        f,
+                        "   Prefix cache: {} hits of {q} queries = hit rate {:.1}%",
+                        k.prefix_cache_hits.map_or_else(|| "?".into(), |h| h.to_string()),
+                        s.prefix_cache_hit_rate_pct
+                    )?,
+                    None => writeln!(f, "   Prefix cache: hit rate {:.1}%", s.prefix_cache_hit_rate_pct)?,
+                }
+                match &k.preemptions {
+                    Some(m) => writeln!(
+                        f,
+                        "   Preemptions at KV usage >= {:.0}% (nearest sample before each): {} of {} ({:.1}%), {} at 100%; \
+                         mean usage at a preemption {:.1}%",
+                        m.near_full_pct, m.at_near_full, m.preemptions, m.at_near_full_pct, m.at_full, m.mean_usage_pct
+                    )?,
+                    None => writeln!(
+                        f,
+                        "   Preemptions against usage: unknown (needs kv_cache_usage.csv and preemption_events.csv)"
+                    )?,
+                }
+            }
+        }
+
+        writeln!(f, "\n7. CUDA Graphs")?;
+        match &self.cuda_graph {
+            None => writeln!(f, "   (no data)")?,
+            Some(g) => {
+                let s = &g.summary;
+                writeln!(f, "   source: {}", g.source)?;
+                let sizes = g.captured_sizes.as_ref().map_or_else(String::new, |v| {
+                    format!(" (sizes {})", v.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))
+                });
+                writeln!(f, "   Captures: {}{sizes} in {:.3} ms", s.captures, s.capture_time_ms)?;
+                writeln!(
+                    f,
+                    "   Steps: {}: {} replayed, {} eager = replay rate {:.1}%",
+                    g.steps, s.replays, s.eager_steps, s.replay_rate_pct
+                )?;
+                match &g.most_padded_graph {
+                    Some(p) => writeln!(
+                        f,
+                        "   Mean padding of a replayed batch: {:.1}% (most padded slots: graph {}, {} slots over {} replays)",
+                        s.mean_padding_pct, p.graph_size, p.padded_slots, p.replays
+                    )?,
+                    None => writeln!(f, "   Mean padding of a replayed batch: {:.1}%", s.mean_padding_pct)?,
+                }
+                let largest_eager = g.max_eager_batch_size.map_or_else(|| "?".into(), |m| m.to_string());
+                write!(f, "   Eager steps: {}, largest batch {largest_eager}", s.eager_steps)?;
+                match (g.eager_beyond_largest_graph, g.eager_within_graphs, g.largest_captured_size) {
+                    (Some(b), Some(w), Some(l)) => {
+                        writeln!(f, "; {b} beyond the largest captured graph ({l}), {w} within the captured sizes")?
+                    }
+                    (Some(b), _, None) => writeln!(f, "; {b} with no graph captured at all")?,
+                    _ => writeln!(f)?,
+                }
+            }
+        }
+
+        writeln!(f, "\n8. MoE Experts")?;
+        match &self.moe_expert {
+            None => writeln!(f, "   (no data)")?,
+            Some(m) => {
+                writeln!(f, "   source: {}", m.source)?;
+                let experts = m.layers.iter().map(|l| l.experts).max().unwrap_or(0);
+                writeln!(
+                    f,
+                    "   {} layers, up to {experts} experts; max_over_mean: highest {:.2}x, mean over layers {:.2}x",
+                    m.layers.len(),
+                    m.max_over_mean,
+                    m.mean_max_over_mean
+                )?;
+                if !m.layers.is_empty() {
+                    writeln!(
+                        f,
+                        "   {:<8} {:>8} {:>12} {:>10} {:>8} {:>22}",
+                        "layer", "experts", "tokens", "max/mean", "CV", "hottest expert (share)"
+                    )?;
+                }
+                for l in &m.layers {
+                    writeln!(
+                        f,
+                        "   {:<8} {:>8} {:>12} {:>10} {:>8.3} {:>22}",
+                        l.layer,
+                        l.experts,
+                        l.total_tokens,
+                        format!("{:.2}x", l.max_over_mean),
+                        l.coefficient_of_variation,
+                        format!("{} ({:.1}%)", l.hottest_expert, l.hottest_share_pct)
+                    )?;
+                }
+                if !m.most_imbalanced_layers.is_empty() {
+                    let layers: Vec<String> = m.most_imbalanced_layers.iter().map(u64::to_string).collect();
+                    writeln!(f, "   Most imbalanced layers: {}", layers.join(", "))?;
                 }
             }
         }

@@ -64,11 +64,11 @@ fn plots_and_html_are_written() {
         html.as_os_str(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(std::fs::read_dir(&plots).unwrap().count(), 14);
+    assert_eq!(std::fs::read_dir(&plots).unwrap().count(), 20);
     assert!(plots.join("queue_lengths.svg").exists() && plots.join("throughput_timeline.png").exists());
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("<svg") && page.contains("Insights"));
-    assert!(stderr(&out).contains("wrote 14 plot files"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("wrote 20 plot files"), "{}", stderr(&out));
 }
 
 #[test]

@@ -280,3 +280,190 @@ fn insights_serialize_with_figure_and_threshold() {
     assert!(i["advice"].as_array().unwrap().len() >= 2);
     assert!(r.to_string().contains("[warning] Low token utilization: mean token utilization 42.0% < 60.0%"));
 }
+
+// --- the trackers beyond the five profilers ----------------------------------------------------
+
+/// A cache sampled once a second, at 96 % for the first `full` seconds and 50 % after, and one
+/// preemption half a second after each sample.
+fn kv_preemptions(full: usize, total: usize) -> Report {
+    let run = Run::new();
+    let mut kv = String::from(KV_HEADER);
+    let mut events = String::from(EVENTS_HEADER);
+    for i in 0..total {
+        let used = if i < full { 96 } else { 50 };
+        kv.push_str(&format!("{i}.000000,{used},100,{used}.0000,0,0\n"));
+        events.push_str(&format!("{i}.500000,req-{i},preempted,RECOMPUTE,0.100000,\n"));
+    }
+    run.write("kv_cache_usage.csv", &kv).write("preemption_events.csv", &events);
+    Report::from_dir(run.path()).unwrap()
+}
+
+#[test]
+fn preemptions_at_full_kv_cache_fire_above_half_of_the_preemptions() {
+    let r = kv_preemptions(3, 5);
+    let i = fired(&r, Rule::PreemptionsAtFullKvCache).unwrap();
+    assert_eq!((i.value, i.threshold, i.unit, i.comparison), (60.0, 50.0, "%", Comparison::Above));
+    assert!(i.title.contains("KV-cache pressure confirmed"), "{}", i.title);
+    assert!(i.figure.contains(">= 95%"), "{}", i.figure);
+    let advice = i.advice.join("\n");
+    assert!(advice.contains("3 of 5 preemptions came when the cache was at least 95% full"), "{advice}");
+    assert!(advice.contains("gpu_memory_utilization"), "{advice}");
+    assert!(fired(&kv_preemptions(2, 4), Rule::PreemptionsAtFullKvCache).is_none(), "exactly half");
+    assert!(fired(&kv_preemptions(1, 5), Rule::PreemptionsAtFullKvCache).is_none());
+    assert!(fired(&kv_preemptions(0, 0), Rule::PreemptionsAtFullKvCache).is_none(), "no preemption");
+    // Only KV samples, no preemption events: nothing to match.
+    let run = Run::new();
+    run.write("kv_cache_usage.csv", &format!("{KV_HEADER}0.1,100,100,100.0000,0,0\n"));
+    assert!(fired(&Report::from_dir(run.path()).unwrap(), Rule::PreemptionsAtFullKvCache).is_none());
+}
+
+fn kv(edit: impl FnOnce(&mut Value)) -> Report {
+    let mut k = kv_json();
+    edit(&mut k);
+    report_with(&[("kv_cache_summary.json", k)])
+}
+
+#[test]
+fn low_prefix_cache_hit_rate_fires_below_20_percent_when_queried() {
+    let r = kv(|k| {
+        k["prefix_cache_hit_rate_pct"] = json!(19.9);
+        k["prefix_cache_hits"] = json!(199);
+    });
+    let i = fired(&r, Rule::LowPrefixCacheHitRate).unwrap();
+    assert_eq!((i.value, i.threshold, i.comparison), (19.9, 20.0, Comparison::Below));
+    assert_eq!(i.severity, profilemate_cli::Severity::Info);
+    assert!(i.advice[0].contains("199 of 1000 prefix-cache queries hit"), "{:?}", i.advice);
+    assert!(fired(&kv(|k| k["prefix_cache_hit_rate_pct"] = json!(20.0)), Rule::LowPrefixCacheHitRate).is_none());
+    assert!(fired(&kv(|_| {}), Rule::LowPrefixCacheHitRate).is_none(), "45 %");
+    // No queries: prefix caching is off, a 0 % hit rate means nothing.
+    let r = kv(|k| {
+        k["prefix_cache_hit_rate_pct"] = json!(0.0);
+        k["prefix_cache_queries"] = json!(0);
+        k["prefix_cache_hits"] = json!(0);
+    });
+    assert!(fired(&r, Rule::LowPrefixCacheHitRate).is_none());
+}
+
+fn graphs(edit: impl FnOnce(&mut Value)) -> Report {
+    let mut g = graph_json();
+    edit(&mut g);
+    report_with(&[("cuda_graph_summary.json", g)])
+}
+
+#[test]
+fn low_graph_replay_rate_fires_below_80_percent() {
+    let r = graphs(|g| g["replay_rate_pct"] = json!(79.9));
+    let i = fired(&r, Rule::LowGraphReplayRate).unwrap();
+    assert_eq!((i.value, i.threshold, i.comparison), (79.9, 80.0, Comparison::Below));
+    assert!(i.advice[0].contains("200 of 4100 steps ran eagerly"), "{:?}", i.advice);
+    assert!(fired(&graphs(|g| g["replay_rate_pct"] = json!(80.0)), Rule::LowGraphReplayRate).is_none());
+    assert!(fired(&graphs(|_| {}), Rule::LowGraphReplayRate).is_none(), "95.1 %");
+    // No step at all: no rate.
+    let r = graphs(|g| {
+        g["replays"] = json!(0);
+        g["eager_steps"] = json!(0);
+        g["replay_rate_pct"] = json!(0.0);
+    });
+    assert!(fired(&r, Rule::LowGraphReplayRate).is_none());
+    // From the summary alone: the largest eager batch beyond the largest graph is named.
+    let r = graphs(|g| {
+        g["replay_rate_pct"] = json!(50.0);
+        g["max_eager_batch_size"] = json!(300);
+    });
+    let advice = fired(&r, Rule::LowGraphReplayRate).unwrap().advice.join("\n");
+    assert!(advice.contains("The largest eager batch (300) is beyond the largest captured graph (256)"), "{advice}");
+}
+
+/// The advice tells eager steps beyond the largest graph from prompt steps a graph would cover.
+#[test]
+fn low_graph_replay_rate_advice_names_why_steps_ran_eagerly() {
+    let run = Run::new();
+    let mut csv = format!("{GRAPH_HEADER}0.0,capture,8,,1.0\n0.0,capture,16,,1.0\n");
+    for i in 0..10 {
+        let t = f64::from(i) * 0.1 + 0.1;
+        match i {
+            0..=3 => csv.push_str(&format!("{t:.6},replay,8,8,\n")),
+            4..=6 => csv.push_str(&format!("{t:.6},eager,{},,\n", 20 + i)),
+            _ => csv.push_str(&format!("{t:.6},eager,4,,\n")),
+        }
+    }
+    run.write("cuda_graph_events.csv", &csv);
+    // Three prefill and mixed passes, as many as the eager steps within the graphs.
+    let mut fp = forward_json();
+    fp["prefill"] = phase(1, 40.0, 40.0, 40.0, 40.0, 512, 1000.0);
+    fp["mixed"] = phase(2, 20.0, 20.0, 20.0, 20.0, 512, 1000.0);
+    run.json("forward_pass_summary.json", &fp);
+    let r = Report::from_dir(run.path()).unwrap();
+    let i = fired(&r, Rule::LowGraphReplayRate).unwrap();
+    assert!((i.value - 40.0).abs() < 1e-9, "{}", i.value);
+    let advice = i.advice.join("\n");
+    assert!(
+        advice.contains("3 eager steps had batch sizes beyond the largest captured graph (16; largest eager batch 26)"),
+        "{advice}"
+    );
+    assert!(advice.contains("3 eager steps had batch sizes a captured graph covers"), "{advice}");
+    assert!(advice.contains("3 prefill and mixed passes against 6 eager steps."), "{advice}");
+}
+
+#[test]
+fn graph_padding_waste_fires_above_20_percent() {
+    let r = graphs(|g| g["mean_padding_pct"] = json!(20.5));
+    let i = fired(&r, Rule::GraphPaddingWaste).unwrap();
+    assert_eq!((i.value, i.threshold, i.comparison), (20.5, 20.0, Comparison::Above));
+    assert!(i.advice.join(" ").contains("cudagraph_capture_sizes"), "{:?}", i.advice);
+    assert!(fired(&graphs(|g| g["mean_padding_pct"] = json!(20.0)), Rule::GraphPaddingWaste).is_none());
+    assert!(fired(&graphs(|_| {}), Rule::GraphPaddingWaste).is_none(), "8 %");
+    // With the CSV, the graph that wastes most is named: batches of 9 padded to 16.
+    let run = Run::new();
+    run.write(
+        "cuda_graph_events.csv",
+        &format!("{GRAPH_HEADER}0.0,capture,8,,1.0\n0.0,capture,16,,1.0\n0.1,replay,9,16,\n0.2,replay,9,16,\n0.3,replay,7,8,\n"),
+    );
+    let r = Report::from_dir(run.path()).unwrap();
+    let i = fired(&r, Rule::GraphPaddingWaste).unwrap();
+    assert!((i.value - (43.75 * 2.0 + 12.5) / 3.0).abs() < 1e-9, "{}", i.value);
+    assert!(
+        i.advice[1].contains("graph size 16: 14 padded slots over 2 replays (43.8% of its slots)"),
+        "{:?}",
+        i.advice
+    );
+}
+
+fn moe(layers: &[Vec<u64>]) -> Report {
+    report_with(&[("moe_expert_summary.json", moe_json(layers))])
+}
+
+#[test]
+fn moe_expert_imbalance_fires_above_1_5_and_names_the_layers() {
+    // max / mean: layer 0 even (1.0), layer 1 1.6, layer 2 2.0.
+    let r = moe(&[vec![100; 4], vec![160, 80, 80, 80], vec![200, 100, 50, 50]]);
+    let i = fired(&r, Rule::MoeExpertImbalance).unwrap();
+    assert_eq!((i.value, i.threshold, i.unit), (2.0, 1.5, "x"));
+    let advice = i.advice.join("\n");
+    assert!(
+        advice.contains("2 of 3 layers are above 1.50x: layer 2 (2.00x, expert 0 takes 50.0%), layer 1 (1.60x, expert 0 takes 40.0%)."),
+        "{advice}"
+    );
+    assert!(!advice.contains("layer 0 ("), "{advice}");
+    assert!(i.to_string().contains("2.00x > 1.50x"), "{i}");
+    assert!(fired(&moe(&[vec![150, 50, 100, 100]]), Rule::MoeExpertImbalance).is_none(), "exactly 1.5");
+    assert!(fired(&moe(&[vec![100; 8], vec![110, 90, 100, 100]]), Rule::MoeExpertImbalance).is_none());
+    assert!(fired(&moe(&[]), Rule::MoeExpertImbalance).is_none(), "no layer");
+}
+
+#[test]
+fn tracker_rules_on_a_csv_run() {
+    let run = Run::new();
+    write_csv_run(&run, 200);
+    let r = Report::from_dir(run.path()).unwrap();
+    // 160 replays of 200 steps: exactly at the threshold, silent.
+    assert_eq!(r.cuda_graph.as_ref().unwrap().summary.replay_rate_pct, 80.0);
+    assert!(fired(&r, Rule::LowGraphReplayRate).is_none());
+    // Layer 1 sends 60 of 95 tokens to expert 5.
+    let i = fired(&r, Rule::MoeExpertImbalance).unwrap();
+    assert!(
+        i.advice[0].starts_with("1 of 2 layers are above 1.50x: layer 1 (5.05x, expert 5 takes 63.2%)"),
+        "{:?}",
+        i.advice
+    );
+}

@@ -142,7 +142,18 @@ fn html_page_is_self_contained() {
     for fig in Figure::ALL {
         assert!(page.contains(fig.title()), "{fig:?}");
     }
-    for needle in ["1. Forward pass timing", "5. Preemptions", "Insights", "mean token utilization", "<table>"] {
+    for needle in [
+        "1. Forward pass timing",
+        "5. Preemptions",
+        "6. KV cache",
+        "7. CUDA graphs",
+        "8. MoE experts",
+        "Insights",
+        "mean token utilization",
+        "replay rate",
+        "hottest expert",
+        "<table>",
+    ] {
         assert!(page.contains(needle), "{needle}");
     }
     for external in ["<script", "src=\"http", "href=\"http", "<link", "@import"] {
@@ -152,4 +163,193 @@ fn html_page_is_self_contained() {
     assert!(page.contains("<h2>Notes</h2>"));
     let parsed = roxmltree::Document::parse(page.trim_start_matches("<!DOCTYPE html>"));
     assert!(parsed.is_ok(), "the page is well-formed: {:?}", parsed.err());
+}
+
+// --- the trackers' figures ----------------------------------------------------------------------
+
+fn hex(c: [u8; 4]) -> String {
+    format!("#{:02X}{:02X}{:02X}", c[0], c[1], c[2])
+}
+
+/// The heat map's cells as `(x, y, width, height, fill)`: the rectangles larger than a colour
+/// bar step, in drawing order (layer by layer, expert by expert).
+fn heat_map_cells(svg: &str) -> Vec<(f64, f64, f64, f64, String)> {
+    let doc = roxmltree::Document::parse(svg).unwrap();
+    let (w, _) = Figure::MoeExpertLoad.size();
+    doc.descendants()
+        .filter(|n| n.has_tag_name("rect"))
+        .filter_map(|n| {
+            let num = |a: &str| n.attribute(a).and_then(|v| v.parse::<f64>().ok());
+            let (x, y, cw, ch) = (num("x")?, num("y")?, num("width")?, num("height")?);
+            let fill = n.attribute("fill")?.to_uppercase();
+            (cw > 60.0 && cw < f64::from(w) / 2.0).then_some((x, y, cw, ch, fill))
+        })
+        .collect()
+}
+
+fn moe_run(layers: &[Vec<u64>]) -> Run {
+    let run = Run::new();
+    run.json("moe_expert_summary.json", &moe_json(layers));
+    run
+}
+
+/// One layer, four experts: the hot expert's cell has its own colour, lighter than the others,
+/// in the SVG and at the same place in the PNG; an even load paints every cell alike.
+#[test]
+fn heat_map_colours_vary_with_load() {
+    let skewed = moe_run(&[vec![700, 100, 100, 100]]);
+    let data = RunData::load(skewed.path()).unwrap();
+    let svg = Figure::MoeExpertLoad.to_svg(&data).unwrap();
+    let cells = heat_map_cells(&svg);
+    assert_eq!(cells.len(), 4, "{cells:?}");
+    let fills: Vec<&str> = cells.iter().map(|c| c.4.as_str()).collect();
+    assert_ne!(fills[0], fills[1], "the hot expert stands out");
+    assert_eq!((fills[1], fills[2]), (fills[3], fills[3]), "equal loads, equal colours");
+    assert_eq!(fills[0], "#FDE725", "the largest share is the top of the scale");
+    assert!(svg.contains("70.0%") && svg.contains("10.0%"), "cells carry their shares");
+
+    let out = tempfile::tempdir().unwrap();
+    let png = out.path().join("moe.png");
+    Figure::MoeExpertLoad.write_png(&data, &png).unwrap();
+    let img = image::open(&png).unwrap().to_rgba8();
+    assert_eq!(img.dimensions(), Figure::MoeExpertLoad.size());
+    for (x, y, w, h, fill) in &cells {
+        // A quarter down from the cell's centre, clear of the share printed in the middle.
+        let p = img.get_pixel((x + w / 2.0) as u32, (y + h * 0.75) as u32).0;
+        assert_eq!(&hex(p), fill, "PNG and SVG agree at ({x}, {y})");
+    }
+
+    let even = moe_run(&[vec![100; 4]]);
+    let svg = Figure::MoeExpertLoad.to_svg(&RunData::load(even.path()).unwrap()).unwrap();
+    let fills: HashSet<String> = heat_map_cells(&svg).into_iter().map(|c| c.4).collect();
+    assert_eq!(fills.len(), 1, "{fills:?}");
+}
+
+/// Layers are rows, the first on top; each row's hottest expert is the lightest cell of the row.
+#[test]
+fn heat_map_has_a_row_per_layer_and_a_column_per_expert() {
+    let run = moe_run(&[vec![50, 10, 10, 10, 10, 10], vec![10, 10, 10, 10, 10, 50], vec![10; 6]]);
+    let svg = Figure::MoeExpertLoad.to_svg(&RunData::load(run.path()).unwrap()).unwrap();
+    let cells = heat_map_cells(&svg);
+    assert_eq!(cells.len(), 18, "3 layers x 6 experts");
+    let rows: Vec<f64> = cells.chunks(6).map(|row| row[0].1).collect();
+    assert!(rows[0] < rows[1] && rows[1] < rows[2], "layer 0 on top: {rows:?}");
+    let lum = |fill: &str| {
+        let v = |i: usize| f64::from(u8::from_str_radix(&fill[i..i + 2], 16).unwrap());
+        0.2126 * v(1) + 0.7152 * v(3) + 0.0722 * v(5)
+    };
+    let lightest = |row: &[(f64, f64, f64, f64, String)]| {
+        (0..row.len()).max_by(|&a, &b| lum(&row[a].4).total_cmp(&lum(&row[b].4))).unwrap()
+    };
+    assert_eq!(lightest(&cells[0..6]), 0);
+    assert_eq!(lightest(&cells[6..12]), 5);
+    let doc = roxmltree::Document::parse(&svg).unwrap();
+    let texts: Vec<&str> = doc.descendants().filter(|n| n.is_text()).filter_map(|n| n.text()).map(str::trim).collect();
+    for label in ["Expert", "Layer", "Share of the layer's tokens (%)", "5", "2"] {
+        assert!(texts.contains(&label), "{label} in {texts:?}");
+    }
+    // Without layers there is nothing to colour, and the figure says so.
+    let svg = Figure::MoeExpertLoad.to_svg(&RunData::load(moe_run(&[]).path()).unwrap()).unwrap();
+    assert!(svg.contains("No MoE routing recorded"));
+}
+
+#[test]
+fn kv_cache_figure_marks_each_preemption_on_the_time_axis() {
+    let run = Run::new();
+    let mut kv = String::from(KV_HEADER);
+    for i in 0..100 {
+        let used = 20 + (i % 40) * 2;
+        kv.push_str(&format!("{:.6},{used},100,{used}.0000,0,0\n", f64::from(i) * 0.1));
+    }
+    run.write("kv_cache_usage.csv", &kv);
+    run.write(
+        "preemption_events.csv",
+        &format!(
+            "{EVENTS_HEADER}3.950000,a,preempted,RECOMPUTE,0.1,\n3.960000,a,resumed,,,\n7.950000,b,preempted,RECOMPUTE,0.1,\n"
+        ),
+    );
+    let data = RunData::load(run.path()).unwrap();
+    let svg = Figure::KvCacheUsage.to_svg(&data).unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap();
+    let markers = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("polygon") && n.attribute("fill").is_some_and(|f| f.eq_ignore_ascii_case("#D62728")))
+        .count();
+    assert_eq!(markers, 2 + 1, "two preemptions and the legend's sample");
+    for text in
+        ["Preemption (2), at the usage of the sample before it", "Near full (95%)", "KV-cache usage (%)", "Time (s)"]
+    {
+        assert!(svg.contains(text), "{text}");
+    }
+    let out = tempfile::tempdir().unwrap();
+    let png = out.path().join("kv.png");
+    Figure::KvCacheUsage.write_png(&data, &png).unwrap();
+    let img = image::open(&png).unwrap().to_rgba8();
+    assert_eq!(img.dimensions(), Figure::KvCacheUsage.size());
+    assert!(distinct_colours(&img) > 10);
+    // Red marker pixels exist in the PNG too (the triangles, drawn 75 % opaque over white or the line).
+    let reddish = img.pixels().filter(|p| p.0[0] > 200 && p.0[1] < 110 && p.0[2] < 110).count();
+    assert!(reddish > 40, "{reddish} red pixels");
+
+    // Without preemption_events.csv the usage is still drawn.
+    run.remove("preemption_events.csv");
+    let svg = Figure::KvCacheUsage.to_svg(&RunData::load(run.path()).unwrap()).unwrap();
+    assert!(svg.contains("KV-cache usage") && !svg.contains("Preemption ("));
+}
+
+#[test]
+fn cuda_graph_figure_shows_replays_eager_steps_and_padding() {
+    let run = Run::new();
+    write_csv_run(&run, 100);
+    let data = RunData::load(run.path()).unwrap();
+    let svg = Figure::CudaGraphs.to_svg(&data).unwrap();
+    for text in [
+        "Replayed a graph (80 steps)",
+        "Ran eagerly (20 steps)",
+        "Largest captured graph (32); 6 sizes captured",
+        "Captured graph size",
+        "Padding (%)",
+        "Batch size (sequences)",
+    ] {
+        assert!(svg.contains(text), "{text}");
+    }
+    let out = tempfile::tempdir().unwrap();
+    let png = out.path().join("g.png");
+    Figure::CudaGraphs.write_png(&data, &png).unwrap();
+    let img = image::open(&png).unwrap().to_rgba8();
+    assert_eq!(img.dimensions(), (1400, 800));
+    let has = |c: [u8; 3]| img.pixels().filter(|p| p.0[..3] == c).count();
+    assert!(has([31, 119, 180]) > 500, "replay bars (blue)");
+    assert!(has([255, 127, 14]) > 500, "eager bars (orange)");
+    assert!(has([44, 160, 44]) > 500, "padding bars (green)");
+
+    // Captures only: the figure says there was no step.
+    run.write("cuda_graph_events.csv", &format!("{GRAPH_HEADER}0.0,capture,8,,1.0\n"));
+    let svg = Figure::CudaGraphs.to_svg(&RunData::load(run.path()).unwrap()).unwrap();
+    assert!(svg.contains("No replayed or eager steps recorded"));
+}
+
+#[test]
+fn tracker_figures_without_their_files_are_skipped_with_a_note() {
+    let run = Run::new();
+    write_csv_run(&run, 30);
+    for f in ["kv_cache_usage.csv", "cuda_graph_events.csv", "moe_expert_routing.csv"] {
+        run.remove(f);
+    }
+    let out = tempfile::tempdir().unwrap();
+    let plots = write_plots(&RunData::load(run.path()).unwrap(), out.path()).unwrap();
+    assert_eq!(plots.files.len(), 14, "the seed's seven figures");
+    let notes: Vec<String> = plots.notes.iter().map(|n| n.to_string()).collect();
+    assert_eq!(
+        notes,
+        [
+            "skipped: kv_cache_usage_timeline plot: no kv_cache_usage.csv",
+            "skipped: cuda_graph_batch_sizes plot: no cuda_graph_events.csv",
+            "skipped: moe_expert_load plot: no moe_expert_summary.json or moe_expert_routing.csv",
+        ]
+    );
+    // The summary alone is enough for the heat map.
+    run.json("moe_expert_summary.json", &moe_json(&[vec![3, 1]]));
+    let (figures, _) = Figure::available_in(&RunData::load(run.path()).unwrap());
+    assert!(figures.contains(&Figure::MoeExpertLoad));
 }

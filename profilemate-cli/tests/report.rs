@@ -182,9 +182,17 @@ fn missing_optional_files_are_reported_as_skipped() {
     assert!(
         report.cpu.is_none() && report.batch.is_none() && report.preemption.is_none() && report.components.is_none()
     );
+    assert!(report.kv_cache.is_none() && report.cuda_graph.is_none() && report.moe_expert.is_none());
     let skipped: Vec<String> =
         report.notes.iter().filter(|n| n.kind == NoteKind::Skipped).map(|n| n.to_string()).collect();
-    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    assert_eq!(skipped.len(), 7, "{skipped:?}");
+    for tracker in [
+        "skipped: no kv_cache_summary.json or kv_cache_usage.csv",
+        "skipped: no cuda_graph_summary.json or cuda_graph_events.csv",
+        "skipped: no moe_expert_summary.json or moe_expert_routing.csv",
+    ] {
+        assert!(skipped.contains(&tracker.to_string()), "{skipped:?}");
+    }
     assert!(
         skipped.contains(&"skipped: no preemption_summary.json or preemption_events.csv".to_string()),
         "{skipped:?}"
@@ -192,6 +200,9 @@ fn missing_optional_files_are_reported_as_skipped() {
     assert!(skipped.contains(&"skipped: no cpu_timing_summary.json or cpu_operations_timing.csv".to_string()));
     let text = report.to_string();
     assert!(text.contains("5. Preemptions\n   (no data)"), "{text}");
+    for section in ["6. KV Cache", "7. CUDA Graphs", "8. MoE Experts"] {
+        assert!(text.contains(&format!("{section}\n   (no data)")), "{text}");
+    }
     assert!(text.contains("skipped: no batch_utilization_summary.json or batch_utilization.csv"), "{text}");
 }
 
@@ -564,4 +575,352 @@ fn directory_without_contract_files_is_an_error() {
     assert!(err.to_string().contains("no profilemate output here"));
     let err = Report::from_dir(run.path().join("nope")).unwrap_err();
     assert!(matches!(err, ReportError::Io { .. }), "{err:?}");
+}
+
+// --- the trackers beyond the five profilers ----------------------------------------------------
+
+#[test]
+fn tracker_sections_from_the_summaries() {
+    let run = Run::normal();
+    let report = Report::from_dir(run.path()).unwrap();
+
+    let kv = report.kv_cache.as_ref().unwrap();
+    assert_eq!(kv.source, "kv_cache_summary.json");
+    assert_eq!((kv.summary.samples, kv.full_samples, kv.full_samples_pct), (4100, Some(0), Some(0.0)));
+    assert_eq!((kv.prefix_cache_queries, kv.prefix_cache_hits), (Some(1000), Some(450)));
+    assert_eq!(kv.preemptions, None, "no kv_cache_usage.csv or preemption_events.csv to match");
+
+    let g = report.cuda_graph.as_ref().unwrap();
+    assert_eq!(g.source, "cuda_graph_summary.json");
+    assert_eq!((g.steps, g.largest_captured_size, g.max_eager_batch_size), (4100, Some(256), Some(200)));
+    assert_eq!(g.captured_sizes.as_ref().unwrap().len(), 35);
+    assert_eq!((g.eager_beyond_largest_graph, g.eager_within_graphs), (None, None), "needs the CSV");
+
+    let m = report.moe_expert.as_ref().unwrap();
+    assert_eq!(m.source, "moe_expert_summary.json");
+    assert_eq!(m.layers.len(), 2);
+    assert!(close(m.layers[0].max_over_mean, 1.1), "{}", m.layers[0].max_over_mean);
+    assert_eq!((m.layers[0].hottest_expert, m.layers[0].experts, m.layers[0].total_tokens), (0, 8, 800));
+    assert!(close(m.layers[0].hottest_share_pct, 110.0 / 800.0 * 100.0));
+    assert_eq!(m.layers[1].coefficient_of_variation, 0.0);
+    assert_eq!(m.most_imbalanced_layers, vec![0, 1]);
+
+    let text = report.to_string();
+    for needle in [
+        "6. KV Cache\n   source: kv_cache_summary.json\n   4100 samples of a 1024-block cache",
+        "Usage: mean 61.5%, max 92.0%",
+        "Samples at 100%: 0 (0.0%)",
+        "Prefix cache: 450 hits of 1000 queries = hit rate 45.0%",
+        "Preemptions against usage: unknown (needs kv_cache_usage.csv and preemption_events.csv)",
+        "7. CUDA Graphs\n   source: cuda_graph_summary.json",
+        "Captures: 35 (sizes 1, 2, 4, 8, 16, 24, 32, 40,",
+        "in 1234.500 ms",
+        "Steps: 4100: 3900 replayed, 200 eager = replay rate 95.1%",
+        "Mean padding of a replayed batch: 8.0%",
+        "Eager steps: 200, largest batch 200\n",
+        "8. MoE Experts\n   source: moe_expert_summary.json",
+        "2 layers, up to 8 experts; max_over_mean: highest 1.10x, mean over layers 1.05x",
+        "   0               8          800      1.10x    0.056              0 (13.8%)",
+        "Most imbalanced layers: 0, 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["kv_cache"]["summary"]["prefix_cache_hit_rate_pct"], 45.0);
+    assert_eq!(json["cuda_graph"]["largest_captured_size"], 256);
+    assert_eq!(json["moe_expert"]["layers"][0]["hottest_expert"], 0);
+    assert_eq!(json["thresholds"]["moe_max_over_mean"], 1.5);
+}
+
+#[test]
+fn tracker_sections_recomputed_from_the_csv_files() {
+    let run = Run::new();
+    write_csv_run(&run, 100);
+    let report = Report::from_dir(run.path()).unwrap();
+
+    let kv = report.kv_cache.as_ref().unwrap();
+    assert_eq!(kv.source, "recomputed from kv_cache_usage.csv");
+    assert_eq!(kv.summary.samples, 100);
+    assert_eq!(kv.summary.total_blocks, Some(1024));
+    // used = min(200 + (i % 50) * 17, 1024): full from i % 50 = 49 only (1033 > 1024).
+    assert_eq!(kv.full_samples, Some(2));
+    assert_eq!(kv.summary.max_usage_pct, 100.0);
+    // queries i % 3, hits on i % 6 == 0
+    assert_eq!((kv.prefix_cache_queries, kv.prefix_cache_hits), (Some(99), Some(17)));
+    assert!(close(kv.summary.prefix_cache_hit_rate_pct, 17.0 / 99.0 * 100.0));
+    assert_eq!(kv.preemptions.as_ref().unwrap().preemptions, 4, "preemption_events.csv has 4");
+
+    let g = report.cuda_graph.as_ref().unwrap();
+    assert_eq!(g.source, "recomputed from cuda_graph_events.csv");
+    assert_eq!((g.summary.captures, g.summary.replays, g.summary.eager_steps), (6, 80, 20));
+    assert!(close(g.summary.capture_time_ms, 6.0 + 6.3));
+    assert_eq!(g.captured_sizes, Some(vec![1, 2, 4, 8, 16, 32]));
+    assert_eq!(g.eager_beyond_largest_graph, Some(0));
+    assert_eq!(g.eager_within_graphs, Some(20));
+    assert_eq!(g.max_eager_batch_size, Some(3 + 80 % 27), "eager steps are i % 5 == 0, batch 3 + i % 27");
+    let p = g.most_padded_graph.as_ref().unwrap();
+    assert_eq!(p.graph_size, 32, "batches 17..29 pad to 32: {p:?}");
+
+    let m = report.moe_expert.as_ref().unwrap();
+    assert_eq!(m.source, "recomputed from moe_expert_routing.csv");
+    assert_eq!(m.layers.iter().map(|l| l.layer.as_str()).collect::<Vec<_>>(), ["0", "1"]);
+    // layer 1: expert 5 gets 60 of 95 tokens a step
+    assert_eq!(m.layers[1].hottest_expert, 5);
+    assert!(close(m.layers[1].max_over_mean, 60.0 / (95.0 / 8.0)));
+    assert_eq!(m.most_imbalanced_layers, vec![1, 0]);
+}
+
+#[test]
+fn preemptions_are_matched_to_the_kv_sample_before_them() {
+    let run = Run::new();
+    // Usage by second: 10, 96, 100, 50, 97 (a cache of 100 blocks).
+    let mut kv = String::from(KV_HEADER);
+    for (t, used) in [(1, 10), (2, 96), (3, 100), (4, 50), (5, 97)] {
+        kv.push_str(&format!("{t}.000000,{used},100,{used}.0000,0,0\n"));
+    }
+    run.write("kv_cache_usage.csv", &kv);
+    run.write(
+        "preemption_events.csv",
+        &format!(
+            "{EVENTS_HEADER}0.500000,a,preempted,RECOMPUTE,0.1,\n\
+             2.500000,b,preempted,RECOMPUTE,0.1,\n\
+             3.500000,c,preempted,RECOMPUTE,0.1,\n\
+             4.000000,d,preempted,RECOMPUTE,0.1,\n\
+             4.000000,d,resumed,,,\n\
+             9.000000,e,preempted,kv_cache_full,0.1,\n"
+        ),
+    );
+    let report = Report::from_dir(run.path()).unwrap();
+    let m = report.kv_cache.as_ref().unwrap().preemptions.clone().unwrap();
+    // a: before the first sample, takes it (10); b: 96; c: 100; d: at 4.0 exactly, the sample
+    // taken then is after it, so the one at 3.0 (100); e: the last one (97).
+    assert_eq!((m.preemptions, m.at_near_full, m.at_full), (5, 4, 2));
+    assert!(close(m.at_near_full_pct, 80.0));
+    assert!(close(m.mean_usage_pct, (10.0 + 96.0 + 100.0 + 100.0 + 97.0) / 5.0));
+    assert_eq!(m.near_full_pct, 95.0);
+
+    // The threshold is the report's.
+    let data = RunData::load(run.path()).unwrap();
+    let strict = Thresholds { kv_near_full_pct: 99.0, ..Thresholds::default() };
+    let m = Report::from_data(&data, &strict).kv_cache.unwrap().preemptions.unwrap();
+    assert_eq!(m.at_near_full, 2);
+    assert!(report.to_string().contains(
+        "Preemptions at KV usage >= 95% (nearest sample before each): 4 of 5 (80.0%), 2 at 100%; mean usage at a preemption 80.6%"
+    ));
+}
+
+#[test]
+fn eager_steps_beyond_the_largest_graph_are_counted() {
+    let run = Run::new();
+    run.write(
+        "cuda_graph_events.csv",
+        &format!(
+            "{GRAPH_HEADER}0.0,capture,8,,2.0\n0.1,capture,16,,3.0\n0.2,replay,5,8,\n0.3,replay,16,16,\n\
+             0.4,eager,40,,\n0.5,eager,12,,0.9\n0.6,eager,17,,\n"
+        ),
+    );
+    let report = Report::from_dir(run.path()).unwrap();
+    let g = report.cuda_graph.as_ref().unwrap();
+    assert_eq!((g.eager_beyond_largest_graph, g.eager_within_graphs), (Some(2), Some(1)));
+    assert_eq!(g.max_eager_batch_size, Some(40));
+    assert!(close(g.summary.mean_padding_pct, 37.5 / 2.0));
+    assert!(close(g.summary.replay_rate_pct, 40.0));
+    let text = report.to_string();
+    assert!(
+        text.contains(
+            "Eager steps: 3, largest batch 40; 2 beyond the largest captured graph (16), 1 within the captured sizes"
+        ),
+        "{text}"
+    );
+    // No graph captured at all: every eager step is beyond.
+    run.write("cuda_graph_events.csv", &format!("{GRAPH_HEADER}0.4,eager,4,,\n"));
+    let g = Report::from_dir(run.path()).unwrap().cuda_graph.unwrap();
+    assert_eq!(
+        (g.eager_beyond_largest_graph, g.largest_captured_size, g.summary.replay_rate_pct),
+        (Some(1), None, 0.0)
+    );
+}
+
+#[test]
+fn tracker_summaries_with_only_the_contract_keys_are_read() {
+    let run = Run::new();
+    run.json(
+        "kv_cache_summary.json",
+        &json!({"mean_usage_pct": 70.0, "max_usage_pct": 99.0, "samples": 10, "prefix_cache_hit_rate_pct": 12.5}),
+    );
+    run.json(
+        "cuda_graph_summary.json",
+        &json!({"captures": 3, "replays": 7, "eager_steps": 3, "replay_rate_pct": 70.0, "mean_padding_pct": 5.0,
+                "capture_time_ms": 12.0}),
+    );
+    run.json(
+        "moe_expert_summary.json",
+        &json!({"layers": {"10": {"tokens_per_expert": [1, 3], "max_over_mean": 1.5, "coefficient_of_variation": 0.5},
+                           "2": {"tokens_per_expert": [2, 2], "max_over_mean": 1.0, "coefficient_of_variation": 0.0}},
+                "most_imbalanced_layers": [10, 2]}),
+    );
+    let report = Report::from_dir(run.path()).unwrap();
+    let kv = report.kv_cache.as_ref().unwrap();
+    assert_eq!((kv.full_samples, kv.prefix_cache_queries), (None, None));
+    let g = report.cuda_graph.as_ref().unwrap();
+    assert_eq!((g.captured_sizes.clone(), g.max_eager_batch_size), (None, None));
+    let m = report.moe_expert.as_ref().unwrap();
+    assert_eq!(m.layers.iter().map(|l| l.layer.as_str()).collect::<Vec<_>>(), ["2", "10"], "numeric order");
+    assert_eq!((m.max_over_mean, m.mean_max_over_mean), (1.5, 1.25), "computed from the layers");
+    assert_eq!(m.layers[1].hottest_expert, 1);
+    let text = report.to_string();
+    assert!(text.contains("Samples at 100%: unknown"), "{text}");
+    assert!(text.contains("Prefix cache: hit rate 12.5%"), "{text}");
+    assert!(text.contains("Captures: 3 in 12.000 ms"), "{text}");
+    assert!(text.contains("Eager steps: 3, largest batch ?\n"), "{text}");
+    // The rule on the hit rate needs to know there were queries.
+    assert!(report.insights.iter().all(|i| i.rule != profilemate_cli::Rule::LowPrefixCacheHitRate));
+}
+
+#[test]
+fn stale_tracker_summaries_are_noted() {
+    let run = Run::new();
+    run.json("kv_cache_summary.json", &kv_json());
+    run.write("kv_cache_usage.csv", &format!("{KV_HEADER}0.1,1,10,10.0000,0,0\n"));
+    run.json("cuda_graph_summary.json", &graph_json());
+    run.write("cuda_graph_events.csv", &format!("{GRAPH_HEADER}0.1,eager,1,,\n"));
+    let report = Report::from_dir(run.path()).unwrap();
+    let warnings: Vec<&str> =
+        report.notes.iter().filter(|n| n.kind == NoteKind::Warning).map(|n| n.message.as_str()).collect();
+    assert!(warnings.iter().any(|w| w.contains("kv_cache_summary.json counts 4100 rows but kv_cache_usage.csv has 1")));
+    assert!(warnings
+        .iter()
+        .any(|w| w.contains("cuda_graph_summary.json counts 4135 rows but cuda_graph_events.csv has 1")));
+    // Figures from the summaries; what only the CSV knows, from the CSV.
+    let g = report.cuda_graph.as_ref().unwrap();
+    assert_eq!((g.steps, g.eager_within_graphs), (4100, Some(1)));
+}
+
+#[test]
+fn tracker_files_torn_or_malformed() {
+    let run = Run::new();
+    run.write("kv_cache_usage.csv", &format!("{KV_HEADER}0.1,10,100,10.0000,0,0\n0.2,20,10"));
+    run.write("moe_expert_routing.csv", &format!("{MOE_HEADER}0.1,0,0,5\n0.1,0,1,\"3"));
+    let data = RunData::load(run.path()).unwrap();
+    assert_eq!(data.kv_cache.as_ref().unwrap().len(), 1);
+    assert_eq!(data.moe_routing.as_ref().unwrap().rows, 1);
+    assert_eq!(data.notes.len(), 2, "{:?}", data.notes);
+    assert!(data.notes[0].message.contains("kv_cache_usage.csv: torn last line 3 skipped"), "{:?}", data.notes);
+    // Empty prefix-cache counts read as 0; an empty usage is recomputed from the blocks.
+    run.write("kv_cache_usage.csv", &format!("{KV_HEADER}0.1,25,100,,,\n"));
+    let data = RunData::load(run.path()).unwrap();
+    assert_eq!(data.kv_cache.as_ref().unwrap()[0].usage(), Some(25.0));
+
+    let cases: [(&str, String, &str); 7] = [
+        (
+            "cuda_graph_events.csv",
+            format!("{GRAPH_HEADER}0.1,warmup,8,,\n"),
+            "line 2, column 2 (`event`): `warmup` is not one of capture, replay, eager",
+        ),
+        (
+            "cuda_graph_events.csv",
+            format!("{GRAPH_HEADER}0.1,replay,8,-16,\n"),
+            "line 2, column 4 (`padded_batch_size`): `-16` is not a non-negative integer",
+        ),
+        (
+            "kv_cache_usage.csv",
+            format!("{KV_HEADER}0.1,10,100,NaN,0,0\n"),
+            "line 2, column 4 (`usage_pct`): `NaN` is not a finite number",
+        ),
+        (
+            "moe_expert_routing.csv",
+            format!("{MOE_HEADER}0.1,0,1.5,3\n0.2,0,1,3\n"),
+            "line 2, column 3 (`expert_id`): `1.5` is not a non-negative integer",
+        ),
+        ("moe_expert_routing.csv", "timestamp_sec,layer,num_tokens\n0.1,0,3\n".into(), "missing column `expert_id`"),
+        (
+            "moe_expert_routing.csv",
+            format!("{MOE_HEADER}0.1,0,4294967295,3\n"),
+            "line 2, column 3 (`expert_id`): expert id 4294967295 is beyond 65535",
+        ),
+        (
+            "kv_cache_summary.json",
+            "{\"mean_usage_pct\": 1.0, \"max_usage_pct\": 1.0, \"samples\": 1}".into(),
+            "missing field `prefix_cache_hit_rate_pct`",
+        ),
+    ];
+    for (file, content, expected) in cases {
+        let err = malformed(file, &content);
+        let text = err.to_string();
+        assert!(text.starts_with(file), "{text}");
+        assert!(text.contains(expected), "{file}: {text}");
+    }
+}
+
+/// A run written by profilemate itself with all three trackers: its summaries and the ones
+/// recomputed from its CSV files agree.
+#[test]
+fn core_written_trackers_read_back_and_recompute_to_the_same_numbers() {
+    use profilemate_core::{KvCacheSample, Session};
+    use std::time::Duration;
+    let run = Run::new();
+    let session = Session::builder().sink_factory(profilemate_sinks::standard_sinks).dir(run.path()).build().unwrap();
+    let (kv, graphs, moe) = (session.kv_cache(), session.cuda_graphs(), session.moe_experts());
+    for size in [1u32, 2, 4, 8, 16] {
+        graphs.capture(size, Duration::from_micros(500 + u64::from(size)));
+    }
+    for i in 0..200u32 {
+        kv.record(&KvCacheSample {
+            used_blocks: (i * 7) % 130,
+            total_blocks: 128,
+            prefix_cache_queries: u64::from(i % 4),
+            prefix_cache_hits: u64::from(i % 8 == 0),
+        });
+        let batch = 1 + i % 20;
+        match [1u32, 2, 4, 8, 16].into_iter().find(|s| *s >= batch) {
+            Some(padded) if i % 7 != 0 => graphs.replay(batch, padded),
+            _ => graphs.eager(batch),
+        }
+        moe.record_layer(i % 3, &[i % 5, 3, 0, 1 + i % 2]);
+    }
+    session.shutdown().unwrap();
+
+    let from_json = Report::from_dir(run.path()).unwrap();
+    assert!(from_json.notes.iter().all(|n| !n.message.contains("counts")), "{:?}", from_json.notes);
+    for f in ["kv_cache_summary.json", "cuda_graph_summary.json", "moe_expert_summary.json"] {
+        run.remove(f);
+    }
+    let from_csv = Report::from_dir(run.path()).unwrap();
+
+    let (a, b) = (from_json.kv_cache.unwrap(), from_csv.kv_cache.unwrap());
+    assert_eq!(a.source, "kv_cache_summary.json");
+    assert_eq!(b.source, "recomputed from kv_cache_usage.csv");
+    assert_eq!(
+        (a.summary.samples, a.full_samples, a.prefix_cache_queries),
+        (200, b.full_samples, b.prefix_cache_queries)
+    );
+    assert_eq!(a.summary.total_blocks, b.summary.total_blocks);
+    assert!((a.summary.mean_usage_pct - b.summary.mean_usage_pct).abs() < 1e-3);
+    assert!((a.summary.prefix_cache_hit_rate_pct - b.summary.prefix_cache_hit_rate_pct).abs() < 1e-9);
+
+    let (a, b) = (from_json.cuda_graph.unwrap(), from_csv.cuda_graph.unwrap());
+    assert_eq!((a.summary.captures, a.summary.replays + a.summary.eager_steps), (5, 200));
+    assert_eq!(
+        (a.summary.captures, a.summary.replays, a.summary.eager_steps),
+        (b.summary.captures, b.summary.replays, b.summary.eager_steps)
+    );
+    assert_eq!(a.captured_sizes, b.captured_sizes);
+    assert_eq!(a.max_eager_batch_size, b.max_eager_batch_size);
+    assert!((a.summary.mean_padding_pct - b.summary.mean_padding_pct).abs() < 1e-9);
+    assert!((a.summary.capture_time_ms - b.summary.capture_time_ms).abs() < 1e-3);
+
+    let (a, b) = (from_json.moe_expert.unwrap(), from_csv.moe_expert.unwrap());
+    assert_eq!(a.layers.len(), 3);
+    for (x, y) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(
+            (&x.layer, x.experts, x.total_tokens, x.hottest_expert),
+            (&y.layer, y.experts, y.total_tokens, y.hottest_expert)
+        );
+        // serde_json's float parsing may be one ulp off the value written.
+        assert!(
+            close(x.max_over_mean, y.max_over_mean) && close(x.coefficient_of_variation, y.coefficient_of_variation)
+        );
+    }
+    assert_eq!(a.most_imbalanced_layers, b.most_imbalanced_layers);
+    assert!(close(a.max_over_mean, b.max_over_mean));
 }

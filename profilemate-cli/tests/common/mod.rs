@@ -12,6 +12,9 @@ pub const BATCH_HEADER: &str = "timestamp_sec,num_seqs,max_num_seqs,seq_utilizat
 pub const EVENTS_HEADER: &str = "timestamp_sec,request_id,event,reason,running_time_sec,extra_info\n";
 pub const LIFECYCLE_HEADER: &str = "request_id,started_sec,preempted_sec,resumed_sec,finished_sec,total_time_sec,preemption_delay_sec,num_preemptions\n";
 pub const COMPONENT_HEADER: &str = "timestamp_sec,component,duration_ms,context\n";
+pub const KV_HEADER: &str = "timestamp_sec,used_blocks,total_blocks,usage_pct,prefix_cache_queries,prefix_cache_hits\n";
+pub const GRAPH_HEADER: &str = "timestamp_sec,event,batch_size,padded_batch_size,duration_ms\n";
+pub const MOE_HEADER: &str = "timestamp_sec,layer,expert_id,num_tokens\n";
 
 pub struct Run {
     pub dir: TempDir,
@@ -48,6 +51,9 @@ impl Run {
         run.json("batch_utilization_summary.json", &batch_json());
         run.json("preemption_summary.json", &preemption_json());
         run.json("encoder_decoder_summary.json", &encoder_decoder_json());
+        run.json("kv_cache_summary.json", &kv_json());
+        run.json("cuda_graph_summary.json", &graph_json());
+        run.json("moe_expert_summary.json", &moe_json(&[vec![110, 100, 95, 100, 105, 90, 100, 100], vec![100; 8]]));
         run.json("profilemate_run.json", &manifest_json());
         run
     }
@@ -122,6 +128,56 @@ pub fn encoder_decoder_json() -> Value {
     })
 }
 
+/// A KV cache with room to spare and a useful prefix cache.
+pub fn kv_json() -> Value {
+    json!({
+        "mean_usage_pct": 61.5, "max_usage_pct": 92.0, "samples": 4100, "prefix_cache_hit_rate_pct": 45.0,
+        "prefix_cache_queries": 1000, "prefix_cache_hits": 450, "total_blocks": 1024, "full_samples": 0
+    })
+}
+
+/// Graphs for every decode batch: 95.1 % of steps replay, with little padding.
+pub fn graph_json() -> Value {
+    json!({
+        "captures": 35, "replays": 3900, "eager_steps": 200, "replay_rate_pct": 3900.0 / 4100.0 * 100.0,
+        "mean_padding_pct": 8.0, "capture_time_ms": 1234.5,
+        "captured_sizes": [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 136, 144,
+                           152, 160, 168, 176, 184, 192, 200, 208, 216, 224, 232, 240, 248, 256],
+        "max_eager_batch_size": 200
+    })
+}
+
+/// `moe_expert_summary.json` for layers 0, 1, ... with these tokens per expert, computed as the
+/// core does.
+pub fn moe_json(layers: &[Vec<u64>]) -> Value {
+    let mut out = serde_json::Map::new();
+    let mut order = Vec::new();
+    for (l, tokens) in layers.iter().enumerate() {
+        let total: u64 = tokens.iter().sum();
+        let mean = total as f64 / tokens.len() as f64;
+        let max = *tokens.iter().max().unwrap();
+        let hottest = tokens.iter().position(|t| *t == max).unwrap();
+        let var = tokens.iter().map(|t| (*t as f64 - mean).powi(2)).sum::<f64>() / tokens.len() as f64;
+        let max_over_mean = if mean > 0.0 { max as f64 / mean } else { 0.0 };
+        order.push((l, max_over_mean));
+        out.insert(
+            l.to_string(),
+            json!({
+                "tokens_per_expert": tokens, "total_tokens": total, "max_over_mean": max_over_mean,
+                "coefficient_of_variation": if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
+                "hottest_expert": hottest, "coldest_expert": 0
+            }),
+        );
+    }
+    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let max = order.first().map_or(0.0, |o| o.1);
+    let mean = if order.is_empty() { 0.0 } else { order.iter().map(|o| o.1).sum::<f64>() / order.len() as f64 };
+    json!({
+        "layers": out, "most_imbalanced_layers": order.iter().map(|o| o.0).collect::<Vec<_>>(),
+        "max_over_mean": max, "mean_max_over_mean": mean, "records": 100 * layers.len()
+    })
+}
+
 pub fn manifest_json() -> Value {
     json!({
         "format_version": 1, "profilemate_version": "0.1.0", "started_at": "2026-01-01T00:00:00Z",
@@ -175,6 +231,40 @@ pub fn write_csv_run(run: &Run, steps: usize) {
             lifecycle.push_str(&format!("req-{r},{s:.6},,,{:.6},1.000000,,0\n", s + 1.0));
         }
     }
+    // Trackers: the KV cache fills up and drains, decode steps replay graphs of sizes 1, 2, 4,
+    // 8, 16, 32 and prompt steps run eagerly; two MoE layers of eight experts, one skewed.
+    let mut kv = String::from(KV_HEADER);
+    let mut graphs = String::from(GRAPH_HEADER);
+    for (i, size) in [1u64, 2, 4, 8, 16, 32].iter().enumerate() {
+        graphs.push_str(&format!("{:.6},capture,{size},,{:.3}\n", i as f64 * 0.0001, 1.0 + *size as f64 * 0.1));
+    }
+    let mut moe = String::from(MOE_HEADER);
+    let mut t = 0.0f64;
+    for i in 0..steps {
+        let used = 200 + (i % 50) as u64 * 17;
+        let total = 1024u64;
+        let used = used.min(total);
+        kv.push_str(&format!(
+            "{t:.6},{used},{total},{:.4},{},{}\n",
+            used as f64 / total as f64 * 100.0,
+            i % 3,
+            u64::from(i % 6 == 0)
+        ));
+        let batch = 3 + (i % 27) as u64;
+        if i % 5 == 0 {
+            graphs.push_str(&format!("{t:.6},eager,{batch},,\n"));
+        } else {
+            let padded = [1u64, 2, 4, 8, 16, 32].into_iter().find(|s| *s >= batch).unwrap_or(32);
+            graphs.push_str(&format!("{t:.6},replay,{batch},{padded},\n"));
+        }
+        for expert in 0..8u64 {
+            moe.push_str(&format!("{t:.6},0,{expert},{}\n", 10 + expert));
+            moe.push_str(&format!("{t:.6},1,{expert},{}\n", if expert == 5 { 60 } else { 5 }));
+        }
+        t += 0.01;
+    }
+    run.write("kv_cache_usage.csv", &kv).write("cuda_graph_events.csv", &graphs).write("moe_expert_routing.csv", &moe);
+
     run.write("forward_pass_timing.csv", &fp)
         .write("cpu_operations_timing.csv", &cpu)
         .write("batch_utilization.csv", &batch)
