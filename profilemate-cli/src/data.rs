@@ -4,121 +4,29 @@ use crate::contract::*;
 use crate::input::{read_csv, read_json, FieldError, Row};
 use crate::report::Note;
 use crate::ReportError;
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-/// The phase of a forward pass or a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Prompt processing.
-    Prefill,
-    /// Token generation.
-    Decode,
-    /// A batch holding both prompt chunks and decode tokens (chunked prefill).
-    Mixed,
+pub use profilemate_core::{Component, GraphEvent, LifecycleEvent, Phase};
+
+/// The contract's words of an enum that a CSV column holds.
+pub(crate) trait Word: Copy + 'static {
+    /// Every value.
+    const ALL: &'static [Self];
+    /// The word written in files.
+    fn word(self) -> &'static str;
 }
 
-impl Phase {
-    /// All phases, in the contract's order.
-    pub const ALL: [Phase; 3] = [Phase::Prefill, Phase::Decode, Phase::Mixed];
-
-    /// The word used in files.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Phase::Prefill => "prefill",
-            Phase::Decode => "decode",
-            Phase::Mixed => "mixed",
+macro_rules! word {
+    ($($t:ty),*) => {$(
+        impl Word for $t {
+            const ALL: &'static [Self] = &<$t>::ALL;
+            fn word(self) -> &'static str {
+                self.as_str()
+            }
         }
-    }
-
-    const WORDS: [(&'static str, Phase); 3] =
-        [("prefill", Phase::Prefill), ("decode", Phase::Decode), ("mixed", Phase::Mixed)];
+    )*};
 }
-
-/// A model component of `encoder_decoder_timing.csv`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Component {
-    /// Encoder (or vision/audio encoder).
-    Encoder,
-    /// Decoder (or language model).
-    Decoder,
-    /// Cross-attention.
-    CrossAttention,
-}
-
-impl Component {
-    /// All components.
-    pub const ALL: [Component; 3] = [Component::Encoder, Component::Decoder, Component::CrossAttention];
-
-    /// The word used in files.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Component::Encoder => "encoder",
-            Component::Decoder => "decoder",
-            Component::CrossAttention => "cross_attention",
-        }
-    }
-
-    const WORDS: [(&'static str, Component); 3] = [
-        ("encoder", Component::Encoder),
-        ("decoder", Component::Decoder),
-        ("cross_attention", Component::CrossAttention),
-    ];
-}
-
-/// An event of `preemption_events.csv`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LifecycleEvent {
-    /// The request began processing.
-    Started,
-    /// The request was preempted.
-    Preempted,
-    /// The request resumed after a preemption.
-    Resumed,
-    /// The request completed.
-    Finished,
-    /// The request was evicted or aborted.
-    Evicted,
-}
-
-impl LifecycleEvent {
-    const WORDS: [(&'static str, LifecycleEvent); 5] = [
-        ("started", LifecycleEvent::Started),
-        ("preempted", LifecycleEvent::Preempted),
-        ("resumed", LifecycleEvent::Resumed),
-        ("finished", LifecycleEvent::Finished),
-        ("evicted", LifecycleEvent::Evicted),
-    ];
-}
-
-/// An event of `cuda_graph_events.csv`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GraphEvent {
-    /// A graph was captured for a batch size.
-    Capture,
-    /// A step replayed a captured graph (its batch padded to the graph's size).
-    Replay,
-    /// A step ran without a graph.
-    Eager,
-}
-
-impl GraphEvent {
-    /// The word used in files.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            GraphEvent::Capture => "capture",
-            GraphEvent::Replay => "replay",
-            GraphEvent::Eager => "eager",
-        }
-    }
-
-    const WORDS: [(&'static str, GraphEvent); 3] =
-        [("capture", GraphEvent::Capture), ("replay", GraphEvent::Replay), ("eager", GraphEvent::Eager)];
-}
+word!(Phase, Component, LifecycleEvent, GraphEvent);
 
 /// A row of `forward_pass_timing.csv`.
 #[derive(Debug, Clone, PartialEq)]
@@ -359,7 +267,7 @@ pub struct RunData {
 fn forward_row(r: &Row<'_>) -> Result<ForwardPassRow, FieldError> {
     Ok(ForwardPassRow {
         timestamp_sec: r.non_negative(0)?,
-        phase: r.word(1, &Phase::WORDS)?,
+        phase: r.word::<Phase>(1)?,
         batch_size: r.count(2)?,
         num_tokens: r.count(3)?,
         forward_time_ms: r.non_negative(4)?,
@@ -384,7 +292,7 @@ fn batch_row(r: &Row<'_>) -> Result<BatchRow, FieldError> {
         num_tokens: r.count(4)?,
         max_tokens: r.count(5)?,
         token_utilization_pct: r.opt_non_negative(6)?,
-        phase: r.word(7, &Phase::WORDS)?,
+        phase: r.word::<Phase>(7)?,
         running_queue_len: r.count(8)?,
         waiting_queue_len: r.count(9)?,
     })
@@ -394,7 +302,7 @@ fn preemption_row(r: &Row<'_>) -> Result<PreemptionEventRow, FieldError> {
     Ok(PreemptionEventRow {
         timestamp_sec: r.non_negative(0)?,
         request_id: r.text(1)?,
-        event: r.word(2, &LifecycleEvent::WORDS)?,
+        event: r.word::<LifecycleEvent>(2)?,
         reason: r.text(3)?,
         running_time_sec: r.opt_non_negative(4)?,
     })
@@ -416,7 +324,7 @@ fn lifecycle_row(r: &Row<'_>) -> Result<LifecycleRow, FieldError> {
 fn component_row(r: &Row<'_>) -> Result<ComponentRow, FieldError> {
     Ok(ComponentRow {
         timestamp_sec: r.non_negative(0)?,
-        component: r.word(1, &Component::WORDS)?,
+        component: r.word::<Component>(1)?,
         duration_ms: r.non_negative(2)?,
         context: r.text(3)?,
     })
@@ -436,7 +344,7 @@ fn kv_cache_row(r: &Row<'_>) -> Result<KvCacheRow, FieldError> {
 fn cuda_graph_row(r: &Row<'_>) -> Result<CudaGraphRow, FieldError> {
     Ok(CudaGraphRow {
         timestamp_sec: r.non_negative(0)?,
-        event: r.word(1, &GraphEvent::WORDS)?,
+        event: r.word::<GraphEvent>(1)?,
         batch_size: r.count(2)?,
         padded_batch_size: r.opt_count(3)?,
         duration_ms: r.opt_non_negative(4)?,

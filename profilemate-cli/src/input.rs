@@ -94,10 +94,10 @@ impl Row<'_> {
     }
 
     /// One of a fixed set of words.
-    pub(crate) fn word<T: Copy>(&self, column: usize, words: &[(&str, T)]) -> Result<T, FieldError> {
+    pub(crate) fn word<T: crate::data::Word>(&self, column: usize) -> Result<T, FieldError> {
         let raw = self.raw(column)?;
-        words.iter().find(|(w, _)| *w == raw).map(|(_, t)| *t).ok_or_else(|| {
-            let accepted: Vec<&str> = words.iter().map(|(w, _)| *w).collect();
+        T::ALL.iter().find(|t| t.word() == raw).copied().ok_or_else(|| {
+            let accepted: Vec<&str> = T::ALL.iter().map(|t| t.word()).collect();
             FieldError { column, message: format!("`{raw}` is not one of {}", accepted.join(", ")) }
         })
     }

@@ -191,6 +191,15 @@ pub enum LifecycleEvent {
 }
 
 impl LifecycleEvent {
+    /// Every event, in contract order.
+    pub const ALL: [LifecycleEvent; 5] = [
+        LifecycleEvent::Started,
+        LifecycleEvent::Preempted,
+        LifecycleEvent::Resumed,
+        LifecycleEvent::Finished,
+        LifecycleEvent::Evicted,
+    ];
+
     /// The name used in files.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -237,6 +246,9 @@ pub enum GraphEvent {
 }
 
 impl GraphEvent {
+    /// Every event, in contract order.
+    pub const ALL: [GraphEvent; 3] = [GraphEvent::Capture, GraphEvent::Replay, GraphEvent::Eager];
+
     /// The name used in files.
     pub const fn as_str(self) -> &'static str {
         match self {
