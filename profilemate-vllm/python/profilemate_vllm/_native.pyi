@@ -1,0 +1,75 @@
+"""The native module: recording through the profilemate core (Rust)."""
+
+from os import PathLike
+from typing import Optional, Union
+
+__version__: str
+
+def resolve_config() -> str:
+    """The configuration in force (PROFILEMATE_* and VLLM_PROFILING_* variables), as JSON.
+
+    Raises ValueError naming a malformed variable."""
+
+def merge(dir: Union[str, PathLike[str]], run: Optional[str] = None) -> str:
+    """Merges the parts of ``run`` (default: the latest) under ``dir`` into its contract files;
+    returns the report as JSON. Raises RuntimeError when there is nothing to merge."""
+
+def runs(dir: Union[str, PathLike[str]]) -> list[str]:
+    """The runs recorded under ``dir``, oldest first."""
+
+class Recorder:
+    """One process's session, writing into its own part directory."""
+
+    def __init__(self, part_dir: Union[str, PathLike[str]], timing: str = "host") -> None: ...
+    @property
+    def dir(self) -> str: ...
+    @property
+    def timing(self) -> str: ...
+    def forward(self, phase: int, batch_size: int, num_tokens: int, duration_ns: int) -> None:
+        """A forward pass that ended now; phase 0 prefill, 1 decode, 2 mixed."""
+    def cpu(self, op: int, duration_ns: int, phase: int = -1) -> None:
+        """A CPU operation that ended now: 0 scheduling, 1 batch_preparation, 2 model_execution,
+        3 sampling; ``phase`` >= 0 adds ``phase=...`` as context."""
+    def batch(
+        self,
+        phase: int,
+        num_seqs: int,
+        max_num_seqs: int,
+        num_tokens: int,
+        max_tokens: int,
+        running_queue_len: int,
+        waiting_queue_len: int,
+    ) -> None: ...
+    def scheduled(
+        self,
+        phase: int,
+        scheduling_ns: int,
+        num_seqs: int,
+        max_num_seqs: int,
+        num_tokens: int,
+        max_tokens: int,
+        running_queue_len: int,
+        waiting_queue_len: int,
+        kv_used_blocks: int,
+        kv_total_blocks: int,
+        prefix_cache_queries: int,
+        prefix_cache_hits: int,
+    ) -> None:
+        """A non-empty step seen by the scheduler: scheduling time (skipped if negative), the
+        batch, and a KV cache reading (skipped if ``kv_total_blocks`` is negative)."""
+    def executed(self, phase: int, num_seqs: int, num_tokens: int, execution_ns: int, forward_ns: int) -> None:
+        """A model runner step that ended now: model_execution (skipped if negative), the
+        forward pass, and the decoder (language model) component."""
+    def started(self, request_id: str) -> None: ...
+    def preempted(self, request_id: str, reason: str, extra_info: str) -> None: ...
+    def resumed(self, request_id: str) -> None: ...
+    def finished(self, request_id: str, extra_info: str) -> None: ...
+    def evicted(self, request_id: str, reason: str, extra_info: str) -> None: ...
+    def component(self, component: int, duration_ns: int, context: str) -> None:
+        """0 encoder, 1 decoder, 2 cross_attention."""
+    def kv_cache(self, used_blocks: int, total_blocks: int, prefix_cache_queries: int, prefix_cache_hits: int) -> None: ...
+    def declare_model_type(self, model_type: str) -> None:
+        """``encoder_decoder`` or ``decoder_only``."""
+    def flush(self) -> None: ...
+    def shutdown(self) -> Optional[str]:
+        """Final rows, summaries and manifest; the manifest as JSON (None if already shut down)."""

@@ -1,0 +1,722 @@
+//! Builds the top-level contract files of a multi-process vLLM run from what each process wrote.
+//!
+//! Every process of a run (the front end, the engine core, each worker) records into its own
+//! part directory, `DIR/parts/<run>/<role>-<pid>/`, with the core's usual files and manifest.
+//! The manifests carry `monotonic_start_ns`, the `CLOCK_MONOTONIC` reading at each part's
+//! `timestamp_sec = 0`, and every process on a host reads the same clock, so the parts share
+//! one time base. [`merge`] rebases every row onto the earliest part's start, replays the rows
+//! through the core's own profilers (so summaries, request lifecycles and percentiles are
+//! computed exactly as a single session computes them) and writes the contract files into
+//! `DIR`. Forward rows get one more column at the end, `rank`, the worker rank that ran them.
+//!
+//! Parts of processes that were killed are merged as far as their files go: complete lines
+//! parse, a torn last line is skipped and counted.
+
+use profilemate::{
+    write_atomic, BatchSample, BatchUtilizationProfiler, Component, Config, CpuTimingProfiler, CsvSink,
+    EncoderDecoderProfiler, Event, ForwardPassProfiler, JsonSummarySink, KvCacheProfiler, KvCacheSample,
+    LifecycleEvent, ModelType, Phase, PreemptionProfiler, Profiler, Rows, RunManifest, Sink, Summaries, Table,
+    MANIFEST_FILE,
+};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The folder under the output directory that holds the runs' parts.
+pub const PARTS_DIR: &str = "parts";
+
+/// The file in each part directory that says which process wrote it.
+pub const PART_FILE: &str = "part.json";
+
+/// What went wrong in a merge.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum MergeError {
+    /// `DIR/parts` holds no run (profiling was not active, or nothing was recorded yet).
+    ///
+    /// Fix: point the merge at the directory given in `VLLM_PROFILING_DIR`/`PROFILEMATE_DIR`.
+    NoParts(PathBuf),
+    /// A file could not be read or written.
+    Io(PathBuf, std::io::Error),
+    /// A manifest could not be parsed.
+    Manifest(PathBuf, String),
+    /// Writing the merged files failed.
+    Write(String),
+}
+
+impl std::fmt::Display for MergeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MergeError::NoParts(p) => write!(f, "no profilemate parts under {}", p.display()),
+            MergeError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+            MergeError::Manifest(p, e) => write!(f, "{}: not a profilemate manifest: {e}", p.display()),
+            MergeError::Write(e) => write!(f, "cannot write the merged files: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MergeError {}
+
+/// The tables read from the parts (the lifecycle table is rebuilt from the events).
+const MERGED: [Table; 6] = [
+    Table::ForwardPass,
+    Table::CpuOperations,
+    Table::BatchUtilization,
+    Table::PreemptionEvents,
+    Table::EncoderDecoder,
+    Table::KvCacheUsage,
+];
+
+/// One part, as the merge found it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartReport {
+    /// The part directory, relative to the output directory.
+    pub dir: String,
+    /// `main`, `engine`, `worker`, ... as the plugin named the process.
+    pub role: String,
+    /// The worker rank, for parts that ran the model.
+    pub rank: Option<u32>,
+    /// The process id.
+    pub pid: u32,
+    /// Whether the process shut its session down cleanly (a killed one did not).
+    pub finished: bool,
+    /// Nanoseconds from the run's start to this part's start.
+    pub offset_ns: u64,
+    /// Rows read per CSV file.
+    pub rows: BTreeMap<String, u64>,
+    /// Torn or malformed lines skipped.
+    pub skipped_lines: u64,
+}
+
+/// What [`merge`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeReport {
+    /// The output directory written.
+    pub dir: PathBuf,
+    /// The run that was merged (its folder under `parts/`).
+    pub run: String,
+    /// The parts merged, earliest first.
+    pub parts: Vec<PartReport>,
+    /// Rows written per CSV file.
+    pub rows: BTreeMap<String, u64>,
+    /// Whether every part was shut down cleanly.
+    pub complete: bool,
+}
+
+/// The runs recorded under `dir`, oldest first (run folder names start with a UTC timestamp).
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// assert!(profilemate_vllm::runs(dir.path()).is_empty());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn runs(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir.join(PARTS_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    out.sort();
+    out
+}
+
+struct Part {
+    report: PartReport,
+    manifest: RunManifest,
+    model_type: Option<String>,
+    path: PathBuf,
+}
+
+/// Merges the parts of one run (`run`, or the latest) under `dir` into the contract files in
+/// `dir`, replacing what a previous merge wrote there.
+///
+/// # Errors
+///
+/// [`MergeError::NoParts`] when there is nothing to merge; I/O and manifest errors otherwise.
+pub fn merge(dir: &Path, run: Option<&str>) -> Result<MergeReport, MergeError> {
+    let run = match run {
+        Some(r) => r.to_string(),
+        None => runs(dir).pop().ok_or_else(|| MergeError::NoParts(dir.join(PARTS_DIR)))?,
+    };
+    let run_dir = dir.join(PARTS_DIR).join(&run);
+    let mut parts = read_parts(dir, &run_dir)?;
+    if parts.is_empty() {
+        return Err(MergeError::NoParts(run_dir));
+    }
+    let base = parts.iter().map(|p| p.manifest.monotonic_start_ns).min().unwrap_or(0);
+    for p in &mut parts {
+        p.report.offset_ns = p.manifest.monotonic_start_ns.saturating_sub(base);
+    }
+    parts.sort_by_key(|p| (p.report.offset_ns, p.report.pid));
+
+    // Every row of every part, on the run's time base.
+    let mut timeline = Timeline::default();
+    for (i, p) in parts.iter_mut().enumerate() {
+        timeline.read_part(i, &p.path, p.report.offset_ns, &mut p.report)?;
+    }
+    let end_ns = parts
+        .iter()
+        .map(|p| p.report.offset_ns + (p.manifest.elapsed_sec.max(0.0) * 1e9) as u64)
+        .max()
+        .unwrap_or(0)
+        .max(timeline.last_ns);
+
+    let first = &parts[0].manifest;
+    let mut config: Config = first.config.clone();
+    config.dir = dir.to_path_buf();
+    let declared = parts
+        .iter()
+        .filter_map(|p| p.model_type.as_deref())
+        .any(|m| m == ModelType::EncoderDecoder.as_str())
+        .then_some(ModelType::EncoderDecoder);
+
+    let (rows, ranks, summaries) = timeline.replay(&parts, &config, declared, end_ns);
+    write_outputs(dir, &config, &rows, &ranks, &summaries)?;
+
+    let mut counts = BTreeMap::new();
+    for t in MERGED.into_iter().chain([Table::RequestLifecycle]) {
+        if config.is_enabled(t.profiler()) {
+            counts.insert(t.file_name().to_string(), rows.len(t) as u64);
+        }
+    }
+    let complete = parts.iter().all(|p| p.report.finished);
+    let report = MergeReport {
+        dir: dir.to_path_buf(),
+        run,
+        parts: parts.iter().map(|p| p.report.clone()).collect(),
+        rows: counts.clone(),
+        complete,
+    };
+    write_manifest(dir, &parts, &config, counts, &rows, end_ns, &report)?;
+    Ok(report)
+}
+
+fn read_parts(dir: &Path, run_dir: &Path) -> Result<Vec<Part>, MergeError> {
+    let entries = std::fs::read_dir(run_dir).map_err(|e| MergeError::Io(run_dir.to_path_buf(), e))?;
+    let mut parts = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let manifest_path = path.join(MANIFEST_FILE);
+        if !manifest_path.is_file() {
+            continue;
+        }
+        let text = std::fs::read(&manifest_path).map_err(|e| MergeError::Io(manifest_path.clone(), e))?;
+        let manifest: RunManifest =
+            serde_json::from_slice(&text).map_err(|e| MergeError::Manifest(manifest_path.clone(), e.to_string()))?;
+        let info: serde_json::Value = std::fs::read(path.join(PART_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let model_type = std::fs::read(path.join("encoder_decoder_summary.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("model_type").and_then(|m| m.as_str().map(str::to_string)));
+        let rel = path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().into_owned();
+        parts.push(Part {
+            report: PartReport {
+                dir: rel,
+                role: info.get("role").and_then(|r| r.as_str()).unwrap_or("process").to_string(),
+                rank: info.get("rank").and_then(serde_json::Value::as_u64).and_then(|r| u32::try_from(r).ok()),
+                pid: manifest.pid,
+                finished: manifest.finished,
+                offset_ns: 0,
+                rows: BTreeMap::new(),
+                skipped_lines: 0,
+            },
+            manifest,
+            model_type,
+            path,
+        });
+    }
+    Ok(parts)
+}
+
+/// One row, with its place in the run: time, then part, then order within the part.
+struct Keyed<T> {
+    t: u64,
+    part: usize,
+    seq: usize,
+    row: T,
+}
+
+struct CpuRow {
+    name: String,
+    duration_ns: u64,
+    context: String,
+}
+
+struct LifecycleRow {
+    request_id: String,
+    event: LifecycleEvent,
+    reason: String,
+    extra_info: String,
+}
+
+#[derive(Default)]
+struct Timeline {
+    forward: Vec<Keyed<(Phase, u32, u32, u64)>>,
+    cpu: Vec<Keyed<CpuRow>>,
+    batch: Vec<Keyed<BatchSample>>,
+    lifecycle: Vec<Keyed<LifecycleRow>>,
+    components: Vec<Keyed<(Component, u64, String)>>,
+    kv_cache: Vec<Keyed<KvCacheSample>>,
+    last_ns: u64,
+}
+
+impl Timeline {
+    fn read_part(&mut self, part: usize, path: &Path, offset: u64, report: &mut PartReport) -> Result<(), MergeError> {
+        for table in Table::ALL {
+            if !MERGED.contains(&table) {
+                // The lifecycle table is rebuilt from the events, which hold everything it says;
+                // this binding records no CUDA graph or MoE rows.
+                continue;
+            }
+            let file = path.join(table.file_name());
+            let Some((records, skipped)) = read_csv(&file)? else { continue };
+            report.skipped_lines += skipped;
+            report.rows.insert(table.file_name().to_string(), records.len() as u64);
+            for (seq, r) in records.into_iter().enumerate() {
+                if let Some(t) = self.push(table, part, seq, offset, &r) {
+                    self.last_ns = self.last_ns.max(t);
+                } else {
+                    report.skipped_lines += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds one CSV record; `None` when a field does not parse.
+    fn push(&mut self, table: Table, part: usize, seq: usize, offset: u64, r: &Record) -> Option<u64> {
+        let t = offset + parse_fixed_ns(r.get("timestamp_sec")?, 1_000_000_000)?;
+        match table {
+            Table::ForwardPass => {
+                let phase = parse_phase(r.get("phase")?)?;
+                let ns = parse_fixed_ns(r.get("forward_time_ms")?, 1_000_000)?;
+                let row = (phase, r.get("batch_size")?.parse().ok()?, r.get("num_tokens")?.parse().ok()?, ns);
+                self.forward.push(Keyed { t, part, seq, row });
+                Some(t + ns)
+            }
+            Table::CpuOperations => {
+                let ns = parse_fixed_ns(r.get("duration_ms")?, 1_000_000)?;
+                let row = CpuRow {
+                    name: r.get("operation")?.to_string(),
+                    duration_ns: ns,
+                    context: r.get("context")?.into(),
+                };
+                self.cpu.push(Keyed { t, part, seq, row });
+                Some(t + ns)
+            }
+            Table::BatchUtilization => {
+                let n = |k: &str| r.get(k).and_then(|v| v.parse::<u32>().ok());
+                let row = BatchSample {
+                    num_seqs: n("num_seqs")?,
+                    max_num_seqs: n("max_num_seqs")?,
+                    num_tokens: n("num_tokens")?,
+                    max_tokens: n("max_tokens")?,
+                    phase: parse_phase(r.get("phase")?)?,
+                    running_queue_len: n("running_queue_len")?,
+                    waiting_queue_len: n("waiting_queue_len")?,
+                };
+                self.batch.push(Keyed { t, part, seq, row });
+                Some(t)
+            }
+            Table::PreemptionEvents => {
+                let event = match r.get("event")? {
+                    "started" => LifecycleEvent::Started,
+                    "preempted" => LifecycleEvent::Preempted,
+                    "resumed" => LifecycleEvent::Resumed,
+                    "finished" => LifecycleEvent::Finished,
+                    "evicted" => LifecycleEvent::Evicted,
+                    _ => return None,
+                };
+                let row = LifecycleRow {
+                    request_id: r.get("request_id")?.to_string(),
+                    event,
+                    reason: r.get("reason")?.to_string(),
+                    extra_info: r.get("extra_info")?.to_string(),
+                };
+                self.lifecycle.push(Keyed { t, part, seq, row });
+                Some(t)
+            }
+            Table::EncoderDecoder => {
+                let component = match r.get("component")? {
+                    "encoder" => Component::Encoder,
+                    "decoder" => Component::Decoder,
+                    "cross_attention" => Component::CrossAttention,
+                    _ => return None,
+                };
+                let ns = parse_fixed_ns(r.get("duration_ms")?, 1_000_000)?;
+                self.components.push(Keyed { t, part, seq, row: (component, ns, r.get("context")?.to_string()) });
+                Some(t + ns)
+            }
+            Table::KvCacheUsage => {
+                let n = |k: &str| r.get(k).and_then(|v| v.parse::<u64>().ok());
+                let row = KvCacheSample {
+                    used_blocks: u32::try_from(n("used_blocks")?).ok()?,
+                    total_blocks: u32::try_from(n("total_blocks")?).ok()?,
+                    prefix_cache_queries: n("prefix_cache_queries")?,
+                    prefix_cache_hits: n("prefix_cache_hits")?,
+                };
+                self.kv_cache.push(Keyed { t, part, seq, row });
+                Some(t)
+            }
+            _ => None,
+        }
+    }
+
+    /// Feeds every row, in time order, through fresh profilers.
+    fn replay(
+        mut self,
+        parts: &[Part],
+        config: &Config,
+        declared: Option<ModelType>,
+        end_ns: u64,
+    ) -> (Rows, Vec<Option<u32>>, Summaries) {
+        fn order<T>(v: &mut [Keyed<T>]) {
+            v.sort_by_key(|k| (k.t, k.part, k.seq));
+        }
+        order(&mut self.forward);
+        order(&mut self.cpu);
+        order(&mut self.batch);
+        order(&mut self.lifecycle);
+        order(&mut self.components);
+        order(&mut self.kv_cache);
+
+        let mut rows = Rows::default();
+        let mut summaries = Summaries::default();
+
+        let mut forward = ForwardPassProfiler::new();
+        let mut ranks = Vec::with_capacity(self.forward.len());
+        for k in &self.forward {
+            let (phase, batch_size, num_tokens, duration_ns) = k.row;
+            let ev = Event::ForwardPass { timestamp_ns: k.t, phase, batch_size, num_tokens, duration_ns };
+            forward.observe(&ev, &mut rows);
+            ranks.push(parts[k.part].report.rank);
+        }
+
+        let mut cpu = CpuTimingProfiler::new();
+        let mut ops: HashMap<String, (u16, Arc<str>)> = HashMap::new();
+        for k in &self.cpu {
+            let next = u16::try_from(ops.len()).unwrap_or(u16::MAX);
+            let (id, name) = ops.entry(k.row.name.clone()).or_insert_with(|| (next, Arc::from(k.row.name.as_str())));
+            let ev = Event::CpuOperation {
+                timestamp_ns: k.t,
+                operation: *id,
+                name,
+                duration_ns: k.row.duration_ns,
+                context: &k.row.context,
+            };
+            cpu.observe(&ev, &mut rows);
+        }
+
+        let mut batch = BatchUtilizationProfiler::new(config.underutilization_threshold_pct);
+        for k in &self.batch {
+            batch.observe(&Event::Batch { timestamp_ns: k.t, sample: k.row }, &mut rows);
+        }
+
+        let mut preemption = PreemptionProfiler::new();
+        for k in &self.lifecycle {
+            let ev = Event::Lifecycle {
+                timestamp_ns: k.t,
+                request_id: &k.row.request_id,
+                event: k.row.event,
+                reason: &k.row.reason,
+                extra_info: &k.row.extra_info,
+            };
+            preemption.observe(&ev, &mut rows);
+        }
+        preemption.finish(end_ns, &mut rows);
+
+        let mut components = EncoderDecoderProfiler::new();
+        components.set_declared_model_type(declared);
+        for k in &self.components {
+            let (component, duration_ns, ref context) = k.row;
+            let ev = Event::Component { timestamp_ns: k.t, component, duration_ns, context };
+            components.observe(&ev, &mut rows);
+        }
+
+        let mut kv_cache = KvCacheProfiler::new();
+        for k in &self.kv_cache {
+            kv_cache.observe(&Event::KvCache { timestamp_ns: k.t, sample: k.row }, &mut rows);
+        }
+
+        let profilers: [&dyn Profiler; 6] = [&forward, &cpu, &batch, &preemption, &components, &kv_cache];
+        for p in profilers {
+            if config.is_enabled(p.kind()) {
+                p.summarize(&mut summaries);
+            }
+        }
+        (rows, ranks, summaries)
+    }
+}
+
+/// A CSV record by column name.
+struct Record {
+    fields: csv::StringRecord,
+    columns: Arc<HashMap<String, usize>>,
+}
+
+impl Record {
+    fn get(&self, column: &str) -> Option<&str> {
+        self.columns.get(column).and_then(|&i| self.fields.get(i))
+    }
+}
+
+/// The complete records of a CSV file and how many lines were skipped (a torn last line, or a
+/// record that does not parse); `None` when the file does not exist.
+fn read_csv(path: &Path) -> Result<Option<(Vec<Record>, u64)>, MergeError> {
+    let mut bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(MergeError::Io(path.to_path_buf(), e)),
+    };
+    let mut skipped = 0;
+    if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
+        // A process killed while writing leaves a torn last line.
+        let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        bytes.truncate(keep);
+        skipped += 1;
+    }
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(bytes.as_slice());
+    let columns: HashMap<String, usize> = match reader.headers() {
+        Ok(h) => h.iter().enumerate().map(|(i, c)| (c.to_string(), i)).collect(),
+        Err(_) => return Ok(Some((Vec::new(), skipped))),
+    };
+    let columns = Arc::new(columns);
+    let mut out = Vec::new();
+    for rec in reader.records() {
+        match rec {
+            Ok(fields) => out.push(Record { fields, columns: columns.clone() }),
+            Err(_) => skipped += 1,
+        }
+    }
+    Ok(Some((out, skipped)))
+}
+
+fn parse_phase(s: &str) -> Option<Phase> {
+    Phase::ALL.into_iter().find(|p| p.as_str() == s)
+}
+
+/// Parses a fixed-point decimal (`12.345678`) exactly into units of `1 / scale` of its value's
+/// unit: seconds with `scale = 10^9` give nanoseconds, milliseconds with `10^6` too.
+fn parse_fixed_ns(s: &str, scale: u64) -> Option<u64> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let int: u64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    let digits = scale.ilog10() as usize;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut frac_units = 0u64;
+    for (i, b) in frac.bytes().enumerate().take(digits) {
+        frac_units += u64::from(b - b'0') * 10u64.pow((digits - 1 - i) as u32);
+    }
+    int.checked_mul(scale)?.checked_add(frac_units)
+}
+
+fn write_outputs(
+    dir: &Path,
+    config: &Config,
+    rows: &Rows,
+    ranks: &[Option<u32>],
+    summaries: &Summaries,
+) -> Result<(), MergeError> {
+    let w = |e: &dyn std::fmt::Display| MergeError::Write(e.to_string());
+    let mut csv = CsvSink::create(dir, config).map_err(|e| w(&e))?;
+    csv.write_rows(rows).map_err(|e| w(&e))?;
+    csv.flush().map_err(|e| w(&e))?;
+    drop(csv);
+    if config.is_enabled(Table::ForwardPass.profiler()) {
+        add_rank_column(&dir.join(Table::ForwardPass.file_name()), ranks)?;
+    }
+    let mut json = JsonSummarySink::new(dir);
+    json.write_summaries(summaries).map_err(|e| w(&e))?;
+    Ok(())
+}
+
+/// Appends `rank` to every forward row, as the contract allows columns at the end.
+fn add_rank_column(path: &Path, ranks: &[Option<u32>]) -> Result<(), MergeError> {
+    let io = |e: std::io::Error| MergeError::Io(path.to_path_buf(), e);
+    let data = std::fs::read(path).map_err(io)?;
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).from_reader(data.as_slice());
+    let mut writer = csv::WriterBuilder::new().terminator(csv::Terminator::Any(b'\n')).from_writer(Vec::new());
+    for (i, rec) in reader.byte_records().enumerate() {
+        let mut rec = rec.map_err(|e| MergeError::Write(e.to_string()))?;
+        if i == 0 {
+            rec.push_field(b"rank");
+        } else {
+            match ranks.get(i - 1).copied().flatten() {
+                Some(r) => rec.push_field(r.to_string().as_bytes()),
+                None => rec.push_field(b""),
+            }
+        }
+        writer.write_byte_record(&rec).map_err(|e| MergeError::Write(e.to_string()))?;
+    }
+    let out = writer.into_inner().map_err(|e| MergeError::Write(e.to_string()))?;
+    write_atomic(path, &out).map_err(io)
+}
+
+fn write_manifest(
+    dir: &Path,
+    parts: &[Part],
+    config: &Config,
+    rows: BTreeMap<String, u64>,
+    all_rows: &Rows,
+    end_ns: u64,
+    report: &MergeReport,
+) -> Result<(), MergeError> {
+    let first = &parts[0].manifest;
+    let mut dropped: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut sink_errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut profilers: Vec<String> = Vec::new();
+    for p in parts {
+        for (profiler, reasons) in &p.manifest.dropped {
+            let entry = dropped.entry(profiler.clone()).or_default();
+            for (reason, n) in reasons {
+                *entry.entry(reason.clone()).or_insert(0) += n;
+            }
+        }
+        for (sink, n) in &p.manifest.sink_errors {
+            *sink_errors.entry(sink.clone()).or_insert(0) += n;
+        }
+        for name in &p.manifest.profilers {
+            if !profilers.contains(name) {
+                profilers.push(name.clone());
+            }
+        }
+    }
+    let timing = parts
+        .iter()
+        .find(|p| p.report.rank.is_some())
+        .map_or_else(|| first.timing_backend.clone(), |p| p.manifest.timing_backend.clone());
+    let manifest = RunManifest {
+        format_version: first.format_version,
+        profilemate_version: first.profilemate_version.clone(),
+        started_at: first.started_at.clone(),
+        monotonic_start_ns: first.monotonic_start_ns,
+        pid: first.pid,
+        host: first.host.clone(),
+        config: config.clone(),
+        timing_backend: timing,
+        profilers,
+        sinks: config.sinks.iter().map(|s| s.as_str().to_string()).collect(),
+        rows,
+        dropped,
+        sink_errors,
+        steps: all_rows.forward_pass.len() as u64,
+        elapsed_sec: end_ns as f64 / 1e9,
+        finished: report.complete,
+    };
+    let mut value = serde_json::to_value(&manifest).map_err(|e| MergeError::Write(e.to_string()))?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("run".into(), serde_json::Value::String(report.run.clone()));
+        let parts = serde_json::to_value(&report.parts).map_err(|e| MergeError::Write(e.to_string()))?;
+        obj.insert("merged_from".into(), parts);
+    }
+    let bytes = serde_json::to_vec_pretty(&value).map_err(|e| MergeError::Write(e.to_string()))?;
+    let path = dir.join(MANIFEST_FILE);
+    write_atomic(&path, &bytes).map_err(|e| MergeError::Io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use profilemate::{CpuOp, Phase};
+
+    #[test]
+    fn fixed_point_parses_exactly() {
+        assert_eq!(parse_fixed_ns("1.234567", 1_000_000_000), Some(1_234_567_000));
+        assert_eq!(parse_fixed_ns("0.000001", 1_000_000_000), Some(1_000));
+        assert_eq!(parse_fixed_ns("12.345678", 1_000_000), Some(12_345_678));
+        assert_eq!(parse_fixed_ns("3", 1_000_000), Some(3_000_000));
+        assert_eq!(parse_fixed_ns("1.5e3", 1_000_000), None);
+        assert_eq!(parse_fixed_ns("", 1_000_000), Some(0));
+    }
+
+    fn write_part(run: &Path, name: &str, rank: Option<u32>, f: impl FnOnce(&profilemate::Session)) -> RunManifest {
+        let dir = run.join(name);
+        let session = profilemate::builder().dir(&dir).build().unwrap();
+        f(&session);
+        let manifest = session.shutdown().unwrap();
+        let info = serde_json::json!({"role": name, "rank": rank, "pid": 1});
+        std::fs::write(dir.join(PART_FILE), info.to_string()).unwrap();
+        manifest
+    }
+
+    #[test]
+    fn parts_merge_onto_one_time_base_with_ranks() {
+        let out = tempfile::tempdir().unwrap();
+        let run = out.path().join(PARTS_DIR).join("20250101T000000Z-1");
+        write_part(&run, "engine-1", None, |s| {
+            let r = s.requests();
+            r.started("a,\"1\"");
+            s.batch_utilization().record(&BatchSample {
+                num_seqs: 1,
+                max_num_seqs: 4,
+                num_tokens: 5,
+                max_tokens: 64,
+                phase: Phase::Prefill,
+                running_queue_len: 1,
+                waiting_queue_len: 0,
+            });
+            r.preempted("a,\"1\"", "RECOMPUTE", "num_computed_tokens=5");
+            r.resumed("a,\"1\"");
+            r.finished("a,\"1\"", "status=FINISHED_STOPPED");
+            r.started("b");
+            s.cpu_timing().record_ms(CpuOp::SCHEDULING, 0.25, "");
+        });
+        write_part(&run, "worker-2", Some(0), |s| {
+            s.forward_pass().record_ms(Phase::Prefill, 1, 5, 2.5);
+            s.forward_pass().record_ms(Phase::Decode, 1, 1, 1.0);
+            s.components().record_ms(Component::Decoder, "language_model", 1.0);
+        });
+        // A torn line, as a killed process leaves.
+        let fwd = run.join("worker-2").join("forward_pass_timing.csv");
+        let mut text = std::fs::read_to_string(&fwd).unwrap();
+        text.push_str("9.0,dec");
+        std::fs::write(&fwd, text).unwrap();
+
+        let report = merge(out.path(), None).unwrap();
+        assert_eq!(report.parts.len(), 2);
+        assert!(report.complete);
+        assert_eq!(report.rows["forward_pass_timing.csv"], 2);
+        assert_eq!(report.rows["request_lifecycle.csv"], 2);
+        assert_eq!(report.parts.iter().map(|p| p.skipped_lines).sum::<u64>(), 1);
+
+        let mut r = csv::Reader::from_path(out.path().join("forward_pass_timing.csv")).unwrap();
+        let header: Vec<String> = r.headers().unwrap().iter().map(String::from).collect();
+        assert_eq!(header.last().map(String::as_str), Some("rank"));
+        let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|row| &row[6] == "0"));
+
+        let mut r = csv::Reader::from_path(out.path().join("request_lifecycle.csv")).unwrap();
+        let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+        let a = rows.iter().find(|row| &row[0] == "a,\"1\"").unwrap();
+        assert_eq!(&a[7], "1");
+        let b = rows.iter().find(|row| &row[0] == "b").unwrap();
+        assert_eq!(&b[4], "", "b never finished");
+
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("preemption_summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["total_preemptions"], 1);
+        assert_eq!(summary["total_requests"], 2);
+        let fwd: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("forward_pass_summary.json")).unwrap()).unwrap();
+        assert_eq!(fwd["prefill"]["count"], 1);
+        assert_eq!(fwd["decode"]["total_ms"], 1.0);
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join(MANIFEST_FILE)).unwrap()).unwrap();
+        assert_eq!(manifest["steps"], 2);
+        assert_eq!(manifest["merged_from"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn nothing_to_merge_is_an_error() {
+        let out = tempfile::tempdir().unwrap();
+        assert!(matches!(merge(out.path(), None), Err(MergeError::NoParts(_))));
+    }
+}

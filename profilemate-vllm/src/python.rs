@@ -1,0 +1,330 @@
+//! The private extension module `profilemate_vllm._native`.
+//!
+//! The Python side observes vLLM and calls in with plain numbers (phase and operation codes,
+//! counts, durations in nanoseconds from `time.perf_counter_ns`); strings cross only for request
+//! lifecycle events. Every recording method is a handle call of the core: it never blocks,
+//! allocates on the Rust side, or raises.
+
+use crate::config::binding_config;
+use crate::merge::{merge as merge_run, runs as list_runs};
+use profilemate::{
+    BatchSample, BatchUtilization, Component, Components, CpuOp, CpuTiming, ForwardPass, KvCacheSample, KvCacheUsage,
+    Mark, ModelType, Phase, ProfilerKind, Requests, Resolution, Session, TimingBackend,
+};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const PHASES: [Phase; 3] = [Phase::Prefill, Phase::Decode, Phase::Mixed];
+const PHASE_CONTEXT: [&str; 3] = ["phase=prefill", "phase=decode", "phase=mixed"];
+const OPS: [CpuOp; 4] = [CpuOp::SCHEDULING, CpuOp::BATCH_PREPARATION, CpuOp::MODEL_EXECUTION, CpuOp::SAMPLING];
+const COMPONENTS: [Component; 3] = [Component::Encoder, Component::Decoder, Component::CrossAttention];
+
+fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Names the device timing done on the Python side (CUDA events on PyTorch's current stream,
+/// resolved there and recorded as measured durations), so that the manifest says which clock
+/// timed the forward passes. The core never asks it for marks: the binding records durations.
+struct ExternalCudaEvents;
+
+impl TimingBackend for ExternalCudaEvents {
+    fn name(&self) -> &str {
+        "cuda_events"
+    }
+    fn start(&self) -> Option<Mark> {
+        None
+    }
+    fn stop(&self, _start: Mark) -> Option<Mark> {
+        None
+    }
+    fn poll(&self, _start: Mark, _end: Mark) -> Resolution {
+        Resolution::Failed("durations are measured by the vLLM binding".into())
+    }
+}
+
+/// The configuration in force for this process, as JSON: the core's [`profilemate::Config`]
+/// fields, read from `PROFILEMATE_*` and the seed's `VLLM_PROFILING_*` names.
+#[pyfunction]
+fn resolve_config() -> PyResult<String> {
+    let config = binding_config(env_lookup).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    serde_json::to_string(&config).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// Merges the parts of a run under `dir` into the contract files there; returns the report as
+/// JSON.
+#[pyfunction]
+#[pyo3(signature = (dir, run=None))]
+fn merge(py: Python<'_>, dir: PathBuf, run: Option<String>) -> PyResult<String> {
+    let report = py.detach(|| merge_run(&dir, run.as_deref())).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    serde_json::to_string(&report).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// The runs recorded under `dir`, oldest first.
+#[pyfunction]
+fn runs(dir: PathBuf) -> Vec<String> {
+    list_runs(&dir)
+}
+
+/// One process's recording session, writing into its own part directory.
+#[pyclass(frozen, module = "profilemate_vllm._native")]
+struct Recorder {
+    session: Mutex<Option<Session>>,
+    forward: ForwardPass,
+    cpu: CpuTiming,
+    batch: BatchUtilization,
+    requests: Requests,
+    components: Components,
+    kv_cache: KvCacheUsage,
+    dir: String,
+    timing: String,
+    pid: u32,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // A forked child inherits the recorder but not its collector thread: shutting that
+        // session down would wait for a thread that does not exist in this process.
+        if std::process::id() != self.pid {
+            if let Ok(mut guard) = self.session.lock() {
+                std::mem::forget(guard.take());
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl Recorder {
+    /// Opens a session writing into `part_dir`, configured from the environment (every other
+    /// setting), timed by `timing` (`host`, or `cuda` when the caller measures with CUDA events).
+    #[new]
+    #[pyo3(signature = (part_dir, timing="host"))]
+    fn new(py: Python<'_>, part_dir: PathBuf, timing: &str) -> PyResult<Self> {
+        let mut config = binding_config(env_lookup).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        config.dir = part_dir.clone();
+        // The binding records no CUDA graph or MoE routing events: no empty files for them.
+        for kind in [ProfilerKind::CudaGraph, ProfilerKind::MoeExpert] {
+            if !config.disabled.contains(&kind) {
+                config.disabled.push(kind);
+            }
+        }
+        let mut builder = profilemate::builder();
+        match timing {
+            "host" => config.backend = profilemate::BackendChoice::Host,
+            "cuda" => {
+                config.backend = profilemate::BackendChoice::Cuda;
+                builder = builder.timing_backend(Arc::new(ExternalCudaEvents));
+            }
+            other => return Err(PyValueError::new_err(format!("timing must be `host` or `cuda`, not `{other}`"))),
+        }
+        let session = py
+            .detach(|| builder.config(config).build())
+            .map_err(|e| PyRuntimeError::new_err(format!("profilemate cannot start: {e}")))?;
+        Ok(Recorder {
+            forward: session.forward_pass(),
+            cpu: session.cpu_timing(),
+            batch: session.batch_utilization(),
+            requests: session.requests(),
+            components: session.components(),
+            kv_cache: session.kv_cache(),
+            session: Mutex::new(Some(session)),
+            dir: part_dir.to_string_lossy().into_owned(),
+            timing: timing.to_string(),
+            pid: std::process::id(),
+        })
+    }
+
+    /// The part directory.
+    #[getter]
+    fn dir(&self) -> &str {
+        &self.dir
+    }
+
+    /// `host` or `cuda`.
+    #[getter]
+    fn timing(&self) -> &str {
+        &self.timing
+    }
+
+    /// One forward pass (engine step) that ended now: phase 0 prefill, 1 decode, 2 mixed.
+    fn forward(&self, phase: usize, batch_size: u32, num_tokens: u32, duration_ns: u64) {
+        if let Some(&p) = PHASES.get(phase) {
+            self.forward.record(p, batch_size, num_tokens, Duration::from_nanos(duration_ns));
+        }
+    }
+
+    /// One CPU operation that ended now: 0 scheduling, 1 batch_preparation, 2 model_execution,
+    /// 3 sampling; `phase` (0..=2) adds `phase=...` as context, -1 none.
+    #[pyo3(signature = (op, duration_ns, phase=-1))]
+    fn cpu(&self, op: usize, duration_ns: u64, phase: isize) {
+        if let Some(&op) = OPS.get(op) {
+            let context = usize::try_from(phase).ok().and_then(|p| PHASE_CONTEXT.get(p)).copied().unwrap_or("");
+            self.cpu.record(op, Duration::from_nanos(duration_ns), context);
+        }
+    }
+
+    /// One scheduled batch against the scheduler's limits, now.
+    #[allow(clippy::too_many_arguments)]
+    fn batch(
+        &self,
+        phase: usize,
+        num_seqs: u32,
+        max_num_seqs: u32,
+        num_tokens: u32,
+        max_tokens: u32,
+        running_queue_len: u32,
+        waiting_queue_len: u32,
+    ) {
+        if let Some(&phase) = PHASES.get(phase) {
+            self.batch.record(&BatchSample {
+                num_seqs,
+                max_num_seqs,
+                num_tokens,
+                max_tokens,
+                phase,
+                running_queue_len,
+                waiting_queue_len,
+            });
+        }
+    }
+
+    /// A scheduled (non-empty) step, as the scheduler's process sees it, in one call: the
+    /// scheduling time (skipped when negative), the batch against the limits, and a KV cache
+    /// reading (skipped when `kv_total_blocks` is negative).
+    #[allow(clippy::too_many_arguments)]
+    fn scheduled(
+        &self,
+        phase: usize,
+        scheduling_ns: i64,
+        num_seqs: u32,
+        max_num_seqs: u32,
+        num_tokens: u32,
+        max_tokens: u32,
+        running_queue_len: u32,
+        waiting_queue_len: u32,
+        kv_used_blocks: i64,
+        kv_total_blocks: i64,
+        prefix_cache_queries: i64,
+        prefix_cache_hits: i64,
+    ) {
+        let Some(&p) = PHASES.get(phase) else { return };
+        if let Ok(ns) = u64::try_from(scheduling_ns) {
+            self.cpu.record(CpuOp::SCHEDULING, Duration::from_nanos(ns), PHASE_CONTEXT[phase]);
+        }
+        self.batch.record(&BatchSample {
+            num_seqs,
+            max_num_seqs,
+            num_tokens,
+            max_tokens,
+            phase: p,
+            running_queue_len,
+            waiting_queue_len,
+        });
+        if let (Ok(used_blocks), Ok(total_blocks)) = (u32::try_from(kv_used_blocks), u32::try_from(kv_total_blocks)) {
+            self.kv_cache.record(&KvCacheSample {
+                used_blocks,
+                total_blocks,
+                prefix_cache_queries: u64::try_from(prefix_cache_queries).unwrap_or(0),
+                prefix_cache_hits: u64::try_from(prefix_cache_hits).unwrap_or(0),
+            });
+        }
+    }
+
+    /// A model runner step that ended now, in one call: `model_execution` (skipped when
+    /// negative), the forward pass and the language model's (decoder) time.
+    fn executed(&self, phase: usize, num_seqs: u32, num_tokens: u32, execution_ns: i64, forward_ns: u64) {
+        let Some(&p) = PHASES.get(phase) else { return };
+        if let Ok(ns) = u64::try_from(execution_ns) {
+            self.cpu.record(CpuOp::MODEL_EXECUTION, Duration::from_nanos(ns), PHASE_CONTEXT[phase]);
+        }
+        let forward = Duration::from_nanos(forward_ns);
+        self.forward.record(p, num_seqs, num_tokens, forward);
+        self.components.record(Component::Decoder, "language_model", forward);
+    }
+
+    /// The request began running.
+    fn started(&self, request_id: &str) {
+        self.requests.started(request_id);
+    }
+
+    /// The request was preempted.
+    fn preempted(&self, request_id: &str, reason: &str, extra_info: &str) {
+        self.requests.preempted(request_id, reason, extra_info);
+    }
+
+    /// A preempted request runs again.
+    fn resumed(&self, request_id: &str) {
+        self.requests.resumed(request_id);
+    }
+
+    /// The request completed.
+    fn finished(&self, request_id: &str, extra_info: &str) {
+        self.requests.finished(request_id, extra_info);
+    }
+
+    /// The request was removed before completing.
+    fn evicted(&self, request_id: &str, reason: &str, extra_info: &str) {
+        self.requests.evicted(request_id, reason, extra_info);
+    }
+
+    /// One encoder (0), decoder (1) or cross-attention (2) call that ended now.
+    fn component(&self, component: usize, duration_ns: u64, context: &str) {
+        if let Some(&c) = COMPONENTS.get(component) {
+            self.components.record(c, context, Duration::from_nanos(duration_ns));
+        }
+    }
+
+    /// One KV cache reading, now: blocks used and in the cache, prefix-cache lookups and hits
+    /// since the previous reading.
+    fn kv_cache(&self, used_blocks: u32, total_blocks: u32, prefix_cache_queries: u64, prefix_cache_hits: u64) {
+        self.kv_cache.record(&KvCacheSample { used_blocks, total_blocks, prefix_cache_queries, prefix_cache_hits });
+    }
+
+    /// Declares the model type: `encoder_decoder` or `decoder_only`.
+    fn declare_model_type(&self, model_type: &str) -> PyResult<()> {
+        let t = match model_type {
+            "encoder_decoder" => ModelType::EncoderDecoder,
+            "decoder_only" => ModelType::DecoderOnly,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "model type must be `encoder_decoder` or `decoder_only`, not `{other}`"
+                )))
+            }
+        };
+        self.components.declare_model_type(t);
+        Ok(())
+    }
+
+    /// Waits until everything recorded so far is in the files.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let guard = self.session.lock().map_err(|_| PyRuntimeError::new_err("session lock poisoned"))?;
+        match guard.as_ref() {
+            Some(s) => py.detach(|| s.flush()).map_err(|e| PyRuntimeError::new_err(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the last rows, the summaries and the manifest; returns the manifest as JSON (None
+    /// when already shut down). Later records are dropped and counted.
+    fn shutdown(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let session = self.session.lock().map_err(|_| PyRuntimeError::new_err("session lock poisoned"))?.take();
+        let Some(session) = session else { return Ok(None) };
+        let manifest = py.detach(|| session.shutdown()).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        serde_json::to_string(&manifest).map(Some).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+}
+
+/// The extension module.
+#[pymodule]
+#[pyo3(name = "_native")]
+fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<Recorder>()?;
+    m.add_function(wrap_pyfunction!(resolve_config, m)?)?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(runs, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,208 @@
+"""Runs real vLLM on the tiny model and writes vLLM's own counts as JSON.
+
+vLLM's numbers come from a stat logger given to ``LLMEngine.from_engine_args``: per non-empty
+step the scheduler's ``SchedulerIterationDetails`` (``enable_logging_iteration_details``), per
+step ``IterationStats.num_preempted_reqs``, and per finished request ``FinishedRequestStats``.
+The tests compare profilemate's files with them.
+
+    python generate.py --model DIR --scenario basic|preempt|bench --out counts.json
+
+Whether the engine runs in this process or in its own processes is vLLM's
+``VLLM_ENABLE_V1_MULTIPROCESSING`` (the caller sets it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+
+def scenario(name: str):
+    """(engine arguments, [(prompt token ids, max tokens)])"""
+    rng = random.Random(1234)
+    common = dict(
+        dtype="float32",
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        seed=0,
+        disable_log_stats=False,
+        enable_logging_iteration_details=True,
+    )
+    if name == "basic":
+        # Small token budget and sequence limit: chunked prefill makes mixed steps, and requests
+        # wait in the queue.
+        args = dict(common, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64)
+        lengths = [(23, 12), (150, 8), (40, 20), (90, 16), (7, 24), (64, 10)]
+    elif name == "preempt":
+        # shared/VLLM.md: 8 KV blocks of 32 tokens (one reserved), 16 requests generating 200
+        # tokens each: the scheduler must preempt.
+        args = dict(
+            common,
+            num_gpu_blocks_override=8,
+            block_size=32,
+            max_model_len=(8 - 1) * 32,
+            max_num_seqs=16,
+            max_num_batched_tokens=256,
+        )
+        lengths = [(rng.randint(8, 20), 200) for _ in range(16)]
+    elif name == "bench":
+        args = dict(common, max_model_len=512, max_num_seqs=16, max_num_batched_tokens=512)
+        lengths = [(rng.randint(16, 64), 128) for _ in range(16)]
+    else:
+        raise SystemExit(f"unknown scenario {name}")
+    prompts = [([rng.randrange(3, 1024) for _ in range(n)], m) for n, m in lengths]
+    return args, prompts
+
+
+def plugin_state():
+    """Whether vLLM loaded the plugin and which of the methods it wraps are wrapped now."""
+    import sys as _sys
+
+    try:
+        import profilemate_vllm._plugin as plugin
+        from profilemate_vllm._hooks import SPECS, WRAPPED_ATTR
+    except ImportError as e:
+        return {"error": str(e)}
+    wrapped = []
+    for spec in SPECS:
+        module = _sys.modules.get(spec.module)
+        cls = getattr(module, spec.cls, None) if module else None
+        func = cls.__dict__.get(spec.method) if isinstance(cls, type) else None
+        if func is not None and hasattr(func, WRAPPED_ATTR):
+            wrapped.append(f"{spec.module}.{spec.cls}.{spec.method}")
+    loaded = [s.module for s in SPECS if s.module in _sys.modules]
+    return {
+        "register_calls": plugin._register_calls,
+        "active": plugin.is_active(),
+        "wrapped": wrapped,
+        "modules_loaded": sorted(set(loaded)),
+        "hook_errors": dict(plugin._errors),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--scenario", default="basic")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--abort", type=int, default=0, help="abort this many requests after a few steps")
+    ap.add_argument(
+        "--inject-fault",
+        default="",
+        help="make this function of profilemate_vllm._plugin raise (tests that vLLM goes on)",
+    )
+    ap.add_argument(
+        "--kill-engine-after",
+        type=int,
+        default=0,
+        help="after this many steps, SIGKILL the engine processes and this one (a crashed server)",
+    )
+    args = ap.parse_args()
+
+    if args.inject_fault:
+        import profilemate_vllm._plugin as plugin
+
+        def broken(*a, **k):
+            raise RuntimeError("injected fault")
+
+        setattr(plugin, args.inject_fault, broken)
+
+    from vllm import EngineArgs, SamplingParams
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    seen = {"iterations": [], "preempted_per_step": [], "finished": [], "records": 0, "queues": []}
+
+    class Counts(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            seen["records"] += 1
+            details = getattr(scheduler_stats, "iteration_details", None) if scheduler_stats else None
+            if details is not None and not details.is_dummy:
+                seen["iterations"].append(
+                    [
+                        details.num_ctx_requests,
+                        details.num_ctx_tokens,
+                        details.num_generation_requests,
+                        details.num_generation_tokens,
+                    ]
+                )
+                seen["queues"].append([scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs])
+            if iteration_stats is not None:
+                seen["preempted_per_step"].append(iteration_stats.num_preempted_reqs)
+                for f in iteration_stats.finished_requests:
+                    seen["finished"].append(
+                        {
+                            "request_id": f.request_id,
+                            "num_preemptions": f.num_preemptions,
+                            "finish_reason": str(f.finish_reason),
+                            "num_prompt_tokens": f.num_prompt_tokens,
+                            "num_generation_tokens": f.num_generation_tokens,
+                        }
+                    )
+
+        def log_engine_initialized(self):
+            pass
+
+    engine_args, prompts = scenario(args.scenario)
+    t0 = time.monotonic()
+    engine = LLMEngine.from_engine_args(EngineArgs(model=args.model, **engine_args), stat_loggers=[Counts])
+    t_ready = time.monotonic()
+    for i, (ids, max_tokens) in enumerate(prompts):
+        params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        engine.add_request(f"req-{i}", {"prompt_token_ids": ids}, params)
+    outputs = {}
+    steps = 0
+    aborted = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = {
+                    "prompt_tokens": len(out.prompt_token_ids or []),
+                    "output_tokens": len(out.outputs[0].token_ids),
+                    "token_ids": list(out.outputs[0].token_ids),
+                }
+        steps += 1
+        if args.kill_engine_after and steps == args.kill_engine_after:
+            import psutil
+
+            children = psutil.Process().children(recursive=True)
+            with open(args.out, "w") as f:
+                json.dump({"killed_after_steps": steps, "killed": [c.pid for c in children]}, f)
+            for c in children:
+                c.kill()
+            os._exit(0)  # no atexit, no vLLM shutdown: as if the whole server were killed
+        if args.abort and steps == 6 and not aborted:
+            aborted = [f"req-{i}" for i in range(len(prompts) - args.abort, len(prompts))]
+            engine.abort_request(aborted)
+    t_done = time.monotonic()
+    state = plugin_state()
+    generated = sum(o["output_tokens"] for o in outputs.values())
+    result = {
+        "scenario": args.scenario,
+        "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0",
+        "engine_start_sec": t_ready - t0,
+        "generate_sec": t_done - t_ready,
+        "generated_tokens": generated,
+        "tokens_per_sec": generated / (t_done - t_ready),
+        "max_num_seqs": engine_args["max_num_seqs"],
+        "max_num_batched_tokens": engine_args["max_num_batched_tokens"],
+        "requests": {f"req-{i}": {"prompt_tokens": len(p), "max_tokens": m} for i, (p, m) in enumerate(prompts)},
+        "outputs": outputs,
+        "aborted": aborted,
+        "plugin": state,
+        **seen,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

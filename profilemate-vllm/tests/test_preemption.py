@@ -1,0 +1,103 @@
+"""The forced-preemption run of shared/VLLM.md: preemptions recorded equal vLLM's own counts."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import contract
+from conftest import REPORT, Run
+
+
+import pytest
+
+
+@pytest.fixture(params=["inproc_preempt", "mp_preempt"])
+def preempt(request) -> Run:
+    return request.getfixturevalue(request.param)
+
+
+def test_preemptions_match_vllms_counts_request_by_request(preempt: Run):
+    run = preempt
+    files = contract.validate(str(run.dir))
+    events = files["preemption_events.csv"]
+    lifecycle = files["request_lifecycle.csv"]
+    summary = json.load(open(os.path.join(run.dir, "preemption_summary.json")))
+
+    vllm_total = sum(run.counts["preempted_per_step"])
+    vllm_per_request = {f["request_id"]: f["num_preemptions"] for f in run.counts["finished"]}
+    assert vllm_total > 0, "the scenario must force preemptions"
+    assert len(vllm_per_request) == len(run.counts["requests"]) == 16, "every request finished"
+
+    preempted = [e for e in events if e["event"] == "preempted"]
+    assert len(preempted) == summary["total_preemptions"] == vllm_total
+    ours_events = Counter(run.external(e["request_id"]) for e in preempted)
+    ours_rows = {run.external(r["request_id"]): int(r["num_preemptions"]) for r in lifecycle}
+    assert len(lifecycle) == 16
+    for rid, n in vllm_per_request.items():
+        assert ours_rows[rid] == n, rid
+        assert ours_events.get(rid, 0) == n, rid
+    assert summary["requests_preempted"] == sum(1 for n in vllm_per_request.values() if n)
+    assert summary["preemption_reasons"] == {"RECOMPUTE": vllm_total}
+
+    # Every preemption was followed by a resume (all requests finished); the extra info says
+    # what was freed.
+    resumed = Counter(run.external(e["request_id"]) for e in events if e["event"] == "resumed")
+    assert resumed == ours_events
+    for e in preempted:
+        info = dict(kv.split("=") for kv in e["extra_info"].split(";"))
+        assert int(info["num_computed_tokens"]) > 0 and int(info["num_blocks"]) > 0
+        assert float(e["running_time_sec"]) >= 0
+    for r in lifecycle:
+        assert r["outcome"] == "finished"
+        if int(r["num_preemptions"]):
+            assert float(r["preemption_delay_sec"]) > 0 and r["resumed_sec"] != ""
+
+    # Steps: one forward row per non-empty step, with vLLM's batch and token counts.
+    fwd = files["forward_pass_timing.csv"]
+    steps = run.counts["iterations"]
+    assert len(fwd) == len(steps)
+    for row, (ctx_reqs, ctx_tokens, gen_reqs, gen_tokens) in zip(fwd, steps):
+        assert int(row["batch_size"]) == ctx_reqs + gen_reqs
+        assert int(row["num_tokens"]) == ctx_tokens + gen_tokens
+    mode = "multi-process" if run.counts["multiprocessing"] else "in-process"
+    REPORT.append(
+        f"forced preemption ({mode}): vLLM counted {vllm_total} preemptions over "
+        f"{sum(1 for n in vllm_per_request.values() if n)} requests; profilemate recorded {len(preempted)} "
+        f"preempted events, per-request counts equal for all {len(vllm_per_request)} requests; "
+        f"{len(fwd)} forward rows = {len(steps)} vLLM steps"
+    )
+
+
+def test_killed_engine_processes_are_completed_by_the_merge_command(model, tmp_path):
+    """The whole server is SIGKILLed mid-run: `python -m profilemate_vllm merge DIR` builds the
+    contract files from what the engine processes had written."""
+    import subprocess
+    import sys
+
+    from conftest import run_vllm
+
+    run = run_vllm(model, tmp_path, "preempt", multiprocessing=True, args=("--kill-engine-after", "900"))
+    assert run.counts["killed_after_steps"] == 900 and len(run.counts["killed"]) >= 2
+    assert not (run.dir / "forward_pass_timing.csv").exists(), "nobody merged: the front end was killed too"
+    p = subprocess.run(
+        [sys.executable, "-m", "profilemate_vllm", "merge", str(run.dir)], capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    assert "NOT shut down cleanly" in p.stdout
+    files = contract.validate(str(run.dir))
+    fwd = files["forward_pass_timing.csv"]
+    # Up to about two seconds of rows (collector period 1 s, then the file flush) is lost with each
+    # killed process; the rest is there.
+    assert 0 < len(fwd) <= 900
+    manifest = json.load(open(os.path.join(run.dir, "profilemate_run.json")))
+    assert manifest["finished"] is False
+    assert sorted(p["role"] for p in manifest["merged_from"]) == ["engine", "worker"]
+    assert not any(p["finished"] for p in manifest["merged_from"])
+    lifecycle = files["request_lifecycle.csv"]
+    assert any(r["finished_sec"] == "" for r in lifecycle), "requests in flight when killed"
+    REPORT.append(
+        f"killed at step 900 of the multi-process preemption run: merge command recovered {len(fwd)} forward rows, "
+        f"{len(lifecycle)} lifecycle rows ({sum(r['outcome'] == 'in_flight' for r in lifecycle)} in flight)"
+    )
