@@ -37,9 +37,24 @@
 //!
 //! Build sessions with [`builder`] or [`from_env`] from this crate: they install the standard
 //! CSV and JSON writers. `Session::builder()` alone (from `profilemate-core`) has no file writers.
+//!
+//! ## Other formats and integrations
+//!
+//! - `PROFILEMATE_SINKS=csv,json,perfetto` adds a timeline, `profilemate_trace.json`, that
+//!   <https://ui.perfetto.dev> opens ([`PerfettoSink`]).
+//! - `PROFILEMATE_SINKS=csv,json,parquet` (cargo feature `parquet`) adds the tables as Parquet
+//!   files with `host` and `rank` columns, for DuckDB, Polars or Spark across ranks
+//!   (`ParquetSink`).
+//! - The cargo feature `tracing` adds `tracing_layer`: `tracing` spans mapped by name to CPU
+//!   operations are timed without profilemate calls in the engine's code.
 
 pub use profilemate_core::*;
-pub use profilemate_sinks::{standard_sinks, CsvSink, JsonSummarySink};
+#[cfg(feature = "parquet")]
+pub use profilemate_sinks::ParquetSink;
+pub use profilemate_sinks::{standard_sinks, CsvSink, JsonSummarySink, PerfettoSink};
+
+#[cfg(feature = "tracing")]
+pub mod tracing_layer;
 
 /// CUDA-event timing (the `cuda` feature): the `profilemate-cuda` crate. [`builder`] and
 /// [`from_env`] install its [`backend_factory`](cuda::backend_factory); an engine timing its own
@@ -47,7 +62,8 @@ pub use profilemate_sinks::{standard_sinks, CsvSink, JsonSummarySink};
 #[cfg(feature = "cuda")]
 pub use profilemate_cuda as cuda;
 
-/// A session builder with the standard writers (`csv`, `json`) installed.
+/// A session builder with the standard writers installed: those `PROFILEMATE_SINKS` names
+/// (`csv`, `json`, `perfetto`, and `parquet` with the `parquet` feature).
 ///
 /// ```
 /// let dir = tempfile::tempdir()?;

@@ -1,5 +1,6 @@
 //! The contract CSV tables.
 
+use crate::numbers;
 use profilemate_core::{Config, ProfilerKind, Rows, Sink, SinkError, Table};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -122,7 +123,7 @@ impl RecordBuilder<'_> {
     }
     /// Nanoseconds as seconds with 6 decimals (rounded to the microsecond).
     fn sec(&mut self, ns: u64) -> &mut Self {
-        let us = ns / 1000 + u64::from(ns % 1000 >= 500);
+        let us = numbers::round_us(ns);
         self.fixed(us / 1_000_000, us % 1_000_000, 6)
     }
     fn opt_sec(&mut self, ns: Option<u64>) -> &mut Self {
@@ -137,23 +138,17 @@ impl RecordBuilder<'_> {
     }
     /// `num / max * 100` clamped to 100, with 4 decimals; empty when `max` is 0.
     fn pct(&mut self, num: u32, max: u32) -> &mut Self {
-        if max == 0 {
-            return self.empty();
+        match numbers::pct_e4(num, max) {
+            Some(scaled) => self.fixed(scaled / 10_000, scaled % 10_000, 4),
+            None => self.empty(),
         }
-        let num = u64::from(num.min(max));
-        let max = u64::from(max);
-        let scaled = (num * 1_000_000 + max / 2) / max; // percent * 10^4, rounded
-        self.fixed(scaled / 10_000, scaled % 10_000, 4)
     }
     /// `tokens / ns * 10^9` with 3 decimals; empty when `ns` is 0.
     fn throughput(&mut self, tokens: u32, ns: u64) -> &mut Self {
-        if ns == 0 {
-            return self.empty();
+        match numbers::throughput_e3(tokens, ns) {
+            Some(milli) => self.fixed(milli / 1000, milli % 1000, 3),
+            None => self.empty(),
         }
-        let ns = u128::from(ns);
-        let milli = (u128::from(tokens) * 1_000_000_000_000 + ns / 2) / ns; // tokens/s * 10^3
-        let milli = u64::try_from(milli).unwrap_or(u64::MAX);
-        self.fixed(milli / 1000, milli % 1000, 3)
     }
 }
 

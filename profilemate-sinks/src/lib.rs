@@ -1,8 +1,17 @@
 //! # profilemate-sinks
 //!
-//! Output formats for profilemate: the contract CSV tables ([`CsvSink`]) and JSON summaries
-//! ([`JsonSummarySink`]). [`standard_sinks`] builds the ones a configuration asks for; the
-//! `profilemate` facade installs it, so `PROFILEMATE_SINKS=csv,json` just works.
+//! Output formats for profilemate: the contract CSV tables ([`CsvSink`]), the JSON summaries
+//! ([`JsonSummarySink`]), a Chrome trace / Perfetto timeline ([`PerfettoSink`]) and, with the
+//! `parquet` feature, Parquet tables (`ParquetSink`). [`standard_sinks`] builds the ones a
+//! configuration asks for; the `profilemate` facade installs it, so
+//! `PROFILEMATE_SINKS=csv,json,parquet,perfetto` just works.
+//!
+//! | `PROFILEMATE_SINKS` name | sink | files | cargo feature |
+//! | --- | --- | --- | --- |
+//! | `csv` | [`CsvSink`] | `forward_pass_timing.csv`, ... | always |
+//! | `json` | [`JsonSummarySink`] | `forward_pass_summary.json`, ... | always |
+//! | `perfetto` | [`PerfettoSink`] | `profilemate_trace.json` (then `profilemate_trace.1.json`, ...) | always |
+//! | `parquet` | `ParquetSink` | `forward_pass_timing.parquet`, ... | `parquet` |
 //!
 //! ```
 //! use profilemate_core::{Phase, Session};
@@ -22,23 +31,107 @@
 
 mod csv_sink;
 mod json_sink;
+mod numbers;
+#[cfg(feature = "parquet")]
+mod parquet_sink;
+mod perfetto_sink;
 
 pub use csv_sink::CsvSink;
 pub use json_sink::JsonSummarySink;
+#[cfg(feature = "parquet")]
+pub use parquet_sink::{
+    parquet_file_name, ParquetSink, DEFAULT_ROW_GROUP_BYTES, DEFAULT_ROW_GROUP_ROWS, PARTIAL_SUFFIX,
+};
+pub use perfetto_sink::{trace_file_name, PerfettoSink, DEFAULT_MAX_EVENTS_PER_FILE, MAX_TRACKS_PER_KIND, TRACE_FILE};
 
-use profilemate_core::{Config, Error, Sink, SinkKind};
+use profilemate_core::{Config, Error, Sink, SinkError, SinkKind};
 use std::path::Path;
 
 /// The output formats this build can write.
-pub const AVAILABLE: &[SinkKind] = &[SinkKind::Csv, SinkKind::Json];
+#[cfg(feature = "parquet")]
+pub const AVAILABLE: &[SinkKind] = &[SinkKind::Csv, SinkKind::Json, SinkKind::Parquet, SinkKind::Perfetto];
+/// The output formats this build can write.
+#[cfg(not(feature = "parquet"))]
+pub const AVAILABLE: &[SinkKind] = &[SinkKind::Csv, SinkKind::Json, SinkKind::Perfetto];
+
+/// The variables [`rank_from_env`] reads, first set first: profilemate's own, then those of
+/// `torchrun` (and most launchers), Slurm, Open MPI, MPICH/PMI, and the node-local rank last.
+pub const RANK_VARIABLES: [&str; 6] =
+    ["PROFILEMATE_RANK", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "LOCAL_RANK"];
+
+/// This process's rank in a distributed job, for the Parquet `rank` column and the trace's
+/// process name: the first of [`RANK_VARIABLES`] that holds a whole number; `None` when none
+/// does.
+///
+/// ```
+/// assert_eq!(profilemate_sinks::rank_from_lookup(|name| (name == "RANK").then(|| "3".into())).unwrap(), Some(3));
+/// assert_eq!(profilemate_sinks::rank_from_lookup(|_| None).unwrap(), None);
+/// assert!(profilemate_sinks::rank_from_lookup(|name| (name == "PROFILEMATE_RANK").then(|| "first".into())).is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`Error::InvalidSetting`] when `PROFILEMATE_RANK` is set but not a whole number from 0; the
+/// launchers' variables are skipped when malformed (they are not profilemate's to judge).
+pub fn rank_from_lookup(mut lookup: impl FnMut(&str) -> Option<String>) -> Result<Option<i64>, Error> {
+    for name in RANK_VARIABLES {
+        let Some(value) = lookup(name) else { continue };
+        match value.trim().parse::<i64>() {
+            Ok(rank) if rank >= 0 => return Ok(Some(rank)),
+            _ if name == "PROFILEMATE_RANK" => {
+                return Err(Error::InvalidSetting {
+                    name: name.into(),
+                    value,
+                    expected: "a whole number from 0 (this process's rank in a distributed job)".into(),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// [`rank_from_lookup`] on the process environment.
+///
+/// ```
+/// let rank = profilemate_sinks::rank_from_env()?;
+/// println!("rank {rank:?}");
+/// # Ok::<(), profilemate_core::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`rank_from_lookup`].
+pub fn rank_from_env() -> Result<Option<i64>, Error> {
+    rank_from_lookup(|name| std::env::var(name).ok())
+}
+
+fn setup_error(sink: &str, e: SinkError) -> Error {
+    match e.downcast::<Error>() {
+        Ok(e) => *e,
+        Err(e) => Error::SinkSetup { sink: sink.into(), message: e.to_string() },
+    }
+}
 
 /// Builds the sinks `config.sinks` names, writing into `dir`. Matches
 /// [`profilemate_core::SinkFactory`].
 ///
+/// ```
+/// use profilemate_core::{Config, SinkKind};
+///
+/// let dir = tempfile::tempdir()?;
+/// let mut config = Config::default();
+/// config.sinks = vec![SinkKind::Csv, SinkKind::Perfetto];
+/// let sinks = profilemate_sinks::standard_sinks(&config, dir.path())?;
+/// assert_eq!(sinks.iter().map(|s| s.name()).collect::<Vec<_>>(), ["csv", "perfetto"]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Errors
 ///
-/// [`Error::SinkUnavailable`] for a format this build cannot write; [`Error::SinkSetup`] when a
-/// file cannot be created.
+/// [`Error::SinkUnavailable`] for a format this build cannot write (`parquet` without the
+/// `parquet` feature); [`Error::SinkSetup`] when a file cannot be created;
+/// [`Error::InvalidSetting`] for a malformed `PROFILEMATE_RANK`.
 pub fn standard_sinks(config: &Config, dir: &Path) -> Result<Vec<Box<dyn Sink>>, Error> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     for kind in &config.sinks {
@@ -49,13 +142,56 @@ pub fn standard_sinks(config: &Config, dir: &Path) -> Result<Vec<Box<dyn Sink>>,
                 sinks.push(Box::new(sink));
             }
             SinkKind::Json => sinks.push(Box::new(JsonSummarySink::new(dir))),
-            other => {
+            SinkKind::Perfetto => {
+                let sink = PerfettoSink::create(dir).map_err(|e| setup_error("perfetto", e))?;
+                sinks.push(Box::new(sink));
+            }
+            #[cfg(feature = "parquet")]
+            SinkKind::Parquet => {
+                let sink = ParquetSink::create(dir, config).map_err(|e| setup_error("parquet", e))?;
+                sinks.push(Box::new(sink));
+            }
+            #[cfg(not(feature = "parquet"))]
+            SinkKind::Parquet => {
+                let available: Vec<&str> = AVAILABLE.iter().map(|k| k.as_str()).collect();
                 return Err(Error::SinkUnavailable {
-                    sink: other.as_str().into(),
-                    available: AVAILABLE.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
-                })
+                    sink: "parquet".into(),
+                    available: format!(
+                        "{}; build with the `parquet` cargo feature of `profilemate` (or `profilemate-sinks`) \
+                         to write Parquet",
+                        available.join(", ")
+                    ),
+                });
             }
         }
     }
     Ok(sinks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(not(feature = "parquet"))]
+    fn parquet_without_the_feature_says_which_feature_to_enable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.sinks = vec![SinkKind::Csv, SinkKind::Parquet];
+        let err = standard_sinks(&config, dir.path()).err().expect("parquet is not built in");
+        assert!(matches!(err, Error::SinkUnavailable { .. }), "{err}");
+        assert!(err.to_string().contains("`parquet` cargo feature"), "{err}");
+    }
+
+    #[test]
+    fn rank_comes_from_the_first_variable_set() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(rank_from_lookup(env(&[("LOCAL_RANK", "1"), ("RANK", "9")])).unwrap(), Some(9));
+        assert_eq!(rank_from_lookup(env(&[("PROFILEMATE_RANK", " 4 "), ("RANK", "9")])).unwrap(), Some(4));
+        assert_eq!(rank_from_lookup(env(&[("RANK", "x"), ("LOCAL_RANK", "2")])).unwrap(), Some(2));
+        let err = rank_from_lookup(env(&[("PROFILEMATE_RANK", "-1")])).unwrap_err();
+        assert!(err.to_string().contains("PROFILEMATE_RANK"), "{err}");
+    }
 }

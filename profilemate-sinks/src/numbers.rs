@@ -1,0 +1,79 @@
+//! The numbers every sink writes, computed once from the integer nanoseconds and counts.
+//!
+//! The CSV writer prints these integers with a decimal point put in place; the Parquet and trace
+//! writers turn them into `f64` by one division of two exact integers, which IEEE 754 rounds
+//! correctly, so a Parquet value is bit for bit the `f64` a CSV reader parses from the same row.
+
+/// Nanoseconds rounded to the microsecond (half up): seconds with 6 decimals.
+pub(crate) fn round_us(ns: u64) -> u64 {
+    ns / 1000 + u64::from(ns % 1000 >= 500)
+}
+
+/// Seconds, rounded to the microsecond as `timestamp_sec` and the `*_sec` columns are.
+#[cfg(any(feature = "parquet", test))]
+pub(crate) fn sec(ns: u64) -> f64 {
+    round_us(ns) as f64 / 1e6
+}
+
+/// Milliseconds, exact to the nanosecond as the `*_ms` columns are.
+#[cfg(any(feature = "parquet", test))]
+pub(crate) fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// `num / max * 100` clamped to 100, in units of 10^-4 percent (rounded half up); `None` when
+/// `max` is 0.
+pub(crate) fn pct_e4(num: u32, max: u32) -> Option<u64> {
+    if max == 0 {
+        return None;
+    }
+    let num = u64::from(num.min(max));
+    let max = u64::from(max);
+    Some((num * 1_000_000 + max / 2) / max)
+}
+
+/// The percentage as the CSV writes it (4 decimals).
+#[cfg(any(feature = "parquet", test))]
+pub(crate) fn pct(num: u32, max: u32) -> Option<f64> {
+    pct_e4(num, max).map(|p| p as f64 / 1e4)
+}
+
+/// `tokens / ns * 10^9` in units of 10^-3 tokens per second (rounded half up); `None` when `ns`
+/// is 0.
+pub(crate) fn throughput_e3(tokens: u32, ns: u64) -> Option<u64> {
+    if ns == 0 {
+        return None;
+    }
+    let ns = u128::from(ns);
+    let milli = (u128::from(tokens) * 1_000_000_000_000 + ns / 2) / ns;
+    Some(u64::try_from(milli).unwrap_or(u64::MAX))
+}
+
+/// The throughput as the CSV writes it (3 decimals).
+#[cfg(any(feature = "parquet", test))]
+pub(crate) fn throughput(tokens: u32, ns: u64) -> Option<f64> {
+    throughput_e3(tokens, ns).map(|t| t as f64 / 1e3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_are_the_ones_a_reader_parses_from_the_csv_text() {
+        for ns in [0u64, 1, 499, 500, 1_234_567_499, 1_234_567_500, 3_600_000_000_123, 987_654_321_987] {
+            let us = round_us(ns);
+            let text = format!("{}.{:06}", us / 1_000_000, us % 1_000_000);
+            assert_eq!(sec(ns), text.parse::<f64>().unwrap(), "{ns}");
+            let text = format!("{}.{:06}", ns / 1_000_000, ns % 1_000_000);
+            assert_eq!(ms(ns), text.parse::<f64>().unwrap(), "{ns}");
+        }
+        for (num, max) in [(1u32, 3u32), (2, 3), (24, 256), (300, 256), (8191, 8192)] {
+            let p = pct_e4(num, max).unwrap();
+            assert_eq!(pct(num, max), Some(format!("{}.{:04}", p / 10_000, p % 10_000).parse().unwrap()));
+        }
+        assert_eq!(pct(1, 0), None);
+        assert_eq!(throughput(1, 0), None);
+        assert_eq!(throughput(256, 45_234_000), Some(5659.46));
+    }
+}

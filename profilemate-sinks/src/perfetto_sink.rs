@@ -1,0 +1,580 @@
+//! A Chrome trace (JSON Array Format) timeline, which <https://ui.perfetto.dev> and
+//! `chrome://tracing` open.
+
+use crate::numbers;
+use profilemate_core::{LifecycleEvent, Rows, RunManifest, Sink, SinkError};
+use std::fmt;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// The first trace file's name; later ones are [`trace_file_name`]`(1)`, `(2)`, ...
+pub const TRACE_FILE: &str = "profilemate_trace.json";
+
+/// Events a trace file holds before the next file is started (metadata events naming the
+/// process and its tracks come on top).
+pub const DEFAULT_MAX_EVENTS_PER_FILE: usize = 1_000_000;
+
+/// Tracks one kind of event may spread over before events that overlap all of them are left out
+/// of the trace (and counted).
+pub const MAX_TRACKS_PER_KIND: usize = 64;
+
+/// The name of trace file number `index`: `profilemate_trace.json`, then
+/// `profilemate_trace.1.json`, `profilemate_trace.2.json`, ...
+///
+/// ```
+/// assert_eq!(profilemate_sinks::trace_file_name(0), "profilemate_trace.json");
+/// assert_eq!(profilemate_sinks::trace_file_name(2), "profilemate_trace.2.json");
+/// ```
+pub fn trace_file_name(index: usize) -> String {
+    if index == 0 {
+        TRACE_FILE.to_string()
+    } else {
+        format!("profilemate_trace.{index}.json")
+    }
+}
+
+/// The kinds of events, each on its own named thread track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    ForwardPass,
+    CpuOperations,
+    EncoderDecoder,
+    CudaGraph,
+    Requests,
+}
+
+impl Kind {
+    const fn name(self) -> &'static str {
+        match self {
+            Kind::ForwardPass => "forward_pass",
+            Kind::CpuOperations => "cpu_operations",
+            Kind::EncoderDecoder => "encoder_decoder",
+            Kind::CudaGraph => "cuda_graph",
+            Kind::Requests => "requests",
+        }
+    }
+
+    /// Thread ids above any Linux process id (`pid_max` is at most 2^22), so that no track is
+    /// mistaken for a process's main thread (servers in containers often run as pid 1).
+    const fn tid(self, lane: usize) -> u64 {
+        10_000_000 + 1000 * (self as u64) + lane as u64
+    }
+}
+
+/// One thread track of a kind: events on it nest or are disjoint, never partially overlap.
+///
+/// `stack` holds the chain of events still open at `last_start` (outermost first); events are
+/// accepted in order of their start.
+#[derive(Debug, Default)]
+struct Lane {
+    stack: Vec<(u64, u64)>,
+    last_start: u64,
+}
+
+impl Lane {
+    /// The stack depth under `[start, end)` if it fits on this track.
+    fn fits(&self, start: u64, end: u64) -> Option<usize> {
+        if start < self.last_start {
+            return None;
+        }
+        let mut depth = self.stack.len();
+        while depth > 0 && self.stack[depth - 1].1 <= start {
+            depth -= 1;
+        }
+        if depth > 0 && end > self.stack[depth - 1].1 {
+            return None;
+        }
+        Some(depth)
+    }
+
+    fn push(&mut self, depth: usize, start: u64, end: u64) {
+        self.stack.truncate(depth);
+        self.stack.push((start, end));
+        self.last_start = start;
+    }
+}
+
+/// Microseconds with 3 decimals, from nanoseconds, for `ts` and `dur`.
+struct Micros(u64);
+
+impl fmt::Display for Micros {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{:03}", self.0 / 1000, self.0 % 1000)
+    }
+}
+
+/// An integer scaled by 10^digits, written with its decimal point.
+struct Fixed(u64, u32);
+
+impl fmt::Display for Fixed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scale = 10u64.pow(self.1);
+        write!(f, "{}.{:0width$}", self.0 / scale, self.0 % scale, width = self.1 as usize)
+    }
+}
+
+/// Writes a timeline of the run in the Chrome Trace Event Format (a JSON array), which
+/// [Perfetto](https://ui.perfetto.dev) and `chrome://tracing` open.
+///
+/// What it shows, on one process (the recording process's id, named after the host, pid and
+/// rank):
+///
+/// | rows | trace events | track |
+/// | --- | --- | --- |
+/// | forward passes | complete events (`"ph":"X"`) named by phase; args `batch_size`, `num_tokens`, `throughput_tokens_per_sec` | thread `forward_pass` |
+/// | CPU operations | complete events named by operation; args `context` | thread `cpu_operations` |
+/// | encoder/decoder calls | complete events named by component; args `context` | thread `encoder_decoder` |
+/// | CUDA graph captures | complete events `capture`; args `batch_size` | thread `cuda_graph` |
+/// | preemptions, resumes, evictions | instant events (`"ph":"i"`) named by event; args `request_id`, `reason`, `running_time_sec`, `extra_info` | thread `requests` |
+/// | scheduled batches | counters (`"ph":"C"`) `queue` (`running`, `waiting`) and `batch` (`token_utilization_pct`, `seq_utilization_pct`) | process counters |
+/// | KV cache samples | counter `kv_cache` (`usage_pct`, `used_blocks`) | process counters |
+///
+/// `ts` and `dur` are microseconds since the session started (3 decimals: nanoseconds).
+///
+/// **Tracks.** The rows carry no thread id, so each kind of event has its own named thread
+/// track (a `thread_name` metadata event). Perfetto needs the complete events of one track to
+/// nest or follow each other; an event that would partially overlap one already on its track
+/// (recorded from another thread, say) goes to the next track of its kind, `cpu_operations 2`,
+/// `cpu_operations 3`, ... up to [`MAX_TRACKS_PER_KIND`]; beyond that it is left out of the
+/// trace and counted (the tables still have it).
+///
+/// **Streaming and rolling files.** The file starts with `[` and the events follow as the run
+/// goes (flushed about once a second); [`finish`](Sink::finish) closes the array. A trace whose
+/// closing `]` is missing (a process killed mid-run) still opens: the JSON Array Format allows
+/// it. A file holds at most [`DEFAULT_MAX_EVENTS_PER_FILE`] events (1,000,000, some 150 MB, which
+/// the Perfetto UI opens in a browser tab; change it with
+/// [`with_max_events_per_file`](Self::with_max_events_per_file)); the next events go to
+/// `profilemate_trace.1.json`, `profilemate_trace.2.json`, ... ([`trace_file_name`]). Each file
+/// is a complete trace on its own, with the process and track names repeated at its start. Files
+/// are kept; the disk use grows with the run, as the CSV files do.
+///
+/// ```
+/// use profilemate_core::{CpuOp, Phase, Session};
+/// use profilemate_sinks::PerfettoSink;
+///
+/// let dir = tempfile::tempdir()?;
+/// let session = Session::builder().in_memory_only().sink(PerfettoSink::create(dir.path())?).build()?;
+/// let cpu = session.cpu_timing();
+/// cpu.time(CpuOp::SCHEDULING, || {});
+/// session.forward_pass().start(Phase::Prefill, 1, 128).stop();
+/// session.shutdown()?;
+///
+/// let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("profilemate_trace.json"))?)?;
+/// let events = trace.as_array().unwrap();
+/// assert!(events.iter().any(|e| e["ph"] == "X" && e["name"] == "scheduling"));
+/// assert!(events.iter().any(|e| e["ph"] == "X" && e["name"] == "prefill" && e["args"]["num_tokens"] == 128));
+/// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+/// ```
+pub struct PerfettoSink {
+    dir: PathBuf,
+    max_events: usize,
+    out: Option<BufWriter<File>>,
+    file_index: usize,
+    events_in_file: usize,
+    pid: u32,
+    process_name: String,
+    /// Every track created so far, as `(tid, name)`, for the metadata at each file's start.
+    tracks: Vec<(u64, String)>,
+    lanes: [Vec<Lane>; 4],
+    requests_track: bool,
+    left_out: u64,
+    order: Vec<(u64, u64, usize)>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for PerfettoSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PerfettoSink")
+            .field("dir", &self.dir)
+            .field("max_events", &self.max_events)
+            .field("file_index", &self.file_index)
+            .finish()
+    }
+}
+
+impl PerfettoSink {
+    /// Starts `profilemate_trace.json` in `dir` (removing the trace files of an earlier run
+    /// there), for this process: its id, the host name and the rank
+    /// [`rank_from_env`](crate::rank_from_env) finds name the process in the trace.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be created, or `PROFILEMATE_RANK` is malformed.
+    pub fn create(dir: &Path) -> Result<PerfettoSink, SinkError> {
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let pid = std::process::id();
+        let process_name = match crate::rank_from_env()? {
+            Some(rank) => format!("profilemate {host} pid {pid} rank {rank}"),
+            None => format!("profilemate {host} pid {pid}"),
+        };
+        let mut index = 0;
+        loop {
+            let path = dir.join(trace_file_name(index));
+            match std::fs::remove_file(&path) {
+                Ok(()) => index += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && index > 0 => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => index += 1,
+                Err(e) => return Err(format!("cannot replace {}: {e}", path.display()).into()),
+            }
+        }
+        let mut sink = PerfettoSink {
+            dir: dir.to_path_buf(),
+            max_events: DEFAULT_MAX_EVENTS_PER_FILE,
+            out: None,
+            file_index: 0,
+            events_in_file: 0,
+            pid,
+            process_name,
+            tracks: Vec::new(),
+            lanes: Default::default(),
+            requests_track: false,
+            left_out: 0,
+            order: Vec::new(),
+            finished: false,
+        };
+        sink.open()?;
+        Ok(sink)
+    }
+
+    /// A file holds at most `events` events (at least 1) before the next file is started.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let sink = profilemate_sinks::PerfettoSink::create(dir.path())?.with_max_events_per_file(100_000);
+    /// assert_eq!(sink.max_events_per_file(), 100_000);
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
+    pub fn with_max_events_per_file(mut self, events: usize) -> Self {
+        self.max_events = events.max(1);
+        self
+    }
+
+    /// Events a file holds before the next is started.
+    pub fn max_events_per_file(&self) -> usize {
+        self.max_events
+    }
+
+    /// The trace files written so far, in order.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let sink = profilemate_sinks::PerfettoSink::create(dir.path())?;
+    /// assert_eq!(sink.files(), [dir.path().join("profilemate_trace.json")]);
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
+    pub fn files(&self) -> Vec<PathBuf> {
+        (0..=self.file_index).map(|i| self.dir.join(trace_file_name(i))).collect()
+    }
+
+    /// Complete events left out because they overlapped events on every track of their kind.
+    pub fn left_out(&self) -> u64 {
+        self.left_out
+    }
+
+    fn open(&mut self) -> std::io::Result<()> {
+        let path = self.dir.join(trace_file_name(self.file_index));
+        let file = File::create(&path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))?;
+        let mut out = BufWriter::with_capacity(256 * 1024, file);
+        out.write_all(b"[\n")?;
+        write!(out, r#"{{"name":"process_name","ph":"M","pid":{},"tid":0,"args":{{"name":"#, self.pid)?;
+        json_string(&mut out, &self.process_name)?;
+        out.write_all(b"}}")?;
+        for (tid, name) in &self.tracks {
+            thread_metadata(&mut out, self.pid, *tid, name)?;
+        }
+        self.out = Some(out);
+        self.events_in_file = 0;
+        Ok(())
+    }
+
+    /// Closes the current file's array.
+    fn close(&mut self) -> std::io::Result<()> {
+        if let Some(mut out) = self.out.take() {
+            out.write_all(b"\n]\n")?;
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The writer, positioned for one more event: a new file when this one is full.
+    fn next_event(&mut self) -> std::io::Result<&mut BufWriter<File>> {
+        if self.out.is_none() {
+            self.open()?;
+        } else if self.events_in_file >= self.max_events {
+            self.close()?;
+            self.file_index += 1;
+            self.open()?;
+        }
+        self.events_in_file += 1;
+        let out = self.out.as_mut().ok_or_else(|| std::io::Error::other("trace file is closed"))?;
+        out.write_all(b",\n")?;
+        Ok(out)
+    }
+
+    fn add_track(&mut self, tid: u64, name: String) -> std::io::Result<()> {
+        if let Some(out) = self.out.as_mut() {
+            thread_metadata(out, self.pid, tid, &name)?;
+        }
+        self.tracks.push((tid, name));
+        Ok(())
+    }
+
+    /// The track for a complete event `[start, end)` of `kind`, created when needed.
+    fn track_for(&mut self, kind: Kind, start: u64, end: u64) -> std::io::Result<Option<u64>> {
+        let lanes = &mut self.lanes[kind as usize];
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            if let Some(depth) = lane.fits(start, end) {
+                lane.push(depth, start, end);
+                return Ok(Some(kind.tid(i)));
+            }
+        }
+        if lanes.len() >= MAX_TRACKS_PER_KIND {
+            if self.left_out == 0 {
+                eprintln!(
+                    "profilemate: trace: {} events overlap on all {MAX_TRACKS_PER_KIND} tracks; further ones are \
+                     left out of the trace (the tables keep them)",
+                    kind.name()
+                );
+            }
+            self.left_out += 1;
+            return Ok(None);
+        }
+        let mut lane = Lane::default();
+        lane.push(0, start, end);
+        lanes.push(lane);
+        let i = lanes.len() - 1;
+        let name = if i == 0 { kind.name().to_string() } else { format!("{} {}", kind.name(), i + 1) };
+        self.add_track(kind.tid(i), name)?;
+        Ok(Some(kind.tid(i)))
+    }
+
+    /// Writes the complete events of one kind, `spans` giving each row's `(start, duration)`,
+    /// in order of start (outer events first), each on a track where it nests.
+    fn write_spans(
+        &mut self,
+        kind: Kind,
+        spans: impl Iterator<Item = (u64, u64)>,
+        mut write: impl FnMut(&mut BufWriter<File>, usize) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
+        order.extend(spans.enumerate().map(|(i, (start, dur))| (start, start.saturating_add(dur), i)));
+        order.sort_unstable_by_key(|&(start, end, i)| (start, std::cmp::Reverse(end), i));
+        let result = (|| {
+            for &(start, end, i) in &order {
+                let Some(tid) = self.track_for(kind, start, end)? else { continue };
+                let pid = self.pid;
+                let out = self.next_event()?;
+                write!(
+                    out,
+                    r#"{{"ph":"X","pid":{pid},"tid":{tid},"ts":{},"dur":{},"#,
+                    Micros(start),
+                    Micros(end - start)
+                )?;
+                write(out, i)?;
+                out.write_all(b"}")?;
+            }
+            Ok(())
+        })();
+        self.order = order;
+        result
+    }
+
+    fn write_all_rows(&mut self, rows: &Rows) -> std::io::Result<()> {
+        let pid = self.pid;
+        self.write_spans(
+            Kind::ForwardPass,
+            rows.forward_pass.iter().map(|r| (r.timestamp_ns, r.forward_time_ns)),
+            |out, i| {
+                let r = &rows.forward_pass[i];
+                write!(
+                    out,
+                    r#""name":"{}","cat":"forward_pass","args":{{"batch_size":{},"num_tokens":{}"#,
+                    r.phase.as_str(),
+                    r.batch_size,
+                    r.num_tokens
+                )?;
+                if let Some(t) = numbers::throughput_e3(r.num_tokens, r.forward_time_ns) {
+                    write!(out, r#","throughput_tokens_per_sec":{}"#, Fixed(t, 3))?;
+                }
+                out.write_all(b"}")
+            },
+        )?;
+        self.write_spans(
+            Kind::CpuOperations,
+            rows.cpu_operations.iter().map(|r| (r.timestamp_ns, r.duration_ns)),
+            |out, i| {
+                let r = &rows.cpu_operations[i];
+                out.write_all(br#""name":"#)?;
+                json_string(out, &r.operation)?;
+                out.write_all(br#","cat":"cpu_operation","args":{"#)?;
+                if !r.context.is_empty() {
+                    out.write_all(br#""context":"#)?;
+                    json_string(out, &r.context)?;
+                }
+                out.write_all(b"}")
+            },
+        )?;
+        self.write_spans(
+            Kind::EncoderDecoder,
+            rows.encoder_decoder.iter().map(|r| (r.timestamp_ns, r.duration_ns)),
+            |out, i| {
+                let r = &rows.encoder_decoder[i];
+                write!(out, r#""name":"{}","cat":"encoder_decoder","args":{{"#, r.component.as_str())?;
+                if !r.context.is_empty() {
+                    out.write_all(br#""context":"#)?;
+                    json_string(out, &r.context)?;
+                }
+                out.write_all(b"}")
+            },
+        )?;
+        let captures: Vec<_> = rows
+            .cuda_graph
+            .iter()
+            .filter(|r| r.event == profilemate_core::GraphEvent::Capture)
+            .filter_map(|r| r.duration_ns.map(|d| (r, d)))
+            .collect();
+        self.write_spans(Kind::CudaGraph, captures.iter().map(|(r, d)| (r.timestamp_ns, *d)), |out, i| {
+            write!(out, r#""name":"capture","cat":"cuda_graph","args":{{"batch_size":{}}}"#, captures[i].0.batch_size)
+        })?;
+
+        for r in &rows.preemption_events {
+            if !matches!(r.event, LifecycleEvent::Preempted | LifecycleEvent::Resumed | LifecycleEvent::Evicted) {
+                continue;
+            }
+            let tid = Kind::Requests.tid(0);
+            if !self.requests_track {
+                self.requests_track = true;
+                self.add_track(tid, Kind::Requests.name().to_string())?;
+            }
+            let out = self.next_event()?;
+            write!(
+                out,
+                r#"{{"ph":"i","s":"t","pid":{pid},"tid":{tid},"ts":{},"name":"{}","cat":"request","args":{{"request_id":"#,
+                Micros(r.timestamp_ns),
+                r.event.as_str()
+            )?;
+            json_string(out, &r.request_id)?;
+            if !r.reason.is_empty() {
+                out.write_all(br#","reason":"#)?;
+                json_string(out, &r.reason)?;
+            }
+            if let Some(ns) = r.running_time_ns {
+                write!(out, r#","running_time_sec":{}"#, Fixed(numbers::round_us(ns), 6))?;
+            }
+            if !r.extra_info.is_empty() {
+                out.write_all(br#","extra_info":"#)?;
+                json_string(out, &r.extra_info)?;
+            }
+            out.write_all(b"}}")?;
+        }
+
+        for r in &rows.batch_utilization {
+            let out = self.next_event()?;
+            write!(
+                out,
+                r#"{{"ph":"C","pid":{pid},"ts":{},"name":"queue","args":{{"running":{},"waiting":{}}}}}"#,
+                Micros(r.timestamp_ns),
+                r.running_queue_len,
+                r.waiting_queue_len
+            )?;
+            let tokens = numbers::pct_e4(r.num_tokens, r.max_tokens);
+            let seqs = numbers::pct_e4(r.num_seqs, r.max_num_seqs);
+            if tokens.is_none() && seqs.is_none() {
+                continue;
+            }
+            let out = self.next_event()?;
+            write!(out, r#"{{"ph":"C","pid":{pid},"ts":{},"name":"batch","args":{{"#, Micros(r.timestamp_ns))?;
+            let mut sep = "";
+            if let Some(p) = tokens {
+                write!(out, r#""token_utilization_pct":{}"#, Fixed(p, 4))?;
+                sep = ",";
+            }
+            if let Some(p) = seqs {
+                write!(out, r#"{sep}"seq_utilization_pct":{}"#, Fixed(p, 4))?;
+            }
+            out.write_all(b"}}")?;
+        }
+
+        for r in &rows.kv_cache {
+            let out = self.next_event()?;
+            write!(out, r#"{{"ph":"C","pid":{pid},"ts":{},"name":"kv_cache","args":{{"#, Micros(r.timestamp_ns))?;
+            if let Some(p) = numbers::pct_e4(r.used_blocks, r.total_blocks) {
+                write!(out, r#""usage_pct":{},"#, Fixed(p, 4))?;
+            }
+            write!(out, r#""used_blocks":{}}}}}"#, r.used_blocks)?;
+        }
+        Ok(())
+    }
+}
+
+fn json_string(out: &mut impl Write, s: &str) -> std::io::Result<()> {
+    serde_json::to_writer(out, s).map_err(std::io::Error::other)
+}
+
+fn thread_metadata(out: &mut impl Write, pid: u32, tid: u64, name: &str) -> std::io::Result<()> {
+    write!(out, r#",{}{{"name":"thread_name","ph":"M","pid":{pid},"tid":{tid},"args":{{"name":"#, '\n')?;
+    json_string(out, name)?;
+    write!(
+        out,
+        r#"}}}},{}{{"name":"thread_sort_index","ph":"M","pid":{pid},"tid":{tid},"args":{{"sort_index":{}}}}}"#,
+        '\n',
+        tid % 10_000_000
+    )
+}
+
+impl Sink for PerfettoSink {
+    fn name(&self) -> &str {
+        "perfetto"
+    }
+
+    fn write_rows(&mut self, rows: &Rows) -> Result<(), SinkError> {
+        if self.finished {
+            return Err("the trace is already finished".into());
+        }
+        let result = self.write_all_rows(rows);
+        result.map_err(|e| format!("{}: {e}", trace_file_name(self.file_index)).into())
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        if let Some(out) = self.out.as_mut() {
+            out.flush().map_err(|e| format!("{}: {e}", trace_file_name(self.file_index)))?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _manifest: &RunManifest) -> Result<(), SinkError> {
+        self.finished = true;
+        self.close().map_err(|e| format!("{}: {e}", trace_file_name(self.file_index)))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_track_takes_nested_and_following_events_and_refuses_partial_overlaps() {
+        let mut lane = Lane::default();
+        for (s, e) in [(0, 100), (0, 50), (10, 20), (20, 30), (50, 100), (100, 100), (100, 200)] {
+            let depth = lane.fits(s, e).unwrap_or_else(|| panic!("[{s}, {e}) should fit"));
+            lane.push(depth, s, e);
+        }
+        assert_eq!(lane.fits(150, 250), None, "partially overlaps [100, 200)");
+        assert_eq!(lane.fits(90, 95), None, "starts before the last start");
+        assert_eq!(lane.fits(150, 200), Some(1));
+        assert_eq!(lane.fits(200, 300), Some(0));
+    }
+
+    #[test]
+    fn numbers_are_written_exactly() {
+        assert_eq!(Micros(1_234_567).to_string(), "1234.567");
+        assert_eq!(Micros(5).to_string(), "0.005");
+        assert_eq!(Fixed(93_750, 4).to_string(), "9.3750");
+        assert_eq!(Fixed(5_659_460, 3).to_string(), "5659.460");
+        assert_eq!(Fixed(7, 6).to_string(), "0.000007");
+    }
+}
