@@ -11,22 +11,12 @@
 //! request lifecycles) go through a session writing CSV and JSON; the resident set is sampled
 //! every 10^6 events and printed.
 
+mod common;
+use common::Discard;
+
 use criterion::{BenchmarkId, Criterion, Throughput};
-use profilemate::{BatchSample, Config, CpuOp, CsvSink, Phase, Rows, Sink, SinkError};
-use std::hint::black_box;
+use profilemate::{BatchSample, Config, CpuOp, CsvSink, Phase};
 use std::time::{Duration, Instant};
-
-struct Discard;
-
-impl Sink for Discard {
-    fn name(&self) -> &str {
-        "discard"
-    }
-    fn write_rows(&mut self, rows: &Rows) -> Result<(), SinkError> {
-        black_box(rows);
-        Ok(())
-    }
-}
 
 const EVENTS_PER_FLUSH: u64 = 50_000;
 

@@ -12,25 +12,15 @@
 //! between batches (outside the timed region), so this measures the recording path itself,
 //! not the drop path of a full buffer.
 
+mod common;
+use common::{Discard, DurationLayer};
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use profilemate::{BatchSample, Component, CpuOp, Phase, Rows, Session, Sink, SinkError};
+use profilemate::{BatchSample, Component, CpuOp, Phase, Session};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
-
-/// Takes rows and throws them away: measures the library, not a file system.
-struct Discard;
-
-impl Sink for Discard {
-    fn name(&self) -> &str {
-        "discard"
-    }
-    fn write_rows(&mut self, rows: &Rows) -> Result<(), SinkError> {
-        black_box(rows);
-        Ok(())
-    }
-}
 
 const BATCH: u64 = 4096;
 
@@ -67,37 +57,6 @@ struct NullReporter;
 impl fastrace::collector::Reporter for NullReporter {
     fn report(&mut self, spans: Vec<fastrace::prelude::SpanRecord>) {
         black_box(spans);
-    }
-}
-
-/// A `tracing` layer that keeps each span's duration (the minimum a span-based profiler does).
-struct DurationLayer {
-    total_ns: Arc<AtomicU64>,
-}
-
-struct Started(Instant);
-
-impl<S> tracing_subscriber::Layer<S> for DurationLayer
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
-    fn on_new_span(
-        &self,
-        _attrs: &tracing::span::Attributes<'_>,
-        id: &tracing::span::Id,
-        ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(Started(Instant::now()));
-        }
-    }
-
-    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
-        if let Some(span) = ctx.span(&id) {
-            if let Some(Started(t)) = span.extensions().get::<Started>() {
-                self.total_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            }
-        }
     }
 }
 

@@ -19,27 +19,17 @@
 //! - `mapped/cpu_span_layer` vs `mapped/cpu_timing_handle`: a mapped span, against
 //!   `CpuTiming::start(..).stop()` for the same operation.
 
+mod common;
+use common::{Discard, DurationLayer};
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use profilemate::tracing_layer::CpuSpanLayer;
-use profilemate::{CpuOp, Rows, Session, Sink, SinkError};
+use profilemate::{CpuOp, Session};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing_subscriber::layer::SubscriberExt;
-
-/// Takes rows and throws them away: measures the layer, not a file system.
-struct Discard;
-
-impl Sink for Discard {
-    fn name(&self) -> &str {
-        "discard"
-    }
-    fn write_rows(&mut self, rows: &Rows) -> Result<(), SinkError> {
-        black_box(rows);
-        Ok(())
-    }
-}
 
 const BATCH: u64 = 4096;
 
@@ -69,37 +59,6 @@ fn batched(iters: u64, session: &Session, mut f: impl FnMut()) -> Duration {
         left -= n;
     }
     total
-}
-
-/// A layer that wants every span and keeps its duration: stands in for a log formatter.
-struct DurationLayer {
-    total_ns: Arc<AtomicU64>,
-}
-
-struct Started(Instant);
-
-impl<S> tracing_subscriber::Layer<S> for DurationLayer
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
-    fn on_new_span(
-        &self,
-        _attrs: &tracing::span::Attributes<'_>,
-        id: &tracing::span::Id,
-        ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(Started(Instant::now()));
-        }
-    }
-
-    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
-        if let Some(span) = ctx.span(&id) {
-            if let Some(Started(t)) = span.extensions().get::<Started>() {
-                self.total_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            }
-        }
-    }
 }
 
 /// The CPU span layer of `session` with the mappings an engine would have.
