@@ -9,8 +9,9 @@
 //! an engine would: three CPU spans, a batch sample, a forward pass, a decoder component, and a
 //! request's start and finish every 16 steps. "On" writes CSV and JSON into a temporary
 //! directory; "off" uses a disabled session, so both run the same code. Rounds alternate which
-//! goes first; the overhead of each round is `on / off - 1`, and the median and spread over the
-//! rounds are printed.
+//! goes first; the overhead of each round is `on / off - 1`, and the median over the rounds,
+//! with its 95 % confidence interval (distribution-free, from order statistics), and the spread
+//! are printed.
 
 use profilemate::{BatchSample, Component, CpuOp, Phase, Session};
 use std::hint::black_box;
@@ -102,6 +103,16 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
+/// A distribution-free 95 % confidence interval of the median of `sorted`: the order statistics
+/// `n/2 -+ 0.98 sqrt(n)` (the binomial(n, 1/2) rank of the median, normal approximation).
+fn median_ci(sorted: &[f64]) -> (f64, f64) {
+    let n = sorted.len() as f64;
+    let half = 0.98 * n.sqrt();
+    let lo = ((n / 2.0 - half).floor().max(1.0) as usize) - 1;
+    let hi = ((n / 2.0 + 1.0 + half).ceil().min(n) as usize) - 1;
+    (sorted[lo], sorted[hi])
+}
+
 /// `engine_loop --instructions on|off STEPS WORK`: runs one configuration only, for counting
 /// instructions under callgrind (see `scripts/overhead-instructions.sh`).
 fn instructions_mode(args: &[String]) -> bool {
@@ -133,7 +144,7 @@ fn main() {
     let (on, off) = (Engine::new(&on_session), Engine::new(&off_session));
 
     let (rounds, round_time) =
-        if bench_mode { (40, Duration::from_millis(250)) } else { (2, Duration::from_millis(5)) };
+        if bench_mode { (100, Duration::from_millis(250)) } else { (2, Duration::from_millis(5)) };
     println!("engine loop: profiling on (CSV + JSON) against off, {rounds} interleaved rounds per step size");
     for target in [Duration::from_millis(1), Duration::from_micros(100)] {
         let n = calibrate(target);
@@ -156,10 +167,13 @@ fn main() {
         }
         overheads.sort_by(f64::total_cmp);
         step_ns.sort_by(f64::total_cmp);
+        let (ci_lo, ci_hi) = median_ci(&overheads);
         println!(
-            "  step ~{:>6.1} us ({steps} steps/round): overhead median {:+.3} %, p25 {:+.3} %, p75 {:+.3} %, min {:+.3} %, max {:+.3} %",
+            "  step ~{:>6.1} us ({steps} steps/round): overhead median {:+.3} % (95 % CI {:+.3} .. {:+.3} %), p25 {:+.3} %, p75 {:+.3} %, min {:+.3} %, max {:+.3} %",
             quantile(&step_ns, 0.5) / 1e3,
             quantile(&overheads, 0.5),
+            ci_lo,
+            ci_hi,
             quantile(&overheads, 0.25),
             quantile(&overheads, 0.75),
             overheads[0],

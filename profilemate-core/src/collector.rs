@@ -154,6 +154,33 @@ impl Decoded {
     }
 }
 
+/// Sorts `keys`, cheaply when they are nearly in order already.
+///
+/// A thread records an event when it ends, so its events arrive in order of their ends; ordered
+/// by start, only an enclosing span (a forward pass around its decoder call) comes after what it
+/// encloses, a step or two late. Insertion sort puts those back in a few moves per event; when
+/// the moves exceed a small budget per key (several threads' batches one after another, a span
+/// enclosing many events), the rest is left to `sort_unstable`.
+fn sort_nearly_sorted(keys: &mut [(u64, u32)]) {
+    const MOVES_PER_KEY: usize = 4;
+    let mut budget = keys.len() * MOVES_PER_KEY;
+    for i in 1..keys.len() {
+        let key = keys[i];
+        let mut j = i;
+        while j > 0 && keys[j - 1] > key {
+            if budget == 0 {
+                keys[j] = key;
+                keys.sort_unstable();
+                return;
+            }
+            budget -= 1;
+            keys[j] = keys[j - 1];
+            j -= 1;
+        }
+        keys[j] = key;
+    }
+}
+
 pub(crate) struct Collector {
     shared: Arc<Shared>,
     info: RunInfo,
@@ -287,17 +314,17 @@ impl Collector {
         order.clear();
         if !events.is_sorted_by_key(Decoded::start_raw) {
             order.extend(events.iter().enumerate().map(|(i, d)| (d.start_raw(), i as u32)));
-            order.sort_unstable();
+            sort_nearly_sorted(&mut order);
         }
         let mut next = 0;
         while next < events.len() {
             let i = order.get(next).map_or(next, |o| o.1 as usize);
             next += 1;
-            let d = std::mem::take(&mut events[i]);
+            let d = &events[i];
             if d.needs_device() || (!self.pending.is_empty() && matches!(d.kind, K_FORWARD | K_COMPONENT)) {
-                self.pending.push_back(d);
+                self.pending.push_back(std::mem::take(&mut events[i]));
             } else {
-                self.dispatch(&d, None);
+                self.dispatch(d, None);
             }
         }
         events.clear();
@@ -709,5 +736,48 @@ fn warn_once(msg: &str) {
     if !seen.iter().any(|m| m == msg) {
         seen.push(msg.to_string());
         eprintln!("profilemate: {msg}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sort_nearly_sorted;
+    use proptest::prelude::*;
+
+    fn check(mut keys: Vec<(u64, u32)>) {
+        let mut expected = keys.clone();
+        expected.sort_unstable();
+        sort_nearly_sorted(&mut keys);
+        assert_eq!(keys, expected);
+    }
+
+    #[test]
+    fn enclosing_spans_and_fallback() {
+        // A step: decoder (start 3) recorded before the forward pass around it (start 2).
+        check(vec![(1, 0), (3, 1), (2, 2), (5, 3), (4, 4)]);
+        // One span enclosing many events: over the move budget, sorted by the fallback.
+        check((1..100u64).map(|t| (t, t as u32)).chain([(0, 100)]).collect());
+        // Two threads' batches one after the other.
+        check((0..50u64).map(|t| (2 * t, 0)).chain((0..50u64).map(|t| (2 * t + 1, 1))).collect());
+        check(vec![]);
+        check(vec![(7, 0)]);
+    }
+
+    proptest! {
+        #[test]
+        fn sorts_like_sort_unstable(keys in proptest::collection::vec((0u64..64, 0u32..8), 0..300)) {
+            check(keys);
+        }
+
+        #[test]
+        fn sorts_nearly_sorted_input(
+            swaps in proptest::collection::vec(0usize..500, 0..40),
+        ) {
+            let mut keys: Vec<(u64, u32)> = (0..500u64).map(|t| (t * 10, t as u32)).collect();
+            for s in swaps {
+                keys.swap(s, (s + 1).min(499));
+            }
+            check(keys);
+        }
     }
 }

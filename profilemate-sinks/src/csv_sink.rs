@@ -3,6 +3,7 @@
 use crate::numbers;
 use profilemate_core::{Config, ProfilerKind, Rows, Sink, SinkError, Table};
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Writes the contract CSV tables (those of the enabled profilers and trackers) into a directory.
@@ -30,8 +31,26 @@ use std::path::{Path, PathBuf};
 /// ```
 pub struct CsvSink {
     dir: PathBuf,
-    writers: Vec<(Table, csv::Writer<File>)>,
-    record: csv::ByteRecord,
+    tables: Vec<TableFile>,
+}
+
+/// One table's file and the complete lines not written to it yet.
+struct TableFile {
+    table: Table,
+    file: File,
+    pending: Vec<u8>,
+}
+
+impl TableFile {
+    /// Hands the pending lines to the file. They are always whole lines, so a process killed
+    /// at any instant leaves a file whose lines all parse, barring a write cut short.
+    fn write_pending(&mut self) -> std::io::Result<()> {
+        let result = self.file.write_all(&self.pending);
+        // On an error the lines are dropped (and counted by the collector): a file that fails
+        // once must not grow without bound in memory.
+        self.pending.clear();
+        result
+    }
 }
 
 impl std::fmt::Debug for CsvSink {
@@ -50,23 +69,22 @@ impl CsvSink {
     ///
     /// Any I/O error from creating a file or writing its header.
     pub fn create(dir: &Path, config: &Config) -> std::io::Result<CsvSink> {
-        let mut writers = Vec::new();
+        let mut tables = Vec::new();
         for table in Table::ALL {
             if !config.is_enabled(table.profiler()) {
                 continue;
             }
             let path = dir.join(table.file_name());
-            let file = File::create(&path)
+            let mut file = File::create(&path)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))?;
-            let mut w = csv::WriterBuilder::new()
-                .terminator(csv::Terminator::Any(b'\n'))
-                .buffer_capacity(BUFFER)
-                .from_writer(file);
-            w.write_record(table.columns()).map_err(std::io::Error::other)?;
-            w.flush()?;
-            writers.push((table, w));
+            let mut header = Line::new(Vec::new());
+            for column in table.columns() {
+                header.field(column.as_bytes());
+            }
+            file.write_all(&header.end())?;
+            tables.push(TableFile { table, file, pending: Vec::with_capacity(BUFFER + 4096) });
         }
-        Ok(CsvSink { dir: dir.to_path_buf(), writers, record: csv::ByteRecord::new() })
+        Ok(CsvSink { dir: dir.to_path_buf(), tables })
     }
 
     /// The directory the files are in.
@@ -76,49 +94,82 @@ impl CsvSink {
 
     /// Which profilers have files here.
     pub fn profilers(&self) -> Vec<ProfilerKind> {
-        let mut v: Vec<_> = self.writers.iter().map(|(t, _)| t.profiler()).collect();
+        let mut v: Vec<_> = self.tables.iter().map(|t| t.table.profiler()).collect();
         v.dedup();
         v
     }
 }
 
-/// Builds one CSV record field by field. Times are integers (nanoseconds) and are written
-/// with integer arithmetic, exactly and without float formatting.
-struct RecordBuilder<'a> {
-    record: &'a mut csv::ByteRecord,
+/// Appends one CSV line to a buffer, field by field. Text goes through the `csv_core` writer,
+/// which decides the quoting (RFC 4180: a field holding a comma, a quote or a line break is
+/// quoted, its quotes doubled). Numbers, formatted here from integers (nanoseconds, counts) by
+/// integer arithmetic, exactly and without float formatting, never need quoting and are
+/// appended as they are.
+struct Line {
+    out: Vec<u8>,
+    writer: csv_core::Writer,
 }
 
-impl RecordBuilder<'_> {
-    fn text(&mut self, s: &str) -> &mut Self {
-        self.record.push_field(s.as_bytes());
+impl Line {
+    fn new(out: Vec<u8>) -> Line {
+        Line { out, writer: csv_core::Writer::new() }
+    }
+
+    /// A field of text, then its comma.
+    fn field(&mut self, bytes: &[u8]) -> &mut Self {
+        // Quoted, a field takes at most twice its length plus its two quotes and the comma.
+        let at = self.out.len();
+        self.out.resize(at + 2 * bytes.len() + 3, 0);
+        let (result, _, n) = self.writer.field(bytes, &mut self.out[at..]);
+        debug_assert_eq!(result, csv_core::WriteResult::InputEmpty);
+        // The closing quote, if the field was quoted, and the comma.
+        let (result, m) = self.writer.delimiter(&mut self.out[at + n..]);
+        debug_assert_eq!(result, csv_core::WriteResult::InputEmpty);
+        self.out.truncate(at + n + m);
         self
     }
+
+    /// Ends the line: its last comma becomes the line feed.
+    fn finish_line(&mut self) {
+        if let Some(last) = self.out.last_mut() {
+            debug_assert_eq!(*last, b',');
+            *last = b'\n';
+        }
+    }
+
+    /// Ends the line and gives the buffer back.
+    fn end(mut self) -> Vec<u8> {
+        self.finish_line();
+        self.out
+    }
+
+    /// Digits of `v`.
+    fn digits(&mut self, v: u64) {
+        self.out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+    }
+    fn text(&mut self, s: &str) -> &mut Self {
+        self.field(s.as_bytes())
+    }
     fn empty(&mut self) -> &mut Self {
-        self.record.push_field(b"");
+        self.out.push(b',');
         self
     }
     fn int(&mut self, v: impl Into<u64>) -> &mut Self {
-        let mut buf = [0u8; 20];
-        self.record.push_field(fmt_u64(&mut buf, v.into()));
+        self.digits(v.into());
+        self.out.push(b',');
         self
     }
     /// `int.frac` with `frac` zero-padded to `digits`.
     fn fixed(&mut self, int: u64, frac: u64, digits: usize) -> &mut Self {
-        let mut buf = [0u8; 48];
-        let mut digits_buf = [0u8; 20];
-        let i = fmt_u64(&mut digits_buf, int);
-        let mut at = i.len();
-        buf[..at].copy_from_slice(i);
-        buf[at] = b'.';
-        at += 1;
-        let f = fmt_u64(&mut digits_buf, frac);
+        self.digits(int);
+        self.out.push(b'.');
+        let mut buf = itoa::Buffer::new();
+        let f = buf.format(frac).as_bytes();
         for _ in f.len()..digits {
-            buf[at] = b'0';
-            at += 1;
+            self.out.push(b'0');
         }
-        buf[at..at + f.len()].copy_from_slice(f);
-        at += f.len();
-        self.record.push_field(&buf[..at]);
+        self.out.extend_from_slice(f);
+        self.out.push(b',');
         self
     }
     /// Nanoseconds as seconds with 6 decimals (rounded to the microsecond).
@@ -152,29 +203,20 @@ impl RecordBuilder<'_> {
     }
 }
 
-fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    &buf[i..]
-}
-
 impl CsvSink {
-    fn write_table(&mut self, table: Table, rows: &Rows) -> csv::Result<()> {
-        let Some((_, w)) = self.writers.iter_mut().find(|(t, _)| *t == table) else {
+    fn write_table(&mut self, table: Table, rows: &Rows) -> std::io::Result<()> {
+        let Some(file) = self.tables.iter_mut().find(|t| t.table == table) else {
             return Ok(());
         };
-        let mut b = RecordBuilder { record: &mut self.record };
+        let mut b = Line::new(std::mem::take(&mut file.pending));
+        let mut result = Ok(());
         macro_rules! emit {
             ($b:ident) => {{
-                w.write_byte_record($b.record)?;
-                $b.record.clear();
+                $b.finish_line();
+                if $b.out.len() >= BUFFER {
+                    result = result.and(file.file.write_all(&$b.out));
+                    $b.out.clear();
+                }
             }};
         }
         match table {
@@ -273,7 +315,8 @@ impl CsvSink {
                 }
             }
         }
-        Ok(())
+        file.pending = b.out;
+        result
     }
 }
 
@@ -287,7 +330,6 @@ impl Sink for CsvSink {
         for table in Table::ALL {
             if rows.len(table) > 0 {
                 if let Err(e) = self.write_table(table, rows) {
-                    self.record.clear();
                     first_error.get_or_insert_with(|| format!("{}: {e}", table.file_name()));
                 }
             }
@@ -299,10 +341,16 @@ impl Sink for CsvSink {
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        for (table, w) in &mut self.writers {
-            w.flush().map_err(|e| format!("{}: {e}", table.file_name()))?;
+        let mut first_error = None;
+        for t in &mut self.tables {
+            if let Err(e) = t.write_pending().and_then(|()| t.file.flush()) {
+                first_error.get_or_insert_with(|| format!("{}: {e}", t.table.file_name()));
+            }
         }
-        Ok(())
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -310,10 +358,29 @@ impl Sink for CsvSink {
 mod tests {
     use super::*;
 
-    fn field(f: impl FnOnce(&mut RecordBuilder<'_>)) -> String {
-        let mut record = csv::ByteRecord::new();
-        f(&mut RecordBuilder { record: &mut record });
-        String::from_utf8(record[0].to_vec()).unwrap()
+    fn field(f: impl FnOnce(&mut Line)) -> String {
+        let mut line = Line::new(Vec::new());
+        f(&mut line);
+        let text = String::from_utf8(line.end()).unwrap();
+        text.strip_suffix('\n').unwrap_or_else(|| panic!("{text:?}")).to_string()
+    }
+
+    #[test]
+    fn text_is_quoted_only_where_needed() {
+        let line = |fields: &[&str]| {
+            let mut line = Line::new(Vec::new());
+            for f in fields {
+                line.text(f);
+            }
+            line.int(7u32);
+            String::from_utf8(line.end()).unwrap()
+        };
+        assert_eq!(line(&["plain", "", "tab\there"]), "plain,,tab\there,7\n");
+        assert_eq!(
+            line(&["a,b", "say \"hi\"", "two\nlines", "cr\r"]),
+            "\"a,b\",\"say \"\"hi\"\"\",\"two\nlines\",\"cr\r\",7\n"
+        );
+        assert_eq!(line(&["\"", "é ü 😀"]), "\"\"\"\",é ü 😀,7\n");
     }
 
     #[test]
