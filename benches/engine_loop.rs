@@ -11,7 +11,8 @@
 //! directory; "off" uses a disabled session, so both run the same code. Rounds alternate which
 //! goes first; the overhead of each round is `on / off - 1`, and the median over the rounds,
 //! with its 95 % confidence interval (distribution-free, from order statistics), and the spread
-//! are printed.
+//! are printed; then the same comparison over single steps (each step timed on its own), at
+//! the 10th, 25th and 50th percentiles, which other work on a shared machine disturbs least.
 
 use profilemate::{BatchSample, Component, CpuOp, Phase, Session};
 use std::hint::black_box;
@@ -79,6 +80,19 @@ impl Engine {
         let t = Instant::now();
         for s in 0..steps {
             self.step(s, n);
+        }
+        t.elapsed()
+    }
+
+    /// Like [`Engine::run`], also appending each step's own time (ns) to `step_ns`.
+    fn run_timed(&self, steps: u64, n: u64, step_ns: &mut Vec<u64>) -> Duration {
+        let t = Instant::now();
+        let mut last = t;
+        for s in 0..steps {
+            self.step(s, n);
+            let now = Instant::now();
+            step_ns.push((now - last).as_nanos() as u64);
+            last = now;
         }
         t.elapsed()
     }
@@ -154,13 +168,15 @@ fn main() {
         off.run(steps.min(100), n);
         let mut overheads = Vec::with_capacity(rounds);
         let mut step_ns = Vec::with_capacity(rounds);
+        let capacity = if bench_mode { rounds * steps as usize } else { 0 };
+        let (mut on_steps, mut off_steps) = (Vec::with_capacity(capacity), Vec::with_capacity(capacity));
         for r in 0..rounds {
             let (t_on, t_off) = if r % 2 == 0 {
-                let off_t = off.run(steps, n);
-                (on.run(steps, n), off_t)
+                let off_t = off.run_timed(steps, n, &mut off_steps);
+                (on.run_timed(steps, n, &mut on_steps), off_t)
             } else {
-                let on_t = on.run(steps, n);
-                (on_t, off.run(steps, n))
+                let on_t = on.run_timed(steps, n, &mut on_steps);
+                (on_t, off.run_timed(steps, n, &mut off_steps))
             };
             overheads.push((t_on.as_secs_f64() / t_off.as_secs_f64() - 1.0) * 100.0);
             step_ns.push(t_off.as_secs_f64() * 1e9 / steps as f64);
@@ -179,6 +195,19 @@ fn main() {
             overheads[0],
             overheads[overheads.len() - 1],
         );
+        // Single steps: other work on the machine only ever adds time, so the low quantiles of
+        // the step times show the cost on the engine thread with the least disturbance.
+        on_steps.sort_unstable();
+        off_steps.sort_unstable();
+        let q = |v: &[u64], p: f64| v[((v.len() - 1) as f64 * p).round() as usize] as f64;
+        let line: Vec<String> = [0.1, 0.25, 0.5]
+            .iter()
+            .map(|&p| {
+                let (a, b) = (q(&off_steps, p), q(&on_steps, p));
+                format!("p{:.0} {:.1} -> {:.1} us ({:+.3} %)", p * 100.0, a / 1e3, b / 1e3, (b / a - 1.0) * 100.0)
+            })
+            .collect();
+        println!("    single steps, off -> on: {}", line.join(", "));
     }
     let manifest = on_session.shutdown().expect("shutdown");
     println!("  profiled: {} steps, {} events dropped", manifest.steps, manifest.total_dropped());
