@@ -8,13 +8,20 @@ profiling active; rounds alternate between the plugin's hooks installed and remo
 methods restored), so both conditions share one engine, one process and one warm cache. The
 difference is the per-step cost of the hooks and of recording.
 
+``--mode steps``: the same in-process engine and alternation as ``toggle``, but every engine step
+is timed on its own (``LLMEngine.step``): the decode steps of batch ``--batch`` (the same steps in
+both conditions) give a step-time distribution per condition. Its low quantiles are the least
+disturbed by other work on a shared machine (interference only ever adds time), and the median of
+the per-round-pair ratios comes with a 95 % confidence interval. Tokens per step are fixed, so the
+tokens/s ratio is the inverse of the step-time ratio.
+
 ``--mode processes``: a fresh process per round, alternately with ``VLLM_PROFILING_DIR`` set and
 unset, with vLLM's default engine processes. Engine start-up is excluded from the timing; the
 rounds are noisier (each has its own warm-up).
 
 Prints tokens/s per round, the median of each condition, and the ratio (profiled / plain).
 
-    python bench/overhead.py --model DIR [--mode toggle|processes] [--rounds 8]
+    python bench/overhead.py --model DIR [--mode toggle|steps|processes] [--rounds 8]
 """
 
 from __future__ import annotations
@@ -106,6 +113,79 @@ def toggle(args) -> None:
         f"fastest decode step seen without the plugin: about {step_ms:.2f} ms (batch {args.batch}); "
         f"the plugin's {cost / 1000:.2f} us per step is {cost / (step_ms * 1e6) * 100:.2f} % of it"
     )
+
+
+def steps(args) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_PROFILING_DIR", tempfile.mkdtemp(prefix="profilemate-bench-"))
+    llm = make_llm(args.model, args.batch)
+    from profilemate_vllm import _hooks, _plugin
+    from vllm import SamplingParams
+
+    assert _plugin.is_active(), "the plugin did not activate (is profilemate-vllm installed?)"
+    engine = llm.llm_engine
+    prompts, max_tokens = workload(args.batch, args.tokens)
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    pc = time.perf_counter_ns
+    counter = [0]
+
+    def one_round():
+        """Durations (ns) of the round's decode steps: all but the first steps (prompts being
+        prefilled, in chunks of the token budget) and the last two (requests finishing)."""
+        counter[0] += 1
+        for j, p in enumerate(prompts):
+            engine.add_request(f"r{counter[0]}-{j}", {"prompt_token_ids": p}, params)
+        times = []
+        while engine.has_unfinished_requests():
+            t0 = pc()
+            engine.step()
+            times.append(pc() - t0)
+        prefill_steps = -(-sum(len(p) for p in prompts) // 512) + 2
+        return times[prefill_steps:-2]
+
+    for _ in range(2):  # warm-up, both ways
+        _hooks.uninstall()
+        one_round()
+        _hooks.install()
+        one_round()
+    per_round = {"on": [], "off": []}
+    pooled = {"on": [], "off": []}
+    for i in range(args.rounds * 2):
+        mode = ["on", "off"][(i + i // 2) % 2]  # on off off on on off ...
+        if mode == "on":
+            _hooks.install()
+        else:
+            _hooks.uninstall()
+        t = one_round()
+        per_round[mode].append(statistics.median(t))
+        pooled[mode].extend(t)
+        print(f"round {i + 1:2d} plugin {mode:3s}: {len(t)} decode steps, median {statistics.median(t) / 1e6:.3f} ms, "
+              f"fastest {min(t) / 1e6:.3f} ms", flush=True)
+    _hooks.install()
+    print(f"\nsteps (one in-process engine, decode steps of batch {args.batch}): {args.rounds} rounds each, "
+          f"{len(pooled['on'])} / {len(pooled['off'])} steps with / without the plugin")
+    for q in (0.1, 0.25, 0.5):
+        on_q, off_q = quantile(sorted(pooled["on"]), q), quantile(sorted(pooled["off"]), q)
+        print(f"  p{int(q * 100):<2d} step time: {off_q / 1e6:.4f} ms without, {on_q / 1e6:.4f} ms with: "
+              f"tokens/s ratio {off_q / on_q:.4f} ({(on_q / off_q - 1) * 100:+.2f} % step time)")
+    # Rounds (2k, 2k+1) are one of each, side by side in time: drifts cancel in the pair's ratio.
+    ratios = sorted(off_ / on_ for on_, off_ in zip(per_round["on"], per_round["off"]))
+    lo, hi = median_ci(ratios)
+    print(f"  median of the {len(ratios)} pair ratios of median step times, as tokens/s with / without: "
+          f"{statistics.median(ratios):.4f} (95 % CI {lo:.4f} .. {hi:.4f})")
+
+
+def quantile(sorted_values, q: float) -> float:
+    return sorted_values[round((len(sorted_values) - 1) * q)]
+
+
+def median_ci(sorted_values):
+    """Distribution-free 95 % confidence interval of the median (order statistics n/2 -+ 0.98 sqrt n)."""
+    n = len(sorted_values)
+    half = 0.98 * n**0.5
+    lo = max(int(n / 2 - half), 1) - 1
+    hi = min(int(-(-(n / 2 + 1 + half) // 1)), n) - 1
+    return sorted_values[lo], sorted_values[hi]
 
 
 def thread_cpu(name_prefix: str) -> float:
@@ -241,7 +321,7 @@ def report(results, how: str, unit: str = "tokens/s") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--mode", choices=["toggle", "processes"], default="toggle")
+    ap.add_argument("--mode", choices=["toggle", "steps", "processes"], default="toggle")
     ap.add_argument("--rounds", type=int, default=8, help="rounds per condition")
     ap.add_argument("--batch", type=int, default=16, help="requests, all running at once")
     ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
@@ -253,6 +333,8 @@ def main() -> None:
         one_round(args)
     elif args.mode == "toggle":
         toggle(args)
+    elif args.mode == "steps":
+        steps(args)
     else:
         processes(args)
 
