@@ -9,14 +9,20 @@
 //! computed exactly as a single session computes them) and writes the contract files into
 //! `DIR`. Forward rows get one more column at the end, `rank`, the worker rank that ran them.
 //!
+//! The CUDA graph and MoE routing trackers run only in the processes that have something for
+//! them (a worker whose model runner uses CUDA graphs, a model with MoE layers); the merged
+//! files have them when any part has. A MoE record (one layer in one step) is the run of rows
+//! with the same time and layer; it is replayed with as many experts as the part's summary
+//! gave that layer, so experts that never received a token keep their place in the summary.
+//!
 //! Parts of processes that were killed are merged as far as their files go: complete lines
 //! parse, a torn last line is skipped and counted.
 
 use profilemate::{
     write_atomic, BatchSample, BatchUtilizationProfiler, Component, Config, CpuTimingProfiler, CsvSink,
-    EncoderDecoderProfiler, Event, ForwardPassProfiler, JsonSummarySink, KvCacheProfiler, KvCacheSample,
-    LifecycleEvent, ModelType, Phase, PreemptionProfiler, Profiler, Rows, RunManifest, Sink, Summaries, Table,
-    MANIFEST_FILE,
+    CudaGraphProfiler, EncoderDecoderProfiler, Event, ForwardPassProfiler, GraphEvent, JsonSummarySink,
+    KvCacheProfiler, KvCacheSample, LifecycleEvent, ModelType, MoeExpertProfiler, Phase, PreemptionProfiler, Profiler,
+    ProfilerKind, Rows, RunManifest, Sink, Summaries, Table, MANIFEST_FILE,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -59,14 +65,19 @@ impl std::fmt::Display for MergeError {
 impl std::error::Error for MergeError {}
 
 /// The tables read from the parts (the lifecycle table is rebuilt from the events).
-const MERGED: [Table; 6] = [
+const MERGED: [Table; 8] = [
     Table::ForwardPass,
     Table::CpuOperations,
     Table::BatchUtilization,
     Table::PreemptionEvents,
     Table::EncoderDecoder,
     Table::KvCacheUsage,
+    Table::CudaGraphEvents,
+    Table::MoeExpertRouting,
 ];
+
+/// The trackers a part turns on only when its process has something for them.
+const ON_DEMAND: [ProfilerKind; 2] = [ProfilerKind::CudaGraph, ProfilerKind::MoeExpert];
 
 /// One part, as the merge found it.
 #[derive(Debug, Clone, Serialize)]
@@ -167,6 +178,13 @@ pub fn merge(dir: &Path, run: Option<&str>) -> Result<MergeReport, MergeError> {
     let first = &parts[0].manifest;
     let mut config: Config = first.config.clone();
     config.dir = dir.to_path_buf();
+    // On when any process had something for it (the earliest part is often the scheduler's).
+    for kind in ON_DEMAND {
+        config.disabled.retain(|k| *k != kind);
+        if !parts.iter().any(|p| p.manifest.config.is_enabled(kind)) {
+            config.disabled.push(kind);
+        }
+    }
     let declared = parts
         .iter()
         .filter_map(|p| p.model_type.as_deref())
@@ -255,6 +273,18 @@ struct LifecycleRow {
     extra_info: String,
 }
 
+struct GraphRow {
+    event: GraphEvent,
+    batch_size: u32,
+    padded_batch_size: Option<u32>,
+    duration_ns: Option<u64>,
+}
+
+struct MoeRecord {
+    layer: u32,
+    tokens_per_expert: Vec<u32>,
+}
+
 #[derive(Default)]
 struct Timeline {
     forward: Vec<Keyed<(Phase, u32, u32, u64)>>,
@@ -263,6 +293,8 @@ struct Timeline {
     lifecycle: Vec<Keyed<LifecycleRow>>,
     components: Vec<Keyed<(Component, u64, String)>>,
     kv_cache: Vec<Keyed<KvCacheSample>>,
+    cuda_graph: Vec<Keyed<GraphRow>>,
+    moe: Vec<Keyed<MoeRecord>>,
     last_ns: u64,
 }
 
@@ -270,14 +302,17 @@ impl Timeline {
     fn read_part(&mut self, part: usize, path: &Path, offset: u64, report: &mut PartReport) -> Result<(), MergeError> {
         for table in Table::ALL {
             if !MERGED.contains(&table) {
-                // The lifecycle table is rebuilt from the events, which hold everything it says;
-                // this binding records no CUDA graph or MoE rows.
+                // The lifecycle table is rebuilt from the events, which hold everything it says.
                 continue;
             }
             let file = path.join(table.file_name());
             let Some((records, skipped)) = read_csv(&file)? else { continue };
             report.skipped_lines += skipped;
             report.rows.insert(table.file_name().to_string(), records.len() as u64);
+            if table == Table::MoeExpertRouting {
+                report.skipped_lines += self.push_moe(part, offset, &records, &moe_widths(path));
+                continue;
+            }
             for (seq, r) in records.into_iter().enumerate() {
                 if let Some(t) = self.push(table, part, seq, offset, &r) {
                     self.last_ns = self.last_ns.max(t);
@@ -364,8 +399,70 @@ impl Timeline {
                 self.kv_cache.push(Keyed { t, part, seq, row });
                 Some(t)
             }
+            Table::CudaGraphEvents => {
+                let event = GraphEvent::ALL.into_iter().find(|e| e.as_str() == r.get("event").unwrap_or(""))?;
+                let padded = match r.get("padded_batch_size")? {
+                    "" => None,
+                    v => Some(v.parse().ok()?),
+                };
+                let duration_ns = match r.get("duration_ms")? {
+                    "" => None,
+                    v => Some(parse_fixed_ns(v, 1_000_000)?),
+                };
+                let row = GraphRow {
+                    event,
+                    batch_size: r.get("batch_size")?.parse().ok()?,
+                    padded_batch_size: padded,
+                    duration_ns,
+                };
+                self.cuda_graph.push(Keyed { t, part, seq, row });
+                Some(t + duration_ns.unwrap_or(0))
+            }
             _ => None,
         }
+    }
+
+    /// Adds a part's MoE rows, one record per run of rows with the same time and layer, each
+    /// with `widths[layer]` experts (or as many as its highest expert id needs). Returns the
+    /// rows that did not parse.
+    fn push_moe(&mut self, part: usize, offset: u64, records: &[Record], widths: &HashMap<u32, usize>) -> u64 {
+        let mut skipped = 0;
+        let mut current: Option<(String, Keyed<MoeRecord>)> = None;
+        for (seq, r) in records.iter().enumerate() {
+            let parsed = (|| {
+                let stamp = r.get("timestamp_sec")?;
+                let t = offset + parse_fixed_ns(stamp, 1_000_000_000)?;
+                let layer: u32 = r.get("layer")?.parse().ok()?;
+                let expert: usize = r.get("expert_id")?.parse().ok()?;
+                let tokens: u32 = r.get("num_tokens")?.parse().ok()?;
+                (expert < profilemate::MAX_EXPERTS).then_some((stamp, t, layer, expert, tokens))
+            })();
+            let Some((stamp, t, layer, expert, tokens)) = parsed else {
+                skipped += 1;
+                continue;
+            };
+            let same = current.as_ref().is_some_and(|(s, k)| s == stamp && k.row.layer == layer);
+            if !same {
+                if let Some((_, k)) = current.take() {
+                    self.moe.push(k);
+                }
+                let width = widths.get(&layer).copied().unwrap_or(0).min(profilemate::MAX_EXPERTS);
+                let row = MoeRecord { layer, tokens_per_expert: vec![0; width] };
+                current = Some((stamp.to_string(), Keyed { t, part, seq, row }));
+                self.last_ns = self.last_ns.max(t);
+            }
+            if let Some((_, k)) = current.as_mut() {
+                let v = &mut k.row.tokens_per_expert;
+                if v.len() <= expert {
+                    v.resize(expert + 1, 0);
+                }
+                v[expert] = v[expert].saturating_add(tokens);
+            }
+        }
+        if let Some((_, k)) = current {
+            self.moe.push(k);
+        }
+        skipped
     }
 
     /// Feeds every row, in time order, through fresh profilers.
@@ -385,6 +482,8 @@ impl Timeline {
         order(&mut self.lifecycle);
         order(&mut self.components);
         order(&mut self.kv_cache);
+        order(&mut self.cuda_graph);
+        order(&mut self.moe);
 
         let mut rows = Rows::default();
         let mut summaries = Summaries::default();
@@ -444,7 +543,31 @@ impl Timeline {
             kv_cache.observe(&Event::KvCache { timestamp_ns: k.t, sample: k.row }, &mut rows);
         }
 
-        let profilers: [&dyn Profiler; 6] = [&forward, &cpu, &batch, &preemption, &components, &kv_cache];
+        let mut cuda_graph = CudaGraphProfiler::new();
+        for k in &self.cuda_graph {
+            let r = &k.row;
+            let ev = Event::CudaGraph {
+                timestamp_ns: k.t,
+                event: r.event,
+                batch_size: r.batch_size,
+                padded_batch_size: r.padded_batch_size,
+                duration_ns: r.duration_ns,
+            };
+            cuda_graph.observe(&ev, &mut rows);
+        }
+
+        let mut moe = MoeExpertProfiler::new();
+        for k in &self.moe {
+            let ev = Event::MoeRouting {
+                timestamp_ns: k.t,
+                layer: k.row.layer,
+                tokens_per_expert: &k.row.tokens_per_expert,
+            };
+            moe.observe(&ev, &mut rows);
+        }
+
+        let profilers: [&dyn Profiler; 8] =
+            [&forward, &cpu, &batch, &preemption, &components, &kv_cache, &cuda_graph, &moe];
         for p in profilers {
             if config.is_enabled(p.kind()) {
                 p.summarize(&mut summaries);
@@ -452,6 +575,22 @@ impl Timeline {
         }
         (rows, ranks, summaries)
     }
+}
+
+/// Experts per MoE layer, from a part's `moe_expert_summary.json` (empty without one).
+fn moe_widths(part: &Path) -> HashMap<u32, usize> {
+    let summary: Option<serde_json::Value> =
+        std::fs::read(part.join("moe_expert_summary.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let mut out = HashMap::new();
+    if let Some(layers) = summary.as_ref().and_then(|s| s.get("layers")).and_then(serde_json::Value::as_object) {
+        for (layer, stats) in layers {
+            let n = stats.get("tokens_per_expert").and_then(serde_json::Value::as_array).map_or(0, Vec::len);
+            if let Ok(layer) = layer.parse() {
+                out.insert(layer, n);
+            }
+        }
+    }
+    out
 }
 
 /// A CSV record by column name.
@@ -637,8 +776,24 @@ mod tests {
     }
 
     fn write_part(run: &Path, name: &str, rank: Option<u32>, f: impl FnOnce(&profilemate::Session)) -> RunManifest {
+        write_part_with(run, name, rank, &[], f)
+    }
+
+    /// A part whose session has the `off` profilers disabled (as the binding opens a process
+    /// that has nothing for a tracker).
+    fn write_part_with(
+        run: &Path,
+        name: &str,
+        rank: Option<u32>,
+        off: &[ProfilerKind],
+        f: impl FnOnce(&profilemate::Session),
+    ) -> RunManifest {
         let dir = run.join(name);
-        let session = profilemate::builder().dir(&dir).build().unwrap();
+        let mut builder = profilemate::builder().dir(&dir);
+        for kind in off {
+            builder = builder.disable(*kind);
+        }
+        let session = builder.build().unwrap();
         f(&session);
         let manifest = session.shutdown().unwrap();
         let info = serde_json::json!({"role": name, "rank": rank, "pid": 1});
@@ -712,6 +867,126 @@ mod tests {
             serde_json::from_slice(&std::fs::read(out.path().join(MANIFEST_FILE)).unwrap()).unwrap();
         assert_eq!(manifest["steps"], 2);
         assert_eq!(manifest["merged_from"].as_array().unwrap().len(), 2);
+    }
+
+    fn json(path: &Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    fn rows(path: &Path) -> Vec<csv::StringRecord> {
+        csv::Reader::from_path(path).unwrap().records().map(Result::unwrap).collect()
+    }
+
+    fn sec(s: &str) -> u64 {
+        parse_fixed_ns(s, 1_000_000_000).unwrap()
+    }
+
+    #[test]
+    fn cuda_graph_and_moe_tables_merge_with_the_summaries_recomputed() {
+        use std::time::Duration;
+        let out = tempfile::tempdir().unwrap();
+        let run = out.path().join(PARTS_DIR).join("20250101T000000Z-1");
+        // The scheduler's process has nothing for either tracker: they are off in its part.
+        write_part_with(&run, "engine-1", None, &ON_DEMAND, |s| {
+            s.cpu_timing().record_ms(CpuOp::SCHEDULING, 0.25, "");
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        let worker = write_part(&run, "worker-2", Some(0), |s| {
+            let g = s.cuda_graphs();
+            g.capture(8, Duration::from_millis(30));
+            g.capture(4, Duration::from_millis(20));
+            g.replay(3, 4);
+            g.replay(7, 8);
+            g.eager(100);
+            let m = s.moe_experts();
+            // Expert 3 of layer 0 and experts 2..4 of layer 1 never receive a token.
+            m.record_layer(0, &[5, 0, 3, 0]);
+            m.record_layer(1, &[0, 8, 0, 0]);
+            std::thread::sleep(Duration::from_millis(2));
+            m.record_layer(0, &[1, 1, 0, 0]);
+            m.record_layer(1, &[2, 0, 0, 0]);
+        });
+        assert!(!run.join("engine-1").join("cuda_graph_events.csv").exists());
+
+        let report = merge(out.path(), None).unwrap();
+        assert_eq!(report.rows["cuda_graph_events.csv"], 5);
+        assert_eq!(report.rows["moe_expert_routing.csv"], 6);
+        let offset = report.parts.iter().find(|p| p.role == "worker-2").unwrap().offset_ns;
+        assert!(offset >= 5_000_000, "the worker started after the engine: {offset}");
+
+        // Rows: the part's rows, rebased onto the run's start.
+        for table in ["cuda_graph_events.csv", "moe_expert_routing.csv"] {
+            let part = rows(&run.join("worker-2").join(table));
+            let merged = rows(&out.path().join(table));
+            assert_eq!(part.len(), merged.len(), "{table}");
+            for (p, m) in part.iter().zip(&merged) {
+                let dt = sec(&m[0]) - sec(&p[0]);
+                assert!(dt.abs_diff(offset) < 1_000, "{table}: {dt} vs {offset}");
+                assert_eq!(p.iter().skip(1).collect::<Vec<_>>(), m.iter().skip(1).collect::<Vec<_>>(), "{table}");
+            }
+        }
+        // Summaries: recomputed by the core's profilers, equal to the single session's.
+        for summary in ["cuda_graph_summary.json", "moe_expert_summary.json"] {
+            assert_eq!(json(&out.path().join(summary)), json(&run.join("worker-2").join(summary)), "{summary}");
+        }
+        let moe = json(&out.path().join("moe_expert_summary.json"));
+        assert_eq!(moe["layers"]["0"]["tokens_per_expert"], serde_json::json!([6, 1, 3, 0]));
+        assert_eq!(moe["layers"]["1"]["tokens_per_expert"], serde_json::json!([2, 8, 0, 0]));
+        assert_eq!(moe["records"], 4);
+        let graphs = json(&out.path().join("cuda_graph_summary.json"));
+        assert_eq!((graphs["captures"].as_u64(), graphs["replays"].as_u64()), (Some(2), Some(2)));
+        assert_eq!(graphs["capture_time_ms"], 50.0);
+        let manifest = json(&out.path().join(MANIFEST_FILE));
+        assert!(manifest["profilers"].as_array().unwrap().iter().any(|p| p == "moe_expert"));
+        assert_eq!(manifest["rows"]["moe_expert_routing.csv"], 6);
+        assert!(worker.finished);
+    }
+
+    #[test]
+    fn moe_records_of_two_workers_interleave_in_time() {
+        let out = tempfile::tempdir().unwrap();
+        let run = out.path().join(PARTS_DIR).join("20250101T000000Z-1");
+        let (a, b) = (run.join("worker-1"), run.join("worker-2"));
+        let sa = profilemate::builder().dir(&a).build().unwrap();
+        let sb = profilemate::builder().dir(&b).build().unwrap();
+        for step in 0..3u32 {
+            sa.moe_experts().record_layer(0, &[step + 1, 0, 0, 1]);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            sb.moe_experts().record_layer(0, &[0, step + 1, 0, 0]);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        sa.shutdown().unwrap();
+        sb.shutdown().unwrap();
+        // A killed worker leaves no summary: the width comes from the highest expert id seen.
+        std::fs::remove_file(b.join("moe_expert_summary.json")).unwrap();
+
+        let report = merge(out.path(), None).unwrap();
+        assert_eq!(report.rows["moe_expert_routing.csv"], 9);
+        let merged = rows(&out.path().join("moe_expert_routing.csv"));
+        let times: Vec<u64> = merged.iter().map(|r| sec(&r[0])).collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+        let experts: Vec<&str> = merged.iter().map(|r| &r[2]).collect();
+        assert_eq!(experts, ["0", "3", "1", "0", "3", "1", "0", "3", "1"]);
+        let moe = json(&out.path().join("moe_expert_summary.json"));
+        assert_eq!(moe["layers"]["0"]["tokens_per_expert"], serde_json::json!([6, 6, 0, 3]));
+        assert_eq!(moe["records"], 6);
+    }
+
+    #[test]
+    fn trackers_off_in_every_part_stay_off() {
+        let out = tempfile::tempdir().unwrap();
+        let run = out.path().join(PARTS_DIR).join("20250101T000000Z-1");
+        write_part_with(&run, "main-1", None, &ON_DEMAND, |s| {
+            s.forward_pass().record_ms(Phase::Decode, 1, 1, 1.0);
+        });
+        let report = merge(out.path(), None).unwrap();
+        assert!(!report.rows.contains_key("cuda_graph_events.csv"));
+        assert!(!report.rows.contains_key("moe_expert_routing.csv"));
+        for name in
+            ["cuda_graph_events.csv", "cuda_graph_summary.json", "moe_expert_routing.csv", "moe_expert_summary.json"]
+        {
+            assert!(!out.path().join(name).exists(), "{name}");
+        }
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! The private extension module `profilemate_vllm._native`.
 //!
 //! The Python side observes vLLM and calls in with plain numbers (phase and operation codes,
-//! counts, durations in nanoseconds from `time.perf_counter_ns`); strings cross only for request
-//! lifecycle events. Every recording method is a handle call of the core: it never blocks,
-//! allocates on the Rust side, or raises.
+//! counts, durations in nanoseconds from `time.perf_counter_ns`, a list of per-expert token counts
+//! for a MoE layer); strings cross only for request lifecycle events. Every recording method is a
+//! handle call of the core: it never blocks or raises.
 
 use crate::config::binding_config;
 use crate::merge::{merge as merge_run, runs as list_runs};
 use profilemate::{
-    BatchSample, BatchUtilization, Component, Components, CpuOp, CpuTiming, ForwardPass, KvCacheSample, KvCacheUsage,
-    Mark, ModelType, Phase, ProfilerKind, Requests, Resolution, Session, TimingBackend,
+    BatchSample, BatchUtilization, Component, Components, CpuOp, CpuTiming, CudaGraphs, ForwardPass, GraphEvent,
+    KvCacheSample, KvCacheUsage, Mark, ModelType, MoeRouting, Phase, ProfilerKind, Requests, Resolution, Session,
+    TimingBackend,
 };
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -21,6 +22,9 @@ const PHASES: [Phase; 3] = [Phase::Prefill, Phase::Decode, Phase::Mixed];
 const PHASE_CONTEXT: [&str; 3] = ["phase=prefill", "phase=decode", "phase=mixed"];
 const OPS: [CpuOp; 4] = [CpuOp::SCHEDULING, CpuOp::BATCH_PREPARATION, CpuOp::MODEL_EXECUTION, CpuOp::SAMPLING];
 const COMPONENTS: [Component; 3] = [Component::Encoder, Component::Decoder, Component::CrossAttention];
+/// The trackers a process turns on only when it has something for them (no empty files
+/// otherwise), by the names `PROFILEMATE_DISABLE` uses.
+const ON_DEMAND: [ProfilerKind; 2] = [ProfilerKind::CudaGraph, ProfilerKind::MoeExpert];
 
 fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -79,6 +83,9 @@ struct Recorder {
     requests: Requests,
     components: Components,
     kv_cache: KvCacheUsage,
+    cuda_graphs: CudaGraphs,
+    moe: MoeRouting,
+    trackers: Vec<&'static str>,
     dir: String,
     timing: String,
     pid: u32,
@@ -100,17 +107,28 @@ impl Drop for Recorder {
 impl Recorder {
     /// Opens a session writing into `part_dir`, configured from the environment (every other
     /// setting), timed by `timing` (`host`, or `cuda` when the caller measures with CUDA events).
+    /// `trackers` names the trackers this process has something for (`cuda_graph`,
+    /// `moe_expert`); the others are off, so that no empty files appear. One that the
+    /// environment disables stays off.
     #[new]
-    #[pyo3(signature = (part_dir, timing="host"))]
-    fn new(py: Python<'_>, part_dir: PathBuf, timing: &str) -> PyResult<Self> {
+    #[pyo3(signature = (part_dir, timing="host", trackers=Vec::new()))]
+    fn new(py: Python<'_>, part_dir: PathBuf, timing: &str, trackers: Vec<String>) -> PyResult<Self> {
         let mut config = binding_config(env_lookup).map_err(|e| PyValueError::new_err(e.to_string()))?;
         config.dir = part_dir.clone();
-        // The binding records no CUDA graph or MoE routing events: no empty files for them.
-        for kind in [ProfilerKind::CudaGraph, ProfilerKind::MoeExpert] {
-            if !config.disabled.contains(&kind) {
+        for name in &trackers {
+            if !ON_DEMAND.iter().any(|k| k.as_str() == name) {
+                return Err(PyValueError::new_err(format!(
+                    "unknown tracker `{name}`: expected `cuda_graph` or `moe_expert`"
+                )));
+            }
+        }
+        for kind in ON_DEMAND {
+            if !trackers.iter().any(|t| t == kind.as_str()) && !config.disabled.contains(&kind) {
                 config.disabled.push(kind);
             }
         }
+        let enabled: Vec<&'static str> =
+            ON_DEMAND.into_iter().filter(|k| config.is_enabled(*k)).map(ProfilerKind::as_str).collect();
         let mut builder = profilemate::builder();
         match timing {
             "host" => config.backend = profilemate::BackendChoice::Host,
@@ -130,6 +148,9 @@ impl Recorder {
             requests: session.requests(),
             components: session.components(),
             kv_cache: session.kv_cache(),
+            cuda_graphs: session.cuda_graphs(),
+            moe: session.moe_experts(),
+            trackers: enabled,
             session: Mutex::new(Some(session)),
             dir: part_dir.to_string_lossy().into_owned(),
             timing: timing.to_string(),
@@ -147,6 +168,12 @@ impl Recorder {
     #[getter]
     fn timing(&self) -> &str {
         &self.timing
+    }
+
+    /// The trackers this session records (`cuda_graph`, `moe_expert`).
+    #[getter]
+    fn trackers(&self) -> Vec<&'static str> {
+        self.trackers.clone()
     }
 
     /// One forward pass (engine step) that ended now: phase 0 prefill, 1 decode, 2 mixed.
@@ -281,6 +308,25 @@ impl Recorder {
     /// since the previous reading.
     fn kv_cache(&self, used_blocks: u32, total_blocks: u32, prefix_cache_queries: u64, prefix_cache_hits: u64) {
         self.kv_cache.record(&KvCacheSample { used_blocks, total_blocks, prefix_cache_queries, prefix_cache_hits });
+    }
+
+    /// A CUDA graph event, now: 0 capture of a graph for `batch_size` tokens that took
+    /// `duration_ns` (its row starts that long ago), 1 a step of `batch_size` tokens replayed the
+    /// graph captured for `padded_batch_size`, 2 a step of `batch_size` tokens ran eagerly.
+    /// Negative `padded_batch_size` / `duration_ns`: none.
+    #[pyo3(signature = (event, batch_size, padded_batch_size=-1, duration_ns=-1))]
+    fn graph(&self, event: usize, batch_size: u32, padded_batch_size: i64, duration_ns: i64) {
+        if let Some(&e) = GraphEvent::ALL.get(event) {
+            let padded = u32::try_from(padded_batch_size).ok();
+            let duration = u64::try_from(duration_ns).ok().map(Duration::from_nanos);
+            self.cuda_graphs.record(e, batch_size, padded, duration);
+        }
+    }
+
+    /// Tokens one MoE layer routed to each of its experts in one step (a token routed to k
+    /// experts counts k times), indexed by expert id.
+    fn moe_layer(&self, layer: u32, tokens_per_expert: Vec<u32>) {
+        self.moe.record_layer(layer, &tokens_per_expert);
     }
 
     /// Declares the model type: `encoder_decoder` or `decoder_only`.

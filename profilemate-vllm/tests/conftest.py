@@ -38,6 +38,18 @@ def model(tmp_path_factory) -> str:
     return tiny_model.build(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
+@pytest.fixture(scope="session")
+def mixtral() -> str:
+    """The tiny random Mixtral (``tiny_mixtral.py``), cached next to the vLLM environment."""
+    path = os.environ.get("PROFILEMATE_TEST_MIXTRAL")
+    if not path:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(cache, "profilemate", "tiny-mixtral-v1")
+    import tiny_mixtral
+
+    return tiny_mixtral.build(path)
+
+
 @dataclass
 class Run:
     dir: Path
@@ -103,3 +115,18 @@ def basic(request) -> Run:
 @pytest.fixture(scope="session")
 def mp_preempt(model, tmp_path_factory) -> Run:
     return run_vllm(model, tmp_path_factory.mktemp("mp-preempt"), "preempt", multiprocessing=True)
+
+
+@pytest.fixture(scope="session")
+def inproc_moe(mixtral, tmp_path_factory) -> Run:
+    return run_vllm(mixtral, tmp_path_factory.mktemp("inproc-moe"), "moe", multiprocessing=False)
+
+
+@pytest.fixture(scope="session")
+def mp_moe(mixtral, tmp_path_factory) -> Run:
+    return run_vllm(mixtral, tmp_path_factory.mktemp("mp-moe"), "moe", multiprocessing=True)
+
+
+@pytest.fixture(params=["inproc_moe", "mp_moe"])
+def moe(request) -> Run:
+    return request.getfixturevalue(request.param)

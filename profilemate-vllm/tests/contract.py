@@ -25,6 +25,15 @@ CSV_COLUMNS = {
     ],
     "encoder_decoder_timing.csv": ["timestamp_sec", "component", "duration_ms", "context"],
 }
+# The trackers' files, written only by a run that had something for them.
+TRACKER_COLUMNS = {
+    "cuda_graph_events.csv": ["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms"],
+    "moe_expert_routing.csv": ["timestamp_sec", "layer", "expert_id", "num_tokens"],
+}
+TRACKER_SUMMARIES = {
+    "cuda_graph_events.csv": "cuda_graph_summary.json",
+    "moe_expert_routing.csv": "moe_expert_summary.json",
+}
 PHASE_STATS = [
     "count", "mean_ms", "std_ms", "min_ms", "max_ms", "p50_ms", "p95_ms", "p99_ms", "total_ms", "total_tokens",
     "mean_throughput_tokens_per_sec",
@@ -147,10 +156,56 @@ def validate(d: str) -> Dict[str, List[Dict[str, str]]]:
         assert set(ed[c]) >= set(COMPONENT_STATS)
     pcts = ed["encoder_pct"] + ed["decoder_pct"] + ed["cross_attention_pct"]
     assert math.isclose(pcts, 100.0, abs_tol=1e-6) or pcts == 0
+    out.update(validate_trackers(d))
     manifest = _load(os.path.join(d, "profilemate_run.json"))
     for k in ("format_version", "profilemate_version", "started_at", "monotonic_start_ns", "pid", "host", "config",
               "profilers", "rows", "dropped", "finished"):
         assert k in manifest, k
     for name, rows in out.items():
         assert manifest["rows"][name] == len(rows), name
+    return out
+
+
+def validate_trackers(d: str) -> Dict[str, List[Dict[str, str]]]:
+    """The CUDA graph and MoE routing files, where present (each CSV with its summary)."""
+    out = {}
+    for name, cols in TRACKER_COLUMNS.items():
+        path, summary = os.path.join(d, name), os.path.join(d, TRACKER_SUMMARIES[name])
+        assert os.path.exists(path) == os.path.exists(summary), f"{name} and its summary come together"
+        if not os.path.exists(path):
+            continue
+        with open(path, newline="") as f:
+            text = f.read()
+        assert text.endswith("\n") and "\r\n" not in text, f"{name}: line ends"
+        header = next(csv.reader([text.splitlines()[0]]))
+        assert header[: len(cols)] == cols, f"{name}: header {header}"
+        out[name] = read_csv(path)
+
+    graphs = out.get("cuda_graph_events.csv")
+    if graphs is not None:
+        for r in graphs:
+            assert SEC.match(r["timestamp_sec"]) and INT.match(r["batch_size"]), r
+            if r["event"] == "capture":
+                assert r["padded_batch_size"] == "" and MS.match(r["duration_ms"]), r
+            elif r["event"] == "replay":
+                assert INT.match(r["padded_batch_size"]) and int(r["padded_batch_size"]) >= int(r["batch_size"]), r
+                assert r["duration_ms"] == "", r
+            else:
+                assert r["event"] == "eager" and r["padded_batch_size"] == "" and r["duration_ms"] == "", r
+        s = _load(os.path.join(d, "cuda_graph_summary.json"))
+        assert set(s) >= {"captures", "replays", "eager_steps", "replay_rate_pct", "mean_padding_pct", "capture_time_ms"}
+        for key, event in (("captures", "capture"), ("replays", "replay"), ("eager_steps", "eager")):
+            assert s[key] == sum(r["event"] == event for r in graphs), key
+        total = sum(float(r["duration_ms"]) for r in graphs if r["event"] == "capture")
+        assert math.isclose(s["capture_time_ms"], total, abs_tol=1e-3)
+    moe = out.get("moe_expert_routing.csv")
+    if moe is not None:
+        for r in moe:
+            assert SEC.match(r["timestamp_sec"]) and INT.match(r["layer"]) and INT.match(r["expert_id"]), r
+            assert INT.match(r["num_tokens"]) and int(r["num_tokens"]) > 0, r
+        s = _load(os.path.join(d, "moe_expert_summary.json"))
+        assert set(s) >= {"layers", "most_imbalanced_layers", "max_over_mean"}
+        assert set(s["layers"]) == {r["layer"] for r in moe}
+        for stats in s["layers"].values():
+            assert set(stats) >= {"tokens_per_expert", "max_over_mean", "coefficient_of_variation"}
     return out

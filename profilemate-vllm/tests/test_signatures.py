@@ -17,6 +17,22 @@ def test_model_runner_v2_is_among_the_hooks():
         ("GPUModelRunner", "prepare_inputs"),
         ("GPUModelRunner", "sample_tokens"),
         ("EncoderRunner", "execute_mm_encoder"),
+        ("GPUModelRunner", "initialize_kv_cache"),
+        ("GPUModelRunner", "capture_model"),
+        ("CudaGraphManager", "capture"),
+    }
+
+
+def test_the_trackers_hooks_are_among_the_specs():
+    tracked = {(s.cls, s.method): s.trackers for s in SPECS if s.trackers}
+    assert tracked == {
+        ("GPUModelRunner", "initialize_kv_cache"): ("cuda_graph", "moe_expert"),
+        ("CudagraphDispatcher", "dispatch"): ("cuda_graph",),
+        ("GPUModelRunner", "_capture_cudagraphs"): ("cuda_graph",),
+        ("GPUModelRunner", "_warmup_and_capture"): ("cuda_graph",),
+        ("GPUModelRunner", "capture_model"): ("cuda_graph",),
+        ("CudaGraphManager", "capture"): ("cuda_graph",),
+        ("FusedMoERouter", "select_experts"): ("moe_expert",),
     }
 
 

@@ -86,3 +86,81 @@ def test_a_malformed_setting_disables_profiling_without_stopping_the_host(tmp_pa
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and "active False" in p.stdout, p.stderr
     assert "VLLM_PROFILING_DISABLE" in p.stderr and not (tmp_path / "out").exists()
+
+
+def test_moe_counts_never_index_out_of_range_and_leave_padding_out():
+    """The routing counter on its own, on the CPU: the layer number from vLLM's layer name,
+    padding rows beyond the step's tokens left out, unexpected ids counted apart, two calls of
+    one layer in a step added, counts zeroed between steps, EPLB routers not counted."""
+    import torch
+
+    from profilemate_vllm._trackers import MoeRouting, ranges
+
+    class Rec:
+        def __init__(self):
+            self.rows = []
+
+        def moe_layer(self, layer, counts):
+            self.rows.append((layer, list(counts)))
+
+    router_a = NS(global_num_experts=4, top_k=2, eplb_state=None)
+    router_b = NS(global_num_experts=4, top_k=2, eplb_state=None)
+    router_eplb = NS(global_num_experts=4, top_k=2, eplb_state=object())
+    cc = NS(
+        static_all_moe_layers=["model.layers.7.mlp.experts", "model.layers.7.other.experts", "model.layers.9.mlp.experts"],
+        static_forward_context={
+            "model.layers.7.mlp.experts": NS(router=router_a),
+            "model.layers.7.other.experts": NS(router=router_b),  # number taken: the next free one
+            "model.layers.9.mlp.experts": NS(router=router_eplb),
+        },
+    )
+    moe = MoeRouting()
+    moe.discover(cc)
+    assert {l.index: l.name for l in moe.layers.values()} == {
+        7: "model.layers.7.mlp.experts",
+        8: "model.layers.7.other.experts",
+        9: "model.layers.9.mlp.experts",
+    }
+    assert moe.recordable()
+    rec = Rec()
+    # Step 1: 3 tokens scheduled, a 4th padding row; ids -1 and 4 (out of range) counted apart.
+    moe.begin_step(3)
+    ids = torch.tensor([[0, 1], [1, -1], [3, 4], [2, 2]], dtype=torch.int32)
+    moe.route(router_a, (), {"router_logits": torch.zeros(4, 4)}, ids)
+    moe.route(router_a, (), {}, torch.tensor([[0, 0]]))  # a second call of the same layer (a microbatch)
+    moe.route(router_eplb, (), {}, torch.tensor([[0, 1]]))
+    moe.end_step(rec)
+    assert rec.rows == [(7, [3, 2, 0, 1])]
+    assert moe.out_of_range_ids == 2
+    # Step 2: the counts start from zero; an int64 tensor from another layer.
+    moe.begin_step(2)
+    moe.route(router_b, (), {}, torch.tensor([[3, 2], [2, 1]], dtype=torch.int64))
+    moe.end_step(rec)
+    assert rec.rows[1:] == [(8, [0, 1, 2, 1])]
+    # Step 3: nothing routed (a CUDA graph replay runs no Python).
+    moe.begin_step(1)
+    moe.end_step(rec)
+    assert moe.steps_routed == 2 and moe.steps_without_routing == 1
+    assert "2 MoE layers found (layers 7-8, 4 experts, top-2)" in moe.describe()
+    assert "1 with EPLB not counted" in moe.describe()
+    assert ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def test_a_fault_in_a_tracker_hook_is_caught_and_vllms_result_returned(monkeypatch):
+    from profilemate_vllm import _hooks
+    from profilemate_vllm import _plugin as P
+
+    def broken(*a, **k):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(P, "_errors", {})
+    monkeypatch.setattr(P, "moe_routed", broken)
+    monkeypatch.setattr(P, "graph_captured", broken)
+    monkeypatch.setattr(P, "_capturing", 1)
+    monkeypatch.setattr(P, "rec", object())  # an open recorder: nothing to open
+    result = ("weights", "ids")
+    select = _hooks._select_experts(lambda self, *a, **k: result)
+    assert select(object(), "hidden", router_logits="logits", input_ids=None) is result
+    capture = _hooks._warmup_and_capture(lambda self, desc, *a, **k: "captured")
+    assert capture(object(), NS(num_tokens=8), "PIECEWISE") == "captured"
+    assert P._errors == {"FusedMoERouter.select_experts": 1, "GPUModelRunner._warmup_and_capture": 1}

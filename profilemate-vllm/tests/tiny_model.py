@@ -25,17 +25,11 @@ SENTENCES = [
 ]
 
 
-def build(out: str) -> str:
-    marker = os.path.join(out, ".complete")
-    if os.path.exists(marker):
-        return out
-    os.makedirs(out, exist_ok=True)
-    import torch
+def tokenizer(vocab: int = 1024):
+    """A byte-level BPE tokenizer trained on :data:`SENTENCES` (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(0)
-    vocab = 1024
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,6 +42,20 @@ def build(out: str) -> str:
     tok.train_from_iterator(SENTENCES * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.model_max_length = 512
+    return fast
+
+
+def build(out: str) -> str:
+    marker = os.path.join(out, ".complete")
+    if os.path.exists(marker):
+        return out
+    os.makedirs(out, exist_ok=True)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vocab = 1024
+    fast = tokenizer(vocab)
     fast.save_pretrained(out)
 
     config = LlamaConfig(

@@ -12,7 +12,11 @@ native module ``profilemate_vllm._native``), the output contract's files:
 - ``preemption_events.csv`` / ``request_lifecycle.csv`` (started, preempted, resumed, finished,
   evicted),
 - ``encoder_decoder_timing.csv`` (multimodal encoder and language-model time),
-- ``kv_cache_usage.csv``, and the summaries and ``profilemate_run.json``.
+- ``kv_cache_usage.csv``,
+- ``cuda_graph_events.csv`` (captures timed, each step's replay or eager run) where a model runner
+  uses CUDA graphs, and ``moe_expert_routing.csv`` (tokens per expert per MoE layer per step)
+  where the model has MoE layers routed through ``FusedMoERouter.select_experts``,
+- and the summaries and ``profilemate_run.json``.
 
 Every process writes its own part under ``DIR/parts/<run>/``; the front end merges them into
 ``DIR`` when vLLM shuts its engine down. After a crash, ``python -m profilemate_vllm merge DIR``

@@ -31,6 +31,9 @@ class Spec(NamedTuple):
     params: Tuple[str, ...]
     make: Callable[[Callable[..., Any]], Callable[..., Any]]
     label: str  # how the log line names the class
+    # The trackers it serves (``cuda_graph``, ``moe_expert``): not wrapped at all when every one
+    # of them is switched off. Empty: always wrapped.
+    trackers: Tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -279,12 +282,177 @@ def _merge_when_engines_stopped(orig):
     return shutdown
 
 
+# --- wrappers: trackers (worker process) -------------------------------------------------------
+
+
+def _model_ready(v2: bool):
+    """``initialize_kv_cache``: the model is loaded and the CUDA graph mode resolved."""
+    where = "GPUModelRunner[V2].initialize_kv_cache" if v2 else "GPUModelRunner.initialize_kv_cache"
+
+    def make(orig):
+        def initialize_kv_cache(self, *args, **kwargs):
+            out = orig(self, *args, **kwargs)
+            try:
+                P.model_ready(self, v2)
+            except Exception as e:
+                P._fail(where, e)
+            return out
+
+        return initialize_kv_cache
+
+    return make
+
+
+def _dispatch(orig):
+    """V1 ``CudagraphDispatcher.dispatch``: the decision of the stepping runner's dispatcher
+    (``P._graph_watch`` is set only in a real step of a runner with CUDA graphs on)."""
+
+    def dispatch(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        if P._graph_watch is self:
+            P._graph_step = out
+        return out
+
+    return dispatch
+
+
+def _capture_loop(orig):
+    """V1 ``GPUModelRunner._capture_cudagraphs``: vLLM's real capture loop (the memory profiling
+    captures graphs outside it and throws them away)."""
+
+    def _capture_cudagraphs(self, *args, **kwargs):
+        P._capturing += 1
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            P._capturing -= 1
+
+    return _capture_cudagraphs
+
+
+def _warmup_and_capture(orig):
+    """V1: one graph captured for ``desc.num_tokens`` tokens (vLLM's warmup runs included)."""
+
+    def _warmup_and_capture(self, desc, *args, **kwargs):
+        if not P._capturing:
+            return orig(self, desc, *args, **kwargs)
+        try:
+            P.graph_capture_starts()
+        except Exception as e:
+            P._fail("GPUModelRunner._warmup_and_capture", e)
+        t0 = _pc()
+        out = orig(self, desc, *args, **kwargs)
+        dt = _pc() - t0
+        try:
+            P.graph_captured(int(desc.num_tokens), dt)
+        except Exception as e:
+            P._fail("GPUModelRunner._warmup_and_capture", e)
+        return out
+
+    return _warmup_and_capture
+
+
+def _capture_model_v2(orig):
+    """V2 ``capture_model``: the runner's graph manager captures for real unless profile_only."""
+
+    def capture_model(self, *args, **kwargs):
+        if kwargs.get("profile_only", False):
+            return orig(self, *args, **kwargs)
+        previous = P._capture_manager
+        P._capture_manager = getattr(self, "cudagraph_manager", None)
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            P._capture_manager = previous
+
+    return capture_model
+
+
+def _graph_manager_capture(orig):
+    """V2 ``CudaGraphManager.capture``: each descriptor timed through its forward-function factory."""
+
+    def capture(self, create_forward_fn, *args, **kwargs):
+        if P._capture_manager is not self:
+            return orig(self, create_forward_fn, *args, **kwargs)
+        from ._trackers import CaptureTimer
+
+        timer = CaptureTimer(create_forward_fn)
+        completed = False
+        try:
+            out = orig(self, timer, *args, **kwargs)
+            completed = True
+            return out
+        finally:
+            try:
+                timer.close(completed)
+            except Exception as e:
+                P._fail("CudaGraphManager[V2].capture", e)
+
+    return capture
+
+
+def _prepare_inputs_v2(orig):
+    """V2 ``prepare_inputs``: batch preparation time, and the step's CUDA graph decision."""
+
+    def prepare_inputs(self, *args, **kwargs):
+        if P._graph_watch is self:
+            try:
+                desc = kwargs["batch_desc"] if "batch_desc" in kwargs else args[2]
+                P._graph_step = (desc.cg_mode, desc)
+            except Exception as e:
+                P._fail("GPUModelRunner[V2].prepare_inputs", e)
+        if not (P._in_step and P.F_CPU):
+            return orig(self, *args, **kwargs)
+        t0 = _pc()
+        out = orig(self, *args, **kwargs)
+        dt = _pc() - t0
+        try:
+            r = P.rec if P.rec is not None else P._open()
+            if r is not None:
+                r.cpu(P.OP_BATCH_PREPARATION, dt, P._step_phase)
+        except Exception as e:
+            P._fail("GPUModelRunner[V2].prepare_inputs", e)
+        return out
+
+    return prepare_inputs
+
+
+def _select_experts(orig):
+    """``FusedMoERouter.select_experts``: its ``topk_ids`` counted per expert in real steps; a
+    router seen outside a step is registered. Nothing while torch.compile traces."""
+    is_compiling = _is_compiling()
+
+    def select_experts(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        if not is_compiling():
+            try:
+                P.moe_routed(self, args, kwargs, out)
+            except Exception as e:
+                P._fail("FusedMoERouter.select_experts", e)
+        return out
+
+    return select_experts
+
+
+def _is_compiling() -> Callable[[], bool]:
+    try:
+        import torch
+
+        return torch.compiler.is_compiling
+    except Exception:  # pragma: no cover - torch is there wherever vLLM is
+        return lambda: False
+
+
 # --- the list ---------------------------------------------------------------------------------
 
 _SCHED = "vllm.v1.core.sched.scheduler"
 _V1 = "vllm.v1.worker.gpu_model_runner"
 _V2 = "vllm.v1.worker.gpu.model_runner"
 _WORKER = "vllm.v1.worker.gpu_worker"
+_V2_GRAPHS = "vllm.v1.worker.gpu.cudagraph_utils"
+_GRAPH = ("cuda_graph",)
+_MOE = ("moe_expert",)
+_KV_INIT = ("self", "kv_cache_config", "is_profiling", "kv_cache_allocation_context")
 
 SPECS: Tuple[Spec, ...] = (
     Spec(_SCHED, "Scheduler", "schedule", ("self", "throttle_prefills"), _schedule, "Scheduler"),
@@ -360,7 +528,7 @@ SPECS: Tuple[Spec, ...] = (
         "GPUModelRunner",
         "prepare_inputs",
         ("self", "scheduler_output", "batch_req_state", "batch_desc", "num_active_loras"),
-        _cpu_op(P.OP_BATCH_PREPARATION, "GPUModelRunner[V2].prepare_inputs"),
+        _prepare_inputs_v2,
         "GPUModelRunner[V2]",
     ),
     Spec(
@@ -390,9 +558,74 @@ SPECS: Tuple[Spec, ...] = (
         _merge_when_engines_stopped,
         "CoreEngineProcManager",
     ),
+    # Trackers: CUDA graphs and MoE routing.
+    Spec(_V1, "GPUModelRunner", "initialize_kv_cache", _KV_INIT, _model_ready(False), "GPUModelRunner", _GRAPH + _MOE),
+    Spec(
+        _V2, "GPUModelRunner", "initialize_kv_cache", _KV_INIT, _model_ready(True), "GPUModelRunner[V2]", _GRAPH + _MOE
+    ),
+    Spec(
+        "vllm.v1.cudagraph_dispatcher",
+        "CudagraphDispatcher",
+        "dispatch",
+        ("self", "num_tokens", "uniform_decode", "has_lora", "num_active_loras", "valid_modes", "invalid_modes"),
+        _dispatch,
+        "CudagraphDispatcher",
+        _GRAPH,
+    ),
+    Spec(
+        _V1,
+        "GPUModelRunner",
+        "_capture_cudagraphs",
+        ("self", "batch_descriptors", "cudagraph_runtime_mode", "profiler"),
+        _capture_loop,
+        "GPUModelRunner",
+        _GRAPH,
+    ),
+    Spec(
+        _V1,
+        "GPUModelRunner",
+        "_warmup_and_capture",
+        (
+            "self",
+            "desc",
+            "cudagraph_runtime_mode",
+            "profile_seq_lens",
+            "allow_microbatching",
+            "num_warmups",
+            "profiler",
+        ),
+        _warmup_and_capture,
+        "GPUModelRunner",
+        _GRAPH,
+    ),
+    Spec(_V2, "GPUModelRunner", "capture_model", ("self", "profile_only"), _capture_model_v2, "GPUModelRunner[V2]", _GRAPH),
+    Spec(
+        _V2_GRAPHS,
+        "CudaGraphManager",
+        "capture",
+        ("self", "create_forward_fn", "progress_bar_desc"),
+        _graph_manager_capture,
+        "CudaGraphManager[V2]",
+        _GRAPH,
+    ),
+    Spec(
+        "vllm.model_executor.layers.fused_moe.router.fused_moe_router",
+        "FusedMoERouter",
+        "select_experts",
+        ("self", "hidden_states", "router_logits", "topk_indices_dtype", "input_ids"),
+        _select_experts,
+        "FusedMoERouter",
+        _MOE,
+    ),
 )
 
-V2_SPECS = tuple(s for s in SPECS if s.module in (_V2, "vllm.v1.worker.gpu.mm.encoder_runner"))
+V2_SPECS = tuple(s for s in SPECS if s.module in (_V2, _V2_GRAPHS, "vllm.v1.worker.gpu.mm.encoder_runner"))
+
+
+def switched_off(spec: Spec) -> bool:
+    """Whether every tracker ``spec`` serves is switched off in this process."""
+    flags = {"cuda_graph": P.F_GRAPH, "moe_expert": P.F_MOE}
+    return bool(spec.trackers) and not any(flags[t] for t in spec.trackers)
 
 
 # --- checking and patching ---------------------------------------------------------------------
@@ -444,6 +677,9 @@ _post_import = PostImportHooks()
 def install() -> None:
     """Wraps every method of :data:`SPECS`, now or when vLLM imports its module."""
     for spec in SPECS:
+        if switched_off(spec):
+            P._hook_status[spec.key] = "off"
+            continue
         P._hook_status.setdefault(spec.key, "pending")
         _post_import.when_imported(spec.module, functools.partial(_apply, spec))
 
@@ -468,6 +704,8 @@ def summarize(status: Dict[str, str]) -> Tuple[str, str, str]:
     pending: Dict[str, int] = {}
     for spec in SPECS:
         s = status.get(spec.key, "pending")
+        if s == "off":
+            continue  # its trackers are switched off (the log line says so)
         if s == "ok":
             done.setdefault(spec.label, []).append(spec.method)
         elif s == "pending":

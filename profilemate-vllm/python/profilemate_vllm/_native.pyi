@@ -1,7 +1,7 @@
 """The native module: recording through the profilemate core (Rust)."""
 
 from os import PathLike
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 __version__: str
 
@@ -20,11 +20,18 @@ def runs(dir: Union[str, PathLike[str]]) -> list[str]:
 class Recorder:
     """One process's session, writing into its own part directory."""
 
-    def __init__(self, part_dir: Union[str, PathLike[str]], timing: str = "host") -> None: ...
+    def __init__(
+        self, part_dir: Union[str, PathLike[str]], timing: str = "host", trackers: Sequence[str] = ()
+    ) -> None:
+        """``trackers``: the ones this process has something for (``cuda_graph``,
+        ``moe_expert``); the others are off (no empty files). Raises ValueError for another name."""
     @property
     def dir(self) -> str: ...
     @property
     def timing(self) -> str: ...
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers this session records (named and not disabled by the environment)."""
     def forward(self, phase: int, batch_size: int, num_tokens: int, duration_ns: int) -> None:
         """A forward pass that ended now; phase 0 prefill, 1 decode, 2 mixed."""
     def cpu(self, op: int, duration_ns: int, phase: int = -1) -> None:
@@ -68,6 +75,11 @@ class Recorder:
     def component(self, component: int, duration_ns: int, context: str) -> None:
         """0 encoder, 1 decoder, 2 cross_attention."""
     def kv_cache(self, used_blocks: int, total_blocks: int, prefix_cache_queries: int, prefix_cache_hits: int) -> None: ...
+    def graph(self, event: int, batch_size: int, padded_batch_size: int = -1, duration_ns: int = -1) -> None:
+        """A CUDA graph event, now: 0 capture (for ``batch_size`` tokens, lasting ``duration_ns``),
+        1 replay (a step of ``batch_size`` tokens padded to ``padded_batch_size``), 2 eager step."""
+    def moe_layer(self, layer: int, tokens_per_expert: Sequence[int]) -> None:
+        """Tokens one MoE layer routed to each expert in one step, indexed by expert id."""
     def declare_model_type(self, model_type: str) -> None:
         """``encoder_decoder`` or ``decoder_only``."""
     def flush(self) -> None: ...

@@ -12,8 +12,10 @@ reads vLLM's objects. An exception in our own code is caught, counted, reported 
 and vLLM goes on.
 
 Each process records into its own part, ``DIR/parts/<run>/<role>-<pid>/``, opened at its first
-record. The front end (the process that is not a multiprocessing child) merges the run's parts
-into the top-level contract files when vLLM shuts its engine down, and again at exit.
+record, with the CUDA graph and MoE routing trackers on only where that process has something for
+them (a model runner with CUDA graphs, MoE layers; see :mod:`profilemate_vllm._trackers`). The
+front end (the process that is not a multiprocessing child) merges the run's parts into the
+top-level contract files when vLLM shuts its engine down, and again at exit.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ RUN = ""
 IS_FRONTEND = False
 RANK: Optional[int] = None
 F_FWD = F_CPU = F_BATCH = F_PRE = F_ENC = F_KV = False
+F_GRAPH = F_MOE = False  # the CUDA graph and MoE routing trackers (see _trackers)
 
 rec: Any = None  # the native Recorder of this process, opened at the first record
 _lock = threading.RLock()
@@ -75,6 +78,17 @@ _in_step = False
 _fwd_ns = 0
 _step_phase = 0
 _sample_pending = False
+# Trackers (worker side): what the model runner said when it set up its KV cache.
+_model_seen = False
+_graphs_on = False  # its CUDA graph mode is not NONE (or vLLM captured graphs)
+_graph_mode = ""
+_graph_watch: Any = None  # in a real step with graphs on: the V1 dispatcher / V2 runner that decides
+_graph_step: Any = None  # (mode, descriptor) it decided for this step
+_capturing = 0  # inside V1's capture loop (not its memory profiling)
+_capture_manager: Any = None  # V2: the runner's graph manager while capture_model(profile_only=False) runs
+_graph_counts = {"capture": 0, "replay": 0, "eager": 0, "unrecorded": 0}
+_moe: Any = None  # _trackers.MoeRouting, once a MoE layer is known
+_rec_graph = _rec_moe = False  # what the open recorder records
 
 
 def _env_activated() -> bool:
@@ -103,7 +117,7 @@ def is_active() -> bool:
 
 def _activate() -> None:
     global _active, _native, _config, OUT_DIR, RUN, IS_FRONTEND
-    global F_FWD, F_CPU, F_BATCH, F_PRE, F_ENC, F_KV
+    global F_FWD, F_CPU, F_BATCH, F_PRE, F_ENC, F_KV, F_GRAPH, F_MOE
     from . import _native as native
 
     try:
@@ -122,6 +136,8 @@ def _activate() -> None:
     F_PRE = "preemption" not in disabled
     F_ENC = "encoder_decoder" not in disabled
     F_KV = "kv_cache" not in disabled
+    F_GRAPH = "cuda_graph" not in disabled
+    F_MOE = "moe_expert" not in disabled
     IS_FRONTEND = multiprocessing.parent_process() is None
     if IS_FRONTEND or not os.environ.get(RUN_ENV):
         # A new run; the engine processes spawned from here inherit its id.
@@ -154,7 +170,7 @@ def _role() -> str:
 
 def _open() -> Any:
     """The recorder of this process, opened at the first record; None if it cannot record."""
-    global rec, _open_failed, _part_dir, _logged_line
+    global rec, _open_failed, _part_dir, _logged_line, _rec_graph, _rec_moe
     if _open_failed or _exiting or not _active:
         return None
     with _lock:
@@ -163,9 +179,20 @@ def _open() -> Any:
         try:
             part = f"{_role()}-{os.getpid()}" + (f"-{_part_seq}" if _part_seq else "")
             part_dir = os.path.join(OUT_DIR, "parts", RUN, part)
-            r = _native.Recorder(part_dir, _timing)
+            # The trackers this process has something for, as far as it knows now (the model
+            # runner set up before the first step); the others write no files.
+            trackers = []
+            if F_GRAPH and _graphs_on:
+                trackers.append("cuda_graph")
+            if F_MOE and _moe is not None and _moe.recordable():
+                trackers.append("moe_expert")
+            r = _native.Recorder(part_dir, _timing, trackers)
             if _model_type is not None:
                 r.declare_model_type(_model_type)
+            enabled = set(r.trackers)
+            _rec_graph, _rec_moe = "cuda_graph" in enabled, "moe_expert" in enabled
+            if _moe is not None:
+                _moe.recording = _rec_moe
             _part_dir = part_dir
             rec = r
             _write_part_json()
@@ -188,9 +215,49 @@ def instrumentation_line() -> str:
     parts.append(f"could not instrument: {failed}" if failed else "could not instrument: nothing")
     if pending:
         parts.append(f"not loaded in this process: {pending}")
+    parts.append(f"CUDA graphs: {graph_status()}")
+    parts.append(f"MoE routing: {moe_status()}")
     if _part_dir:
         parts.append(f"recording into {_part_dir} ({_timing} clock)")
     return "; ".join(parts)
+
+
+def _hook_prefix(key: str) -> str:
+    """``KEY hooked, `` / ``KEY not hooked (why), `` / nothing while its module is not loaded."""
+    state = _hook_status.get(key, "pending")
+    if state == "ok":
+        return f"{key} hooked, "
+    return "" if state == "pending" else f"{key} not hooked ({state}), "
+
+
+def graph_status() -> str:
+    """What this process does about CUDA graphs, for the log line and part.json."""
+    if not F_GRAPH:
+        return "switched off (cuda_graph in PROFILEMATE_DISABLE/VLLM_PROFILING_DISABLE)"
+    if not _model_seen:
+        return "no model runner in this process"
+    v1 = _hook_status.get("CudagraphDispatcher.dispatch") == "ok"
+    hooked = _hook_prefix("CudagraphDispatcher.dispatch" if v1 else "GPUModelRunner[V2].prepare_inputs")
+    if not _graphs_on:
+        return f"{hooked}graphs off in this process (cudagraph_mode {_graph_mode or 'NONE'}): nothing recorded"
+    c = _graph_counts
+    text = (
+        f"{hooked}graphs on (cudagraph_mode {_graph_mode}): {c['capture']} captures timed, "
+        f"{c['replay']} replayed and {c['eager']} eager steps so far"
+    )
+    if c["unrecorded"]:
+        text += f"; {c['unrecorded']} events after this process's files were opened without graphs: not recorded"
+    return text
+
+
+def moe_status() -> str:
+    """What this process does about MoE routing, for the log line and part.json."""
+    if not F_MOE:
+        return "switched off (moe_expert in PROFILEMATE_DISABLE/VLLM_PROFILING_DISABLE)"
+    if not _model_seen and _moe is None:
+        return "no model in this process"
+    body = _moe.describe() if _moe is not None else "no MoE layer in this model"
+    return _hook_prefix("FusedMoERouter.select_experts") + body
 
 
 def _write_part_json(final: bool = False) -> None:
@@ -205,6 +272,9 @@ def _write_part_json(final: bool = False) -> None:
         "timing": _timing,
         "hooks": dict(_hook_status),
         "hook_errors": dict(_errors),
+        "trackers": {"cuda_graph": graph_status(), "moe_expert": moe_status()},
+        "cuda_graph": {"mode": _graph_mode or None, "on": _graphs_on, **_graph_counts},
+        "moe_expert": _moe.report() if _moe is not None else None,
         "finished": final,
     }
     tmp = os.path.join(_part_dir, "part.json.tmp")
@@ -236,6 +306,8 @@ def finalize_process() -> None:
     try:
         if _cuda is not None:
             _cuda.drain(r)
+        if _moe is not None:
+            _moe.drain(r if _rec_moe else None)
         r.shutdown()
         _write_part_json(final=True)
         if _errors:
@@ -311,10 +383,16 @@ def _at_exit() -> None:
 
 def _after_fork() -> None:
     # The child has the parent's recorder but not its collector thread: keep it alive, unused.
-    global rec, IS_FRONTEND, _part_seq, _logged_line, _open_failed
+    global rec, IS_FRONTEND, _part_seq, _logged_line, _open_failed, _moe, _model_seen, _graphs_on, _graph_mode
     if rec is not None:
         _leaked.append(rec)
     rec = None
+    # The child builds its own model runner, if any.
+    _moe = None
+    _model_seen = _graphs_on = False
+    _graph_mode = ""
+    for k in _graph_counts:
+        _graph_counts[k] = 0
     IS_FRONTEND = False
     _part_seq = 0
     _logged_line = False
@@ -462,30 +540,132 @@ def begin_step(runner: Any, so: Any, v2: bool) -> Any:
         phase, nseq = _last_phase, _last_nseq
     else:
         phase, nseq = classify(so)
+    ntok = so.total_num_scheduled_tokens
     _fwd_ns = 0
     _in_step = True
     _step_phase = phase
+    if _graphs_on:
+        _graph_begin(runner, v2)
+    if _moe is not None:
+        try:
+            _moe.begin_step(ntok)
+        except Exception as e:
+            _fail("MoE routing tracker", e)
     if _cuda is not None:
         _cuda.start()
-    return (phase, nseq, so.total_num_scheduled_tokens)
+    return (phase, nseq, ntok)
 
 
 def end_step(step: Any, dt: int, v2: bool) -> None:
     global _in_step, _sample_pending
     _in_step = False
     r = rec if rec is not None else _open()
+    if r is not None:
+        phase, nseq, ntok = step
+        _sample_pending = True
+        if _cuda is not None:
+            if F_CPU:
+                r.cpu(OP_MODEL_EXECUTION, dt, phase)
+            _cuda.stop(step)
+            _cuda.poll(r)
+        else:
+            # One call records model_execution, the forward pass and the language model's time.
+            r.executed(phase, nseq, ntok, dt if F_CPU else -1, _fwd_ns or dt)
+    # The trackers (a dense model on a CPU: two checks).
+    if _graph_watch is not None:
+        try:
+            _graph_end(r, step[2])
+        except Exception as e:
+            _fail("CUDA graph tracker", e)
+    if _moe is not None:
+        try:
+            _moe.end_step(r if _rec_moe else None)
+        except Exception as e:
+            _fail("MoE routing tracker", e)
+
+
+# --- trackers: CUDA graphs and MoE routing (see _trackers) -----------------------------------------
+
+
+def model_ready(runner: Any, v2: bool) -> None:
+    """A model runner has set up its KV cache (after loading the model, before any step): its
+    CUDA graph mode, and the MoE layers vLLM built."""
+    global _model_seen, _graphs_on, _graph_mode, _moe
+    from ._trackers import MoeRouting, runner_graph_mode
+
+    _model_seen = True
+    if F_GRAPH:
+        _graph_mode = runner_graph_mode(runner, v2)
+        _graphs_on = _graph_mode != "NONE"
+    if F_MOE:
+        cc = getattr(runner, "compilation_config", None)
+        if cc is None:
+            cc = getattr(getattr(runner, "vllm_config", None), "compilation_config", None)
+        names = getattr(cc, "static_all_moe_layers", None)
+        if names:
+            if _moe is None:
+                _moe = MoeRouting()
+            _moe.discover(cc)
+
+
+def moe_routed(router: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    """``FusedMoERouter.select_experts`` returned ``out`` (in a real step, or not)."""
+    global _moe
+    if _moe is None:
+        from ._trackers import MoeRouting
+
+        _moe = MoeRouting()
+        if rec is not None:
+            _moe.recording = _rec_moe
+    if _in_step:
+        _moe.route(router, args, kwargs, out[1])
+    elif id(router) not in _moe.layers:
+        _moe.register(router, None, kwargs.get("router_logits", args[1] if len(args) > 1 else None))
+
+
+def _graph_begin(runner: Any, v2: bool) -> None:
+    global _graph_watch, _graph_step
+    _graph_step = None
+    _graph_watch = runner if v2 else getattr(runner, "cudagraph_dispatcher", None)
+
+
+def _graph_end(r: Any, ntok: int) -> None:
+    """Records the step's replay or eager row from the decision vLLM made for it."""
+    global _graph_watch, _graph_step
+    decided, _graph_step, _graph_watch = _graph_step, None, None
+    if decided is None:
+        return
+    mode, desc = decided
+    replay = getattr(mode, "name", "NONE") != "NONE"
+    _graph_counts["replay" if replay else "eager"] += 1
     if r is None:
         return
-    phase, nseq, ntok = step
-    _sample_pending = True
-    if _cuda is not None:
-        if F_CPU:
-            r.cpu(OP_MODEL_EXECUTION, dt, phase)
-        _cuda.stop(step)
-        _cuda.poll(r)
+    if not _rec_graph:
+        _graph_counts["unrecorded"] += 1
+    elif replay:
+        r.graph(1, ntok, int(desc.num_tokens))
+    else:
+        r.graph(2, ntok)
+
+
+def graph_capture_starts() -> None:
+    """Opens this process's part before the first capture, so that its row starts in it."""
+    if rec is None:
+        _open()
+
+
+def graph_captured(num_tokens: int, ns: int) -> None:
+    """vLLM captured a CUDA graph for ``num_tokens`` tokens in ``ns`` (host clock)."""
+    global _graphs_on
+    _graphs_on = True
+    _graph_counts["capture"] += 1
+    r = rec if rec is not None else _open()
+    if r is None:
         return
-    # One call records model_execution, the forward pass and the language model's time.
-    r.executed(phase, nseq, ntok, dt if F_CPU else -1, _fwd_ns or dt)
+    if _rec_graph:
+        r.graph(0, num_tokens, -1, ns)
+    else:
+        _graph_counts["unrecorded"] += 1
 
 
 def encoder_context(modalities: Any) -> str:

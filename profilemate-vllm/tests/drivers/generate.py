@@ -5,7 +5,7 @@ step the scheduler's ``SchedulerIterationDetails`` (``enable_logging_iteration_d
 step ``IterationStats.num_preempted_reqs``, and per finished request ``FinishedRequestStats``.
 The tests compare profilemate's files with them.
 
-    python generate.py --model DIR --scenario basic|preempt|bench --out counts.json
+    python generate.py --model DIR --scenario basic|preempt|moe|bench --out counts.json
 
 Whether the engine runs in this process or in its own processes is vLLM's
 ``VLLM_ENABLE_V1_MULTIPROCESSING`` (the caller sets it).
@@ -49,6 +49,10 @@ def scenario(name: str):
             max_num_batched_tokens=256,
         )
         lengths = [(rng.randint(8, 20), 200) for _ in range(16)]
+    elif name == "moe":
+        # The tiny Mixtral: chunked prefill (mixed steps) and decode, a dozen steps.
+        args = dict(common, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32)
+        lengths = [(23, 6), (40, 8), (7, 10), (50, 5)]
     elif name == "bench":
         args = dict(common, max_model_len=512, max_num_seqs=16, max_num_batched_tokens=512)
         lengths = [(rng.randint(16, 64), 128) for _ in range(16)]
@@ -81,6 +85,7 @@ def plugin_state():
         "wrapped": wrapped,
         "modules_loaded": sorted(set(loaded)),
         "hook_errors": dict(plugin._errors),
+        "hook_status": dict(plugin._hook_status),
     }
 
 
