@@ -107,6 +107,11 @@ def inproc_preempt(model, tmp_path_factory) -> Run:
     return run_vllm(model, tmp_path_factory.mktemp("inproc-preempt"), "preempt", multiprocessing=False)
 
 
+@pytest.fixture(scope="session")
+def inproc_spec(model, tmp_path_factory) -> Run:
+    return run_vllm(model, tmp_path_factory.mktemp("inproc-spec"), "spec", multiprocessing=False)
+
+
 @pytest.fixture(params=["inproc_basic", "mp_basic"])
 def basic(request) -> Run:
     return request.getfixturevalue(request.param)

@@ -37,6 +37,28 @@ def test_forward_rows_equal_vllms_non_empty_steps(basic: Run):
     REPORT.append(f"{mode} basic: {len(rows)} forward rows = {len(steps)} vLLM non-empty steps {phases}")
 
 
+def test_speculative_decoding_steps_equal_vllms(inproc_spec: Run):
+    """N-gram speculative decoding: a decode step verifies draft tokens, so it holds more tokens
+    than sequences; it is still a decode step, as vLLM counts it."""
+    run = inproc_spec
+    contract.validate(str(run.dir))
+    rows = contract.read_csv(os.path.join(run.dir, "forward_pass_timing.csv"))
+    steps = run.counts["iterations"]
+    assert len(rows) == len(steps) > 0
+    for row, (ctx_reqs, ctx_tokens, gen_reqs, gen_tokens) in zip(rows, steps):
+        assert int(row["batch_size"]) == ctx_reqs + gen_reqs
+        assert int(row["num_tokens"]) == ctx_tokens + gen_tokens
+        assert row["phase"] == vllm_phase(ctx_reqs, gen_reqs)
+    with_drafts = [r for r in rows if r["phase"] == "decode" and int(r["num_tokens"]) > int(r["batch_size"])]
+    assert with_drafts, "no decode step verified draft tokens: the scenario did not speculate"
+    assert all(o["output_tokens"] == 24 for o in run.counts["outputs"].values())
+    REPORT.append(
+        f"in-process n-gram speculative decoding: {len(rows)} forward rows = {len(steps)} vLLM non-empty steps, "
+        f"{len(with_drafts)} decode steps verifying drafts (up to "
+        f"{max(int(r['num_tokens']) - int(r['batch_size']) for r in with_drafts)} draft tokens in a step)"
+    )
+
+
 def test_batch_rows_match_the_scheduler_outputs(basic: Run):
     rows = contract.read_csv(os.path.join(basic.dir, "batch_utilization.csv"))
     fwd = contract.read_csv(os.path.join(basic.dir, "forward_pass_timing.csv"))

@@ -5,7 +5,7 @@ step the scheduler's ``SchedulerIterationDetails`` (``enable_logging_iteration_d
 step ``IterationStats.num_preempted_reqs``, and per finished request ``FinishedRequestStats``.
 The tests compare profilemate's files with them.
 
-    python generate.py --model DIR --scenario basic|preempt|moe|bench --out counts.json
+    python generate.py --model DIR --scenario basic|preempt|moe|spec|bench --out counts.json
 
 Whether the engine runs in this process or in its own processes is vLLM's
 ``VLLM_ENABLE_V1_MULTIPROCESSING`` (the caller sets it).
@@ -53,6 +53,20 @@ def scenario(name: str):
         # The tiny Mixtral: chunked prefill (mixed steps) and decode, a dozen steps.
         args = dict(common, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32)
         lengths = [(23, 6), (40, 8), (7, 10), (50, 5)]
+    elif name == "spec":
+        # Speculative decoding with n-gram drafts (runs on a CPU): steps verify up to 3 draft
+        # tokens per request. Prompts repeat a short pattern so the drafter finds matches.
+        args = dict(
+            common,
+            max_model_len=512,
+            max_num_seqs=4,
+            max_num_batched_tokens=64,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                "prompt_lookup_max": 3},
+        )
+        patterns = [[rng.randrange(3, 1024) for _ in range(k)] for k in (3, 4, 5, 2, 6, 3)]
+        prompts = [((p * 12)[:n], 24) for p, n in zip(patterns, (20, 33, 47, 18, 60, 25))]
+        return args, prompts
     elif name == "bench":
         args = dict(common, max_model_len=512, max_num_seqs=16, max_num_batched_tokens=512)
         lengths = [(rng.randint(16, 64), 128) for _ in range(16)]
