@@ -164,3 +164,105 @@ def test_a_fault_in_a_tracker_hook_is_caught_and_vllms_result_returned(monkeypat
     capture = _hooks._warmup_and_capture(lambda self, desc, *a, **k: "captured")
     assert capture(object(), NS(num_tokens=8), "PIECEWISE") == "captured"
     assert P._errors == {"FusedMoERouter.select_experts": 1, "GPUModelRunner._warmup_and_capture": 1}
+
+
+class FakeDevice:
+    """A GPU stand-in for ``CudaTimer``: events complete when the test advances the device, and
+    any call that would block the host fails the test."""
+
+    def __init__(self):
+        self.recorded = []  # events in the order the host recorded them
+        self.done = 0  # how many of them the device has reached
+        self.created = 0
+        device = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing, "events must be created with timing enabled"
+                device.created += 1
+                self.at_ms = None
+                self.index = None
+
+            def record(self, stream=None):
+                self.index = len(device.recorded)
+                self.at_ms = 1.5 * self.index  # the device runs 1.5 ms between two records
+                device.recorded.append(self)
+
+            def query(self):
+                return self.index is not None and self.index < device.done
+
+            def elapsed_time(self, end):
+                assert self.query() and end.query(), "elapsed_time before both events completed"
+                return end.at_ms - self.at_ms
+
+            def synchronize(self):
+                raise AssertionError("CudaTimer must never wait for an event")
+
+            wait = synchronize
+
+        def synchronize(*_a, **_k):
+            raise AssertionError("CudaTimer must never synchronise the device")
+
+        self.torch = NS(cuda=NS(Event=Event, synchronize=synchronize, current_stream=lambda: None))
+
+
+class FakeRecorder:
+    def __init__(self):
+        self.forward_rows = []
+        self.components = []
+
+    def forward(self, phase, nseq, ntok, ns):
+        self.forward_rows.append((phase, nseq, ntok, ns))
+
+    def component(self, component, ns, context):
+        self.components.append((component, ns, context))
+
+
+def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
+    """The GPU forward-pass timing logic (``_cuda.CudaTimer``) on a stand-in device: rows appear
+    only once the device reached a step's end event, oldest first, with the device time between
+    the events; events are reused from a pool; past the pending bound the oldest step is dropped
+    and counted; at shutdown, steps the device has not finished are dropped and counted. No call
+    may block the host (the stand-in fails on any synchronisation)."""
+    from profilemate_vllm import _cuda, _plugin
+
+    monkeypatch.setattr(_plugin, "F_FWD", True)
+    monkeypatch.setattr(_plugin, "F_ENC", True)
+    device = FakeDevice()
+    timer = _cuda.CudaTimer(2)  # at most max(8, 2 * 4) = 8 steps pending
+    timer._torch = device.torch
+    rec = FakeRecorder()
+
+    for step in range(3):
+        timer.start()
+        timer.stop((DECODE, 4, 4 + step))
+    timer.poll(rec)
+    assert rec.forward_rows == []  # the device has not finished any step
+    device.done = 2  # the first step's start and end events
+    timer.poll(rec)
+    assert rec.forward_rows == [(DECODE, 4, 4, 1_500_000)]
+    assert rec.components == [(_plugin.DECODER, 1_500_000, "language_model")]
+    device.done = 6
+    timer.poll(rec)
+    assert [r[2] for r in rec.forward_rows] == [4, 5, 6]
+    assert device.created == 6  # three pairs so far
+
+    # Finished pairs are reused: three more steps create no new event.
+    for step in range(3):
+        timer.start()
+        timer.stop((MIXED, 2, 64))
+    assert device.created == 6
+    device.done = len(device.recorded)
+    timer.poll(rec)
+    assert len(rec.forward_rows) == 6 and timer.dropped == 0
+
+    # The device falls behind: more than 8 steps pending drops the oldest, counted.
+    for _ in range(10):
+        timer.start()
+        timer.stop((PREFILL, 1, 512))
+    assert timer.dropped == 2 and len(timer._pending) == 8
+    # Shutdown with the device still behind: what it has not reached is dropped and counted.
+    device.done = len(device.recorded) - 4  # the last two steps are not finished
+    timer.drain(rec)
+    assert len(rec.forward_rows) == 6 + 6 and timer.dropped == 2 + 2
+    assert not timer._pending

@@ -6,7 +6,8 @@ becomes a forward row with the device time between the events. A row is therefor
 step or two after its pass ran; its ``timestamp_sec`` is the resolution time minus the duration.
 At shutdown, pairs the device has not reached yet are dropped (counted in part.json).
 
-Not exercised by the test suite (the test machine has no GPU); the host clock path is.
+Real CUDA is not exercised by the test suite (the test machines have no GPU); the logic is, on a
+stand-in device that fails on any synchronisation (``tests/test_units.py``).
 """
 
 from __future__ import annotations
