@@ -266,3 +266,43 @@ def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
     timer.drain(rec)
     assert len(rec.forward_rows) == 6 + 6 and timer.dropped == 2 + 2
     assert not timer._pending
+
+
+def test_trackers_record_on_the_first_rank_of_a_parallel_group_only(monkeypatch):
+    """Tensor-parallel ranks route the same tokens and run the same steps: only rank 0 records the
+    MoE and CUDA graph trackers, so the merged files count each token and step once; the others
+    say why in their log line."""
+    from profilemate_vllm import _plugin as P
+
+    runner = NS(
+        compilation_config=NS(static_all_moe_layers=["model.layers.0.block_sparse_moe.experts"]),
+        cudagraph_dispatcher=NS(keys_initialized=True, cudagraph_mode=NS(name="FULL")),
+    )
+    for name, value in [("F_MOE", True), ("F_GRAPH", True), ("_moe", None), ("_model_seen", False),
+                        ("_graphs_on", False), ("_graph_mode", ""), ("_graph_elsewhere", None),
+                        ("_moe_elsewhere", None), ("_graph_counts", dict.fromkeys(P._graph_counts, 0))]:
+        monkeypatch.setattr(P, name, value)
+
+    monkeypatch.setattr(P, "parallel_ranks", lambda: (1, 0))
+    P.model_ready(runner, False)
+    assert P._moe is None and not P._graphs_on
+    P.moe_routed(NS(), (), {}, (None, None))  # a router call on this rank: ignored
+    P.graph_captured(8, 1_000_000)
+    assert P._moe is None and P._graph_counts["capture"] == 0
+    assert P.moe_status() == "tensor-parallel rank 1: its routing is the same as rank 0's, recorded there"
+    assert "tensor-parallel rank 1, pipeline rank 0" in P.graph_status()
+
+    # A second pipeline stage's first tensor-parallel rank records its own MoE layers, not the
+    # graph decisions of the steps the first stage already records.
+    monkeypatch.setattr(P, "_graph_elsewhere", None)
+    monkeypatch.setattr(P, "_moe_elsewhere", None)
+    monkeypatch.setattr(P, "parallel_ranks", lambda: (0, 1))
+    P.model_ready(runner, False)
+    assert P._moe is not None and not P._graphs_on
+    assert "pipeline rank 1" in P.graph_status() and "recorded there" not in P.moe_status()
+
+    # Rank 0 of everything records both.
+    monkeypatch.setattr(P, "_graph_elsewhere", None)
+    monkeypatch.setattr(P, "parallel_ranks", lambda: (0, 0))
+    P.model_ready(runner, False)
+    assert P._graphs_on and P._graph_mode == "FULL"

@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ._phase import classify
 
@@ -87,6 +87,10 @@ _graph_step: Any = None  # (mode, descriptor) it decided for this step
 _capturing = 0  # inside V1's capture loop (not its memory profiling)
 _capture_manager: Any = None  # V2: the runner's graph manager while capture_model(profile_only=False) runs
 _graph_counts = {"capture": 0, "replay": 0, "eager": 0, "unrecorded": 0}
+# Set when a model runner is ready and this process is not the one that records a tracker for
+# its parallel group (see model_ready): the reason, for the log line; None when it records.
+_graph_elsewhere: Optional[str] = None
+_moe_elsewhere: Optional[str] = None
 _moe: Any = None  # _trackers.MoeRouting, once a MoE layer is known
 _rec_graph = _rec_moe = False  # what the open recorder records
 
@@ -236,6 +240,8 @@ def graph_status() -> str:
         return "switched off (cuda_graph in PROFILEMATE_DISABLE/VLLM_PROFILING_DISABLE)"
     if not _model_seen:
         return "no model runner in this process"
+    if _graph_elsewhere:
+        return _graph_elsewhere
     v1 = _hook_status.get("CudagraphDispatcher.dispatch") == "ok"
     hooked = _hook_prefix("CudagraphDispatcher.dispatch" if v1 else "GPUModelRunner[V2].prepare_inputs")
     if not _graphs_on:
@@ -256,6 +262,8 @@ def moe_status() -> str:
         return "switched off (moe_expert in PROFILEMATE_DISABLE/VLLM_PROFILING_DISABLE)"
     if not _model_seen and _moe is None:
         return "no model in this process"
+    if _moe_elsewhere:
+        return _moe_elsewhere
     body = _moe.describe() if _moe is not None else "no MoE layer in this model"
     return _hook_prefix("FusedMoERouter.select_experts") + body
 
@@ -384,6 +392,7 @@ def _at_exit() -> None:
 def _after_fork() -> None:
     # The child has the parent's recorder but not its collector thread: keep it alive, unused.
     global rec, IS_FRONTEND, _part_seq, _logged_line, _open_failed, _moe, _model_seen, _graphs_on, _graph_mode
+    global _graph_elsewhere, _moe_elsewhere
     if rec is not None:
         _leaked.append(rec)
     rec = None
@@ -391,6 +400,7 @@ def _after_fork() -> None:
     _moe = None
     _model_seen = _graphs_on = False
     _graph_mode = ""
+    _graph_elsewhere = _moe_elsewhere = None
     for k in _graph_counts:
         _graph_counts[k] = 0
     IS_FRONTEND = False
@@ -590,14 +600,26 @@ def end_step(step: Any, dt: int, v2: bool) -> None:
 def model_ready(runner: Any, v2: bool) -> None:
     """A model runner has set up its KV cache (after loading the model, before any step): its
     CUDA graph mode, and the MoE layers vLLM built."""
-    global _model_seen, _graphs_on, _graph_mode, _moe
+    global _model_seen, _graphs_on, _graph_mode, _moe, _graph_elsewhere, _moe_elsewhere
     from ._trackers import MoeRouting, runner_graph_mode
 
     _model_seen = True
-    if F_GRAPH:
+    # Every tensor-parallel rank routes the same tokens and runs the same step: one rank per group
+    # records, or the merged files would count each step and each token once per rank. Pipeline
+    # stages hold different layers (each stage's first tensor-parallel rank records its MoE
+    # layers) but run the same steps (the first stage records the graph decisions).
+    tp, pp = parallel_ranks()
+    if tp:
+        _moe_elsewhere = f"tensor-parallel rank {tp}: its routing is the same as rank 0's, recorded there"
+        _moe = None  # a profiling run before this may have found the routers
+    if tp or pp:
+        _graph_elsewhere = (
+            f"tensor-parallel rank {tp}, pipeline rank {pp}: the same steps are recorded by the first rank"
+        )
+    if F_GRAPH and not _graph_elsewhere:
         _graph_mode = runner_graph_mode(runner, v2)
         _graphs_on = _graph_mode != "NONE"
-    if F_MOE:
+    if F_MOE and not _moe_elsewhere:
         cc = getattr(runner, "compilation_config", None)
         if cc is None:
             cc = getattr(getattr(runner, "vllm_config", None), "compilation_config", None)
@@ -608,9 +630,22 @@ def model_ready(runner: Any, v2: bool) -> None:
             _moe.discover(cc)
 
 
+def parallel_ranks() -> Tuple[int, int]:
+    """This process's (tensor-parallel, pipeline-parallel) rank; (0, 0) when vLLM's parallel
+    state is not set up."""
+    try:
+        from vllm.distributed import parallel_state as ps
+
+        return int(ps.get_tensor_model_parallel_rank()), int(ps.get_pp_group().rank_in_group)
+    except Exception:
+        return 0, 0
+
+
 def moe_routed(router: Any, args: tuple, kwargs: dict, out: Any) -> None:
     """``FusedMoERouter.select_experts`` returned ``out`` (in a real step, or not)."""
     global _moe
+    if _moe_elsewhere:
+        return
     if _moe is None:
         from ._trackers import MoeRouting
 
@@ -657,6 +692,8 @@ def graph_capture_starts() -> None:
 def graph_captured(num_tokens: int, ns: int) -> None:
     """vLLM captured a CUDA graph for ``num_tokens`` tokens in ``ns`` (host clock)."""
     global _graphs_on
+    if _graph_elsewhere:
+        return
     _graphs_on = True
     _graph_counts["capture"] += 1
     r = rec if rec is not None else _open()
