@@ -14,13 +14,8 @@ def vllm_phase(ctx_reqs: int, gen_reqs: int) -> str:
     return "prefill" if ctx_reqs else "decode"
 
 
-def test_files_are_valid_under_the_contract(basic: Run):
-    contract.validate(str(basic.dir))
-
-
-def test_forward_rows_equal_vllms_non_empty_steps(basic: Run):
-    rows = contract.read_csv(os.path.join(basic.dir, "forward_pass_timing.csv"))
-    steps = basic.counts["iterations"]
+def assert_rows_are_vllms_steps(rows, steps) -> None:
+    """One forward row per vLLM non-empty step, with its sequences, tokens and phase."""
     assert len(rows) == len(steps) > 0
     for row, (ctx_reqs, ctx_tokens, gen_reqs, gen_tokens) in zip(rows, steps):
         assert int(row["batch_size"]) == ctx_reqs + gen_reqs
@@ -28,6 +23,16 @@ def test_forward_rows_equal_vllms_non_empty_steps(basic: Run):
         assert row["phase"] == vllm_phase(ctx_reqs, gen_reqs)
         assert row["rank"] == "0"
         assert float(row["forward_time_ms"]) > 0
+
+
+def test_files_are_valid_under_the_contract(basic: Run):
+    contract.validate(str(basic.dir))
+
+
+def test_forward_rows_equal_vllms_non_empty_steps(basic: Run):
+    rows = contract.read_csv(os.path.join(basic.dir, "forward_pass_timing.csv"))
+    steps = basic.counts["iterations"]
+    assert_rows_are_vllms_steps(rows, steps)
     phases = {p: sum(r["phase"] == p for r in rows) for p in ("prefill", "decode", "mixed")}
     assert phases["mixed"] > 0 and phases["decode"] > 0, "the basic scenario makes chunked-prefill mixed steps"
     # Every token vLLM computed: prompts plus all generated tokens but the last of each request.
@@ -44,11 +49,7 @@ def test_speculative_decoding_steps_equal_vllms(inproc_spec: Run):
     contract.validate(str(run.dir))
     rows = contract.read_csv(os.path.join(run.dir, "forward_pass_timing.csv"))
     steps = run.counts["iterations"]
-    assert len(rows) == len(steps) > 0
-    for row, (ctx_reqs, ctx_tokens, gen_reqs, gen_tokens) in zip(rows, steps):
-        assert int(row["batch_size"]) == ctx_reqs + gen_reqs
-        assert int(row["num_tokens"]) == ctx_tokens + gen_tokens
-        assert row["phase"] == vllm_phase(ctx_reqs, gen_reqs)
+    assert_rows_are_vllms_steps(rows, steps)
     with_drafts = [r for r in rows if r["phase"] == "decode" and int(r["num_tokens"]) > int(r["batch_size"])]
     assert with_drafts, "no decode step verified draft tokens: the scenario did not speculate"
     assert all(o["output_tokens"] == 24 for o in run.counts["outputs"].values())
