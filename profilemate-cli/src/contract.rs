@@ -8,6 +8,9 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// The summary types whose keys are exactly the contract's are the core's own.
+pub use profilemate_core::{ComponentStats, ForwardPassSummary, OperationStats, PhaseStats};
+
 /// `forward_pass_timing.csv`
 pub const FORWARD_PASS_CSV: &str = "forward_pass_timing.csv";
 /// `forward_pass_summary.json`
@@ -114,47 +117,6 @@ pub fn required_columns(file: &str) -> Option<&'static [&'static str]> {
     })
 }
 
-/// Forward pass statistics of one phase.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub struct PhaseStats {
-    pub count: u64,
-    pub mean_ms: f64,
-    pub std_ms: f64,
-    pub min_ms: f64,
-    pub max_ms: f64,
-    pub p50_ms: f64,
-    pub p95_ms: f64,
-    pub p99_ms: f64,
-    pub total_ms: f64,
-    pub total_tokens: u64,
-    pub mean_throughput_tokens_per_sec: f64,
-}
-
-/// `forward_pass_summary.json`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub struct ForwardPassSummary {
-    pub prefill: PhaseStats,
-    pub decode: PhaseStats,
-    pub mixed: PhaseStats,
-}
-
-/// Statistics of one CPU operation.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub struct OperationStats {
-    pub count: u64,
-    pub mean_ms: f64,
-    pub std_ms: f64,
-    pub min_ms: f64,
-    pub max_ms: f64,
-    pub p50_ms: f64,
-    pub p95_ms: f64,
-    pub p99_ms: f64,
-    pub total_ms: f64,
-}
-
 /// `cpu_timing_summary.json`: one key per operation, nothing else.
 pub type CpuTimingSummary = BTreeMap<String, OperationStats>;
 
@@ -189,20 +151,6 @@ pub struct PreemptionSummary {
     pub mean_running_time_before_preempt: f64,
     pub mean_resume_delay: f64,
     pub max_resume_delay: f64,
-}
-
-/// Statistics of one model component.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub struct ComponentStats {
-    pub count: u64,
-    pub total_ms: f64,
-    pub mean_ms: f64,
-    pub std_ms: f64,
-    pub min_ms: f64,
-    pub max_ms: f64,
-    pub p50_ms: f64,
-    pub p95_ms: f64,
 }
 
 /// `encoder_decoder_summary.json`.

@@ -40,22 +40,7 @@ pub fn forward_pass(rows: &[ForwardPassRow]) -> ForwardPassSummary {
             throughput[i].add(t);
         }
     }
-    let phase = |i: usize| {
-        let s = &stats[i];
-        PhaseStats {
-            count: s.count(),
-            mean_ms: s.mean_ms(),
-            std_ms: s.std_ms(),
-            min_ms: s.min_ms(),
-            max_ms: s.max_ms(),
-            p50_ms: s.percentile_ms(50.0),
-            p95_ms: s.percentile_ms(95.0),
-            p99_ms: s.percentile_ms(99.0),
-            total_ms: s.total_ms(),
-            total_tokens: tokens[i],
-            mean_throughput_tokens_per_sec: throughput[i].value(),
-        }
-    };
+    let phase = |i: usize| PhaseStats::from_stats(&stats[i], tokens[i], throughput[i].value());
     ForwardPassSummary { prefill: phase(0), decode: phase(1), mixed: phase(2) }
 }
 
@@ -67,17 +52,7 @@ pub fn cpu_timing(rows: &[CpuOperationRow]) -> CpuTimingSummary {
     }
     ops.into_iter()
         .map(|(op, s)| {
-            let stats = OperationStats {
-                count: s.count(),
-                mean_ms: s.mean_ms(),
-                std_ms: s.std_ms(),
-                min_ms: s.min_ms(),
-                max_ms: s.max_ms(),
-                p50_ms: s.percentile_ms(50.0),
-                p95_ms: s.percentile_ms(95.0),
-                p99_ms: s.percentile_ms(99.0),
-                total_ms: s.total_ms(),
-            };
+            let stats = OperationStats::from(&s);
             (op.to_string(), stats)
         })
         .collect()
@@ -200,30 +175,14 @@ pub fn encoder_decoder(rows: &[ComponentRow]) -> EncoderDecoderSummary {
         };
         stats[i].record(ms_to_ns(r.duration_ms));
     }
-    let g = |s: &DurationStats| ComponentStats {
-        count: s.count(),
-        total_ms: s.total_ms(),
-        mean_ms: s.mean_ms(),
-        std_ms: s.std_ms(),
-        min_ms: s.min_ms(),
-        max_ms: s.max_ms(),
-        p50_ms: s.percentile_ms(50.0),
-        p95_ms: s.percentile_ms(95.0),
-    };
     let [enc, dec, cross] = &stats;
-    let total = enc.total_ns() + dec.total_ns() + cross.total_ns();
-    let (encoder_pct, decoder_pct, cross_attention_pct) = if total == 0 {
-        (0.0, 0.0, 0.0)
-    } else {
-        let e = enc.total_ns() as f64 / total as f64 * 100.0;
-        let c = cross.total_ns() as f64 / total as f64 * 100.0;
-        (e, (100.0 - e - c).max(0.0), c)
-    };
+    let (encoder_pct, decoder_pct, cross_attention_pct) =
+        profilemate_core::component_shares(enc.total_ns(), dec.total_ns(), cross.total_ns());
     EncoderDecoderSummary {
         model_type: if enc.count() > 0 { "encoder_decoder" } else { "decoder_only" }.to_string(),
-        encoder: g(enc),
-        decoder: g(dec),
-        cross_attention: g(cross),
+        encoder: ComponentStats::from(enc),
+        decoder: ComponentStats::from(dec),
+        cross_attention: ComponentStats::from(cross),
         encoder_pct,
         decoder_pct,
         cross_attention_pct,

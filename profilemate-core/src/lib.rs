@@ -97,8 +97,8 @@ pub use session::{BackendFactory, Session, SessionBuilder, SinkFactory};
 pub use sink::{write_atomic, MemorySink, Sink, SinkError};
 pub use stats::{DurationStats, Mean};
 pub use summary::{
-    BatchUtilizationSummary, ComponentStats, CpuTimingSummary, CudaGraphSummary, EncoderDecoderSummary,
-    ForwardPassSummary, KvCacheSummary, MoeExpertSummary, MoeLayerStats, OperationStats, PhaseStats, PreemptionSummary,
-    Summaries, SummaryFile,
+    component_shares, BatchUtilizationSummary, ComponentStats, CpuTimingSummary, CudaGraphSummary,
+    EncoderDecoderSummary, ForwardPassSummary, KvCacheSummary, MoeExpertSummary, MoeLayerStats, OperationStats,
+    PhaseStats, PreemptionSummary, Summaries, SummaryFile,
 };
 pub use types::{Component, CpuOp, DropReason, GraphEvent, LifecycleEvent, ModelType, Phase, ProfilerKind};

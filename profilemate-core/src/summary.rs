@@ -80,6 +80,51 @@ pub struct PhaseStats {
     pub mean_throughput_tokens_per_sec: f64,
 }
 
+impl PhaseStats {
+    /// A phase's statistics from its forward-pass times, tokens and mean row throughput.
+    ///
+    /// ```
+    /// use profilemate_core::{DurationStats, PhaseStats};
+    /// let mut times = DurationStats::default();
+    /// times.record(2_000_000);
+    /// let p = PhaseStats::from_stats(&times, 64, 32_000.0);
+    /// assert_eq!((p.count, p.total_ms, p.total_tokens), (1, 2.0, 64));
+    /// ```
+    pub fn from_stats(s: &DurationStats, total_tokens: u64, mean_throughput_tokens_per_sec: f64) -> Self {
+        PhaseStats {
+            count: s.count(),
+            mean_ms: s.mean_ms(),
+            std_ms: s.std_ms(),
+            min_ms: s.min_ms(),
+            max_ms: s.max_ms(),
+            p50_ms: s.percentile_ms(50.0),
+            p95_ms: s.percentile_ms(95.0),
+            p99_ms: s.percentile_ms(99.0),
+            total_ms: s.total_ms(),
+            total_tokens,
+            mean_throughput_tokens_per_sec,
+        }
+    }
+}
+
+/// The encoder, decoder and cross-attention shares of their summed time, in percent
+/// (`encoder_decoder_summary.json`): they add up to 100 (the decoder takes the remainder), and
+/// are all 0 when nothing was recorded.
+///
+/// ```
+/// assert_eq!(profilemate_core::component_shares(1, 3, 0), (25.0, 75.0, 0.0));
+/// assert_eq!(profilemate_core::component_shares(0, 0, 0), (0.0, 0.0, 0.0));
+/// ```
+pub fn component_shares(encoder_ns: u128, decoder_ns: u128, cross_attention_ns: u128) -> (f64, f64, f64) {
+    let total = encoder_ns + decoder_ns + cross_attention_ns;
+    if total == 0 {
+        return (0.0, 0.0, 0.0);
+    }
+    let e = encoder_ns as f64 / total as f64 * 100.0;
+    let c = cross_attention_ns as f64 / total as f64 * 100.0;
+    (e, (100.0 - e - c).max(0.0), c)
+}
+
 /// `forward_pass_summary.json`: all three phases are always present.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[allow(missing_docs)]

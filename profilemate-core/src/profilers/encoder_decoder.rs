@@ -2,7 +2,7 @@ use super::Profiler;
 use crate::event::Event;
 use crate::rows::{ComponentRow, Rows};
 use crate::stats::DurationStats;
-use crate::summary::{ComponentStats, EncoderDecoderSummary, Summaries};
+use crate::summary::{component_shares, ComponentStats, EncoderDecoderSummary, Summaries};
 use crate::types::{ModelType, ProfilerKind};
 
 /// Encoder, decoder and cross-attention time.
@@ -42,15 +42,8 @@ impl Profiler for EncoderDecoderProfiler {
         let [enc, dec, cross] = &self.components;
         let model_type =
             self.declared.unwrap_or(if enc.count() > 0 { ModelType::EncoderDecoder } else { ModelType::DecoderOnly });
-        let total = enc.total_ns() + dec.total_ns() + cross.total_ns();
-        let (encoder_pct, decoder_pct, cross_attention_pct) = if total == 0 {
-            (0.0, 0.0, 0.0)
-        } else {
-            let e = enc.total_ns() as f64 / total as f64 * 100.0;
-            let c = cross.total_ns() as f64 / total as f64 * 100.0;
-            // The decoder takes the remainder so the three add up to 100.
-            (e, (100.0 - e - c).max(0.0), c)
-        };
+        let (encoder_pct, decoder_pct, cross_attention_pct) =
+            component_shares(enc.total_ns(), dec.total_ns(), cross.total_ns());
         out.encoder_decoder = Some(EncoderDecoderSummary {
             model_type: model_type.as_str().to_string(),
             encoder: ComponentStats::from(enc),

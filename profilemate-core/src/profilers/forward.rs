@@ -31,20 +31,7 @@ impl ForwardPassProfiler {
 
     fn phase_stats(&self, phase: Phase) -> PhaseStats {
         let p = &self.phases[phase.index()];
-        let s = &p.stats;
-        PhaseStats {
-            count: s.count(),
-            mean_ms: s.mean_ms(),
-            std_ms: s.std_ms(),
-            min_ms: s.min_ms(),
-            max_ms: s.max_ms(),
-            p50_ms: s.percentile_ms(50.0),
-            p95_ms: s.percentile_ms(95.0),
-            p99_ms: s.percentile_ms(99.0),
-            total_ms: s.total_ms(),
-            total_tokens: p.tokens,
-            mean_throughput_tokens_per_sec: p.throughput.value(),
-        }
+        PhaseStats::from_stats(&p.stats, p.tokens, p.throughput.value())
     }
 }
 
