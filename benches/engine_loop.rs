@@ -13,6 +13,10 @@
 //! with its 95 % confidence interval (distribution-free, from order statistics), and the spread
 //! are printed; then the same comparison over single steps (each step timed on its own), at
 //! the 10th, 25th and 50th percentiles, which other work on a shared machine disturbs least.
+//!
+//! `cargo bench --bench engine_loop -- --metrics-sink` compares, the same way, CSV + JSON + the
+//! `metrics` sink (into a Prometheus recorder, rendered once a second as a scrape would) against
+//! CSV + JSON alone: the cost of turning the metrics sink on.
 
 use profilemate::{BatchSample, Component, CpuOp, Phase, Session};
 use std::hint::black_box;
@@ -153,13 +157,17 @@ fn main() {
     }
     let bench_mode = args.iter().any(|a| a == "--bench");
     let dir = tempfile::tempdir().expect("tempdir");
-    let on_session = profilemate::builder().dir(dir.path()).build().expect("session");
-    let off_session = Session::disabled();
+    let (on_session, off_session, what) = if args.iter().any(|a| a == "--metrics-sink") {
+        metrics_sessions(dir.path())
+    } else {
+        let on = profilemate::builder().dir(dir.path()).build().expect("session");
+        (on, Session::disabled(), "profiling on (CSV + JSON) against off")
+    };
     let (on, off) = (Engine::new(&on_session), Engine::new(&off_session));
 
     let (rounds, round_time) =
         if bench_mode { (100, Duration::from_millis(250)) } else { (2, Duration::from_millis(5)) };
-    println!("engine loop: profiling on (CSV + JSON) against off, {rounds} interleaved rounds per step size");
+    println!("engine loop: {what}, {rounds} interleaved rounds per step size");
     for target in [Duration::from_millis(1), Duration::from_micros(100)] {
         let n = calibrate(target);
         let steps = (round_time.as_secs_f64() / target.as_secs_f64()).max(1.0) as u64;
@@ -211,4 +219,31 @@ fn main() {
     }
     let manifest = on_session.shutdown().expect("shutdown");
     println!("  profiled: {} steps, {} events dropped", manifest.steps, manifest.total_dropped());
+    off_session.shutdown().expect("shutdown");
+}
+
+/// `--metrics-sink`: "on" is CSV + JSON + the metrics sink, recording into a Prometheus recorder
+/// that a thread renders once a second (a scrape); "off" is CSV + JSON.
+fn metrics_sessions(dir: &std::path::Path) -> (Session, Session, &'static str) {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    use profilemate::SinkKind;
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), profilemate_sinks::DURATION_BUCKETS_SECONDS)
+        .expect("buckets")
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).expect("the only recorder");
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(1));
+        handle.run_upkeep();
+        black_box(handle.render().len());
+    });
+    let (on_dir, off_dir) = (dir.join("on"), dir.join("off"));
+    let on = profilemate::builder()
+        .dir(on_dir)
+        .sinks(&[SinkKind::Csv, SinkKind::Json, SinkKind::Metrics])
+        .build()
+        .expect("session");
+    let off = profilemate::builder().dir(off_dir).sinks(&[SinkKind::Csv, SinkKind::Json]).build().expect("session");
+    (on, off, "CSV + JSON + metrics sink (on) against CSV + JSON (off)")
 }

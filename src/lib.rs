@@ -45,10 +45,17 @@
 //! - `PROFILEMATE_SINKS=csv,json,parquet` (cargo feature `parquet`) adds the tables as Parquet
 //!   files with `host` and `rank` columns, for DuckDB, Polars or Spark across ranks
 //!   (`ParquetSink`).
+//! - `PROFILEMATE_SINKS=csv,json,metrics` (cargo feature `metrics`) records live series
+//!   (`profilemate_forward_pass_duration_seconds`, `profilemate_steps_total`, ...) through the
+//!   `metrics` facade into the recorder the application installed, for example
+//!   `metrics-exporter-prometheus`'s `/metrics` endpoint (`MetricsSink`; install the recorder
+//!   before building the session).
 //! - The cargo feature `tracing` adds `tracing_layer`: `tracing` spans mapped by name to CPU
 //!   operations are timed without profilemate calls in the engine's code.
 
 pub use profilemate_core::*;
+#[cfg(feature = "metrics")]
+pub use profilemate_sinks::MetricsSink;
 #[cfg(feature = "parquet")]
 pub use profilemate_sinks::ParquetSink;
 pub use profilemate_sinks::{standard_sinks, CsvSink, JsonSummarySink, PerfettoSink};

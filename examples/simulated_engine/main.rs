@@ -5,18 +5,23 @@
 //!     [--requests N] [--rate PER_SEC] [--prompt-len MIN-MAX] [--output-len MIN-MAX]
 //!     [--max-num-seqs N] [--max-batched-tokens N] [--kv-blocks N] [--block-size N]
 //!     [--experts N] [--moe-layers N] [--top-k N] [--moe-skew X]
+//!     [--metrics-addr HOST:PORT [--metrics-linger-s N]]
 //! ```
 //!
 //! The files go into `PROFILEMATE_DIR` (default `./profilemate_out`); the run prints where.
+//! With `--metrics-addr`, profilemate's live series (its `metrics` sink) are served for
+//! Prometheus at `http://HOST:PORT/metrics` while the engine runs, and `--metrics-linger-s N`
+//! seconds after its last step.
 
 mod engine;
+mod metrics_endpoint;
 
 use engine::{Shape, SimConfig};
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: simulated_engine [--model gpt|whisper|vlm] [--seed N] [--requests N] [--rate PER_SEC] \
 [--prompt-len MIN-MAX] [--output-len MIN-MAX] [--max-num-seqs N] [--max-batched-tokens N] [--kv-blocks N] [--block-size N] \
-[--experts N] [--moe-layers N] [--top-k N] [--moe-skew X]";
+[--experts N] [--moe-layers N] [--top-k N] [--moe-skew X] [--metrics-addr HOST:PORT [--metrics-linger-s N]]";
 
 fn parse_args(args: &[String]) -> Result<SimConfig, String> {
     let mut c = SimConfig::default();
@@ -64,14 +69,30 @@ fn parse_args(args: &[String]) -> Result<SimConfig, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = match parse_args(&args) {
+    let (config, metrics) = match metrics_endpoint::split_args(&args).and_then(|(rest, m)| Ok((parse_args(&rest)?, m)))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
-    let session = match profilemate::from_env() {
+    if let Some(addr) = metrics.addr {
+        // Before the session: the metrics sink registers its series with the recorder in force.
+        if let Err(e) = metrics_endpoint::serve(addr) {
+            eprintln!("simulated_engine: {e}");
+            return ExitCode::FAILURE;
+        }
+        eprintln!("simulated_engine: serving profilemate's series at http://{addr}/metrics");
+    }
+    let session = match profilemate::builder().from_env().and_then(|b| {
+        // `--metrics-addr` adds the metrics sink to those PROFILEMATE_SINKS names.
+        let mut kinds = b.config_ref().sinks.clone();
+        if metrics.addr.is_some() && !kinds.contains(&profilemate::SinkKind::Metrics) {
+            kinds.push(profilemate::SinkKind::Metrics);
+        }
+        b.sinks(&kinds).build()
+    }) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("simulated_engine: cannot start profiling: {e}");
@@ -115,6 +136,10 @@ fn main() -> ExitCode {
         eprintln!("  {file:<28} {rows:>7} rows");
     }
     eprintln!("  and the *_summary.json files and profilemate_run.json ({} events dropped)", manifest.total_dropped());
+    if let (Some(addr), false) = (metrics.addr, metrics.linger.is_zero()) {
+        eprintln!("simulated_engine: still serving http://{addr}/metrics for {:.1} s", metrics.linger.as_secs_f64());
+        std::thread::sleep(metrics.linger);
+    }
     ExitCode::SUCCESS
 }
 

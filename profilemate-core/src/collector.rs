@@ -602,6 +602,11 @@ impl Collector {
             log_summaries(&summaries, self.steps());
         }
         let manifest = self.manifest(false);
+        for i in 0..self.sinks.len() {
+            if let Err(e) = self.sinks[i].write_manifest(&manifest) {
+                self.sink_failed(i, "write the manifest", &*e);
+            }
+        }
         self.write_manifest(&manifest);
     }
 

@@ -51,11 +51,14 @@ pub enum SinkKind {
     Parquet,
     /// A Chrome trace / Perfetto timeline.
     Perfetto,
+    /// Live series through the `metrics` facade (Prometheus and the like); writes no file.
+    Metrics,
 }
 
 impl SinkKind {
     /// Every format name.
-    pub const ALL: [SinkKind; 4] = [SinkKind::Csv, SinkKind::Json, SinkKind::Parquet, SinkKind::Perfetto];
+    pub const ALL: [SinkKind; 5] =
+        [SinkKind::Csv, SinkKind::Json, SinkKind::Parquet, SinkKind::Perfetto, SinkKind::Metrics];
 
     /// The configuration name.
     pub const fn as_str(self) -> &'static str {
@@ -64,6 +67,7 @@ impl SinkKind {
             SinkKind::Json => "json",
             SinkKind::Parquet => "parquet",
             SinkKind::Perfetto => "perfetto",
+            SinkKind::Metrics => "metrics",
         }
     }
 }
@@ -92,7 +96,7 @@ pub const MIN_BUFFER_EVENTS: usize = 128;
 /// | `backend` | `PROFILEMATE_BACKEND` (`auto`, `host`, `cuda`) | `auto` |
 /// | `cuda_event_batch` | `PROFILEMATE_CUDA_EVENT_BATCH` (> 0) | 100 |
 /// | `disabled` | `PROFILEMATE_DISABLE` (comma list of profiler names) | none |
-/// | `sinks` | `PROFILEMATE_SINKS` (comma list: `csv`, `json`, `parquet`, `perfetto`) | `csv,json` |
+/// | `sinks` | `PROFILEMATE_SINKS` (comma list: `csv`, `json`, `parquet`, `perfetto`, `metrics`) | `csv,json` |
 /// | `buffer_events` | `PROFILEMATE_BUFFER_EVENTS` (per recording thread, >= 128) | 16384 |
 /// | `flush_interval_ms` | `PROFILEMATE_FLUSH_MS` (collector period, 1..=60000) | 100 |
 ///

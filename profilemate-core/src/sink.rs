@@ -56,6 +56,18 @@ pub trait Sink: Send {
         Ok(())
     }
 
+    /// Receives the run manifest (rows written, events dropped per profiler and reason) each
+    /// time the summaries are written, so that a live sink can publish those counts during the
+    /// run; [`finish`](Sink::finish) gets the final one.
+    ///
+    /// # Errors
+    ///
+    /// Any failure; it is counted and reported.
+    fn write_manifest(&mut self, manifest: &RunManifest) -> Result<(), SinkError> {
+        let _ = manifest;
+        Ok(())
+    }
+
     /// Pushes buffered output to its destination (about once a second).
     ///
     /// # Errors
@@ -86,6 +98,9 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
     fn write_summaries(&mut self, summaries: &Summaries) -> Result<(), SinkError> {
         (**self).write_summaries(summaries)
     }
+    fn write_manifest(&mut self, manifest: &RunManifest) -> Result<(), SinkError> {
+        (**self).write_manifest(manifest)
+    }
     fn flush(&mut self) -> Result<(), SinkError> {
         (**self).flush()
     }
@@ -104,6 +119,9 @@ impl<S: Sink + ?Sized> Sink for Arc<Mutex<S>> {
     }
     fn write_summaries(&mut self, summaries: &Summaries) -> Result<(), SinkError> {
         lock(self).write_summaries(summaries)
+    }
+    fn write_manifest(&mut self, manifest: &RunManifest) -> Result<(), SinkError> {
+        lock(self).write_manifest(manifest)
     }
     fn flush(&mut self) -> Result<(), SinkError> {
         lock(self).flush()

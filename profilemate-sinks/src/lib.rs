@@ -12,6 +12,7 @@
 //! | `json` | [`JsonSummarySink`] | `forward_pass_summary.json`, ... | always |
 //! | `perfetto` | [`PerfettoSink`] | `profilemate_trace.json` (then `profilemate_trace.1.json`, ...) | always |
 //! | `parquet` | `ParquetSink` | `forward_pass_timing.parquet`, ... | `parquet` |
+//! | `metrics` | `MetricsSink` | none: live series through the `metrics` facade | `metrics` |
 //!
 //! ```
 //! use profilemate_core::{Phase, Session};
@@ -31,6 +32,8 @@
 
 mod csv_sink;
 mod json_sink;
+#[cfg(feature = "metrics")]
+mod metrics_sink;
 mod numbers;
 #[cfg(feature = "parquet")]
 mod parquet_sink;
@@ -38,6 +41,10 @@ mod perfetto_sink;
 
 pub use csv_sink::CsvSink;
 pub use json_sink::JsonSummarySink;
+#[cfg(feature = "metrics")]
+pub use metrics_sink::{
+    MetricsSink, SeriesInfo, SeriesKind, DURATION_BUCKETS_SECONDS, MAX_LABEL_VALUES, METRICS_SERIES, OTHER_LABEL,
+};
 #[cfg(feature = "parquet")]
 pub use parquet_sink::{
     parquet_file_name, ParquetSink, DEFAULT_ROW_GROUP_BYTES, DEFAULT_ROW_GROUP_ROWS, PARTIAL_SUFFIX,
@@ -48,11 +55,15 @@ use profilemate_core::{Config, Error, Sink, SinkError, SinkKind};
 use std::path::Path;
 
 /// The output formats this build can write.
-#[cfg(feature = "parquet")]
-pub const AVAILABLE: &[SinkKind] = &[SinkKind::Csv, SinkKind::Json, SinkKind::Parquet, SinkKind::Perfetto];
-/// The output formats this build can write.
-#[cfg(not(feature = "parquet"))]
-pub const AVAILABLE: &[SinkKind] = &[SinkKind::Csv, SinkKind::Json, SinkKind::Perfetto];
+pub const AVAILABLE: &[SinkKind] = &[
+    SinkKind::Csv,
+    SinkKind::Json,
+    #[cfg(feature = "parquet")]
+    SinkKind::Parquet,
+    SinkKind::Perfetto,
+    #[cfg(feature = "metrics")]
+    SinkKind::Metrics,
+];
 
 /// The variables [`rank_from_env`] reads, first set first: profilemate's own, then those of
 /// `torchrun` (and most launchers), Slurm, Open MPI, MPICH/PMI, and the node-local rank last.
@@ -163,6 +174,20 @@ pub fn standard_sinks(config: &Config, dir: &Path) -> Result<Vec<Box<dyn Sink>>,
                     ),
                 });
             }
+            #[cfg(feature = "metrics")]
+            SinkKind::Metrics => sinks.push(Box::new(MetricsSink::new())),
+            #[cfg(not(feature = "metrics"))]
+            SinkKind::Metrics => {
+                let available: Vec<&str> = AVAILABLE.iter().map(|k| k.as_str()).collect();
+                return Err(Error::SinkUnavailable {
+                    sink: "metrics".into(),
+                    available: format!(
+                        "{}; build with the `metrics` cargo feature of `profilemate` (or `profilemate-sinks`) \
+                         to record live series through the `metrics` facade",
+                        available.join(", ")
+                    ),
+                });
+            }
         }
     }
     Ok(sinks)
@@ -181,6 +206,17 @@ mod tests {
         let err = standard_sinks(&config, dir.path()).err().expect("parquet is not built in");
         assert!(matches!(err, Error::SinkUnavailable { .. }), "{err}");
         assert!(err.to_string().contains("`parquet` cargo feature"), "{err}");
+    }
+
+    #[test]
+    #[cfg(not(feature = "metrics"))]
+    fn metrics_without_the_feature_says_which_feature_to_enable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.sinks = vec![SinkKind::Csv, SinkKind::Metrics];
+        let err = standard_sinks(&config, dir.path()).err().expect("metrics is not built in");
+        assert!(matches!(err, Error::SinkUnavailable { .. }), "{err}");
+        assert!(err.to_string().contains("`metrics` cargo feature"), "{err}");
     }
 
     #[test]
