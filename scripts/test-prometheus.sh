@@ -49,12 +49,14 @@ EOF
 prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/data" \
   --web.listen-address="127.0.0.1:$prom_port" --log.level=warn >"$work/prometheus.log" 2>&1 &
 prom_pid=$!
+ready() { python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+  "http://127.0.0.1:$prom_port/-/ready" >/dev/null 2>&1; }
 for _ in $(seq 1 60); do
-  curl -fsS "http://127.0.0.1:$prom_port/-/ready" >/dev/null 2>&1 && break
+  ready && break
   kill -0 "$prom_pid" 2>/dev/null || { cat "$work/prometheus.log" >&2; echo "test-prometheus: prometheus did not start" >&2; exit 1; }
   sleep 0.5
 done
-curl -fsS "http://127.0.0.1:$prom_port/-/ready" >/dev/null
+ready || { cat "$work/prometheus.log" >&2; echo "test-prometheus: prometheus is not ready" >&2; exit 1; }
 
 # The run: long enough for several scrapes while it goes on, then 4 s (4 scrape intervals) of
 # serving the final counts after its last step.

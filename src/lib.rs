@@ -55,7 +55,7 @@
 
 pub use profilemate_core::*;
 #[cfg(feature = "metrics")]
-pub use profilemate_sinks::MetricsSink;
+pub use profilemate_sinks::{MetricsSink, DURATION_BUCKETS_SECONDS, METRICS_SERIES};
 #[cfg(feature = "parquet")]
 pub use profilemate_sinks::ParquetSink;
 pub use profilemate_sinks::{standard_sinks, CsvSink, JsonSummarySink, PerfettoSink};

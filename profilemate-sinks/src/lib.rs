@@ -31,6 +31,7 @@
 //! ```
 
 mod csv_sink;
+mod follow;
 mod json_sink;
 #[cfg(feature = "metrics")]
 mod metrics_sink;
@@ -40,6 +41,7 @@ mod parquet_sink;
 mod perfetto_sink;
 
 pub use csv_sink::CsvSink;
+pub use follow::{TableFollower, FOLLOWED_TABLES};
 pub use json_sink::JsonSummarySink;
 #[cfg(feature = "metrics")]
 pub use metrics_sink::{
