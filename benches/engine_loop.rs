@@ -219,7 +219,10 @@ fn main() {
     }
     let manifest = on_session.shutdown().expect("shutdown");
     println!("  profiled: {} steps, {} events dropped", manifest.steps, manifest.total_dropped());
-    off_session.shutdown().expect("shutdown");
+    let off_manifest = off_session.shutdown().expect("shutdown");
+    if off_manifest.steps > 0 {
+        println!("  off session: {} steps, {} events dropped", off_manifest.steps, off_manifest.total_dropped());
+    }
 }
 
 /// `--metrics-sink`: "on" is CSV + JSON + the metrics sink, recording into a Prometheus recorder

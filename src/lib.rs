@@ -54,11 +54,11 @@
 //!   operations are timed without profilemate calls in the engine's code.
 
 pub use profilemate_core::*;
-#[cfg(feature = "metrics")]
-pub use profilemate_sinks::{MetricsSink, DURATION_BUCKETS_SECONDS, METRICS_SERIES};
 #[cfg(feature = "parquet")]
 pub use profilemate_sinks::ParquetSink;
-pub use profilemate_sinks::{standard_sinks, CsvSink, JsonSummarySink, PerfettoSink};
+pub use profilemate_sinks::{standard_sinks, CsvSink, JsonSummarySink, PerfettoSink, TableFollower, FOLLOWED_TABLES};
+#[cfg(feature = "metrics")]
+pub use profilemate_sinks::{MetricsSink, DURATION_BUCKETS_SECONDS, METRICS_SERIES};
 
 #[cfg(feature = "tracing")]
 pub mod tracing_layer;

@@ -38,7 +38,8 @@ fn unfinished_lines_wait_for_the_next_poll_and_bad_lines_are_counted() {
     assert!(follower.poll().is_empty());
 
     // A new, shorter file in its place is read from its start.
-    std::fs::write(&path, b"timestamp_sec,request_id,event,reason,running_time_sec,extra_info\n3,r,finished,,,\n").unwrap();
+    std::fs::write(&path, b"timestamp_sec,request_id,event,reason,running_time_sec,extra_info\n3,r,finished,,,\n")
+        .unwrap();
     let rows = follower.poll();
     assert_eq!(rows.preemption_events.len(), 1);
     assert_eq!(rows.preemption_events[0].event, LifecycleEvent::Finished);

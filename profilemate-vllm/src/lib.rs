@@ -12,7 +12,9 @@
 //! - [`binding_config`]: the core's configuration read from `PROFILEMATE_*` and the seed's
 //!   `VLLM_PROFILING_*` variable names;
 //! - [`merge`]: the top-level contract files of a multi-process run, built from the part each
-//!   process wrote (`DIR/parts/<run>/<role>-<pid>/`), on one `CLOCK_MONOTONIC` time base.
+//!   process wrote (`DIR/parts/<run>/<role>-<pid>/`), on one `CLOCK_MONOTONIC` time base;
+//! - [`PartsSeries`]: the live Prometheus series of every part of a run, rendered in one process
+//!   from the rows the parts completed so far (what vLLM's API server adds to its `/metrics`).
 //!
 //! ```
 //! let dir = tempfile::tempdir()?;
@@ -31,6 +33,7 @@
 //! build`/`cargo test` leave that feature off, so Rust tests link libpython normally.
 
 mod config;
+mod live;
 mod merge;
 mod python;
 
@@ -38,4 +41,5 @@ pub use config::{
     binding_config, is_activated, DEFAULT_DIR, DEFAULT_FLUSH_MS, VLLM_ALIASES, VLLM_PROFILING_DIR,
     VLLM_PROFILING_USE_CUDA_EVENTS,
 };
+pub use live::PartsSeries;
 pub use merge::{merge, runs, MergeError, MergeReport, PartReport, PARTS_DIR, PART_FILE};
