@@ -5,8 +5,8 @@ use profilemate_sinks::TableFollower;
 use std::io::Write;
 
 fn append(path: &std::path::Path, bytes: &[u8]) {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-    f.write_all(bytes).unwrap();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open for appending");
+    f.write_all(bytes).expect("append");
 }
 
 #[test]
@@ -50,7 +50,7 @@ fn total(all: &[Rows], t: Table) -> usize {
 }
 
 fn csv_rows(dir: &std::path::Path, t: Table) -> usize {
-    let mut reader = csv::Reader::from_path(dir.join(t.file_name())).unwrap();
+    let mut reader = csv::Reader::from_path(dir.join(t.file_name())).expect("a table written");
     reader.records().count()
 }
 

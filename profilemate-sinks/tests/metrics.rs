@@ -94,14 +94,13 @@ fn lifecycle(id: &str, event: LifecycleEvent, reason: &str) -> PreemptionEventRo
 }
 
 fn sample_rows() -> Rows {
-    let mut rows = Rows::default();
-    rows.forward_pass = vec![
+    let forward_pass = vec![
         forward(Phase::Prefill, 512, 4_000_000),
         forward(Phase::Decode, 8, 1_000_000),
         forward(Phase::Decode, 8, 1_500_000),
         forward(Phase::Mixed, 100, 2_000_000),
     ];
-    rows.cpu_operations = vec![
+    let cpu_operations = vec![
         cpu("scheduling", 1_000, 100),
         cpu("batch_preparation", 1_100, 200),
         cpu("model_execution", 1_300, 5_000),
@@ -109,13 +108,13 @@ fn sample_rows() -> Rows {
         cpu("scheduling", 10_000, 100),
         cpu("detokenize", 10_100, 50),
     ];
-    rows.encoder_decoder = vec![ComponentRow {
+    let encoder_decoder = vec![ComponentRow {
         timestamp_ns: 0,
         component: Component::Encoder,
         duration_ns: 3_000_000,
         context: "vision_encoder".into(),
     }];
-    rows.preemption_events = vec![
+    let preemption_events = vec![
         lifecycle("req-1", LifecycleEvent::Started, ""),
         lifecycle("req-1", LifecycleEvent::Preempted, "RECOMPUTE"),
         lifecycle("req-1", LifecycleEvent::Resumed, ""),
@@ -137,8 +136,8 @@ fn sample_rows() -> Rows {
         running_queue_len: running,
         waiting_queue_len: waiting,
     };
-    rows.batch_utilization = vec![batch(4, 400, 4, 9), batch(8, 128, 8, 3)];
-    rows.kv_cache = vec![
+    let batch_utilization = vec![batch(4, 400, 4, 9), batch(8, 128, 8, 3)];
+    let kv_cache = vec![
         KvCacheRow {
             timestamp_ns: 0,
             used_blocks: 10,
@@ -154,7 +153,7 @@ fn sample_rows() -> Rows {
             prefix_cache_hits: 7,
         },
     ];
-    rows.cuda_graph = vec![
+    let cuda_graph = vec![
         CudaGraphRow {
             timestamp_ns: 0,
             event: GraphEvent::Capture,
@@ -184,7 +183,16 @@ fn sample_rows() -> Rows {
             duration_ns: None,
         },
     ];
-    rows
+    Rows {
+        forward_pass,
+        cpu_operations,
+        encoder_decoder,
+        preemption_events,
+        batch_utilization,
+        kv_cache,
+        cuda_graph,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -193,8 +201,10 @@ fn rows_become_the_documented_series_with_their_values() {
     metrics::with_local_recorder(&recorder, || {
         let mut sink = MetricsSink::new();
         sink.write_rows(&sample_rows()).unwrap();
-        let mut summaries = Summaries::default();
-        summaries.moe_expert = Some(MoeExpertSummary { max_over_mean: 2.5, records: 3, ..Default::default() });
+        let summaries = Summaries {
+            moe_expert: Some(MoeExpertSummary { max_over_mean: 2.5, records: 3, ..Default::default() }),
+            ..Default::default()
+        };
         sink.write_summaries(&summaries).unwrap();
     });
     let all = snapshot(&recorder);
