@@ -331,3 +331,32 @@ fn free_text_labels_are_capped() {
     assert_eq!(reasons[OTHER_LABEL], 10);
     assert_eq!(reasons.values().sum::<u64>(), n as u64, "nothing is lost past the cap");
 }
+
+#[test]
+fn the_readme_table_documents_every_series_and_no_other() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("the workspace README");
+    let documented: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `profilemate_"))
+        .filter_map(|rest| rest.split_once('`').map(|(name, _)| name))
+        .collect();
+    let mut want: Vec<String> =
+        METRICS_SERIES.iter().map(|s| s.name.trim_start_matches("profilemate_").to_string()).collect();
+    let mut got: Vec<String> = documented.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    for s in METRICS_SERIES {
+        let row = readme.lines().find(|l| l.starts_with(&format!("| `{}` |", s.name))).expect("a row");
+        let kind = match s.kind {
+            SeriesKind::Counter => "counter",
+            SeriesKind::Gauge => "gauge",
+            SeriesKind::Histogram => "histogram",
+        };
+        assert!(row.contains(&format!("| {kind} |")), "{row}");
+        for label in s.labels {
+            assert!(row.contains(&format!("`{label}`")), "{row} lacks the label {label}");
+        }
+    }
+}
