@@ -135,3 +135,8 @@ def mp_moe(mixtral, tmp_path_factory) -> Run:
 @pytest.fixture(params=["inproc_moe", "mp_moe"])
 def moe(request) -> Run:
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def inproc_recompute(model, tmp_path_factory) -> Run:
+    return run_vllm(model, tmp_path_factory.mktemp("inproc-recompute"), "recompute", multiprocessing=False)

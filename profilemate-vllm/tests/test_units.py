@@ -11,31 +11,77 @@ from types import SimpleNamespace as NS
 from profilemate_vllm._phase import DECODE, MIXED, PREFILL, classify
 
 
-def so(new=(), cached=(), outputs=(), scheduled=None, resumed=(), spec=None):
+def so(new=(), cached=(), outputs=(), scheduled=None, resumed=(), spec=None, computed=None, all_tokens=None,
+       finished=(), prefill_tokens=None):
     scheduled = scheduled or {}
+    prefill_tokens = prefill_tokens or {}
     return NS(
-        scheduled_new_reqs=[NS(req_id=r) for r in new],
-        scheduled_cached_reqs=NS(req_ids=list(cached), num_output_tokens=list(outputs), resumed_req_ids=set(resumed)),
+        scheduled_new_reqs=[
+            NS(req_id=r, prompt_len=scheduled[r], prefill_token_ids=prefill_tokens.get(r)) for r in new
+        ],
+        scheduled_cached_reqs=NS(
+            req_ids=list(cached),
+            num_output_tokens=list(outputs),
+            resumed_req_ids=set(resumed),
+            num_computed_tokens=list(computed or [0] * len(cached)),
+            all_token_ids=all_tokens or {},
+        ),
         num_scheduled_tokens=scheduled,
         total_num_scheduled_tokens=sum(scheduled.values()),
         scheduled_spec_decode_tokens=spec or {},
+        finished_req_ids=set(finished),
     )
 
 
 def test_phase_from_the_request_mix():
-    assert classify(so(new=["a"], scheduled={"a": 10})) == (PREFILL, 1)
-    assert classify(so(cached=["a", "c"], outputs=[3, 7], scheduled={"a": 1, "c": 1})) == (DECODE, 2)
+    def classify1(s):
+        return classify(s, {})
+
+    assert classify1(so(new=["a"], scheduled={"a": 10})) == (PREFILL, 1)
+    assert classify1(so(cached=["a", "c"], outputs=[3, 7], scheduled={"a": 1, "c": 1})) == (DECODE, 2)
     # Chunked prefill: a prompt chunk of b next to a decode of a.
-    assert classify(so(cached=["a", "b"], outputs=[4, 0], scheduled={"a": 1, "b": 36})) == (MIXED, 2)
-    assert classify(so(new=["n"], cached=["a"], outputs=[4], scheduled={"a": 1, "n": 30})) == (MIXED, 2)
+    assert classify1(so(cached=["a", "b"], outputs=[4, 0], scheduled={"a": 1, "b": 36})) == (MIXED, 2)
+    assert classify1(so(new=["n"], cached=["a"], outputs=[4], scheduled={"a": 1, "n": 30})) == (MIXED, 2)
     # The last chunk of a prompt may be one token: still prefill (no output token yet).
-    assert classify(so(cached=["b", "a"], outputs=[0, 5], scheduled={"b": 1, "a": 1})) == (MIXED, 2)
-    assert classify(so(cached=["b"], outputs=[0], scheduled={"b": 1})) == (PREFILL, 1)
+    assert classify1(so(cached=["b", "a"], outputs=[0, 5], scheduled={"b": 1, "a": 1})) == (MIXED, 2)
+    assert classify1(so(cached=["b"], outputs=[0], scheduled={"b": 1})) == (PREFILL, 1)
     # A resumed request recomputes: prefill, even with one token scheduled.
-    assert classify(so(cached=["c"], outputs=[12], scheduled={"c": 1}, resumed=["c"])) == (PREFILL, 1)
+    assert classify1(so(cached=["c"], outputs=[12], scheduled={"c": 1}, resumed=["c"])) == (PREFILL, 1)
     # Speculative decoding: 1 + drafts tokens is a decode step; more is a chunk.
-    assert classify(so(cached=["a"], outputs=[20], scheduled={"a": 4}, spec={"a": [1, 2, 3]})) == (DECODE, 1)
-    assert classify(so(cached=["a"], outputs=[20], scheduled={"a": 9}, spec={"a": [1, 2, 3]})) == (PREFILL, 1)
+    assert classify1(so(cached=["a"], outputs=[20], scheduled={"a": 4}, spec={"a": [1, 2, 3]})) == (DECODE, 1)
+    assert classify1(so(cached=["a"], outputs=[20], scheduled={"a": 9}, spec={"a": [1, 2, 3]})) == (PREFILL, 1)
+
+
+def test_recompute_in_one_token_chunks_is_prompt_processing_until_caught_up():
+    """The issue's case: a request with 87 output tokens resumes (10 prompt tokens, 97 in all) and
+    recomputes one token per step next to another request's decode."""
+    table = {}
+    first = so(cached=["a", "r"], outputs=[40, 87], scheduled={"a": 1, "r": 1}, resumed=["r"], computed=[49, 0],
+               all_tokens={"r": list(range(97))})  # fmt: skip
+    assert classify(first, table) == (MIXED, 2) and table == {"r": 97}
+    # Later steps do not name it as resumed: its computed tokens say it is still recomputing.
+    for computed in (1, 10, 95):
+        step = so(cached=["a", "r"], outputs=[41, 87], scheduled={"a": 1, "r": 1}, computed=[50, computed])
+        assert classify(step, table) == (MIXED, 2), computed
+    # Its last recomputed token alone is still prefill; then it decodes the token it sampled last.
+    assert classify(so(cached=["r"], outputs=[87], scheduled={"r": 1}, computed=[95]), table) == (PREFILL, 1)
+    assert classify(so(cached=["r"], outputs=[87], scheduled={"r": 1}, computed=[96]), table) == (DECODE, 1)
+    assert table == {}
+    # With draft tokens: verification is decode once caught up.
+    table = {"s": 30}
+    assert classify(so(cached=["s"], outputs=[20], scheduled={"s": 1}, computed=[28]), table) == (PREFILL, 1)
+    step = so(cached=["s"], outputs=[20], scheduled={"s": 3}, computed=[29], spec={"s": [5, 6]})
+    assert classify(step, table) == (DECODE, 1) and table == {}
+    # Model Runner V2 sends a resumed request as a new one with all its tokens.
+    table = {}
+    step = so(new=["v"], scheduled={"v": 1}, prefill_tokens={"v": list(range(30))})
+    step.scheduled_new_reqs[0].prompt_len = 10
+    assert classify(step, table) == (PREFILL, 1) and table == {"v": 30}
+    assert classify(so(cached=["v"], outputs=[20], scheduled={"v": 1}, computed=[5]), table) == (PREFILL, 1)
+    # A request that finishes (or is aborted) while recomputing leaves the table.
+    forget = so(cached=["w"], outputs=[3], scheduled={"w": 1}, computed=[15], finished=["v"])
+    table["w"] = 16
+    assert classify(forget, table) == (DECODE, 1) and table == {}
 
 
 def test_post_import_hook_patches_when_the_module_is_imported(tmp_path):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import _plugin as P
 from ._imports import PostImportHooks
+from ._phase import forget_finished
 
 _pc = P._pc
 WRAPPED_ATTR = "__profilemate_wrapped__"
@@ -51,6 +52,8 @@ def _schedule(orig):
         try:
             if out.total_num_scheduled_tokens:
                 P.after_schedule(self, out, dt)
+            elif P._recompute:
+                forget_finished(out, P._recompute)
         except Exception as e:
             P._fail("Scheduler.schedule", e)
         return out
@@ -106,6 +109,11 @@ def _execute_model(v2: bool):
             except Exception:
                 real = False
             if not real:
+                if P._recompute:
+                    try:
+                        forget_finished(so, P._recompute)
+                    except Exception as e:
+                        P._fail(where, e)
                 return orig(self, so, *args, **kwargs)
             try:
                 step = P.begin_step(self, so, v2)

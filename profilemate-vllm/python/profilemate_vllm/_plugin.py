@@ -73,6 +73,8 @@ _last_so: Any = None
 _last_phase = 0
 _last_nseq = 0
 _preempted: set = set()
+# Requests recomputing their KV cache after a preemption (see _phase.classify).
+_recompute: Dict[str, int] = {}
 # Worker side.
 _in_step = False
 _fwd_ns = 0
@@ -404,6 +406,7 @@ def _after_fork() -> None:
     for k in _graph_counts:
         _graph_counts[k] = 0
     IS_FRONTEND = False
+    _recompute.clear()
     _part_seq = 0
     _logged_line = False
     _open_failed = False
@@ -429,7 +432,7 @@ def after_schedule(sched: Any, out: Any, dt: int) -> None:
     r = rec if rec is not None else _open()
     if r is None:
         return
-    phase, nseq = classify(out)
+    phase, nseq = classify(out, _recompute)
     _last_so, _last_phase, _last_nseq = out, phase, nseq
     if F_PRE:
         pending = _preempted
@@ -549,7 +552,7 @@ def begin_step(runner: Any, so: Any, v2: bool) -> Any:
     if so is _last_so:
         phase, nseq = _last_phase, _last_nseq
     else:
-        phase, nseq = classify(so)
+        phase, nseq = classify(so, _recompute)
     ntok = so.total_num_scheduled_tokens
     _fwd_ns = 0
     _in_step = True
