@@ -76,9 +76,10 @@ def toggle(args) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_PROFILING_DIR", tempfile.mkdtemp(prefix="profilemate-bench-"))
     llm = make_llm(args.model, args.batch)
-    from profilemate_vllm import _hooks, _plugin
+    import profilemate_vllm
+    from profilemate_vllm import _hooks
 
-    assert _plugin.is_active(), "the plugin did not activate (is profilemate-vllm installed?)"
+    assert profilemate_vllm.is_active(), "the plugin did not activate (is profilemate-vllm installed?)"
     prompts, max_tokens = workload(args.batch, args.tokens)
     for _ in range(2):  # warm-up, both ways
         generate(llm, prompts, max_tokens)
@@ -119,10 +120,11 @@ def steps(args) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_PROFILING_DIR", tempfile.mkdtemp(prefix="profilemate-bench-"))
     llm = make_llm(args.model, args.batch)
-    from profilemate_vllm import _hooks, _plugin
+    import profilemate_vllm
+    from profilemate_vllm import _hooks
     from vllm import SamplingParams
 
-    assert _plugin.is_active(), "the plugin did not activate (is profilemate-vllm installed?)"
+    assert profilemate_vllm.is_active(), "the plugin did not activate (is profilemate-vllm installed?)"
     engine = llm.llm_engine
     prompts, max_tokens = workload(args.batch, args.tokens)
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
@@ -243,10 +245,21 @@ def hook_cost(llm, prompts) -> float:
     worker_execute = _hooks._worker_execute_model(lambda self, so_: execute(runner, so_))
     sample = _hooks._sample_tokens("bench")(noop)
 
+    try:
+        from profilemate_vllm._state import STATE
+    except ImportError:  # the layout before the state object (for --mode cost-compare)
+        STATE = None
+
+    def forget_last():
+        if STATE is not None:
+            STATE.last_so = None
+        else:
+            _plugin._last_so = None
+
     def step(reuse_phase: bool):
         schedule(sched)
         if not reuse_phase:
-            _plugin._last_so = None  # a worker process classifies the step itself
+            forget_last()  # a worker process classifies the step itself
         worker_execute(worker, so)
         sample(runner)
 
@@ -274,7 +287,41 @@ def hook_cost(llm, prompts) -> float:
         f"no-op stand-ins for vLLM's methods subtracted): {inproc / 1000:.2f} us in-process, "
         f"{split / 1000:.2f} us with scheduler and worker in separate processes"
     )
+    hook_cost.last = (inproc, split)
     return inproc
+
+
+def cost(args) -> None:
+    """Only the per-step cost of the installed plugin (``hook_cost``), as a JSON line."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_PROFILING_DIR", tempfile.mkdtemp(prefix="profilemate-bench-"))
+    llm = make_llm(args.model, args.batch)
+    prompts, _ = workload(args.batch, args.tokens)
+    hook_cost(llm, prompts)
+    inproc, split = hook_cost.last
+    print(json.dumps({"inproc_ns": inproc, "split_ns": split}))
+
+
+def cost_compare(args) -> None:
+    """The per-step cost of a baseline copy of the package (``--baseline DIR``, a directory
+    holding a ``profilemate_vllm`` package, put first on ``PYTHONPATH``) and of the installed one,
+    in alternating fresh processes of ``--mode cost``: before and after, side by side."""
+    results = {"baseline": [], "installed": []}
+    for i in range(args.rounds * 2):
+        which = ["baseline", "installed"][(i + i // 2) % 2]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_PROFILING_", "PROFILEMATE_"))}
+        if which == "baseline":
+            env["PYTHONPATH"] = args.baseline + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [sys.executable, __file__, "--model", args.model, "--mode", "cost", "--batch", str(args.batch)]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        results[which].append(r)
+        print(f"round {i + 1:2d} {which:9s}: {r['inproc_ns'] / 1000:.2f} us in-process, "
+              f"{r['split_ns'] / 1000:.2f} us split", flush=True)
+    print(f"\nper-step cost of the plugin, median of {args.rounds} fresh processes each:")
+    for which, rs in results.items():
+        print(f"  {which:9s}: {statistics.median(r['inproc_ns'] for r in rs) / 1000:.2f} us in-process, "
+              f"{statistics.median(r['split_ns'] for r in rs) / 1000:.2f} us split")
 
 
 def processes(args) -> None:
@@ -321,7 +368,8 @@ def report(results, how: str, unit: str = "tokens/s") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--mode", choices=["toggle", "steps", "processes"], default="toggle")
+    ap.add_argument("--mode", choices=["toggle", "steps", "processes", "cost", "cost-compare"], default="toggle")
+    ap.add_argument("--baseline", help="--mode cost-compare: a directory holding the baseline profilemate_vllm")
     ap.add_argument("--rounds", type=int, default=8, help="rounds per condition")
     ap.add_argument("--batch", type=int, default=16, help="requests, all running at once")
     ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
@@ -335,6 +383,10 @@ def main() -> None:
         toggle(args)
     elif args.mode == "steps":
         steps(args)
+    elif args.mode == "cost":
+        cost(args)
+    elif args.mode == "cost-compare":
+        cost_compare(args)
     else:
         processes(args)
 

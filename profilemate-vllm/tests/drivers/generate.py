@@ -49,9 +49,12 @@ def scenario(name: str):
             max_num_batched_tokens=256,
         )
         lengths = [(rng.randint(8, 20), 200) for _ in range(16)]
-    elif name == "moe":
-        # The tiny Mixtral: chunked prefill (mixed steps) and decode, a dozen steps.
+    elif name in ("moe", "moe_compiled"):
+        # The tiny Mixtral: chunked prefill (mixed steps) and decode, a dozen steps; compiled by
+        # torch.compile (vLLM's default) in "moe_compiled".
         args = dict(common, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32)
+        if name == "moe_compiled":
+            args["enforce_eager"] = False
         lengths = [(23, 6), (40, 8), (7, 10), (50, 5)]
     elif name == "spec":
         # Speculative decoding with n-gram drafts (runs on a CPU): steps verify up to 3 draft
@@ -95,7 +98,7 @@ def plugin_state():
     import sys as _sys
 
     try:
-        import profilemate_vllm._plugin as plugin
+        from profilemate_vllm._state import STATE as S
         from profilemate_vllm._hooks import SPECS, WRAPPED_ATTR
     except ImportError as e:
         return {"error": str(e)}
@@ -108,12 +111,12 @@ def plugin_state():
             wrapped.append(f"{spec.module}.{spec.cls}.{spec.method}")
     loaded = [s.module for s in SPECS if s.module in _sys.modules]
     return {
-        "register_calls": plugin._register_calls,
-        "active": plugin.is_active(),
+        "register_calls": S.register_calls,
+        "active": S.active,
         "wrapped": wrapped,
         "modules_loaded": sorted(set(loaded)),
-        "hook_errors": dict(plugin._errors),
-        "hook_status": dict(plugin._hook_status),
+        "hook_errors": dict(S.errors),
+        "hook_status": dict(S.hook_status),
     }
 
 
