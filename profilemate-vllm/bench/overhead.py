@@ -230,20 +230,35 @@ def hook_cost(llm, prompts) -> float:
     worker = core.model_executor.driver_worker.worker
     runner = worker.model_runner
 
+    # No-op stand-ins with the parameters of the methods they stand for (the wrappers have a
+    # faster form for exactly those).
     def noop(self, *a, **k):
         return None
 
-    schedule = _hooks._schedule(lambda self, *a, **k: so)
-    prepare = _hooks._cpu_op(_plugin.OP_BATCH_PREPARATION, "bench")(noop)
+    def schedule_stub(self, throttle_prefills=False):
+        return so
+
+    def prepare_stub(self, scheduler_output, num_scheduled_tokens):
+        return None
+
+    def sample_stub(self, grammar_output):
+        return None
+
+    schedule = _hooks._schedule(schedule_stub)
+    prepare = _hooks._cpu_op(_plugin.OP_BATCH_PREPARATION, "bench")(prepare_stub)
     forward = _hooks._model_forward(noop)
 
-    def runner_execute(self, so_, *a, **k):
-        prepare(self)
+    def runner_execute(self, scheduler_output, intermediate_tensors=None):
+        prepare(self, scheduler_output, None)
         forward(self)
 
     execute = _hooks._execute_model(False)(runner_execute)
-    worker_execute = _hooks._worker_execute_model(lambda self, so_: execute(runner, so_))
-    sample = _hooks._sample_tokens("bench")(noop)
+
+    def worker_stub(self, scheduler_output):
+        return execute(runner, scheduler_output)
+
+    worker_execute = _hooks._worker_execute_model(worker_stub)
+    sample = _hooks._sample_tokens("bench")(sample_stub)
 
     try:
         from profilemate_vllm._state import STATE
@@ -261,12 +276,15 @@ def hook_cost(llm, prompts) -> float:
         if not reuse_phase:
             forget_last()  # a worker process classifies the step itself
         worker_execute(worker, so)
-        sample(runner)
+        sample(runner, None)
 
-    def plain():
-        noop(sched)
-        runner_execute(runner, so)
+    def plain():  # vLLM's six methods, without the plugin
+        schedule_stub(sched)
+        noop(worker, so)
+        noop(runner, so)
+        prepare_stub(runner, so, None)
         noop(runner)
+        sample_stub(runner, None)
 
     def per_call(f, n=20000):
         for _ in range(2000):

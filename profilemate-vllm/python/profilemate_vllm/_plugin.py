@@ -304,10 +304,15 @@ def after_schedule(sched: Any, out: Any, dt: int) -> None:
     else:
         running = waiting = 0
     if S.f_kv:
-        kvm = sched.kv_cache_manager
-        pool = kvm.block_pool
-        total = pool.num_gpu_blocks - 1  # one block is vLLM's null block, never free
-        used = total - pool.get_num_free_blocks()
+        kv = S.kv_reader
+        if kv is None or kv[0] is not sched:
+            # Read once per scheduler: its KV cache manager, the pool's free-block count and
+            # size (one block is vLLM's null block, never free).
+            kvm = sched.kv_cache_manager
+            pool = kvm.block_pool
+            kv = S.kv_reader = (sched, kvm, pool.get_num_free_blocks, pool.num_gpu_blocks - 1)
+        _, kvm, free_blocks, total = kv
+        used = total - free_blocks()
         stats = kvm.prefix_cache_stats  # reset by vLLM after every step when it logs stats
         q, h = (stats.queries, stats.hits) if stats is not None else (0, 0)
     else:

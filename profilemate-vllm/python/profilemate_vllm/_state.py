@@ -75,6 +75,7 @@ class Profiling:
         self.last_nseq = 0
         self.preempted: set = set()
         self.recompute: Dict[str, int] = {}  # requests recomputing after a preemption (_phase)
+        self.kv_reader: Any = None  # (scheduler, its KV cache manager, free-block count, blocks)
         # Worker side.
         self.in_step = False
         self.fwd_ns = 0
@@ -120,6 +121,7 @@ class Profiling:
             self.graph_counts[k] = 0
         self.is_frontend = False
         self.recompute.clear()
+        self.kv_reader = None
         self.part_seq = 0
         self.logged_line = False
         self.open_failed = False
