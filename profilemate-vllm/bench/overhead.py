@@ -332,7 +332,7 @@ def cost_compare(args) -> None:
             env["PYTHONPATH"] = args.baseline + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [sys.executable, __file__, "--model", args.model, "--mode", "cost", "--batch", str(args.batch)]
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        r = json.loads(p.stdout.strip().splitlines()[-1])
+        r = json.loads([line for line in p.stdout.splitlines() if line.startswith('{"inproc_ns"')][-1])
         results[which].append(r)
         print(f"round {i + 1:2d} {which:9s}: {r['inproc_ns'] / 1000:.2f} us in-process, "
               f"{r['split_ns'] / 1000:.2f} us split", flush=True)
