@@ -164,6 +164,18 @@ def inproc_moe_inductor(mixtral, tmp_path_factory) -> Run:
     return run_vllm(mixtral, tmp, "moe_compiled", multiprocessing=False, extra_env={"VLLM_CACHE_ROOT": str(tmp / "vllm-cache")})
 
 
-@pytest.fixture(params=["inproc_moe_compiled", "inproc_moe_inductor"])
+@pytest.fixture(scope="session")
+def mp_moe_compiled(mixtral, tmp_path_factory) -> Run:
+    """As ``inproc_moe_compiled``, with the engine and the model in their own processes."""
+    return run_vllm(
+        mixtral,
+        tmp_path_factory.mktemp("mp-moe-compiled"),
+        "moe_compiled",
+        multiprocessing=True,
+        extra_env={"VLLM_CPU_CI_ENV": "1"},
+    )
+
+
+@pytest.fixture(params=["inproc_moe_compiled", "inproc_moe_inductor", "mp_moe_compiled"])
 def moe_compiled(request) -> Run:
     return request.getfixturevalue(request.param)

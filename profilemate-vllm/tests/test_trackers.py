@@ -130,28 +130,34 @@ def test_moe_routing_under_torch_compile_equals_the_eager_run(moe_compiled: Run,
     time the graph runs: the same rows as the eager run, step by step."""
     run = moe_compiled
     backend = "inductor" if "VLLM_CACHE_ROOT" in run.env else "Dynamo's eager backend, VLLM_CPU_CI_ENV=1"
+    mp = run.counts["multiprocessing"]
     steps = run.counts["iterations"]
-    assert steps == inproc_moe.counts["iterations"], "the same schedule as the eager run"
-    compiled, eager = routing_per_step(run), routing_per_step(inproc_moe)
+    compiled = routing_per_step(run)
     assert len(compiled) == len(steps) > 0
     for i, (ctx_reqs, ctx_tokens, gen_reqs, gen_tokens) in enumerate(steps):
         assert sorted(compiled[i]) == list(range(LAYERS)), i
         for layer, counts in compiled[i].items():
             assert sum(counts.values()) == (ctx_tokens + gen_tokens) * TOP_K, (i, layer, counts)
-    assert compiled == eager, "compiled and eager runs route the same tokens to the same experts"
+    if not mp:
+        # In-process the requests all wait for the first step: the eager run's schedule, so its
+        # rows compare step by step. (With the engine in its own process they arrive while it
+        # steps, and the steps differ from run to run.)
+        assert steps == inproc_moe.counts["iterations"], "the same schedule as the eager run"
+        assert compiled == routing_per_step(inproc_moe), "compiled and eager runs route the same tokens alike"
     assert run.counts["outputs"] == inproc_moe.counts["outputs"]
     part = json.loads((model_part(run) / "part.json").read_text())
     report = part["moe_expert"]
     assert report["compiled"] is True and report["steps_routed"] == len(steps)
     assert report["steps_without_routing"] == 0
-    line = [l for l in run.instrumentation_lines() if "MoE routing" in l][0]
+    line = [l for l in run.instrumentation_lines() if "MoE layers found" in l][0]
     assert "torch.compile: counted inside the compiled graph (op profilemate::moe_count)" in line, line
     summary = json.load(open(os.path.join(run.dir, "moe_expert_summary.json")))
     tokens = sum(c + g for _, c, _, g in steps)
     REPORT.append(
-        f"MoE under torch.compile (in-process, {backend}): {summary['records']} routing records over "
-        f"{len(steps)} steps, per step and layer sum = scheduled tokens x {TOP_K} ({tokens} tokens, "
-        f"{summary['layers']['0']['total_tokens']} per layer), rows equal to the eager run's; "
+        f"MoE under torch.compile ({'multi-process' if mp else 'in-process'}, {backend}): {summary['records']} "
+        f"routing records over {len(steps)} steps, per step and layer sum = scheduled tokens x {TOP_K} ({tokens} "
+        f"tokens, {summary['layers']['0']['total_tokens']} per layer)"
+        f"{'' if mp else ', rows equal to the eager run step by step'}; "
         f"engine start {run.counts['engine_start_sec']:.1f} s"
     )
 
