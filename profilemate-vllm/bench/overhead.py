@@ -76,9 +76,10 @@ def toggle(args) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_PROFILING_DIR", tempfile.mkdtemp(prefix="profilemate-bench-"))
     llm = make_llm(args.model, args.batch)
-    from profilemate_vllm import _hooks, _plugin
+    import profilemate_vllm
+    from profilemate_vllm import _hooks
 
-    assert _plugin.is_active(), "the plugin did not activate (is profilemate-vllm installed?)"
+    assert profilemate_vllm.is_active(), "the plugin did not activate (is profilemate-vllm installed?)"
     prompts, max_tokens = workload(args.batch, args.tokens)
     for _ in range(2):  # warm-up, both ways
         generate(llm, prompts, max_tokens)
@@ -119,10 +120,11 @@ def steps(args) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_PROFILING_DIR", tempfile.mkdtemp(prefix="profilemate-bench-"))
     llm = make_llm(args.model, args.batch)
-    from profilemate_vllm import _hooks, _plugin
+    import profilemate_vllm
+    from profilemate_vllm import _hooks
     from vllm import SamplingParams
 
-    assert _plugin.is_active(), "the plugin did not activate (is profilemate-vllm installed?)"
+    assert profilemate_vllm.is_active(), "the plugin did not activate (is profilemate-vllm installed?)"
     engine = llm.llm_engine
     prompts, max_tokens = workload(args.batch, args.tokens)
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
@@ -228,32 +230,61 @@ def hook_cost(llm, prompts) -> float:
     worker = core.model_executor.driver_worker.worker
     runner = worker.model_runner
 
+    # No-op stand-ins with the parameters of the methods they stand for (the wrappers have a
+    # faster form for exactly those).
     def noop(self, *a, **k):
         return None
 
-    schedule = _hooks._schedule(lambda self, *a, **k: so)
-    prepare = _hooks._cpu_op(_plugin.OP_BATCH_PREPARATION, "bench")(noop)
+    def schedule_stub(self, throttle_prefills=False):
+        return so
+
+    def prepare_stub(self, scheduler_output, num_scheduled_tokens):
+        return None
+
+    def sample_stub(self, grammar_output):
+        return None
+
+    schedule = _hooks._schedule(schedule_stub)
+    prepare = _hooks._cpu_op(_plugin.OP_BATCH_PREPARATION, "bench")(prepare_stub)
     forward = _hooks._model_forward(noop)
 
-    def runner_execute(self, so_, *a, **k):
-        prepare(self)
+    def runner_execute(self, scheduler_output, intermediate_tensors=None):
+        prepare(self, scheduler_output, None)
         forward(self)
 
     execute = _hooks._execute_model(False)(runner_execute)
-    worker_execute = _hooks._worker_execute_model(lambda self, so_: execute(runner, so_))
-    sample = _hooks._sample_tokens("bench")(noop)
+
+    def worker_stub(self, scheduler_output):
+        return execute(runner, scheduler_output)
+
+    worker_execute = _hooks._worker_execute_model(worker_stub)
+    sample = _hooks._sample_tokens("bench")(sample_stub)
+
+    try:
+        from profilemate_vllm._state import STATE
+    except ImportError:  # the layout before the state object (for --mode cost-compare)
+        STATE = None
+
+    def forget_last():
+        if STATE is not None:
+            STATE.last_so = None
+        else:
+            _plugin._last_so = None
 
     def step(reuse_phase: bool):
         schedule(sched)
         if not reuse_phase:
-            _plugin._last_so = None  # a worker process classifies the step itself
+            forget_last()  # a worker process classifies the step itself
         worker_execute(worker, so)
-        sample(runner)
+        sample(runner, None)
 
-    def plain():
-        noop(sched)
-        runner_execute(runner, so)
+    def plain():  # vLLM's six methods, without the plugin
+        schedule_stub(sched)
+        noop(worker, so)
+        noop(runner, so)
+        prepare_stub(runner, so, None)
         noop(runner)
+        sample_stub(runner, None)
 
     def per_call(f, n=20000):
         for _ in range(2000):
@@ -274,7 +305,41 @@ def hook_cost(llm, prompts) -> float:
         f"no-op stand-ins for vLLM's methods subtracted): {inproc / 1000:.2f} us in-process, "
         f"{split / 1000:.2f} us with scheduler and worker in separate processes"
     )
+    hook_cost.last = (inproc, split)
     return inproc
+
+
+def cost(args) -> None:
+    """Only the per-step cost of the installed plugin (``hook_cost``), as a JSON line."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_PROFILING_DIR", tempfile.mkdtemp(prefix="profilemate-bench-"))
+    llm = make_llm(args.model, args.batch)
+    prompts, _ = workload(args.batch, args.tokens)
+    hook_cost(llm, prompts)
+    inproc, split = hook_cost.last
+    print(json.dumps({"inproc_ns": inproc, "split_ns": split}))
+
+
+def cost_compare(args) -> None:
+    """The per-step cost of a baseline copy of the package (``--baseline DIR``, a directory
+    holding a ``profilemate_vllm`` package, put first on ``PYTHONPATH``) and of the installed one,
+    in alternating fresh processes of ``--mode cost``: before and after, side by side."""
+    results = {"baseline": [], "installed": []}
+    for i in range(args.rounds * 2):
+        which = ["baseline", "installed"][(i + i // 2) % 2]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_PROFILING_", "PROFILEMATE_"))}
+        if which == "baseline":
+            env["PYTHONPATH"] = args.baseline + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [sys.executable, __file__, "--model", args.model, "--mode", "cost", "--batch", str(args.batch)]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        r = json.loads([line for line in p.stdout.splitlines() if line.startswith('{"inproc_ns"')][-1])
+        results[which].append(r)
+        print(f"round {i + 1:2d} {which:9s}: {r['inproc_ns'] / 1000:.2f} us in-process, "
+              f"{r['split_ns'] / 1000:.2f} us split", flush=True)
+    print(f"\nper-step cost of the plugin, median of {args.rounds} fresh processes each:")
+    for which, rs in results.items():
+        print(f"  {which:9s}: {statistics.median(r['inproc_ns'] for r in rs) / 1000:.2f} us in-process, "
+              f"{statistics.median(r['split_ns'] for r in rs) / 1000:.2f} us split")
 
 
 def processes(args) -> None:
@@ -321,7 +386,8 @@ def report(results, how: str, unit: str = "tokens/s") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--mode", choices=["toggle", "steps", "processes"], default="toggle")
+    ap.add_argument("--mode", choices=["toggle", "steps", "processes", "cost", "cost-compare"], default="toggle")
+    ap.add_argument("--baseline", help="--mode cost-compare: a directory holding the baseline profilemate_vllm")
     ap.add_argument("--rounds", type=int, default=8, help="rounds per condition")
     ap.add_argument("--batch", type=int, default=16, help="requests, all running at once")
     ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
@@ -335,6 +401,10 @@ def main() -> None:
         toggle(args)
     elif args.mode == "steps":
         steps(args)
+    elif args.mode == "cost":
+        cost(args)
+    elif args.mode == "cost-compare":
+        cost_compare(args)
     else:
         processes(args)
 

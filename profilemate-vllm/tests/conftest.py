@@ -135,3 +135,47 @@ def mp_moe(mixtral, tmp_path_factory) -> Run:
 @pytest.fixture(params=["inproc_moe", "mp_moe"])
 def moe(request) -> Run:
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def inproc_recompute(model, tmp_path_factory) -> Run:
+    return run_vllm(model, tmp_path_factory.mktemp("inproc-recompute"), "recompute", multiprocessing=False)
+
+
+@pytest.fixture(scope="session")
+def inproc_moe_compiled(mixtral, tmp_path_factory) -> Run:
+    """The MoE scenario under torch.compile (vLLM's default), with the CPU platform's CI setting:
+    Dynamo traces the model into a graph run by its eager backend (an engine start of seconds,
+    not the half minute of inductor on two cores)."""
+    return run_vllm(
+        mixtral,
+        tmp_path_factory.mktemp("inproc-moe-compiled"),
+        "moe_compiled",
+        multiprocessing=False,
+        extra_env={"VLLM_CPU_CI_ENV": "1"},
+    )
+
+
+@pytest.fixture(scope="session")
+def inproc_moe_inductor(mixtral, tmp_path_factory) -> Run:
+    """The MoE scenario compiled by inductor, vLLM's default on a CPU (about half a minute of
+    compilation on two cores), with a compile cache of its own."""
+    tmp = tmp_path_factory.mktemp("inproc-moe-inductor")
+    return run_vllm(mixtral, tmp, "moe_compiled", multiprocessing=False, extra_env={"VLLM_CACHE_ROOT": str(tmp / "vllm-cache")})
+
+
+@pytest.fixture(scope="session")
+def mp_moe_compiled(mixtral, tmp_path_factory) -> Run:
+    """As ``inproc_moe_compiled``, with the engine and the model in their own processes."""
+    return run_vllm(
+        mixtral,
+        tmp_path_factory.mktemp("mp-moe-compiled"),
+        "moe_compiled",
+        multiprocessing=True,
+        extra_env={"VLLM_CPU_CI_ENV": "1"},
+    )
+
+
+@pytest.fixture(params=["inproc_moe_compiled", "inproc_moe_inductor", "mp_moe_compiled"])
+def moe_compiled(request) -> Run:
+    return request.getfixturevalue(request.param)

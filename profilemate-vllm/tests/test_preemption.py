@@ -101,3 +101,41 @@ def test_killed_engine_processes_are_completed_by_the_merge_command(model, tmp_p
         f"killed at step 900 of the multi-process preemption run: merge command recovered {len(fwd)} forward rows, "
         f"{len(lifecycle)} lifecycle rows ({sum(r['outcome'] == 'in_flight' for r in lifecycle)} in flight)"
     )
+
+
+def test_chunked_recompute_after_preemption_is_prompt_processing(inproc_recompute: Run):
+    """Recomputation in one-token chunks (long_prefill_token_threshold=1) next to other requests'
+    decodes: every step where a request recomputes tokens it had computed before its preemption
+    is prefill or mixed, and every step's phase is what vLLM's request state says."""
+    run = inproc_recompute
+    files = contract.validate(str(run.dir))
+    fwd = files["forward_pass_timing.csv"]
+    reference = run.counts["reference_phases"]
+    recomputing = run.counts["recomputing"]
+    steps = run.counts["iterations"]
+    assert len(fwd) == len(reference) == len(steps) > 0
+    assert sum(run.counts["preempted_per_step"]) > 0, "the scenario must force preemptions"
+    recompute_steps = [i for i, n in enumerate(recomputing) if n]
+    assert recompute_steps, "requests must recompute after their preemptions"
+    ours = [r["phase"] for r in fwd]
+    labelled_decode = [i for i in recompute_steps if ours[i] == "decode"]
+    assert labelled_decode == [], f"{len(labelled_decode)} recomputing steps labelled decode, e.g. step {labelled_decode[:5]}"
+    assert ours == reference
+    for row, (ctx_reqs, ctx_tokens, gen_reqs, gen_tokens) in zip(fwd, steps):
+        assert int(row["batch_size"]) == ctx_reqs + gen_reqs
+        assert int(row["num_tokens"]) == ctx_tokens + gen_tokens
+    old = run.counts["old_rule_phases"]
+    old_decode = sum(1 for i in recompute_steps if old[i] == "decode")
+    assert old_decode > 0, "the scenario recomputes in one-token chunks the previous rule called decode"
+    summary = json.load(open(os.path.join(run.dir, "forward_pass_summary.json")))
+    counts = Counter(ours)
+    assert {p: summary[p]["count"] for p in ("prefill", "decode", "mixed")} == {
+        p: counts.get(p, 0) for p in ("prefill", "decode", "mixed")
+    }
+    ex = run.counts["recompute_example"]
+    REPORT.append(
+        f"chunked recompute (in-process, 8 x 10-token prompts x 100 tokens, 7 blocks, 1-token chunks): "
+        f"{sum(run.counts['preempted_per_step'])} preemptions, {len(fwd)} steps, {len(recompute_steps)} with a request "
+        f"recomputing; labelled decode now {len(labelled_decode)}, by the previous rule {old_decode}; phases "
+        f"{dict(counts)} equal to vLLM's request state step by step; e.g. {ex}"
+    )

@@ -33,6 +33,7 @@ def test_the_trackers_hooks_are_among_the_specs():
         ("GPUModelRunner", "capture_model"): ("cuda_graph",),
         ("CudaGraphManager", "capture"): ("cuda_graph",),
         ("FusedMoERouter", "select_experts"): ("moe_expert",),
+        ("MoERunner", "__init__"): ("moe_expert",),
     }
 
 

@@ -113,6 +113,55 @@ def test_moe_routing_per_step_and_layer_equals_the_scheduled_tokens(moe: Run):
     )
 
 
+def routing_per_step(run: Run) -> List[Dict[int, Dict[int, int]]]:
+    """Per step (vLLM's), per layer: tokens per expert, from the routing and forward rows."""
+    files = contract.validate(str(run.dir))
+    starts = [float(r["timestamp_sec"]) for r in files["forward_pass_timing.csv"]]
+    per_step: List[Dict[int, Dict[int, int]]] = [dict() for _ in starts]
+    for t, layer, counts in moe_records(files["moe_expert_routing.csv"]):
+        i = max(j for j, s in enumerate(starts) if s <= t)
+        assert layer not in per_step[i], f"two records of layer {layer} in step {i}"
+        per_step[i][layer] = counts
+    return per_step
+
+
+def test_moe_routing_under_torch_compile_equals_the_eager_run(moe_compiled: Run, inproc_moe: Run):
+    """torch.compile traces the router once; the counting op it puts into the graph counts every
+    time the graph runs: the same rows as the eager run, step by step."""
+    run = moe_compiled
+    backend = "inductor" if "VLLM_CACHE_ROOT" in run.env else "Dynamo's eager backend, VLLM_CPU_CI_ENV=1"
+    mp = run.counts["multiprocessing"]
+    steps = run.counts["iterations"]
+    compiled = routing_per_step(run)
+    assert len(compiled) == len(steps) > 0
+    for i, (ctx_reqs, ctx_tokens, gen_reqs, gen_tokens) in enumerate(steps):
+        assert sorted(compiled[i]) == list(range(LAYERS)), i
+        for layer, counts in compiled[i].items():
+            assert sum(counts.values()) == (ctx_tokens + gen_tokens) * TOP_K, (i, layer, counts)
+    if not mp:
+        # In-process the requests all wait for the first step: the eager run's schedule, so its
+        # rows compare step by step. (With the engine in its own process they arrive while it
+        # steps, and the steps differ from run to run.)
+        assert steps == inproc_moe.counts["iterations"], "the same schedule as the eager run"
+        assert compiled == routing_per_step(inproc_moe), "compiled and eager runs route the same tokens alike"
+    assert run.counts["outputs"] == inproc_moe.counts["outputs"]
+    part = json.loads((model_part(run) / "part.json").read_text())
+    report = part["moe_expert"]
+    assert report["compiled"] is True and report["steps_routed"] == len(steps)
+    assert report["steps_without_routing"] == 0
+    line = [l for l in run.instrumentation_lines() if "MoE layers found" in l][0]
+    assert "torch.compile: counted inside the compiled graph (op profilemate::moe_count)" in line, line
+    summary = json.load(open(os.path.join(run.dir, "moe_expert_summary.json")))
+    tokens = sum(c + g for _, c, _, g in steps)
+    REPORT.append(
+        f"MoE under torch.compile ({'multi-process' if mp else 'in-process'}, {backend}): {summary['records']} "
+        f"routing records over {len(steps)} steps, per step and layer sum = scheduled tokens x {TOP_K} ({tokens} "
+        f"tokens, {summary['layers']['0']['total_tokens']} per layer)"
+        f"{'' if mp else ', rows equal to the eager run step by step'}; "
+        f"engine start {run.counts['engine_start_sec']:.1f} s"
+    )
+
+
 def test_moe_log_lines_say_what_each_process_found(moe: Run):
     lines = moe.instrumentation_lines()
     found = f"MoE routing: FusedMoERouter.select_experts hooked, {LAYERS} MoE layers found (layers 0-{LAYERS - 1}, {EXPERTS} experts, top-{TOP_K})"
@@ -214,7 +263,9 @@ def test_switching_the_trackers_off_wraps_nothing_for_them(tmp_path):
         import vllm.v1.cudagraph_dispatcher, vllm.v1.worker.gpu_model_runner
         import vllm.v1.worker.gpu.model_runner, vllm.v1.worker.gpu.cudagraph_utils
         import vllm.model_executor.layers.fused_moe.router.fused_moe_router
+        import vllm.model_executor.layers.fused_moe.runner.moe_runner
         import profilemate_vllm._plugin as P
+        from profilemate_vllm._state import STATE as S
         from profilemate_vllm._hooks import SPECS, WRAPPED_ATTR
         wrapped = {}
         for s in SPECS:
@@ -223,7 +274,7 @@ def test_switching_the_trackers_off_wraps_nothing_for_them(tmp_path):
                 wrapped[s.key] = hasattr(func, WRAPPED_ATTR)
             else:
                 wrapped[s.key] = None
-        rec = P._native.Recorder(sys.argv[1], "host", ["cuda_graph", "moe_expert"])
+        rec = S.native.Recorder(sys.argv[1], "host", ["cuda_graph", "moe_expert"])
         print(json.dumps({"wrapped": wrapped, "trackers": rec.trackers, "line": P.instrumentation_line(),
                           "specs": {s.key: list(s.trackers) for s in SPECS}}))
         rec.shutdown()
@@ -236,7 +287,7 @@ def test_switching_the_trackers_off_wraps_nothing_for_them(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     tracker_hooks = [k for k, t in r["specs"].items() if t]
-    assert len(tracker_hooks) == 8
+    assert len(tracker_hooks) == 9
     assert all(r["wrapped"][k] is False for k in tracker_hooks), r["wrapped"]
     others = [k for k, t in r["specs"].items() if not t and r["wrapped"][k] is not None]
     assert "GPUModelRunner.execute_model" in others and "GPUModelRunner[V2].prepare_inputs" in others

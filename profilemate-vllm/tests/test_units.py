@@ -3,39 +3,87 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from types import SimpleNamespace as NS
 
 from profilemate_vllm._phase import DECODE, MIXED, PREFILL, classify
+from profilemate_vllm._state import STATE as S
 
 
-def so(new=(), cached=(), outputs=(), scheduled=None, resumed=(), spec=None):
+def so(new=(), cached=(), outputs=(), scheduled=None, resumed=(), spec=None, computed=None, all_tokens=None,
+       finished=(), prefill_tokens=None):
     scheduled = scheduled or {}
+    prefill_tokens = prefill_tokens or {}
     return NS(
-        scheduled_new_reqs=[NS(req_id=r) for r in new],
-        scheduled_cached_reqs=NS(req_ids=list(cached), num_output_tokens=list(outputs), resumed_req_ids=set(resumed)),
+        scheduled_new_reqs=[
+            NS(req_id=r, prompt_len=scheduled[r], prefill_token_ids=prefill_tokens.get(r)) for r in new
+        ],
+        scheduled_cached_reqs=NS(
+            req_ids=list(cached),
+            num_output_tokens=list(outputs),
+            resumed_req_ids=set(resumed),
+            num_computed_tokens=list(computed or [0] * len(cached)),
+            all_token_ids=all_tokens or {},
+        ),
         num_scheduled_tokens=scheduled,
         total_num_scheduled_tokens=sum(scheduled.values()),
         scheduled_spec_decode_tokens=spec or {},
+        finished_req_ids=set(finished),
     )
 
 
 def test_phase_from_the_request_mix():
-    assert classify(so(new=["a"], scheduled={"a": 10})) == (PREFILL, 1)
-    assert classify(so(cached=["a", "c"], outputs=[3, 7], scheduled={"a": 1, "c": 1})) == (DECODE, 2)
+    def classify1(s):
+        return classify(s, {})
+
+    assert classify1(so(new=["a"], scheduled={"a": 10})) == (PREFILL, 1)
+    assert classify1(so(cached=["a", "c"], outputs=[3, 7], scheduled={"a": 1, "c": 1})) == (DECODE, 2)
     # Chunked prefill: a prompt chunk of b next to a decode of a.
-    assert classify(so(cached=["a", "b"], outputs=[4, 0], scheduled={"a": 1, "b": 36})) == (MIXED, 2)
-    assert classify(so(new=["n"], cached=["a"], outputs=[4], scheduled={"a": 1, "n": 30})) == (MIXED, 2)
+    assert classify1(so(cached=["a", "b"], outputs=[4, 0], scheduled={"a": 1, "b": 36})) == (MIXED, 2)
+    assert classify1(so(new=["n"], cached=["a"], outputs=[4], scheduled={"a": 1, "n": 30})) == (MIXED, 2)
     # The last chunk of a prompt may be one token: still prefill (no output token yet).
-    assert classify(so(cached=["b", "a"], outputs=[0, 5], scheduled={"b": 1, "a": 1})) == (MIXED, 2)
-    assert classify(so(cached=["b"], outputs=[0], scheduled={"b": 1})) == (PREFILL, 1)
+    assert classify1(so(cached=["b", "a"], outputs=[0, 5], scheduled={"b": 1, "a": 1})) == (MIXED, 2)
+    assert classify1(so(cached=["b"], outputs=[0], scheduled={"b": 1})) == (PREFILL, 1)
     # A resumed request recomputes: prefill, even with one token scheduled.
-    assert classify(so(cached=["c"], outputs=[12], scheduled={"c": 1}, resumed=["c"])) == (PREFILL, 1)
+    assert classify1(so(cached=["c"], outputs=[12], scheduled={"c": 1}, resumed=["c"])) == (PREFILL, 1)
     # Speculative decoding: 1 + drafts tokens is a decode step; more is a chunk.
-    assert classify(so(cached=["a"], outputs=[20], scheduled={"a": 4}, spec={"a": [1, 2, 3]})) == (DECODE, 1)
-    assert classify(so(cached=["a"], outputs=[20], scheduled={"a": 9}, spec={"a": [1, 2, 3]})) == (PREFILL, 1)
+    assert classify1(so(cached=["a"], outputs=[20], scheduled={"a": 4}, spec={"a": [1, 2, 3]})) == (DECODE, 1)
+    assert classify1(so(cached=["a"], outputs=[20], scheduled={"a": 9}, spec={"a": [1, 2, 3]})) == (PREFILL, 1)
+
+
+def test_recompute_in_one_token_chunks_is_prompt_processing_until_caught_up():
+    """The issue's case: a request with 87 output tokens resumes (10 prompt tokens, 97 in all) and
+    recomputes one token per step next to another request's decode."""
+    table = {}
+    first = so(cached=["a", "r"], outputs=[40, 87], scheduled={"a": 1, "r": 1}, resumed=["r"], computed=[49, 0],
+               all_tokens={"r": list(range(97))})  # fmt: skip
+    assert classify(first, table) == (MIXED, 2) and table == {"r": 97}
+    # Later steps do not name it as resumed: its computed tokens say it is still recomputing.
+    for computed in (1, 10, 95):
+        step = so(cached=["a", "r"], outputs=[41, 87], scheduled={"a": 1, "r": 1}, computed=[50, computed])
+        assert classify(step, table) == (MIXED, 2), computed
+    # Its last recomputed token alone is still prefill; then it decodes the token it sampled last.
+    assert classify(so(cached=["r"], outputs=[87], scheduled={"r": 1}, computed=[95]), table) == (PREFILL, 1)
+    assert classify(so(cached=["r"], outputs=[87], scheduled={"r": 1}, computed=[96]), table) == (DECODE, 1)
+    assert table == {}
+    # With draft tokens: verification is decode once caught up.
+    table = {"s": 30}
+    assert classify(so(cached=["s"], outputs=[20], scheduled={"s": 1}, computed=[28]), table) == (PREFILL, 1)
+    step = so(cached=["s"], outputs=[20], scheduled={"s": 3}, computed=[29], spec={"s": [5, 6]})
+    assert classify(step, table) == (DECODE, 1) and table == {}
+    # Model Runner V2 sends a resumed request as a new one with all its tokens.
+    table = {}
+    step = so(new=["v"], scheduled={"v": 1}, prefill_tokens={"v": list(range(30))})
+    step.scheduled_new_reqs[0].prompt_len = 10
+    assert classify(step, table) == (PREFILL, 1) and table == {"v": 30}
+    assert classify(so(cached=["v"], outputs=[20], scheduled={"v": 1}, computed=[5]), table) == (PREFILL, 1)
+    # A request that finishes (or is aborted) while recomputing leaves the table.
+    forget = so(cached=["w"], outputs=[3], scheduled={"w": 1}, computed=[15], finished=["v"])
+    table["w"] = 16
+    assert classify(forget, table) == (DECODE, 1) and table == {}
 
 
 def test_post_import_hook_patches_when_the_module_is_imported(tmp_path):
@@ -146,6 +194,83 @@ def test_moe_counts_never_index_out_of_range_and_leave_padding_out():
     assert ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
+def test_moe_counting_op_counts_each_run_of_a_compiled_graph(monkeypatch):
+    """A router traced by torch.compile: the counting op in the graph counts at every run (the
+    wrapper's Python does not run then), with functionalization (``aot_eager``) and without."""
+    import torch
+
+    from profilemate_vllm import _hooks
+    from profilemate_vllm._trackers import MoeRouting
+
+    class Router:
+        global_num_experts, top_k, eplb_state = 4, 2, None
+
+    class Rec:
+        def __init__(self):
+            self.rows = []
+
+        def moe_layer(self, layer, counts):
+            self.rows.append((layer, list(counts)))
+
+    router = Router()
+    moe = MoeRouting()
+    moe.built(NS(router=router, layer_name="model.layers.3.block_sparse_moe.experts"))
+    monkeypatch.setattr(S, "moe", moe)
+    monkeypatch.setattr(S, "moe_elsewhere", None)
+    select = _hooks._select_experts(lambda self, hidden, logits: torch.topk(logits, 2))
+
+    def forward(hidden, logits):
+        weights, ids = select(router, hidden, logits)
+        return hidden * 2 + weights.sum()
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0], [0.0, 5.0, 4.0, 0.0]])
+    for backend in ("eager", "aot_eager"):
+        torch._dynamo.reset()
+        compiled = torch.compile(forward, backend=backend, fullgraph=True)
+        rec = Rec()
+        monkeypatch.setattr(S, "in_step", False)
+        compiled(torch.ones(3, 1), logits)  # vLLM's profiling run: not a step, not counted
+        for ntok in (3, 2):  # the second step has a padding row
+            monkeypatch.setattr(S, "in_step", True)
+            moe.begin_step(ntok)
+            compiled(torch.ones(3, 1), logits)
+            monkeypatch.setattr(S, "in_step", False)
+            moe.end_step(rec)
+        assert rec.rows == [(3, [1, 2, 2, 1]), (3, [1, 1, 1, 1])], (backend, rec.rows)
+
+
+def test_a_cached_compiled_model_without_the_counting_op_is_compiled_again(monkeypatch):
+    """vLLM's AOT compile cache: an artifact whose inlined sources lack the router's wrapper (a
+    run without profiling compiled it) is refused; one with it is used; patching twice wraps once."""
+    import vllm.compilation.decorators as decorators
+
+    from profilemate_vllm import _hooks
+    from profilemate_vllm import _plugin as P
+    from profilemate_vllm._trackers import MoeRouting, guard_compiled_artifacts
+
+    def artifact(*modules):
+        sources = [NS(module=m) for m in modules]
+        return NS(source_info=lambda: NS(inlined_sources=sources))
+
+    cache = {}
+
+    def _try_load_aot_compiled_fn(model, aot_compilation_path):
+        return cache.get(aot_compilation_path)
+
+    monkeypatch.setattr(decorators, "_try_load_aot_compiled_fn", _try_load_aot_compiled_fn)
+    monkeypatch.setattr(S, "moe", MoeRouting())
+    assert guard_compiled_artifacts(P.moe_artifact_refused) == "guarded"
+    wrapped = decorators._try_load_aot_compiled_fn
+    assert guard_compiled_artifacts(P.moe_artifact_refused) == "guarded" and decorators._try_load_aot_compiled_fn is wrapped
+    cache["plain"] = artifact("vllm.model_executor.models.mixtral")
+    cache["profiled"] = artifact("vllm.model_executor.models.mixtral", "profilemate_vllm._hooks")
+    assert wrapped(None, "plain") is None and S.moe.refused_artifacts == 1
+    assert wrapped(None, "profiled") is cache["profiled"]
+    assert wrapped(None, "missing") is None and S.moe.refused_artifacts == 1
+    _hooks.uninstall()
+    assert decorators._try_load_aot_compiled_fn is _try_load_aot_compiled_fn
+
+
 def test_a_fault_in_a_tracker_hook_is_caught_and_vllms_result_returned(monkeypatch):
     from profilemate_vllm import _hooks
     from profilemate_vllm import _plugin as P
@@ -153,17 +278,17 @@ def test_a_fault_in_a_tracker_hook_is_caught_and_vllms_result_returned(monkeypat
     def broken(*a, **k):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(P, "_errors", {})
+    monkeypatch.setattr(S, "errors", {})
     monkeypatch.setattr(P, "moe_routed", broken)
     monkeypatch.setattr(P, "graph_captured", broken)
-    monkeypatch.setattr(P, "_capturing", 1)
-    monkeypatch.setattr(P, "rec", object())  # an open recorder: nothing to open
+    monkeypatch.setattr(S, "capturing", 1)
+    monkeypatch.setattr(S, "rec", object())  # an open recorder: nothing to open
     result = ("weights", "ids")
     select = _hooks._select_experts(lambda self, *a, **k: result)
     assert select(object(), "hidden", router_logits="logits", input_ids=None) is result
     capture = _hooks._warmup_and_capture(lambda self, desc, *a, **k: "captured")
     assert capture(object(), NS(num_tokens=8), "PIECEWISE") == "captured"
-    assert P._errors == {"FusedMoERouter.select_experts": 1, "GPUModelRunner._warmup_and_capture": 1}
+    assert S.errors == {"FusedMoERouter.select_experts": 1, "GPUModelRunner._warmup_and_capture": 1}
 
 
 class FakeDevice:
@@ -224,12 +349,13 @@ def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
     the events; events are reused from a pool; past the pending bound the oldest step is dropped
     and counted; at shutdown, steps the device has not finished are dropped and counted. No call
     may block the host (the stand-in fails on any synchronisation)."""
-    from profilemate_vllm import _cuda, _plugin
+    from profilemate_vllm import _cuda
+    from profilemate_vllm._state import DECODER
 
-    monkeypatch.setattr(_plugin, "F_FWD", True)
-    monkeypatch.setattr(_plugin, "F_ENC", True)
+    monkeypatch.setattr(S, "f_fwd", True)
+    monkeypatch.setattr(S, "f_enc", True)
     device = FakeDevice()
-    timer = _cuda.CudaTimer(2)  # at most max(8, 2 * 4) = 8 steps pending
+    timer = _cuda.CudaTimer(2, S)  # at most max(8, 2 * 4) = 8 steps pending
     timer._torch = device.torch
     rec = FakeRecorder()
 
@@ -241,7 +367,7 @@ def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
     device.done = 2  # the first step's start and end events
     timer.poll(rec)
     assert rec.forward_rows == [(DECODE, 4, 4, 1_500_000)]
-    assert rec.components == [(_plugin.DECODER, 1_500_000, "language_model")]
+    assert rec.components == [(DECODER, 1_500_000, "language_model")]
     device.done = 6
     timer.poll(rec)
     assert [r[2] for r in rec.forward_rows] == [4, 5, 6]
@@ -278,31 +404,116 @@ def test_trackers_record_on_the_first_rank_of_a_parallel_group_only(monkeypatch)
         compilation_config=NS(static_all_moe_layers=["model.layers.0.block_sparse_moe.experts"]),
         cudagraph_dispatcher=NS(keys_initialized=True, cudagraph_mode=NS(name="FULL")),
     )
-    for name, value in [("F_MOE", True), ("F_GRAPH", True), ("_moe", None), ("_model_seen", False),
-                        ("_graphs_on", False), ("_graph_mode", ""), ("_graph_elsewhere", None),
-                        ("_moe_elsewhere", None), ("_graph_counts", dict.fromkeys(P._graph_counts, 0))]:
-        monkeypatch.setattr(P, name, value)
+    for name, value in [("f_moe", True), ("f_graph", True), ("moe", None), ("model_seen", False),
+                        ("graphs_on", False), ("graph_mode", ""), ("graph_elsewhere", None),
+                        ("moe_elsewhere", None), ("graph_counts", dict.fromkeys(S.graph_counts, 0))]:
+        monkeypatch.setattr(S, name, value)
 
     monkeypatch.setattr(P, "parallel_ranks", lambda: (1, 0))
     P.model_ready(runner, False)
-    assert P._moe is None and not P._graphs_on
+    assert S.moe is None and not S.graphs_on
     P.moe_routed(NS(), (), {}, (None, None))  # a router call on this rank: ignored
     P.graph_captured(8, 1_000_000)
-    assert P._moe is None and P._graph_counts["capture"] == 0
+    assert S.moe is None and S.graph_counts["capture"] == 0
     assert P.moe_status() == "tensor-parallel rank 1: its routing is the same as rank 0's, recorded there"
     assert "tensor-parallel rank 1, pipeline rank 0" in P.graph_status()
 
     # A second pipeline stage's first tensor-parallel rank records its own MoE layers, not the
     # graph decisions of the steps the first stage already records.
-    monkeypatch.setattr(P, "_graph_elsewhere", None)
-    monkeypatch.setattr(P, "_moe_elsewhere", None)
+    monkeypatch.setattr(S, "graph_elsewhere", None)
+    monkeypatch.setattr(S, "moe_elsewhere", None)
     monkeypatch.setattr(P, "parallel_ranks", lambda: (0, 1))
     P.model_ready(runner, False)
-    assert P._moe is not None and not P._graphs_on
+    assert S.moe is not None and not S.graphs_on
     assert "pipeline rank 1" in P.graph_status() and "recorded there" not in P.moe_status()
 
     # Rank 0 of everything records both.
-    monkeypatch.setattr(P, "_graph_elsewhere", None)
+    monkeypatch.setattr(S, "graph_elsewhere", None)
     monkeypatch.setattr(P, "parallel_ranks", lambda: (0, 0))
     P.model_ready(runner, False)
-    assert P._graphs_on and P._graph_mode == "FULL"
+    assert S.graphs_on and S.graph_mode == "FULL"
+
+
+def test_instrumenting_twice_wraps_once_and_uninstrumenting_restores_vllm(tmp_path):
+    code = textwrap.dedent(
+        """
+        import json
+        import vllm.v1.core.sched.scheduler as sched
+        original = sched.Scheduler.schedule
+        import profilemate_vllm
+        from profilemate_vllm._instrument import INSTRUMENTOR
+        from profilemate_vllm._state import STATE, WRAPPED_ATTR
+        profilemate_vllm.register()
+        first = sched.Scheduler.schedule
+        INSTRUMENTOR.instrument()
+        profilemate_vllm.register()
+        second = sched.Scheduler.schedule
+        INSTRUMENTOR.uninstrument()
+        restored = sched.Scheduler.schedule
+        INSTRUMENTOR.instrument()
+        again = sched.Scheduler.schedule
+        print(json.dumps({
+            "wrapped_once": first is second and getattr(first, WRAPPED_ATTR) is original,
+            "restored": restored is original,
+            "wrapped_again": getattr(again, WRAPPED_ATTR, None) is original,
+            "version": STATE.vllm_version, "tested": STATE.vllm_tested,
+        }))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_PROFILING_", "PROFILEMATE_"))}
+    env["VLLM_PROFILING_DIR"] = str(tmp_path / "out")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r == {"wrapped_once": True, "restored": True, "wrapped_again": True, "version": "0.32.0", "tested": True}
+
+
+def test_the_package_modules_import_each_other_as_a_tree():
+    """No import circle among the plugin's modules (imports inside functions included)."""
+    import ast
+    import pathlib
+
+    import profilemate_vllm
+
+    root = pathlib.Path(profilemate_vllm.__file__).parent
+    edges = {}
+    for path in root.glob("*.py"):
+        name = path.stem
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    deps.add(node.module)
+                else:
+                    deps.update(a.name for a in node.names)
+        edges[name] = {d for d in deps if (root / f"{d}.py").exists() and d != name}
+    visiting, done = set(), set()
+
+    def visit(n, path):
+        assert n not in visiting, f"import circle: {' -> '.join(path + [n])}"
+        if n in done:
+            return
+        visiting.add(n)
+        for d in sorted(edges.get(n, ())):
+            visit(d, path + [n])
+        visiting.discard(n)
+        done.add(n)
+
+    for n in sorted(edges):
+        visit(n, [])
+    assert "_state" in edges and edges["_state"] == set()
+
+
+def test_gpu_check_harness_skips_without_a_gpu_and_runs_its_cpu_side():
+    """``tests/gpu_check.py`` (run on a GPU machine by scripts/gpu-check.sh): here, without a
+    CUDA device, it says so and exits 2; on the CPU its MoE check and plumbing pass."""
+    import pathlib
+
+    import torch
+
+    script = str(pathlib.Path(__file__).parent / "gpu_check.py")
+    p = subprocess.run([sys.executable, script, "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "MoE rows: 48 records equal to the host-side count" in p.stdout, p.stdout + p.stderr
+    if not torch.cuda.is_available():
+        p = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and "SKIPPED: no CUDA device" in p.stdout, p.stdout + p.stderr

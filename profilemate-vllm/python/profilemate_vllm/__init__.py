@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from ._plugin import is_active, register
+from ._instrument import is_active, register
 
 __all__ = ["register", "is_active", "merge", "runs", "__version__"]
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Deque, List, Tuple
 
+from ._state import DECODER, Profiling
+
 
 class CudaTimer:
-    def __init__(self, max_pending: int) -> None:
+    def __init__(self, max_pending: int, state: Profiling) -> None:
         import torch
 
+        self._state = state
         self._torch = torch
         self._free: List[Tuple[Any, Any]] = []
         self._pending: Deque[Tuple[Any, Any, Any]] = deque()
@@ -51,16 +54,15 @@ class CudaTimer:
             self.dropped += 1
 
     def poll(self, rec: Any) -> None:
-        from ._plugin import DECODER, F_ENC, F_FWD
-
+        f_fwd, f_enc = self._state.f_fwd, self._state.f_enc
         pending = self._pending
         while pending and pending[0][1].query():
             s, e, (phase, nseq, ntok) = pending.popleft()
             ns = int(s.elapsed_time(e) * 1e6)
             self._free.append((s, e))
-            if F_FWD:
+            if f_fwd:
                 rec.forward(phase, nseq, ntok, ns)
-            if F_ENC:
+            if f_enc:
                 rec.component(DECODER, ns, "language_model")
 
     def drain(self, rec: Any) -> None:

@@ -15,13 +15,16 @@ import functools
 import importlib
 import inspect
 from types import ModuleType
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 from . import _plugin as P
 from ._imports import PostImportHooks
+from ._phase import forget_finished
+from ._state import ENCODER, OP_BATCH_PREPARATION, OP_SAMPLING, WRAPPED_ATTR, pc
+from ._state import STATE as S
+from ._trackers import _AOT_LOAD, _AOT_MODULE, COUNTS_ATTR
 
-_pc = P._pc
-WRAPPED_ATTR = "__profilemate_wrapped__"
+__all__ = ["SPECS", "Spec", "WRAPPED_ATTR", "check", "install", "uninstall"]
 
 
 class Spec(NamedTuple):
@@ -41,18 +44,57 @@ class Spec(NamedTuple):
 
 
 # --- wrappers: scheduler (engine core process) -----------------------------------------------
+#
+# The wrappers on the engine's per-step path have two forms: one with vLLM's exact parameters
+# (no ``*args, **kwargs`` to pack and unpack: about a tenth of a microsecond less per call) used
+# when the wrapped function's parameters are exactly the pinned ones, all positional-or-keyword,
+# with its defaults copied; and a generic one otherwise.
+
+
+def _exact(orig: Callable[..., Any], params: Tuple[str, ...]) -> bool:
+    """Whether ``orig`` takes exactly ``params``, all positional-or-keyword."""
+    try:
+        ps = list(inspect.signature(orig).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return tuple(p.name for p in ps) == params and all(p.kind is p.POSITIONAL_OR_KEYWORD for p in ps)
+
+
+def _defaults_of(orig: Callable[..., Any], wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    wrapper.__defaults__ = getattr(orig, "__defaults__", None)
+    return wrapper
+
 
 
 def _schedule(orig):
+    if _exact(orig, ("self", "throttle_prefills")):
+
+        def schedule_exact(self, throttle_prefills):
+            t0 = pc()
+            out = orig(self, throttle_prefills)
+            dt = pc() - t0
+            try:
+                if out.total_num_scheduled_tokens:
+                    P.after_schedule(self, out, dt)
+                elif S.recompute:
+                    forget_finished(out, S.recompute)
+            except Exception as e:
+                S.fail("Scheduler.schedule", e)
+            return out
+
+        return _defaults_of(orig, schedule_exact)
+
     def schedule(self, *args, **kwargs):
-        t0 = _pc()
+        t0 = pc()
         out = orig(self, *args, **kwargs)
-        dt = _pc() - t0
+        dt = pc() - t0
         try:
             if out.total_num_scheduled_tokens:
                 P.after_schedule(self, out, dt)
+            elif S.recompute:
+                forget_finished(out, S.recompute)
         except Exception as e:
-            P._fail("Scheduler.schedule", e)
+            S.fail("Scheduler.schedule", e)
         return out
 
     return schedule
@@ -61,17 +103,17 @@ def _schedule(orig):
 def _preempt_request(orig):
     def _preempt_request(self, request, *args, **kwargs):
         before = None
-        if P.F_PRE:
+        if S.f_pre:
             try:
                 before = P.before_preempt(self, request)
             except Exception as e:
-                P._fail("Scheduler._preempt_request", e)
+                S.fail("Scheduler._preempt_request", e)
         out = orig(self, request, *args, **kwargs)
         if before is not None:
             try:
                 P.after_preempt(request, before)
             except Exception as e:
-                P._fail("Scheduler._preempt_request", e)
+                S.fail("Scheduler._preempt_request", e)
         return out
 
     return _preempt_request
@@ -80,11 +122,11 @@ def _preempt_request(orig):
 def _free_request(orig):
     def _free_request(self, request, *args, **kwargs):
         out = orig(self, request, *args, **kwargs)
-        if P.F_PRE:
+        if S.f_pre:
             try:
                 P.after_free(request)
             except Exception as e:
-                P._fail("Scheduler._free_request", e)
+                S.fail("Scheduler._free_request", e)
         return out
 
     return _free_request
@@ -97,6 +139,38 @@ def _execute_model(v2: bool):
     where = "GPUModelRunner[V2].execute_model" if v2 else "GPUModelRunner.execute_model"
 
     def make(orig):
+        if not v2 and _exact(orig, ("self", "scheduler_output", "intermediate_tensors")):
+
+            def execute_model_exact(self, scheduler_output, intermediate_tensors):
+                so = scheduler_output
+                try:
+                    real = so.total_num_scheduled_tokens > 0
+                except Exception:
+                    real = False
+                if not real:
+                    if S.recompute:
+                        try:
+                            forget_finished(so, S.recompute)
+                        except Exception as e:
+                            S.fail(where, e)
+                    return orig(self, so, intermediate_tensors)
+                try:
+                    step = P.begin_step(self, so, False)
+                except Exception as e:
+                    S.fail(where, e)
+                    step = None
+                t0 = pc()
+                out = orig(self, so, intermediate_tensors)
+                dt = pc() - t0
+                if step is not None:
+                    try:
+                        P.end_step(step, dt, False)
+                    except Exception as e:
+                        S.fail(where, e)
+                return out
+
+            return _defaults_of(orig, execute_model_exact)
+
         def execute_model(self, scheduler_output, *args, **kwargs):
             so = scheduler_output
             try:
@@ -106,20 +180,25 @@ def _execute_model(v2: bool):
             except Exception:
                 real = False
             if not real:
+                if S.recompute:
+                    try:
+                        forget_finished(so, S.recompute)
+                    except Exception as e:
+                        S.fail(where, e)
                 return orig(self, so, *args, **kwargs)
             try:
                 step = P.begin_step(self, so, v2)
             except Exception as e:
-                P._fail(where, e)
+                S.fail(where, e)
                 step = None
-            t0 = _pc()
+            t0 = pc()
             out = orig(self, so, *args, **kwargs)
-            dt = _pc() - t0
+            dt = pc() - t0
             if step is not None:
                 try:
                     P.end_step(step, dt, v2)
                 except Exception as e:
-                    P._fail(where, e)
+                    S.fail(where, e)
             return out
 
         return execute_model
@@ -129,11 +208,11 @@ def _execute_model(v2: bool):
 
 def _model_forward(orig):
     def _model_forward(self, *args, **kwargs):
-        if not P._in_step:
+        if not S.in_step:
             return orig(self, *args, **kwargs)
-        t0 = _pc()
+        t0 = pc()
         out = orig(self, *args, **kwargs)
-        P._fwd_ns += _pc() - t0
+        S.fwd_ns += pc() - t0
         return out
 
     return _model_forward
@@ -141,18 +220,36 @@ def _model_forward(orig):
 
 def _cpu_op(op: int, where: str):
     def make(orig):
+        if _exact(orig, ("self", "scheduler_output", "num_scheduled_tokens")):
+
+            def wrapper_exact(self, scheduler_output, num_scheduled_tokens):
+                if not (S.in_step and S.f_cpu):
+                    return orig(self, scheduler_output, num_scheduled_tokens)
+                t0 = pc()
+                out = orig(self, scheduler_output, num_scheduled_tokens)
+                dt = pc() - t0
+                try:
+                    r = S.rec if S.rec is not None else P._open()
+                    if r is not None:
+                        r.cpu(op, dt, S.step_phase)
+                except Exception as e:
+                    S.fail(where, e)
+                return out
+
+            return _defaults_of(orig, wrapper_exact)
+
         def wrapper(self, *args, **kwargs):
-            if not (P._in_step and P.F_CPU):
+            if not (S.in_step and S.f_cpu):
                 return orig(self, *args, **kwargs)
-            t0 = _pc()
+            t0 = pc()
             out = orig(self, *args, **kwargs)
-            dt = _pc() - t0
+            dt = pc() - t0
             try:
-                r = P.rec if P.rec is not None else P._open()
+                r = S.rec if S.rec is not None else P._open()
                 if r is not None:
-                    r.cpu(op, dt, P._step_phase)
+                    r.cpu(op, dt, S.step_phase)
             except Exception as e:
-                P._fail(where, e)
+                S.fail(where, e)
             return out
 
         return wrapper
@@ -162,20 +259,40 @@ def _cpu_op(op: int, where: str):
 
 def _sample_tokens(where: str):
     def make(orig):
+        if _exact(orig, ("self", "grammar_output")):
+
+            def sample_tokens_exact(self, grammar_output):
+                if not S.sample_pending:
+                    return orig(self, grammar_output)
+                S.sample_pending = False
+                t0 = pc()
+                out = orig(self, grammar_output)
+                dt = pc() - t0
+                if S.f_cpu:
+                    try:
+                        r = S.rec if S.rec is not None else P._open()
+                        if r is not None:
+                            r.cpu(OP_SAMPLING, dt, S.step_phase)
+                    except Exception as e:
+                        S.fail(where, e)
+                return out
+
+            return _defaults_of(orig, sample_tokens_exact)
+
         def sample_tokens(self, *args, **kwargs):
-            if not P._sample_pending:
+            if not S.sample_pending:
                 return orig(self, *args, **kwargs)
-            P._sample_pending = False
-            t0 = _pc()
+            S.sample_pending = False
+            t0 = pc()
             out = orig(self, *args, **kwargs)
-            dt = _pc() - t0
-            if P.F_CPU:
+            dt = pc() - t0
+            if S.f_cpu:
                 try:
-                    r = P.rec if P.rec is not None else P._open()
+                    r = S.rec if S.rec is not None else P._open()
                     if r is not None:
-                        r.cpu(P.OP_SAMPLING, dt, P._step_phase)
+                        r.cpu(OP_SAMPLING, dt, S.step_phase)
                 except Exception as e:
-                    P._fail(where, e)
+                    S.fail(where, e)
             return out
 
         return sample_tokens
@@ -196,19 +313,19 @@ def _v1_encoder_modalities(runner: Any, so: Any) -> List[str]:
 
 def _execute_mm_encoder(orig):
     def _execute_mm_encoder(self, scheduler_output, *args, **kwargs):
-        if not P.F_ENC:
+        if not S.f_enc:
             return orig(self, scheduler_output, *args, **kwargs)
-        t0 = _pc()
+        t0 = pc()
         out = orig(self, scheduler_output, *args, **kwargs)
-        dt = _pc() - t0
+        dt = pc() - t0
         if out:
             try:
-                r = P.rec if P.rec is not None else P._open()
+                r = S.rec if S.rec is not None else P._open()
                 if r is not None:
                     ctx = P.encoder_context(_v1_encoder_modalities(self, scheduler_output))
-                    r.component(P.ENCODER, dt, ctx)
+                    r.component(ENCODER, dt, ctx)
             except Exception as e:
-                P._fail("GPUModelRunner._execute_mm_encoder", e)
+                S.fail("GPUModelRunner._execute_mm_encoder", e)
         return out
 
     return _execute_mm_encoder
@@ -216,30 +333,42 @@ def _execute_mm_encoder(orig):
 
 def _execute_mm_encoder_v2(orig):
     def execute_mm_encoder(self, mm_kwargs, *args, **kwargs):
-        if not P.F_ENC:
+        if not S.f_enc:
             return orig(self, mm_kwargs, *args, **kwargs)
-        t0 = _pc()
+        t0 = pc()
         out = orig(self, mm_kwargs, *args, **kwargs)
-        dt = _pc() - t0
+        dt = pc() - t0
         if out:
             try:
-                r = P.rec if P.rec is not None else P._open()
+                r = S.rec if S.rec is not None else P._open()
                 if r is not None:
-                    r.component(P.ENCODER, dt, P.encoder_context(m for m, _ in mm_kwargs))
+                    r.component(ENCODER, dt, P.encoder_context(m for m, _ in mm_kwargs))
             except Exception as e:
-                P._fail("EncoderRunner.execute_mm_encoder", e)
+                S.fail("EncoderRunner.execute_mm_encoder", e)
         return out
 
     return execute_mm_encoder
 
 
 def _worker_execute_model(orig):
+    if _exact(orig, ("self", "scheduler_output")):
+
+        def execute_model_exact(self, scheduler_output):
+            if S.rank is None:
+                try:
+                    P._set_rank(getattr(self, "rank", None))
+                except Exception as e:
+                    S.fail("Worker.execute_model", e)
+            return orig(self, scheduler_output)
+
+        return execute_model_exact
+
     def execute_model(self, scheduler_output, *args, **kwargs):
-        if P.RANK is None:
+        if S.rank is None:
             try:
                 P._set_rank(getattr(self, "rank", None))
             except Exception as e:
-                P._fail("Worker.execute_model", e)
+                S.fail("Worker.execute_model", e)
         return orig(self, scheduler_output, *args, **kwargs)
 
     return execute_model
@@ -277,7 +406,7 @@ def _merge_when_engines_stopped(orig):
                     P.finalize_process()
                     P.merge_run()
             except Exception as e:
-                P._fail("CoreEngineProcManager.shutdown", e)
+                S.fail("CoreEngineProcManager.shutdown", e)
 
     return shutdown
 
@@ -295,7 +424,7 @@ def _model_ready(v2: bool):
             try:
                 P.model_ready(self, v2)
             except Exception as e:
-                P._fail(where, e)
+                S.fail(where, e)
             return out
 
         return initialize_kv_cache
@@ -305,12 +434,12 @@ def _model_ready(v2: bool):
 
 def _dispatch(orig):
     """V1 ``CudagraphDispatcher.dispatch``: the decision of the stepping runner's dispatcher
-    (``P._graph_watch`` is set only in a real step of a runner with CUDA graphs on)."""
+    (``S.graph_watch`` is set only in a real step of a runner with CUDA graphs on)."""
 
     def dispatch(self, *args, **kwargs):
         out = orig(self, *args, **kwargs)
-        if P._graph_watch is self:
-            P._graph_step = out
+        if S.graph_watch is self:
+            S.graph_step = out
         return out
 
     return dispatch
@@ -321,11 +450,11 @@ def _capture_loop(orig):
     captures graphs outside it and throws them away)."""
 
     def _capture_cudagraphs(self, *args, **kwargs):
-        P._capturing += 1
+        S.capturing += 1
         try:
             return orig(self, *args, **kwargs)
         finally:
-            P._capturing -= 1
+            S.capturing -= 1
 
     return _capture_cudagraphs
 
@@ -334,19 +463,19 @@ def _warmup_and_capture(orig):
     """V1: one graph captured for ``desc.num_tokens`` tokens (vLLM's warmup runs included)."""
 
     def _warmup_and_capture(self, desc, *args, **kwargs):
-        if not P._capturing:
+        if not S.capturing:
             return orig(self, desc, *args, **kwargs)
         try:
             P.graph_capture_starts()
         except Exception as e:
-            P._fail("GPUModelRunner._warmup_and_capture", e)
-        t0 = _pc()
+            S.fail("GPUModelRunner._warmup_and_capture", e)
+        t0 = pc()
         out = orig(self, desc, *args, **kwargs)
-        dt = _pc() - t0
+        dt = pc() - t0
         try:
             P.graph_captured(int(desc.num_tokens), dt)
         except Exception as e:
-            P._fail("GPUModelRunner._warmup_and_capture", e)
+            S.fail("GPUModelRunner._warmup_and_capture", e)
         return out
 
     return _warmup_and_capture
@@ -358,24 +487,48 @@ def _capture_model_v2(orig):
     def capture_model(self, *args, **kwargs):
         if kwargs.get("profile_only", False):
             return orig(self, *args, **kwargs)
-        previous = P._capture_manager
-        P._capture_manager = getattr(self, "cudagraph_manager", None)
+        previous = S.capture_manager
+        S.capture_manager = getattr(self, "cudagraph_manager", None)
         try:
             return orig(self, *args, **kwargs)
         finally:
-            P._capture_manager = previous
+            S.capture_manager = previous
 
     return capture_model
+
+
+class CaptureTimer:
+    """Model Runner V2: stands in for the ``create_forward_fn`` given to
+    ``CudaGraphManager.capture`` and times each descriptor, from its first (warmup) forward
+    function to the next descriptor's, or to the end of the capture."""
+
+    def __init__(self, create_forward_fn: Any) -> None:
+        self._create = create_forward_fn
+        self._current: Optional[Tuple[int, int]] = None  # (num_tokens, start ns)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            warmup = kwargs["warmup"] if "warmup" in kwargs else (len(args) > 1 and args[1])
+            if warmup:
+                self.close()
+                P.graph_capture_starts()
+                self._current = (int(args[0].num_tokens), pc())
+        except Exception as e:
+            S.fail("CudaGraphManager[V2].capture", e)
+        return self._create(*args, **kwargs)
+
+    def close(self, completed: bool = True) -> None:
+        current, self._current = self._current, None
+        if current is not None and completed:
+            P.graph_captured(current[0], pc() - current[1])
 
 
 def _graph_manager_capture(orig):
     """V2 ``CudaGraphManager.capture``: each descriptor timed through its forward-function factory."""
 
     def capture(self, create_forward_fn, *args, **kwargs):
-        if P._capture_manager is not self:
+        if S.capture_manager is not self:
             return orig(self, create_forward_fn, *args, **kwargs)
-        from ._trackers import CaptureTimer
-
         timer = CaptureTimer(create_forward_fn)
         completed = False
         try:
@@ -386,7 +539,7 @@ def _graph_manager_capture(orig):
             try:
                 timer.close(completed)
             except Exception as e:
-                P._fail("CudaGraphManager[V2].capture", e)
+                S.fail("CudaGraphManager[V2].capture", e)
 
     return capture
 
@@ -395,43 +548,72 @@ def _prepare_inputs_v2(orig):
     """V2 ``prepare_inputs``: batch preparation time, and the step's CUDA graph decision."""
 
     def prepare_inputs(self, *args, **kwargs):
-        if P._graph_watch is self:
+        if S.graph_watch is self:
             try:
                 desc = kwargs["batch_desc"] if "batch_desc" in kwargs else args[2]
-                P._graph_step = (desc.cg_mode, desc)
+                S.graph_step = (desc.cg_mode, desc)
             except Exception as e:
-                P._fail("GPUModelRunner[V2].prepare_inputs", e)
-        if not (P._in_step and P.F_CPU):
+                S.fail("GPUModelRunner[V2].prepare_inputs", e)
+        if not (S.in_step and S.f_cpu):
             return orig(self, *args, **kwargs)
-        t0 = _pc()
+        t0 = pc()
         out = orig(self, *args, **kwargs)
-        dt = _pc() - t0
+        dt = pc() - t0
         try:
-            r = P.rec if P.rec is not None else P._open()
+            r = S.rec if S.rec is not None else P._open()
             if r is not None:
-                r.cpu(P.OP_BATCH_PREPARATION, dt, P._step_phase)
+                r.cpu(OP_BATCH_PREPARATION, dt, S.step_phase)
         except Exception as e:
-            P._fail("GPUModelRunner[V2].prepare_inputs", e)
+            S.fail("GPUModelRunner[V2].prepare_inputs", e)
         return out
 
     return prepare_inputs
 
 
 def _select_experts(orig):
-    """``FusedMoERouter.select_experts``: its ``topk_ids`` counted per expert in real steps; a
-    router seen outside a step is registered. Nothing while torch.compile traces."""
+    """``FusedMoERouter.select_experts``: its ``topk_ids`` counted per expert in real steps.
+
+    A router whose layer was built after the plugin loaded has a counts row
+    (``_trackers.COUNTS_ATTR``): eager, it is counted at once; while torch.compile traces the
+    router, the counting op ``profilemate::moe_count`` goes into the graph and counts each time
+    the compiled graph runs. A router without a row (its layer built before the plugin loaded)
+    is registered and counted when it first routes in an eager step."""
     is_compiling = _is_compiling()
 
     def select_experts(self, *args, **kwargs):
         out = orig(self, *args, **kwargs)
-        if not is_compiling():
+        slot = getattr(self, COUNTS_ATTR, None)
+        if slot is not None:
+            if is_compiling():
+                slot[2](slot[0], out[1], slot[1])
+            else:
+                moe = S.moe
+                if moe is not None and S.in_step and not S.moe_elsewhere:
+                    try:
+                        moe.count(slot[0], out[1], slot[1])
+                    except Exception as e:
+                        S.fail("FusedMoERouter.select_experts", e)
+        elif not is_compiling():
             try:
                 P.moe_routed(self, args, kwargs, out)
             except Exception as e:
-                P._fail("FusedMoERouter.select_experts", e)
+                S.fail("FusedMoERouter.select_experts", e)
         return out
 
     return select_experts
+
+
+def _moe_runner_init(orig):
+    """``MoERunner.__init__``: a MoE layer is built (before vLLM traces or runs it)."""
+
+    def __init__(self, *args, **kwargs):
+        orig(self, *args, **kwargs)
+        try:
+            P.moe_layer_built(self)
+        except Exception as e:
+            S.fail("MoERunner.__init__", e)
+
+    return __init__
 
 
 def _is_compiling() -> Callable[[], bool]:
@@ -478,7 +660,7 @@ SPECS: Tuple[Spec, ...] = (
         "GPUModelRunner",
         "_prepare_inputs",
         ("self", "scheduler_output", "num_scheduled_tokens"),
-        _cpu_op(P.OP_BATCH_PREPARATION, "GPUModelRunner._prepare_inputs"),
+        _cpu_op(OP_BATCH_PREPARATION, "GPUModelRunner._prepare_inputs"),
         "GPUModelRunner",
     ),
     Spec(
@@ -609,6 +791,28 @@ SPECS: Tuple[Spec, ...] = (
         _GRAPH,
     ),
     Spec(
+        "vllm.model_executor.layers.fused_moe.runner.moe_runner",
+        "MoERunner",
+        "__init__",
+        (
+            "self",
+            "layer_name",
+            "moe_config",
+            "router",
+            "routed_experts",
+            "enable_dbo",
+            "gate",
+            "shared_experts",
+            "shared_expert_gate",
+            "routed_input_transform",
+            "routed_output_transform",
+            "routed_scaling_factor",
+        ),
+        _moe_runner_init,
+        "MoERunner",
+        _MOE,
+    ),
+    Spec(
         "vllm.model_executor.layers.fused_moe.router.fused_moe_router",
         "FusedMoERouter",
         "select_experts",
@@ -624,7 +828,7 @@ V2_SPECS = tuple(s for s in SPECS if s.module in (_V2, _V2_GRAPHS, "vllm.v1.work
 
 def switched_off(spec: Spec) -> bool:
     """Whether every tracker ``spec`` serves is switched off in this process."""
-    flags = {"cuda_graph": P.F_GRAPH, "moe_expert": P.F_MOE}
+    flags = {"cuda_graph": S.f_graph, "moe_expert": S.f_moe}
     return bool(spec.trackers) and not any(flags[t] for t in spec.trackers)
 
 
@@ -668,24 +872,26 @@ def _apply(spec: Spec, module: ModuleType) -> None:
             status = "ok"
     except Exception as e:
         status = f"patching failed ({type(e).__name__}: {e})"
-    P._hook_status[spec.key] = status
+    S.hook_status[spec.key] = status
 
 
 _post_import = PostImportHooks()
 
 
 def install() -> None:
-    """Wraps every method of :data:`SPECS`, now or when vLLM imports its module."""
+    """Wraps every method of :data:`SPECS`, now or when vLLM imports its module. Idempotent: a
+    wrapped method carries :data:`WRAPPED_ATTR` and is not wrapped again."""
     for spec in SPECS:
+        S.hook_labels.setdefault(spec.key, (spec.label, spec.method))
         if switched_off(spec):
-            P._hook_status[spec.key] = "off"
+            S.hook_status[spec.key] = "off"
             continue
-        P._hook_status.setdefault(spec.key, "pending")
+        S.hook_status.setdefault(spec.key, "pending")
         _post_import.when_imported(spec.module, functools.partial(_apply, spec))
 
 
 def uninstall() -> None:
-    """Restores every wrapped method (for tests)."""
+    """Restores every wrapped method (and vLLM's compiled-model loader, if it was wrapped)."""
     import sys
 
     for spec in SPECS:
@@ -695,23 +901,7 @@ def uninstall() -> None:
         original = getattr(func, WRAPPED_ATTR, None)
         if original is not None:
             setattr(cls, spec.method, original)
-
-
-def summarize(status: Dict[str, str]) -> Tuple[str, str, str]:
-    """(instrumented, could not, not loaded) as text for the log line."""
-    done: Dict[str, List[str]] = {}
-    failed: List[str] = []
-    pending: Dict[str, int] = {}
-    for spec in SPECS:
-        s = status.get(spec.key, "pending")
-        if s == "off":
-            continue  # its trackers are switched off (the log line says so)
-        if s == "ok":
-            done.setdefault(spec.label, []).append(spec.method)
-        elif s == "pending":
-            pending[spec.label] = pending.get(spec.label, 0) + 1
-        else:
-            failed.append(f"{spec.key} ({s})")
-    done_text = ", ".join(f"{label}.{'/'.join(methods)}" for label, methods in done.items())
-    pending_text = ", ".join(pending)
-    return done_text, "; ".join(failed), pending_text
+    aot = sys.modules.get(_AOT_MODULE)
+    original = getattr(getattr(aot, _AOT_LOAD, None), WRAPPED_ATTR, None)
+    if original is not None:
+        setattr(aot, _AOT_LOAD, original)

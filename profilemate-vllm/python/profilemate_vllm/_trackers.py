@@ -36,11 +36,15 @@ which runs on a CPU.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import re
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
-from . import _plugin as P
+from ._state import STATE as S
+from ._state import WRAPPED_ATTR
 
 _LAYER_NUMBER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 MAX_EXPERTS = 1024  # the core's MAX_EXPERTS
@@ -72,32 +76,6 @@ def runner_graph_mode(runner: Any, v2: bool) -> str:
         if dispatcher is not None and getattr(dispatcher, "keys_initialized", False):
             mode = dispatcher.cudagraph_mode
     return getattr(mode, "name", None) or "NONE"
-
-
-class CaptureTimer:
-    """Model Runner V2: stands in for the ``create_forward_fn`` given to
-    ``CudaGraphManager.capture`` and times each descriptor, from its first (warmup) forward
-    function to the next descriptor's, or to the end of the capture."""
-
-    def __init__(self, create_forward_fn: Any) -> None:
-        self._create = create_forward_fn
-        self._current: Optional[Tuple[int, int]] = None  # (num_tokens, start ns)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            warmup = kwargs["warmup"] if "warmup" in kwargs else (len(args) > 1 and args[1])
-            if warmup:
-                self.close()
-                P.graph_capture_starts()
-                self._current = (int(args[0].num_tokens), P._pc())
-        except Exception as e:
-            P._fail("CudaGraphManager[V2].capture", e)
-        return self._create(*args, **kwargs)
-
-    def close(self, completed: bool = True) -> None:
-        current, self._current = self._current, None
-        if current is not None and completed:
-            P.graph_captured(current[0], P._pc() - current[1])
 
 
 # --- MoE routing --------------------------------------------------------------------------------
@@ -134,6 +112,43 @@ def _layer_name(router: Any) -> Optional[str]:
     return None
 
 
+COUNTS_ATTR = "_profilemate_moe_counts"  # on a router: (its counts row, the row's number, count_op())
+_count_op: Any = None
+
+
+def count_op() -> Any:
+    """The custom op ``profilemate::moe_count(Tensor(a!) counts, Tensor topk_ids, int row)``.
+
+    Under torch.compile, Python inside the model runs while the graph is traced, not when it
+    runs: a wrapper that counts in Python records nothing. The router's wrapper therefore
+    calls this op when it is traced: Dynamo puts it into the graph as an opaque call (it
+    mutates ``counts``, so no pass removes it), and each run of the compiled graph calls its
+    Python implementation, :meth:`MoeRouting.count`, as an eager run does. (vLLM's own
+    ``moe_forward`` op reaches Python at run time the same way.)"""
+    global _count_op
+    if _count_op is None:
+        import torch
+
+        # The schema is spelled out: this module's annotations are strings (``annotations``
+        # import), which the schema inference of ``custom_op`` does not read.
+        @torch.library.custom_op(
+            "profilemate::moe_count",
+            mutates_args=("counts",),
+            schema="(Tensor(a!) counts, Tensor topk_ids, int row) -> ()",
+        )
+        def moe_count(counts, topk_ids, row):
+            moe = S.moe
+            if moe is not None and S.in_step and not S.moe_elsewhere:
+                moe.count(counts, topk_ids, row)
+
+        @moe_count.register_fake
+        def _(counts, topk_ids, row):
+            return None
+
+        _count_op = torch.ops.profilemate.moe_count.default
+    return _count_op
+
+
 class MoeRouting:
     """Per-layer token counts of one process's MoE routers (see the module's documentation)."""
 
@@ -159,6 +174,27 @@ class MoeRouting:
         self.out_of_range_ids = 0
         self.dropped_copies = 0
         self.unrecorded_calls = 0
+        self.compiled = False  # the model runs under torch.compile
+        self.no_graph_counting: Optional[str] = None  # why compiled graphs cannot count, if so
+        self.aot_guard: Optional[str] = None  # vLLM's compiled-model cache checked for the op
+        self.refused_artifacts = 0  # cached compiled models without the op, compiled again
+        self.traced_uncounted: Set[int] = set()  # rows of routers traced without the counting op
+
+    def built(self, runner: Any) -> None:
+        """A ``MoERunner`` was constructed (before any forward, so before torch.compile traces
+        it): registers its router under its layer name and gives the router its counts row,
+        which the router's wrapper hands to the counting op."""
+        router = getattr(runner, "router", None)
+        if router is None or id(router) in self.layers:
+            return
+        layer = self.register(router, str(getattr(runner, "layer_name", "") or "") or None)
+        if layer.skip is not None or layer.experts <= 0:
+            return
+        layer.row = len(self.rows)
+        self.rows.append(layer)
+        torch = self._torch
+        device = torch.get_default_device() if hasattr(torch, "get_default_device") else torch.device("cpu")
+        self._alloc(device)
 
     # -- layers -----------------------------------------------------------------------------
 
@@ -214,26 +250,13 @@ class MoeRouting:
             self.buf.zero_()
 
     def route(self, router: Any, args: tuple, kwargs: dict, topk_ids: Any) -> None:
-        """One ``select_experts`` result in a real step: count its tokens per expert."""
+        """A ``select_experts`` result, in a real step, of a router not seen when its layer was
+        built: registered, given a counts row, and counted."""
         layer = self.layers.get(id(router))
         if layer is None or layer.router is not router:
             logits = kwargs.get("router_logits", args[1] if len(args) > 1 else None)
             layer = self.register(router, None, logits)
         if layer.skip is not None or self.unsupported is not None:
-            return
-        layer.routed = True
-        if not self.recording:
-            self.unrecorded_calls += 1
-            return
-        ids = topk_ids
-        if ids.shape[0] > self.ntok:
-            ids = ids[: self.ntok]  # padding rows
-        flat = ids.reshape(-1)
-        torch = self._torch
-        if flat.dtype is not torch.int64 and flat.dtype is not torch.int32:
-            flat = flat.long()
-        n = flat.numel()
-        if n == 0:
             return
         if layer.row < 0:
             if layer.experts <= 0:
@@ -244,11 +267,32 @@ class MoeRouting:
                     return
             layer.row = len(self.rows)
             self.rows.append(layer)
-        counts = layer.counts
-        if counts is None or counts.device != flat.device:
-            if self._alloc(flat.device) is None:
+        if layer.counts is None or layer.counts.device != topk_ids.device:
+            if self._alloc(topk_ids.device) is None:
                 return
-            counts = layer.counts
+        self.count(layer.counts, topk_ids, layer.row)
+
+    def count(self, counts: Any, topk_ids: Any, row: int) -> None:
+        """One router result, counted into ``counts`` (the layer's row, or what torch.compile
+        passes for it). Callers count in real steps only (not vLLM's profiling, warmup or
+        capture runs), and not on a rank whose routing another rank records."""
+        if self.unsupported is not None:
+            return
+        layer = self.rows[row]
+        layer.routed = True
+        if not self.recording:
+            self.unrecorded_calls += 1
+            return
+        ids = topk_ids
+        if ids.shape[0] > self.ntok:
+            ids = ids[: self.ntok]  # padding rows
+        flat = ids.reshape(-1)
+        n = flat.numel()
+        if n == 0:
+            return
+        torch = self._torch
+        if flat.dtype is not torch.int64 and flat.dtype is not torch.int32:
+            flat = flat.long()
         ones = self._ones_n.get(n)
         if ones is None:
             if self.ones is None or self.ones.shape[0] < n or self.ones.device != counts.device:
@@ -260,7 +304,7 @@ class MoeRouting:
         # Bucket 0: negative ids; 1..E: experts 0..E-1; E+1: ids >= E. Never out of range.
         idx = flat.clamp(-1, layer.experts).add_(1)
         counts.index_add_(0, idx, ones)
-        self.touched.add(layer.row)
+        self.touched.add(row)
 
     def _alloc(self, device: Any) -> Any:
         if device.type not in ("cpu", "cuda"):
@@ -273,8 +317,15 @@ class MoeRouting:
         if old is not None and old.device == device:
             new[: old.shape[0], : old.shape[1]].copy_(old)
         self.buf = new
+        op = None
+        try:
+            op = count_op()
+        except Exception as e:  # no torch.library: eager steps are still counted
+            self.no_graph_counting = f"the counting op could not be registered ({type(e).__name__}: {e})"
         for layer in self.rows:
             layer.counts = new[layer.row]
+            if op is not None:
+                setattr(layer.router, COUNTS_ATTR, (layer.counts, layer.row, op))
         self._pinned.clear()
         return new
 
@@ -350,6 +401,11 @@ class MoeRouting:
             if top_k:
                 what += f", top-{'/'.join(map(str, top_k))}"
             out.append(what + ")")
+            if self.compiled:
+                if self.no_graph_counting:
+                    out.append(f"torch.compile: not counted in compiled graphs: {self.no_graph_counting}")
+                else:
+                    out.append("torch.compile: counted inside the compiled graph (op profilemate::moe_count)")
         eplb = [l for l in self.layers.values() if l.skip == "EPLB"]
         if eplb:
             out.append(f"{len(eplb)} with EPLB not counted (physical expert replicas; vLLM records their load)")
@@ -361,6 +417,11 @@ class MoeRouting:
             out.append(f"{len(mono)} run a monolithic kernel that routes inside it: no routing to record")
         if self.unsupported:
             out.append(f"not counted: {self.unsupported}")
+        if self.steps_without_routing:
+            out.append(
+                f"{self.steps_without_routing} steps with no routing counted (CUDA graph replays, or a graph "
+                f"compiled without the counting op): their tokens are missing from the routing rows"
+            )
         if not self.recording and self.unrecorded_calls:
             out.append(f"first routed after this process's files were opened: {self.unrecorded_calls} calls not recorded")
         return "; ".join(out)
@@ -382,4 +443,65 @@ class MoeRouting:
             "steps_without_routing": self.steps_without_routing,
             "out_of_range_ids": self.out_of_range_ids,
             "dropped_gpu_copies": self.dropped_copies,
+            "compiled": self.compiled,
+            "compile_cache": self.aot_guard,
+            "refused_compiled_artifacts": self.refused_artifacts,
+            "counted_by": "custom op profilemate::moe_count in the compiled graph" if self.compiled else "router wrapper (eager)",
         }
+
+
+# --- torch.compile caches ------------------------------------------------------------------------
+
+HOOKS_MODULE = "profilemate_vllm._hooks"  # traced into a compiled graph with the counting op
+_AOT_MODULE = "vllm.compilation.decorators"
+_AOT_LOAD = "_try_load_aot_compiled_fn"
+
+
+def guard_compiled_artifacts(on_refused: Callable[[str], None]) -> str:
+    """Keeps vLLM from reusing a torch.compile artifact compiled without the MoE counting op.
+
+    vLLM (AOT compile, the default with torch >= 2.10) loads a compiled model from its cache
+    before Dynamo traces anything, keyed without the files Dynamo traced. A graph compiled in a
+    run without profiling has no counting op and would record no routing. Its loader,
+    ``vllm.compilation.decorators._try_load_aot_compiled_fn``, is wrapped: an artifact whose
+    inlined sources lack the hooks' module (which holds the router's wrapper) is refused (vLLM then compiles the model again, and saves
+    the new artifact). A run without the plugin that finds an artifact with the op fails to load
+    it and compiles again (vLLM's own fallback). Returns what was done, for part.json."""
+    import sys
+
+    module = sys.modules.get(_AOT_MODULE)
+    if module is None:
+        try:
+            module = importlib.import_module(_AOT_MODULE)
+        except Exception as e:
+            return f"not guarded ({_AOT_MODULE} does not import: {type(e).__name__})"
+    func = getattr(module, _AOT_LOAD, None)
+    if func is None:
+        return f"not guarded (no {_AOT_MODULE}.{_AOT_LOAD}; AOT compile artifacts unchecked)"
+    if getattr(func, WRAPPED_ATTR, None) is not None:
+        return "guarded"
+    try:
+        params = tuple(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        params = ()
+    if params != ("model", "aot_compilation_path"):
+        return f"not guarded (unexpected signature {_AOT_LOAD}({', '.join(params)}))"
+
+    def _try_load_aot_compiled_fn(model, aot_compilation_path):
+        loaded = func(model, aot_compilation_path)
+        if loaded is None:
+            return None
+        try:
+            sources = {getattr(s, "module", None) for s in loaded.source_info().inlined_sources}
+        except Exception as e:
+            S.fail("AOT compile artifact check", e)
+            return loaded
+        if HOOKS_MODULE in sources:
+            return loaded
+        on_refused(aot_compilation_path)
+        return None
+
+    functools.update_wrapper(_try_load_aot_compiled_fn, func)
+    setattr(_try_load_aot_compiled_fn, WRAPPED_ATTR, func)
+    setattr(module, _AOT_LOAD, _try_load_aot_compiled_fn)
+    return "guarded"

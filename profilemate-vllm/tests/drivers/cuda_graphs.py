@@ -37,10 +37,17 @@ def scheduler_output(decode=(), prefill=()):
     scheduled.update(prefill)
     return NS(
         scheduled_new_reqs=[NS(req_id=r) for r in prefill],
-        scheduled_cached_reqs=NS(req_ids=list(decode), num_output_tokens=[5] * len(decode), resumed_req_ids=set()),
+        scheduled_cached_reqs=NS(
+            req_ids=list(decode),
+            num_output_tokens=[5] * len(decode),
+            num_computed_tokens=[14] * len(decode),  # 10 prompt + 5 output tokens: decoding
+            resumed_req_ids=set(),
+            all_token_ids={},
+        ),
         num_scheduled_tokens=scheduled,
         total_num_scheduled_tokens=sum(scheduled.values()),
         scheduled_spec_decode_tokens={},
+        finished_req_ids=set(),
     )
 
 
@@ -56,6 +63,7 @@ def main() -> int:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     import profilemate_vllm._plugin as P
+    from profilemate_vllm._state import STATE as S
     from profilemate_vllm import _hooks
 
     wrapped = {
@@ -149,9 +157,9 @@ def main() -> int:
         return lambda mode: time.sleep(0.003)
 
     v2_capture = _hooks._graph_manager_capture(v2_capture_loop)
-    P._capture_manager = manager
+    S.capture_manager = manager
     v2_capture(manager, create_forward_fn)
-    P._capture_manager = None
+    S.capture_manager = None
 
     # Steps: (decode request ids, prefill chunks).
     steps = [
@@ -177,7 +185,7 @@ def main() -> int:
         decisions.append([so.total_num_scheduled_tokens, mode.name, desc.num_tokens])
 
     line = P.instrumentation_line()
-    part = P._part_dir
+    part = S.part_dir
     P.finalize_process()
     report = P.merge_run()
     with open(result_path, "w") as f:
@@ -190,7 +198,7 @@ def main() -> int:
                 "line": line,
                 "part": part,
                 "merged": report is not None,
-                "errors": dict(P._errors),
+                "errors": dict(S.errors),
             },
             f,
         )

@@ -49,9 +49,12 @@ def scenario(name: str):
             max_num_batched_tokens=256,
         )
         lengths = [(rng.randint(8, 20), 200) for _ in range(16)]
-    elif name == "moe":
-        # The tiny Mixtral: chunked prefill (mixed steps) and decode, a dozen steps.
+    elif name in ("moe", "moe_compiled"):
+        # The tiny Mixtral: chunked prefill (mixed steps) and decode, a dozen steps; compiled by
+        # torch.compile (vLLM's default) in "moe_compiled".
         args = dict(common, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32)
+        if name == "moe_compiled":
+            args["enforce_eager"] = False
         lengths = [(23, 6), (40, 8), (7, 10), (50, 5)]
     elif name == "spec":
         # Speculative decoding with n-gram drafts (runs on a CPU): steps verify up to 3 draft
@@ -67,6 +70,20 @@ def scenario(name: str):
         patterns = [[rng.randrange(3, 1024) for _ in range(k)] for k in (3, 4, 5, 2, 6, 3)]
         prompts = [((p * 12)[:n], 24) for p, n in zip(patterns, (20, 33, 47, 18, 60, 25))]
         return args, prompts
+    elif name == "recompute":
+        # Chunked recompute after preemptions: 7 KV blocks of 32 tokens, every prompt and every
+        # recomputation in chunks of one token (long_prefill_token_threshold=1).
+        args = dict(
+            common,
+            num_gpu_blocks_override=7,
+            block_size=32,
+            max_model_len=128,
+            max_num_seqs=4,
+            max_num_batched_tokens=64,
+            long_prefill_token_threshold=1,
+            enable_chunked_prefill=True,
+        )
+        lengths = [(10, 100) for _ in range(8)]
     elif name == "bench":
         args = dict(common, max_model_len=512, max_num_seqs=16, max_num_batched_tokens=512)
         lengths = [(rng.randint(16, 64), 128) for _ in range(16)]
@@ -81,7 +98,7 @@ def plugin_state():
     import sys as _sys
 
     try:
-        import profilemate_vllm._plugin as plugin
+        from profilemate_vllm._state import STATE as S
         from profilemate_vllm._hooks import SPECS, WRAPPED_ATTR
     except ImportError as e:
         return {"error": str(e)}
@@ -94,13 +111,68 @@ def plugin_state():
             wrapped.append(f"{spec.module}.{spec.cls}.{spec.method}")
     loaded = [s.module for s in SPECS if s.module in _sys.modules]
     return {
-        "register_calls": plugin._register_calls,
-        "active": plugin.is_active(),
+        "register_calls": S.register_calls,
+        "active": S.active,
         "wrapped": wrapped,
         "modules_loaded": sorted(set(loaded)),
-        "hook_errors": dict(plugin._errors),
-        "hook_status": dict(plugin._hook_status),
+        "hook_errors": dict(S.errors),
+        "hook_status": dict(S.hook_status),
     }
+
+
+def watch_phases(engine, seen) -> None:
+    """In-process: the reference phase of every non-empty step from vLLM's request state.
+
+    A scheduled request processes its prompt when, before the step, its ``num_computed_tokens``
+    is below its prompt length or below the tokens it had computed when it was last preempted
+    (read from the request as vLLM preempts it). Also counted: the steps the rule before this
+    one (a resumed request is prefill on its first step back only) would call decode."""
+    core = getattr(engine.engine_core, "engine_core", None)
+    if core is None:
+        raise SystemExit("the recompute scenario needs VLLM_ENABLE_V1_MULTIPROCESSING=0")
+    sched = core.scheduler
+    had = {}
+    preempt, schedule = sched._preempt_request, sched.schedule
+    seen["reference_phases"] = []
+    seen["recomputing"] = []
+    seen["old_rule_phases"] = []
+    seen["recompute_example"] = None
+
+    def _preempt_request(request, *a, **k):
+        had[request.request_id] = max(had.get(request.request_id, 0), request.num_computed_tokens)
+        return preempt(request, *a, **k)
+
+    def _schedule(*a, **k):
+        out = schedule(*a, **k)
+        if not out.total_num_scheduled_tokens:
+            return out
+        prefill = recomputing = 0
+        for rid, k_ in out.num_scheduled_tokens.items():
+            r = sched.requests[rid]
+            before = r.num_computed_tokens - k_
+            if before < r.num_prompt_tokens or before < had.get(rid, 0):
+                prefill += 1
+            if r.num_output_tokens > 0 and before < had.get(rid, 0):
+                recomputing += 1
+                if seen["recompute_example"] is None and k_ == 1 and before > r.num_prompt_tokens:
+                    seen["recompute_example"] = {
+                        "request_id": rid, "num_output_tokens": r.num_output_tokens,
+                        "num_computed_tokens": before, "num_tokens": r.num_tokens,
+                        "had_before_preemption": had[rid],
+                    }  # fmt: skip
+        n = len(out.num_scheduled_tokens)
+        seen["reference_phases"].append("decode" if not prefill else "prefill" if prefill == n else "mixed")
+        seen["recomputing"].append(recomputing)
+        old = len(out.scheduled_new_reqs)
+        cached = out.scheduled_cached_reqs
+        for rid, o in zip(cached.req_ids, cached.num_output_tokens):
+            if o == 0 or out.num_scheduled_tokens[rid] > 1 or rid in cached.resumed_req_ids:
+                old += 1
+        seen["old_rule_phases"].append("decode" if not old else "prefill" if old == n else "mixed")
+        return out
+
+    sched._preempt_request = _preempt_request
+    sched.schedule = _schedule
 
 
 def main() -> int:
@@ -176,6 +248,8 @@ def main() -> int:
     for i, (ids, max_tokens) in enumerate(prompts):
         params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
         engine.add_request(f"req-{i}", {"prompt_token_ids": ids}, params)
+    if args.scenario == "recompute":
+        watch_phases(engine, seen)
     outputs = {}
     steps = 0
     aborted = []

@@ -1,0 +1,132 @@
+"""The plugin's state in one process: one :class:`Profiling` object, :data:`STATE`.
+
+Everything the plugin knows lives here: the configuration and the profilers switched on, the
+native recorder of this process, the per-step state the hooks share, the hook table (what was
+wrapped, what could not be and why), the errors caught, and the trackers. The hooks
+(:mod:`profilemate_vllm._hooks`) are data plus small wrappers that receive this object; the
+recording logic (:mod:`profilemate_vllm._plugin`) reads and writes it. This module imports no
+other module of the package, so the modules form a tree::
+
+    __init__ -> _instrument -> _hooks -> _plugin -> _trackers, _cuda, _phase -> _state
+
+Fork handling: :meth:`Profiling.after_fork` runs in a forked child (``os.register_at_fork``);
+the child keeps the parent's configuration and records into its own part.
+
+To add state (a step id, a metrics exporter, ...), add an attribute in ``__init__`` (and reset it
+in :meth:`after_fork` if a child must not inherit it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+logger = logging.getLogger("vllm.profilemate")
+
+RUN_ENV = "PROFILEMATE_VLLM_RUN"
+pc = time.perf_counter_ns
+
+# Operation and component codes of the native module.
+OP_SCHEDULING, OP_BATCH_PREPARATION, OP_MODEL_EXECUTION, OP_SAMPLING = 0, 1, 2, 3
+ENCODER, DECODER = 0, 1
+
+
+class Profiling:
+    """The plugin's state in this process (see the module's documentation)."""
+
+    def __init__(self) -> None:
+        # -- activation and configuration -------------------------------------------------
+        self.register_calls = 0
+        self.active = False
+        self.native: Any = None  # the native module, once active
+        self.config: Dict[str, Any] = {}
+        self.out_dir = ""
+        self.run = ""
+        self.is_frontend = False
+        self.rank: Optional[int] = None
+        # Profilers switched on (PROFILEMATE_DISABLE / VLLM_PROFILING_DISABLE switch them off).
+        self.f_fwd = self.f_cpu = self.f_batch = self.f_pre = self.f_enc = self.f_kv = False
+        self.f_graph = self.f_moe = False  # the CUDA graph and MoE routing trackers
+        self.vllm_version: Optional[str] = None
+        self.vllm_tested: Optional[bool] = None
+        # -- the native recorder of this process, opened at the first record ----------------
+        self.rec: Any = None
+        self.lock = threading.RLock()
+        self.open_failed = False
+        self.exiting = False
+        self.logged_line = False
+        self.part_seq = 0
+        self.part_dir: Optional[str] = None
+        self.leaked: List[Any] = []  # recorders inherited through fork: never shut down
+        self.merged_signature: Any = None
+        self.model_type: Optional[str] = None
+        self.timing = "host"
+        self.cuda: Any = None  # the CUDA event timer, on a GPU
+        # -- the hook table -----------------------------------------------------------------
+        self.hook_status: Dict[str, str] = {}  # key -> ok / pending / off / why not
+        self.hook_labels: Dict[str, Tuple[str, str]] = {}  # key -> (class label, method), in order
+        self.errors: Dict[str, int] = {}
+        # -- per step ---------------------------------------------------------------------
+        # The scheduler's last output (in-process, the worker reuses its phase).
+        self.last_so: Any = None
+        self.last_phase = 0
+        self.last_nseq = 0
+        self.preempted: set = set()
+        self.recompute: Dict[str, int] = {}  # requests recomputing after a preemption (_phase)
+        self.kv_reader: Any = None  # (scheduler, its KV cache manager, free-block count, blocks)
+        # Worker side.
+        self.in_step = False
+        self.fwd_ns = 0
+        self.step_phase = 0
+        self.sample_pending = False
+        # -- trackers (worker side) -------------------------------------------------------
+        self.model_seen = False
+        self.graphs_on = False  # the runner's CUDA graph mode is not NONE (or vLLM captured graphs)
+        self.graph_mode = ""
+        self.graph_watch: Any = None  # in a real step with graphs on: the V1 dispatcher / V2 runner
+        self.graph_step: Any = None  # (mode, descriptor) it decided for this step
+        self.capturing = 0  # inside V1's capture loop (not its memory profiling)
+        self.capture_manager: Any = None  # V2: the graph manager while capture_model captures
+        self.graph_counts = {"capture": 0, "replay": 0, "eager": 0, "unrecorded": 0}
+        # Set when this process is not the one that records a tracker for its parallel group.
+        self.graph_elsewhere: Optional[str] = None
+        self.moe_elsewhere: Optional[str] = None
+        self.moe: Any = None  # _trackers.MoeRouting, once a MoE layer is known
+        self.rec_graph = self.rec_moe = False  # what the open recorder records
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        """An exception in the plugin's own code at ``where``: counted, reported once."""
+        n = self.errors.get(where, 0) + 1
+        self.errors[where] = n
+        if n == 1:
+            logger.warning(
+                "profilemate: error in its %s hook, caught; vLLM goes on (later errors there are only counted): %r",
+                where,
+                exc,
+            )
+
+    def after_fork(self) -> None:
+        """In a forked child: it has the parent's recorder but not its collector thread (kept
+        alive, unused), and builds its own model runner, if any."""
+        if self.rec is not None:
+            self.leaked.append(self.rec)
+        self.rec = None
+        self.moe = None
+        self.model_seen = self.graphs_on = False
+        self.graph_mode = ""
+        self.graph_elsewhere = self.moe_elsewhere = None
+        for k in self.graph_counts:
+            self.graph_counts[k] = 0
+        self.is_frontend = False
+        self.recompute.clear()
+        self.kv_reader = None
+        self.part_seq = 0
+        self.logged_line = False
+        self.open_failed = False
+
+
+STATE = Profiling()
+
+WRAPPED_ATTR = "__profilemate_wrapped__"  # on a wrapper: the function it wraps
