@@ -34,7 +34,8 @@ if [ ! -f "$DEST/.profilemate-patched-$STAMP" ]; then
     rm -rf "$DEST" "$DEST.tmp"
     mkdir -p "$DEST.tmp"
     tar -xzf "$crate" -C "$DEST.tmp" --strip-components=1
-    patch --quiet -p1 -d "$DEST.tmp" < "$PATCH"
+    # git apply, not patch(1): git is on every machine that has the checkout.
+    (cd "$DEST.tmp" && git apply "$PATCH")
     touch "$DEST.tmp/.profilemate-patched-$STAMP"
     mv "$DEST.tmp" "$DEST"
     echo "mistralrs-patch: patched mistralrs-core 0.8.1 in $DEST"

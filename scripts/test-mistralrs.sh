@@ -8,7 +8,7 @@
 #   (d) the profiled run's files validated against the contract (profilemate-vllm/tests/contract.py)
 #       and read by `profilemate report`;
 #   (e) the README's mistral.rs example (scripts/mistralrs-example.sh) and the benchmark compile.
-# Build cache: ${PROFILEMATE_MISTRALRS_TARGET:-~/.cache/profilemate/mistralrs-target}.
+# Build cache: ${PROFILEMATE_MISTRALRS_TARGET:-~/.cache/profilemate/mistralrs-target} (and -check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -16,14 +16,17 @@ start=$(date +%s)
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/profilemate"
 target="${PROFILEMATE_MISTRALRS_TARGET:-$cache/mistralrs-target}"
 mr() { (cd "$root/profilemate-mistralrs" && CARGO_TARGET_DIR="$target" cargo "$@"); }
+# clippy and rustdoc check the dependencies without code generation, in a folder of their own
+# (they never wait for the build's lock, and a changed lint level does not touch its artifacts).
+mrc() { (cd "$root/profilemate-mistralrs" && CARGO_TARGET_DIR="$target-check" cargo "$@"); }
 
 echo "== (a) patched mistralrs-core"
 bash scripts/mistralrs-patch.sh
 
 echo "== (b) profilemate-mistralrs: fmt, clippy, doc (warnings denied)"
 mr fmt -- --check
-mr clippy --locked --all-targets -- -D warnings
-RUSTDOCFLAGS="-D warnings" mr doc --locked --no-deps
+mrc clippy --locked --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" mrc doc --locked --no-deps
 
 echo "== (c) tests against real mistral.rs"
 keep=$(mktemp -d)

@@ -65,14 +65,14 @@
 //! use the `cuda` timing backend there (see profilemate-cuda).
 
 use mistralrs_core::pipeline_ext::{
-    AnyMoePipelineMixin, AnyMoeTrainingInputs, AnyMoeTrainingResult, CacheBackendMetadata, CacheManagerMixin,
-    DeviceMapper, ForwardInputsResult, GeneralMetadata, InputProcessorOutput, InputsProcessor, InputsProcessorType,
-    Isaac64Rng, IsqPipelineMixin, MessagesAction, MetadataMixin, PagedAttentionMeta, PreProcessingMixin,
-    PrefixCacheManagerV2, Processor, Sequence, SequenceState, StopReason, Tokenizer,
+    AnyMoePipelineMixin, AnyMoeTrainingInputs, AnyMoeTrainingResult, CacheManagerMixin, DeviceMapper, EitherCache,
+    ForwardInputsResult, GeneralMetadata, InputProcessorOutput, InputsProcessor, InputsProcessorType, Isaac64Rng,
+    IsqPipelineMixin, MessagesAction, MetadataMixin, PagedAttentionMeta, PreProcessingMixin, PrefixCacheManagerV2,
+    Processor, Sequence, SequenceState, StopReason, Tokenizer,
 };
 use mistralrs_core::{
-    AnyMoeConfig, AnyMoeExpertType, ChatTemplate, DefaultSchedulerMethod, EitherCache, IsqType, MessageContent,
-    ModelCategory, ModelGenerationDefaults, ModelKind, Pipeline, ReasoningEffort, SchedulerConfig, TokenSource, Tool,
+    AnyMoeConfig, AnyMoeExpertType, ChatTemplate, DefaultSchedulerMethod, IsqType, MessageContent, ModelCategory,
+    ModelGenerationDefaults, ModelKind, Pipeline, ReasoningEffort, SchedulerConfig, TokenSource, Tool,
 };
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -152,6 +152,9 @@ struct Recorder {
     /// Queue lengths after the last scheduling pass.
     running: AtomicU32,
     waiting: AtomicU32,
+    /// Ids (+ 1; 0 is empty) of sequences that finished in a prompt step, until their extra
+    /// decode pass.
+    finished_in_prefill: [AtomicUsize; 32],
 }
 
 fn to_u32(n: usize) -> u32 {
@@ -182,7 +185,21 @@ impl Recorder {
         if is_prompt {
             let mut id = itoa::Buffer::new();
             for seq in seqs {
-                self.requests.started(id.format(*seq.id()));
+                // A prompt step for a sequence that already generated tokens is a recompute:
+                // mistral.rs's default scheduler runs one length bucket at a time, and when no
+                // sequence is running it sets every waiting one, including those it had set
+                // aside mid-generation, back to `RunningPrompt` (their KV cache rebuilt from all
+                // their tokens).
+                let generated = seq.get_toks().len().saturating_sub(seq.prompt_tokens());
+                if generated == 0 {
+                    self.requests.started(id.format(*seq.id()));
+                } else {
+                    let mut info = Info::new(b"recomputed_tokens=");
+                    let info = info.push(seq.get_toks().len());
+                    let id = id.format(*seq.id());
+                    self.requests.preempted(id, "RECOMPUTE", info);
+                    self.requests.resumed(id);
+                }
             }
         }
         self.batches.record(&BatchSample {
@@ -203,12 +220,32 @@ impl Recorder {
     }
 
     /// After sampling: `finished` (or `evicted`) rows for the sequences that ended.
-    fn end_step(&self, seqs: &[&mut Sequence]) {
+    ///
+    /// After a prompt step the engine sets every sequence back to `RunningCompletion`, even one
+    /// that sampling just finished (its response already sent), and runs it through one more
+    /// decode pass, after which it is `Done` again. Its `finished` row is written at the prompt
+    /// step (`finished_in=prefill`), and its id is kept until that extra pass so that it is not
+    /// written twice.
+    fn end_step(&self, seqs: &[&mut Sequence], prompt_step: bool) {
         let mut id = itoa::Buffer::new();
         for seq in seqs {
+            let key = *seq.id() + 1;
             match seq.getstate() {
+                SequenceState::Done(reason) if prompt_step => {
+                    self.requests.finished(id.format(*seq.id()), stop_reason_info(reason, true));
+                    let _ = self
+                        .finished_in_prefill
+                        .iter()
+                        .any(|slot| slot.compare_exchange(0, key, Ordering::Relaxed, Ordering::Relaxed).is_ok());
+                }
                 SequenceState::Done(reason) => {
-                    self.requests.finished(id.format(*seq.id()), stop_reason_info(reason));
+                    let seen = self
+                        .finished_in_prefill
+                        .iter()
+                        .any(|slot| slot.compare_exchange(key, 0, Ordering::Relaxed, Ordering::Relaxed).is_ok());
+                    if !seen {
+                        self.requests.finished(id.format(*seq.id()), stop_reason_info(reason, false));
+                    }
                 }
                 SequenceState::Error => self.requests.evicted(id.format(*seq.id()), "error", ""),
                 SequenceState::FinishedAborted => self.requests.evicted(id.format(*seq.id()), "aborted", ""),
@@ -219,18 +256,49 @@ impl Recorder {
     }
 }
 
-/// `extra_info` of a `finished` row: mistral.rs's stop reason.
-pub fn stop_reason_info(reason: StopReason) -> &'static str {
-    match reason {
-        StopReason::Eos => "stop_reason=eos",
-        StopReason::StopTok(_) => "stop_reason=stop_token",
-        StopReason::Length(_) => "stop_reason=length",
-        StopReason::ModelLength(_) => "stop_reason=model_length",
-        StopReason::StopString { .. } => "stop_reason=stop_string",
-        StopReason::Canceled => "stop_reason=canceled",
-        StopReason::GeneratedImage => "stop_reason=generated_image",
-        StopReason::GeneratedSpeech => "stop_reason=generated_speech",
-        StopReason::ToolCalls => "stop_reason=tool_calls",
+/// A `key=value` field written into a stack buffer (no allocation on the engine's thread).
+struct Info {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl Info {
+    fn new(key: &[u8]) -> Self {
+        let mut buf = [0u8; 48];
+        let len = key.len().min(24);
+        buf[..len].copy_from_slice(&key[..len]);
+        Self { buf, len }
+    }
+
+    fn push(&mut self, value: usize) -> &str {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(value).as_bytes();
+        let end = self.len + digits.len();
+        self.buf[self.len..end].copy_from_slice(digits);
+        std::str::from_utf8(&self.buf[..end]).unwrap_or("")
+    }
+}
+
+/// `extra_info` of a `finished` row: mistral.rs's stop reason, and `finished_in=prefill` when the
+/// request ended in a prompt step (see the crate docs).
+pub fn stop_reason_info(reason: StopReason, in_prefill: bool) -> &'static str {
+    match (reason, in_prefill) {
+        (StopReason::Eos, false) => "stop_reason=eos",
+        (StopReason::Eos, true) => "stop_reason=eos;finished_in=prefill",
+        (StopReason::StopTok(_), false) => "stop_reason=stop_token",
+        (StopReason::StopTok(_), true) => "stop_reason=stop_token;finished_in=prefill",
+        (StopReason::Length(_), false) => "stop_reason=length",
+        (StopReason::Length(_), true) => "stop_reason=length;finished_in=prefill",
+        (StopReason::ModelLength(_), false) => "stop_reason=model_length",
+        (StopReason::ModelLength(_), true) => "stop_reason=model_length;finished_in=prefill",
+        (StopReason::StopString { .. }, false) => "stop_reason=stop_string",
+        (StopReason::StopString { .. }, true) => "stop_reason=stop_string;finished_in=prefill",
+        (StopReason::Canceled, false) => "stop_reason=canceled",
+        (StopReason::Canceled, true) => "stop_reason=canceled;finished_in=prefill",
+        (StopReason::GeneratedImage, _) => "stop_reason=generated_image",
+        (StopReason::GeneratedSpeech, _) => "stop_reason=generated_speech",
+        (StopReason::ToolCalls, false) => "stop_reason=tool_calls",
+        (StopReason::ToolCalls, true) => "stop_reason=tool_calls;finished_in=prefill",
     }
 }
 
@@ -270,6 +338,7 @@ impl ProfiledPipeline {
                 num_tokens: AtomicU32::new(0),
                 running: AtomicU32::new(0),
                 waiting: AtomicU32::new(0),
+                finished_in_prefill: std::array::from_fn(|_| AtomicUsize::new(0)),
             }),
         })
     }
@@ -303,7 +372,11 @@ impl Processor for ProfiledProcessor {
         )
     }
     fn inputs_processor(&self) -> Arc<dyn InputsProcessor> {
-        Arc::new(ProfiledInputsProcessor { inner: self.inner.inputs_processor(), rec: self.rec.clone() })
+        // mistral.rs's `Processor::inputs_processor` returns `Arc<dyn InputsProcessor>`, neither
+        // `Send` nor `Sync`; the wrapper holds one such inner `Arc`, so it is neither either.
+        #[allow(clippy::arc_with_non_send_sync)]
+        let wrapped = Arc::new(ProfiledInputsProcessor { inner: self.inner.inputs_processor(), rec: self.rec.clone() });
+        wrapped
     }
     fn get_special_tokens(&self) -> &[&'static str] {
         self.inner.get_special_tokens()
@@ -360,7 +433,10 @@ impl InputsProcessor for ProfiledInputsProcessor {
 
 impl PreProcessingMixin for ProfiledPipeline {
     fn get_processor(&self) -> Arc<dyn Processor> {
-        Arc::new(ProfiledProcessor { inner: self.inner.get_processor(), rec: self.rec.clone() })
+        // `get_processor` returns `Arc<dyn Processor>` (not `Send`/`Sync`) in mistral.rs's trait.
+        #[allow(clippy::arc_with_non_send_sync)]
+        let wrapped = Arc::new(ProfiledProcessor { inner: self.inner.get_processor(), rec: self.rec.clone() });
+        wrapped
     }
     fn get_chat_template(&self) -> Option<Arc<ChatTemplate>> {
         self.inner.get_chat_template()
@@ -506,7 +582,7 @@ impl Pipeline for ProfiledPipeline {
         let sampling = self.rec.cpu.start(CpuOp::SAMPLING);
         let result = self.inner.sample_causal_gen(seqs, logits, prefix_cacher, disable_eos_stop, rng).await;
         sampling.stop();
-        self.rec.end_step(seqs);
+        self.rec.end_step(seqs, self.rec.phase.load(Ordering::Relaxed) == 0);
         result
     }
 

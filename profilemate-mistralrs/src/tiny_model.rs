@@ -1,8 +1,9 @@
 //! A tiny randomly initialised Llama model folder that mistral.rs loads from disk, for tests,
 //! examples and benchmarks without a model hub.
 //!
-//! Hidden size 128, 2 layers, 4 attention heads (2 KV heads), MLP 256, a 1024-token word-level
-//! vocabulary (`<s>`, `</s>`, `<unk>`, then `w3` ... `w1023`), 512 positions, float32 weights
+//! Hidden size 128, 2 layers, 4 attention heads (2 KV heads), MLP 256, a byte-level tokenizer of
+//! 259 tokens (`<s>`, `</s>`, `<unk>`, then the 256 bytes; no merges, so one token per byte, which
+//! mistral.rs's grammar support accepts), 1024 positions, float32 weights
 //! drawn from a fixed-seed generator (the same folder every time with this lock file), a chat template in
 //! `tokenizer_config.json` and `rope_theta` at the top level of `config.json` (both of which
 //! mistral.rs needs). About 2 MB, written in milliseconds.
@@ -21,20 +22,36 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Vocabulary size: 3 special tokens and 1021 words `w3` ... `w1023`.
-pub const VOCAB: usize = 1024;
+/// Vocabulary size: 3 special tokens and the 256 bytes.
+pub const VOCAB: usize = 259;
 const HIDDEN: usize = 128;
 const INTERMEDIATE: usize = 256;
 const LAYERS: usize = 2;
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 /// The model's context length (`max_position_embeddings`).
-pub const MAX_POSITIONS: usize = 512;
+pub const MAX_POSITIONS: usize = 1024;
 
-/// A prompt of `n` words (`n` tokens before the chat template adds its own), different for
-/// each `seed`.
+/// A prompt of exactly `n` tokens (`n` lowercase letters, one token each, before the chat template
+/// adds its own), different for each `seed`.
 pub fn prompt(n: usize, seed: usize) -> String {
-    (0..n).map(|i| format!("w{}", 3 + (seed * 131 + i * 17) % (VOCAB - 3))).collect::<Vec<_>>().join(" ")
+    (0..n).map(|i| char::from(b'a' + ((seed * 7 + i * 3 + i / 26) % 26) as u8)).collect()
+}
+
+/// GPT-2's byte-to-character table: the character a byte-level tokenizer writes for each byte.
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap_or('?')
+            }
+        })
+        .collect()
 }
 
 /// Writes the model folder into `dir` (created if needed): `config.json`,
@@ -77,8 +94,8 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
     for (id, token) in specials.iter().enumerate() {
         vocab.insert((*token).to_string(), json!(id));
     }
-    for id in specials.len()..VOCAB {
-        vocab.insert(format!("w{id}"), json!(id));
+    for (byte, c) in byte_chars().into_iter().enumerate() {
+        vocab.insert(c.to_string(), json!(specials.len() + byte));
     }
     let added: Vec<_> = specials
         .iter()
@@ -96,10 +113,12 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
             "padding": null,
             "added_tokens": added,
             "normalizer": null,
-            "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
             "post_processor": null,
-            "decoder": null,
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": []}
         }),
     )?;
     put(
@@ -111,7 +130,7 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
             "add_bos_token": false,
             "model_max_length": MAX_POSITIONS,
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "chat_template": "{{ bos_token }}{% for message in messages %}{{ message['content'] }} {% endfor %}"
+            "chat_template": "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
         }),
     )?;
     let mut rng = StdRng::seed_from_u64(0x5eed);

@@ -28,7 +28,7 @@ struct Outcome {
     completion_tokens: usize,
 }
 
-async fn load(model: &Path) -> (SharedPipeline, SchedulerConfig, mistralrs::model_builder_trait::AddModelConfig) {
+async fn load(model: &Path) -> (SharedPipeline, SchedulerConfig, mistralrs_core::AddModelConfig) {
     let builder = TextModelBuilder::new(model.display())
         .with_dtype(ModelDType::F32)
         .with_token_source(TokenSource::None)
@@ -159,20 +159,50 @@ async fn profiles_a_real_engine_and_agrees_with_its_usage() {
         }
     }
 
+    // mistral.rs runs one warm-up request of its own while the engine starts (its rows come
+    // before our first request); then our requests. Recomputes: mistral.rs's default scheduler
+    // runs one length bucket at a time and, when nothing runs, puts set-aside sequences back
+    // through a prompt step with all their tokens; each is a RECOMPUTE preemption row whose
+    // extra_info says how many tokens that prompt step computed.
+    let ids: Vec<&str> = profiled.iter().map(|o| o.id.as_str()).collect();
+    let ours = |r: &Row| ids.contains(&r["request_id"].as_str());
+    let t0 = lifecycle.iter().filter(|r| ours(r)).map(|r| num(r, "started_sec")).fold(f64::INFINITY, f64::min);
+    for r in lifecycle.iter().filter(|r| !ours(r)) {
+        assert!(num(r, "finished_sec") <= t0, "a request that is not ours after ours started: {r:?}");
+    }
+    let recomputes: Vec<&Row> = events.iter().filter(|e| ours(e) && e["event"] == "preempted").collect();
+    let recomputed: usize = recomputes
+        .iter()
+        .map(|e| {
+            assert_eq!(e["reason"], "RECOMPUTE");
+            e["extra_info"].strip_prefix("recomputed_tokens=").expect("recomputed_tokens").parse::<usize>().expect("n")
+        })
+        .sum();
+    let forward_ours: Vec<&Row> = forward.iter().filter(|r| num(r, "timestamp_sec") >= t0).collect();
+
     // Against mistral.rs's own accounting (each response's Usage): every prompt token is
-    // computed once in a prefill step (no prefix-cache hits: the prompts differ), and every
-    // completion token but the last is fed back through one decode step.
+    // computed in the request's first prefill step (no prefix-cache hits: the prompts differ from
+    // their second token on), a recompute computes the tokens it says, and every completion
+    // token but the last is produced by a decode step or a recompute.
     let prompt: usize = profiled.iter().map(|o| o.prompt_tokens).sum();
     let completion: usize = profiled.iter().map(|o| o.completion_tokens).sum();
-    let tokens =
-        |phase: &str| -> usize { forward.iter().filter(|r| r["phase"] == phase).map(|r| int(r, "num_tokens")).sum() };
-    let sequences =
-        |phase: &str| -> usize { forward.iter().filter(|r| r["phase"] == phase).map(|r| int(r, "batch_size")).sum() };
-    assert_eq!(tokens("prefill"), prompt, "prefill tokens = Usage.prompt_tokens summed");
-    assert_eq!(sequences("prefill"), n, "each request prefilled once");
-    assert_eq!(tokens("decode"), completion - n, "decode tokens = Usage.completion_tokens - 1 per request");
-    let total: usize = forward.iter().map(|r| int(r, "num_tokens")).sum();
-    assert_eq!(total + n, prompt + completion);
+    let tokens = |phase: &str| -> usize {
+        forward_ours.iter().filter(|r| r["phase"] == phase).map(|r| int(r, "num_tokens")).sum()
+    };
+    let sequences = |phase: &str| -> usize {
+        forward_ours.iter().filter(|r| r["phase"] == phase).map(|r| int(r, "batch_size")).sum()
+    };
+    let r = recomputes.len();
+    // A request that ends in a prompt step gets one more decode pass from mistral.rs (its state is
+    // reset to RunningCompletion after the step); its finished row says `finished_in=prefill`.
+    let extra = events.iter().filter(|e| ours(e) && e["extra_info"].ends_with(";finished_in=prefill")).count();
+    assert_eq!(tokens("prefill"), prompt + recomputed, "prefill tokens = Usage.prompt_tokens summed + recomputed");
+    assert_eq!(sequences("prefill"), n + r, "each request prefilled once, plus its recomputes");
+    assert_eq!(
+        tokens("decode"),
+        completion - n - r + extra,
+        "decode tokens = Usage.completion_tokens - 1 per request - recomputes + extra passes"
+    );
     for (o, &(_, max_len)) in profiled.iter().zip(WORK.iter()) {
         assert!(o.completion_tokens <= max_len, "{o:?}");
         if o.finish_reason == "length" {
@@ -180,22 +210,26 @@ async fn profiles_a_real_engine_and_agrees_with_its_usage() {
         }
     }
     eprintln!(
-        "cross-check: {} forward rows ({} prefill, {} decode); forward tokens {} (prefill {}, decode {}) \
-         = Usage prompt {} + completion {} - {} requests",
-        forward.len(),
-        forward.iter().filter(|r| r["phase"] == "prefill").count(),
-        forward.iter().filter(|r| r["phase"] == "decode").count(),
-        total,
+        "cross-check: {} forward rows for our requests ({} prefill, {} decode, {} of them recomputes of {} tokens); \
+         prefill tokens {} = Usage prompt {} + recomputed {}; decode tokens {} = Usage completion {} - {} requests - {} recomputes + {} extra passes",
+        forward_ours.len(),
+        forward_ours.iter().filter(|r| r["phase"] == "prefill").count(),
+        forward_ours.iter().filter(|r| r["phase"] == "decode").count(),
+        r,
+        recomputed,
         tokens("prefill"),
-        tokens("decode"),
         prompt,
+        recomputed,
+        tokens("decode"),
         completion,
-        n
+        n,
+        r,
+        extra
     );
 
     // One lifecycle row per request, id = the response's id; started before its first forward
     // pass, finished after its last; its stop reason in the finished event's extra_info.
-    assert_eq!(lifecycle.len(), n, "{lifecycle:?}");
+    assert_eq!(lifecycle.iter().filter(|r| ours(r)).count(), n, "{lifecycle:?}");
     for o in &profiled {
         let row = lifecycle
             .iter()
@@ -203,9 +237,10 @@ async fn profiles_a_real_engine_and_agrees_with_its_usage() {
             .unwrap_or_else(|| panic!("no lifecycle row for {}", o.id));
         let (started, finished) = (num(row, "started_sec"), num(row, "finished_sec"));
         assert!(started < finished);
-        assert_eq!(int(row, "num_preemptions"), 0);
-        // Its prefill pass begins after `started`; its completion_tokens - 1 decode passes end
-        // before `finished`.
+        let own_recomputes = recomputes.iter().filter(|e| e["request_id"] == o.id).count();
+        assert_eq!(int(row, "num_preemptions"), own_recomputes);
+        // Its prefill pass begins after `started`; the decode passes that produced its other
+        // tokens end before `finished`.
         let within = |phase: &str| {
             forward
                 .iter()
@@ -216,19 +251,19 @@ async fn profiles_a_real_engine_and_agrees_with_its_usage() {
                 })
                 .count()
         };
-        assert!(within("prefill") >= 1, "no prefill pass between start and finish of {o:?}");
-        assert!(within("decode") >= o.completion_tokens - 1, "{o:?}: {} decode passes", within("decode"));
-        let first_prefill = forward
-            .iter()
-            .filter(|f| f["phase"] == "prefill" && num(f, "timestamp_sec") >= started)
-            .map(|f| num(f, "timestamp_sec"))
-            .fold(f64::INFINITY, f64::min);
-        assert!(first_prefill < finished);
+        assert!(within("prefill") > own_recomputes, "no prefill pass between start and finish of {o:?}");
+        assert!(
+            within("decode") >= o.completion_tokens - 1 - own_recomputes,
+            "{o:?}: {} decode passes",
+            within("decode")
+        );
         let finish_event = events
             .iter()
             .find(|e| e["request_id"] == o.id && e["event"] == "finished")
             .unwrap_or_else(|| panic!("no finished event for {}", o.id));
-        let reason = finish_event["extra_info"].strip_prefix("stop_reason=").expect("stop_reason");
+        let info =
+            finish_event["extra_info"].strip_suffix(";finished_in=prefill").unwrap_or(&finish_event["extra_info"]);
+        let reason = info.strip_prefix("stop_reason=").expect("stop_reason");
         let openai = match reason {
             "eos" | "stop_token" | "stop_string" => "stop",
             "length" | "model_length" => "length",
@@ -236,8 +271,8 @@ async fn profiles_a_real_engine_and_agrees_with_its_usage() {
         };
         assert_eq!(openai, o.finish_reason, "{finish_event:?}");
     }
-    assert_eq!(events.iter().filter(|e| e["event"] == "started").count(), n);
-    assert_eq!(events.iter().filter(|e| e["event"] == "finished").count(), n);
+    assert_eq!(events.iter().filter(|e| ours(e) && e["event"] == "started").count(), n);
+    assert_eq!(events.iter().filter(|e| ours(e) && e["event"] == "finished").count(), n);
 
     // CPU operations: scheduling (the patch's hook) at least once per engine iteration that ran
     // a step; batch preparation once per step; sampling once per step.
