@@ -88,7 +88,10 @@ async fn main() -> anyhow::Result<()> {
     for r in 1..=rounds {
         let (tokens_a, time_a) = round(&plain, r).await?;
         let (tokens_b, time_b) = round(&profiled, r).await?;
-        anyhow::ensure!(tokens_a == tokens_b, "the two engines generated different token counts");
+        // Token counts may differ by a few between the engines: which sequences share a step
+        // depends on arrival timing, and a recomputed prompt step rounds differently from the
+        // decode steps it replaces, which moves near-ties of the random model (and so where an
+        // end-of-sequence token falls). Each round's rate uses its own count.
         let (a, b) = (tokens_a as f64 / time_a.as_secs_f64(), tokens_b as f64 / time_b.as_secs_f64());
         plain_tps.push(a);
         prof_tps.push(b);

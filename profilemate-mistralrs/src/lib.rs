@@ -44,6 +44,16 @@
 //!
 //! `request_id` is mistral.rs's sequence id, the `id` of the request's response.
 //!
+//! Two behaviours of mistral.rs 0.8.1's default scheduler show in the rows. It runs one length
+//! bucket at a time and sets the other sequences aside; when nothing runs, it puts every waiting
+//! sequence back through a prompt step, and one set aside mid-generation is recomputed from all
+//! its tokens: a `preempted` row with reason `RECOMPUTE` and `recomputed_tokens=N` (the tokens that
+//! prompt step computed) followed by `resumed`, both at that step (mistral.rs does not say when it
+//! set the sequence aside). And after a prompt step it sets every sequence back to running, even
+//! one whose sampling just finished it, which then gets one more decode pass: such a request's
+//! `finished` row is written at the prompt step, with `finished_in=prefill`. The engine's own
+//! warm-up request at start-up is recorded like any other.
+//!
 //! What mistral.rs does not give a pipeline, and so is not recorded: a token budget per step
 //! (`max_tokens` is 0, token utilization empty), KV cache blocks (the default scheduler has none;
 //! the PagedAttention scheduler runs on CUDA and Metal only), preemptions (same), and the time a
