@@ -3,7 +3,7 @@
 # checkout (no copy of mistral.rs is ever committed):
 #   1. cargo downloads mistralrs-core 0.8.1 from crates.io (a throwaway manifest, `cargo fetch`);
 #   2. its sources are unpacked into ~/.cache/profilemate/mistralrs-core-0.8.1-profilemate/;
-#   3. profilemate-mistralrs/patches/mistralrs-core-0.8.1.patch (ours, about 30 added lines) is
+#   3. profilemate-mistralrs/patches/mistralrs-core-0.8.1.patch (ours, 34 added lines) is
 #      applied: mistral.rs 0.8.1 makes `Pipeline` public but keeps its mixin traits and the types
 #      in their signatures private, so no crate outside it can wrap a pipeline; the patch re-exports
 #      them (`mistralrs_core::pipeline_ext`) and adds one hook, `Pipeline::scheduled`, that the

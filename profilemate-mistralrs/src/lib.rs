@@ -63,7 +63,7 @@
 //!
 //! mistral.rs 0.8.1 makes [`Pipeline`] public but keeps its mixin traits and the types in
 //! their signatures private, so no crate outside it can implement a pipeline. The crate is built
-//! against mistralrs-core 0.8.1 with `patches/mistralrs-core-0.8.1.patch` applied (37 added
+//! against mistralrs-core 0.8.1 with `patches/mistralrs-core-0.8.1.patch` applied (34 added
 //! lines: the re-exports in `mistralrs_core::pipeline_ext`, and the `Pipeline::scheduled` hook
 //! with `IntervalLogger::queue_lengths`), which `scripts/mistralrs-patch.sh` prepares outside the
 //! checkout.
