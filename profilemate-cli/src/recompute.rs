@@ -454,7 +454,7 @@ mod tests {
         for (t, layer, expert_id, num_tokens) in
             [(0.0, 0, 0, 30), (0.0, 0, 1, 10), (0.0, 1, 0, 20), (0.1, 1, 1, 20), (0.1, 0, 3, 0)]
         {
-            routing.add(&MoeRoutingRow { timestamp_sec: t, layer, expert_id, num_tokens });
+            routing.add(&MoeRoutingRow { timestamp_sec: t, layer, expert_id, num_tokens, window_steps: 1 });
         }
         let s = moe_expert(&routing);
         let l0 = &s.layers["0"];
