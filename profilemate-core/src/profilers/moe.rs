@@ -36,6 +36,7 @@ impl MoeExpertProfiler {
     /// then holds exactly these totals. With `window` set, once the layer has at least `window`
     /// calls since its open window started (or at `close`, any), appends the window's rows: the
     /// tokens each expert received in it.
+    #[allow(clippy::too_many_arguments)] // the collector's one call site names each figure
     pub(crate) fn observe_totals(
         &mut self,
         layer: u32,
