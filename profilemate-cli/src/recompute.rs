@@ -127,7 +127,8 @@ pub fn preemption(events: &[PreemptionEventRow]) -> PreemptionSummary {
                     requests_preempted += 1;
                 }
                 st.preemptions += 1;
-                st.preempted_at = Some(e.timestamp_sec);
+                // A second preemption before a resume: the delay runs from the first.
+                st.preempted_at.get_or_insert(e.timestamp_sec);
                 total_preemptions += 1;
                 let key = if e.reason.is_empty() { "unspecified" } else { e.reason.as_str() };
                 *reasons.entry(key.to_string()).or_insert(0) += 1;

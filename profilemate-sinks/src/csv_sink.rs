@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// a process killed at any instant leaves files whose complete lines all parse.
 ///
 /// Formats: seconds with 6 decimals (rounded to the microsecond), milliseconds with 6 (exact to
-/// the nanosecond), percentages with 4, throughput with 3, all written from the integer
+/// the nanosecond), percentages with 4, throughput with at least 6 significant digits (and 3 decimals), all written from the integer
 /// nanoseconds and counts by integer arithmetic; a field with no value is empty; text is quoted
 /// where RFC 4180 requires it.
 ///
@@ -293,10 +293,14 @@ impl Line {
             None => self.empty(),
         }
     }
-    /// `tokens / ns * 10^9` with 3 decimals; empty when `ns` is 0.
+    /// `tokens / ns * 10^9` with at least 6 significant digits and 3 decimals; empty when `ns`
+    /// is 0.
     fn throughput(&mut self, tokens: u32, ns: u64) -> &mut Self {
-        match numbers::throughput_e3(tokens, ns) {
-            Some(milli) => self.fixed(milli / 1000, milli % 1000, 3),
+        match numbers::throughput_fixed(tokens, ns) {
+            Some((t, d)) => {
+                let scale = 10u64.pow(d);
+                self.fixed(t / scale, t % scale, d as usize)
+            }
             None => self.empty(),
         }
     }
