@@ -135,8 +135,8 @@ pub struct Config {
     /// Events each recording thread can buffer before the collector drains them; more are
     /// dropped and counted.
     pub buffer_events: usize,
-    /// How often the collector drains the buffers, in milliseconds. Files are flushed about
-    /// once a second.
+    /// How often the collector drains the buffers, in milliseconds. Files are flushed after
+    /// every pass.
     pub flush_interval_ms: u64,
     /// Token utilization below this percentage counts as an underutilization event.
     pub underutilization_threshold_pct: f64,

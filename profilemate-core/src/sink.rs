@@ -57,7 +57,7 @@ pub trait Sink: Send {
         Ok(())
     }
 
-    /// Pushes buffered output to its destination (about once a second).
+    /// Pushes buffered output to its destination (after every collector pass).
     ///
     /// # Errors
     ///

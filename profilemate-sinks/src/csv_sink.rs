@@ -11,7 +11,7 @@ use std::sync::Arc;
 /// Writes the contract CSV tables (those of the enabled profilers and trackers) into a directory.
 ///
 /// Each file is created with its header row at once, so a reader finds every file from the
-/// start of the run. Rows are buffered and reach the disk at every flush (about once a second);
+/// start of the run. Rows are buffered and reach the disk at every flush (after every collector pass);
 /// a process killed at any instant leaves files whose complete lines all parse.
 ///
 /// Formats: seconds with 6 decimals (rounded to the microsecond), milliseconds with 6 (exact to

@@ -192,7 +192,7 @@ impl fmt::Display for Fixed {
 /// trace and counted (the tables still have it).
 ///
 /// **Streaming and rolling files.** The file starts with `[` and the events follow as the run
-/// goes (flushed about once a second, in whole events only: a process killed at any instant
+/// goes (flushed after every collector pass, in whole events only: a process killed at any instant
 /// leaves a file that ends with a complete event); [`finish`](Sink::finish) closes the array. A
 /// trace whose closing `]` is missing (a process killed mid-run) still opens: the JSON Array
 /// Format allows it, and appending `]` makes it valid JSON. A file holds at most [`DEFAULT_MAX_EVENTS_PER_FILE`] events (1,000,000, some 150 MB, which
@@ -337,7 +337,9 @@ impl PerfettoSink {
         for (tid, name) in &self.tracks {
             thread_metadata(&mut out, self.pid, *tid, name)?;
         }
+        // The file holds a valid start from the first moment.
         out.mark()?;
+        out.flush()?;
         self.out = Some(out);
         self.events_in_file = 0;
         Ok(())

@@ -77,6 +77,29 @@ impl MoeExpertProfiler {
         w.start_calls = calls;
     }
 
+    /// Adds tokens per expert of `layer` summed over `records` routing calls (one per step), as
+    /// read back from windowed `moe_expert_routing.csv` rows; no rows are written.
+    ///
+    /// ```
+    /// use profilemate_core::{MoeExpertProfiler, Profiler, Summaries};
+    /// let mut moe = MoeExpertProfiler::new();
+    /// moe.add_totals(3, &[40, 0, 10], 100);
+    /// let mut s = Summaries::default();
+    /// moe.summarize(&mut s);
+    /// let s = s.moe_expert.unwrap();
+    /// assert_eq!((s.records, s.layers["3"].total_tokens), (100, 50));
+    /// ```
+    pub fn add_totals(&mut self, layer: u32, tokens_per_expert: &[u64], records: u64) {
+        let totals = self.layers.entry(layer).or_default();
+        if totals.len() < tokens_per_expert.len() {
+            totals.resize(tokens_per_expert.len(), 0);
+        }
+        for (total, n) in totals.iter_mut().zip(tokens_per_expert) {
+            *total += n;
+        }
+        self.records += records;
+    }
+
     /// One step's rows of `layer` (per-step detail), the layer's call `step`; the totals come
     /// from [`observe_totals`](Self::observe_totals).
     pub(crate) fn detail(
