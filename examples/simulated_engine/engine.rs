@@ -312,6 +312,8 @@ struct Scheduled {
 /// Runs the simulated engine to completion, recording into `session`.
 pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
     config.validate()?;
+    // The engine's own count of completed steps, one line each, for tests that kill it.
+    let print_steps = std::env::var_os("SIMULATED_ENGINE_PRINT_STEPS").is_some();
     let forward = session.forward_pass();
     let cpu = session.cpu_timing();
     let batches = session.batch_utilization();
@@ -579,6 +581,9 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
         }
 
         stats.steps += 1;
+        if print_steps {
+            println!("step {}", stats.steps);
+        }
         stats.phases[match phase {
             Phase::Prefill => 0,
             Phase::Decode => 1,

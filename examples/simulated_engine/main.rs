@@ -112,6 +112,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if std::env::var_os("SIMULATED_ENGINE_PRINT_STEPS").is_some() {
+        println!("shutdown {}", stats.steps);
+    }
     let manifest = match session.shutdown() {
         Ok(m) => m,
         Err(e) => {

@@ -70,6 +70,21 @@ pub const ALL_FILES: [&str; 18] = [
     MANIFEST_JSON,
 ];
 
+/// Columns added to a contract CSV file since the contract was written, read when present.
+///
+/// ```
+/// use profilemate_cli::contract::{optional_columns, MOE_CSV};
+/// assert_eq!(optional_columns(MOE_CSV), ["window_steps"]);
+/// ```
+pub fn optional_columns(file: &str) -> &'static [&'static str] {
+    match file {
+        // Windowed MoE rows: how many steps a row sums (absent in files of older versions,
+        // whose rows are one step each).
+        MOE_CSV => &["window_steps"],
+        _ => &[],
+    }
+}
+
 /// The columns the contract requires in each CSV file, in the contract's order. A file may have
 /// more columns after these; they are ignored.
 ///

@@ -143,7 +143,8 @@ pub struct CudaGraphRow {
     pub duration_ms: Option<f64>,
 }
 
-/// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert in one step.
+/// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert in a window of
+/// `window_steps` steps (1 for per-step rows, and in files written before windows existed).
 #[derive(Debug, Clone, PartialEq)]
 #[allow(missing_docs)]
 pub struct MoeRoutingRow {
@@ -151,6 +152,7 @@ pub struct MoeRoutingRow {
     pub layer: u64,
     pub expert_id: u64,
     pub num_tokens: u64,
+    pub window_steps: u64,
 }
 
 /// The most experts a layer may have in `moe_expert_routing.csv`; a larger expert id is taken
@@ -159,14 +161,15 @@ pub const MAX_EXPERT_ID: u64 = 65_535;
 
 /// `moe_expert_routing.csv`, summed as it is read.
 ///
-/// The file has a row per layer, expert and step (a long run of a large MoE model writes
-/// hundreds of millions), so its rows are not kept: only the tokens per expert per layer.
+/// The file has a row per layer and expert per window of steps (or per step, with per-step
+/// detail on: a long run of a large MoE model then writes hundreds of millions), so its rows are
+/// not kept: only the tokens per expert per layer.
 ///
 /// ```
 /// use profilemate_cli::{MoeRouting, MoeRoutingRow};
 /// let mut routing = MoeRouting::default();
 /// for (expert_id, num_tokens) in [(0, 5), (3, 2)] {
-///     routing.add(&MoeRoutingRow { timestamp_sec: 0.5, layer: 7, expert_id, num_tokens });
+///     routing.add(&MoeRoutingRow { timestamp_sec: 0.5, layer: 7, expert_id, num_tokens, window_steps: 1 });
 /// }
 /// assert_eq!(routing.tokens[&7], vec![5, 0, 0, 2]);
 /// assert_eq!((routing.rows, routing.records), (2, 1));
@@ -179,8 +182,9 @@ pub struct MoeRouting {
     pub tokens: std::collections::BTreeMap<u64, Vec<u64>>,
     /// Rows read.
     pub rows: u64,
-    /// Routing records: runs of consecutive rows of one layer and one timestamp (a writer
-    /// writes a layer's experts of one step together).
+    /// Routing records (one per layer and step): over runs of consecutive rows of one layer and
+    /// one timestamp (a writer writes a layer's experts of one window together), the sum of
+    /// their `window_steps`.
     pub records: u64,
     last: Option<(u64, u64)>,
 }
@@ -197,7 +201,7 @@ impl MoeRouting {
         self.rows += 1;
         let key = (row.layer, row.timestamp_sec.to_bits());
         if self.last != Some(key) {
-            self.records += 1;
+            self.records += row.window_steps;
             self.last = Some(key);
         }
     }
@@ -359,7 +363,13 @@ fn moe_row(r: &Row<'_>) -> Result<MoeRoutingRow, FieldError> {
             message: format!("expert id {expert_id} is beyond {MAX_EXPERT_ID}, more experts than any layer has"),
         });
     }
-    Ok(MoeRoutingRow { timestamp_sec: r.non_negative(0)?, layer: r.count(1)?, expert_id, num_tokens: r.count(3)? })
+    Ok(MoeRoutingRow {
+        timestamp_sec: r.non_negative(0)?,
+        layer: r.count(1)?,
+        expert_id,
+        num_tokens: r.count(3)?,
+        window_steps: r.opt_count(4)?.unwrap_or(1),
+    })
 }
 
 impl RunData {

@@ -71,6 +71,7 @@ mod input;
 pub mod insights;
 mod plots;
 mod recompute;
+mod recover;
 mod report;
 
 pub use data::{
@@ -80,6 +81,7 @@ pub use data::{
 pub use error::ReportError;
 pub use insights::{Comparison, Insight, Rule, Severity, Thresholds};
 pub use plots::{write_plots, Figure, PlotOutput, MAX_POINTS};
+pub use recover::{recover, Recovery};
 pub use report::{
     BatchSection, ComponentSection, CpuSection, CudaGraphSection, ForwardPassSection, KvCacheSection,
     KvPreemptionMatch, MoeLayerSection, MoeSection, Note, NoteKind, PaddedGraph, PhaseShares, PreemptionSection,

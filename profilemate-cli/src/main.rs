@@ -32,6 +32,13 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         html: Option<PathBuf>,
     },
+    /// Complete the files of a run whose process was killed: drop torn last CSV lines, close
+    /// the Perfetto trace, rebuild the summaries from the rows and record in
+    /// profilemate_run.json what was done (finished_cleanly: false). Safe to run again.
+    Recover {
+        /// The run directory.
+        dir: PathBuf,
+    },
 }
 
 fn run(cli: Cli) -> Result<(), profilemate_cli::ReportError> {
@@ -62,6 +69,29 @@ fn run(cli: Cli) -> Result<(), profilemate_cli::ReportError> {
                     .map_err(|e| profilemate_cli::ReportError::Io { path: file.clone(), source: e })?;
                 eprintln!("profilemate: wrote {}", file.display());
             }
+            Ok(())
+        }
+        Command::Recover { dir } => {
+            let r = profilemate_cli::recover(&dir)?;
+            if !r.needed {
+                eprintln!("profilemate: {} finished cleanly: nothing to recover", dir.display());
+                return Ok(());
+            }
+            for (file, bytes) in &r.torn_bytes_dropped {
+                eprintln!("profilemate: {file}: dropped a torn last line ({bytes} bytes)");
+            }
+            for file in &r.traces_closed {
+                eprintln!("profilemate: {file}: closed the trace");
+            }
+            for file in &r.parquet_partial {
+                eprintln!(
+                    "profilemate: {file}: incomplete Parquet file (no footer), not recovered; the CSV has the rows"
+                );
+            }
+            eprintln!(
+                "profilemate: rebuilt {} summaries from the rows; profilemate_run.json says finished_cleanly: false",
+                r.summaries_rebuilt.len()
+            );
             Ok(())
         }
     }

@@ -127,7 +127,8 @@ pub fn preemption(events: &[PreemptionEventRow]) -> PreemptionSummary {
                     requests_preempted += 1;
                 }
                 st.preemptions += 1;
-                st.preempted_at = Some(e.timestamp_sec);
+                // A second preemption before a resume: the delay runs from the first.
+                st.preempted_at.get_or_insert(e.timestamp_sec);
                 total_preemptions += 1;
                 let key = if e.reason.is_empty() { "unspecified" } else { e.reason.as_str() };
                 *reasons.entry(key.to_string()).or_insert(0) += 1;
@@ -454,7 +455,7 @@ mod tests {
         for (t, layer, expert_id, num_tokens) in
             [(0.0, 0, 0, 30), (0.0, 0, 1, 10), (0.0, 1, 0, 20), (0.1, 1, 1, 20), (0.1, 0, 3, 0)]
         {
-            routing.add(&MoeRoutingRow { timestamp_sec: t, layer, expert_id, num_tokens });
+            routing.add(&MoeRoutingRow { timestamp_sec: t, layer, expert_id, num_tokens, window_steps: 1 });
         }
         let s = moe_expert(&routing);
         let l0 = &s.layers["0"];

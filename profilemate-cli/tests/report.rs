@@ -924,3 +924,28 @@ fn core_written_trackers_read_back_and_recompute_to_the_same_numbers() {
     assert_eq!(a.most_imbalanced_layers, b.most_imbalanced_layers);
     assert!(close(a.max_over_mean, b.max_over_mean));
 }
+
+/// A table an output budget rolled over is read file after file, oldest first; windowed MoE rows
+/// count their steps as routing records.
+#[test]
+fn rolled_over_tables_and_windowed_moe_rows_are_read() {
+    let run = Run::new();
+    let fwd = "timestamp_sec,phase,batch_size,num_tokens,forward_time_ms,throughput_tokens_per_sec\n";
+    run.write("forward_pass_timing.3.csv", &format!("{fwd}0.100000,decode,4,4,2.000000,2000.000\n"));
+    run.write("forward_pass_timing.12.csv", &format!("{fwd}0.200000,decode,4,8,2.000000,4000.000\n"));
+    run.write("forward_pass_timing.csv", &format!("{fwd}0.300000,prefill,1,64,4.000000,16000.000\n"));
+    let windowed = "timestamp_sec,layer,expert_id,num_tokens,window_first_step,window_steps\n";
+    run.write("moe_expert_routing.1.csv", &format!("{windowed}0.5,0,0,40,0,100\n0.5,0,2,10,0,100\n"));
+    run.write("moe_expert_routing.csv", &format!("{windowed}0.9,0,1,7,100,5\n"));
+    let data = RunData::load(run.path()).unwrap();
+    let tokens: Vec<u64> = data.forward_pass.as_ref().unwrap().iter().map(|r| r.num_tokens).collect();
+    assert_eq!(tokens, [4, 8, 64], "numbered files oldest (lowest number) first, then the live file");
+    let moe = data.moe_routing.as_ref().unwrap();
+    assert_eq!(moe.tokens[&0], vec![40, 7, 10]);
+    assert_eq!((moe.rows, moe.records), (3, 105), "two windows of 100 and 5 steps");
+    assert!(
+        data.notes.iter().any(|n| n.message.contains("forward_pass_timing.csv: read 2 rolled-over files")),
+        "{:?}",
+        data.notes
+    );
+}

@@ -5,10 +5,11 @@ use crate::backend::{Mark, Resolution};
 use crate::config::Config;
 use crate::event::Event;
 use crate::handles::{BatchSample, KvCacheSample};
-use crate::manifest::{RunManifest, FORMAT_VERSION, MANIFEST_FILE};
+use crate::manifest::{OutputBudgetReport, RunManifest, FORMAT_VERSION, MANIFEST_FILE};
+use crate::moe_counts::LayerSnapshot;
 use crate::profilers::*;
 use crate::record::*;
-use crate::recorder::{DropCounters, Shared, ThreadBuffer, Timing};
+use crate::recorder::{DropCounters, MoeSource, Shared, ThreadBuffer, Timing};
 use crate::rows::{Rows, Table};
 use crate::sink::{write_atomic, Sink};
 use crate::summary::Summaries;
@@ -205,13 +206,20 @@ pub(crate) struct Collector {
     order: Vec<(u64, u32)>,
     pending: VecDeque<Decoded>,
     scratch: Vec<u8>,
+    /// Every thread's MoE routing totals (kept after the thread exits: they are its counts).
+    moe_sources: Vec<MoeSource>,
+    moe_snapshot: LayerSnapshot,
+    moe_tokens: Vec<u64>,
+    moe_detail: Vec<(u64, u32, u64, Vec<u32>)>,
     last_summary_step: u64,
     summaries_dirty: bool,
     last_file_flush: Instant,
     last_summary_time: Instant,
 }
 
-const FILE_FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Files are flushed after every collector pass: a killed process loses at most the rows of
+/// about one collector period (100 ms by default), not a second's.
+const FILE_FLUSH_EVERY: Duration = Duration::ZERO;
 const SUMMARY_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
 const SHUTDOWN_DEVICE_WAIT: Duration = Duration::from_secs(10);
 
@@ -242,6 +250,10 @@ impl Collector {
             order: Vec::new(),
             pending: VecDeque::new(),
             scratch: Vec::new(),
+            moe_sources: Vec::new(),
+            moe_snapshot: LayerSnapshot::default(),
+            moe_tokens: Vec::new(),
+            moe_detail: Vec::new(),
             last_summary_step: 0,
             summaries_dirty: false,
             last_file_flush: Instant::now(),
@@ -273,6 +285,7 @@ impl Collector {
     /// One pass: drain, resolve, observe, write rows, and summaries when due.
     fn cycle(&mut self) {
         self.drain_buffers();
+        self.collect_moe(false);
         self.resolve_pending(false);
         self.write_rows();
         let steps = self.steps();
@@ -330,6 +343,66 @@ impl Collector {
         events.clear();
         self.batch_events = events;
         self.order = order;
+    }
+
+    /// Reads every thread's MoE routing totals into the tracker (and the per-step detail
+    /// buffers, when on). `close` ends every open window (shutdown).
+    fn collect_moe(&mut self, close: bool) {
+        {
+            let mut incoming = self.shared.incoming_moe.lock().unwrap_or_else(|p| p.into_inner());
+            self.moe_sources.append(&mut incoming);
+        }
+        let Some(p) = &mut self.moe else { return };
+        let mut rows = std::mem::take(&mut self.rows);
+        let clock = &self.shared.clock;
+        let start = self.shared.start_raw;
+        // Per-step detail first, so a step's rows come before a window that holds it.
+        let detail = &mut self.moe_detail;
+        for src in &mut self.moe_sources {
+            let Some(consumer) = &mut src.detail else { continue };
+            let scratch = &mut self.scratch;
+            drain(consumer, |head, rest| {
+                let (layer, experts) = head.pair(2);
+                let step = u32::from_le_bytes([head.0[4], head.0[5], head.0[6], head.0[7]]);
+                scratch.clear();
+                let mut it = &mut *rest;
+                read_text(head, MOE_DATA_AT, experts as usize * 4, &mut it, scratch);
+                let counts = scratch.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
+                detail.push((head.word(1), layer, u64::from(step), counts));
+            });
+        }
+        for (raw, layer, step, counts) in detail.drain(..) {
+            p.detail(clock.delta_ns(start, raw), layer, step, &counts, &mut rows);
+        }
+        let window = (self.info.config.moe_window_steps > 0).then_some(self.info.config.moe_window_steps);
+        let end = self.moe_sources.iter().map(|s| s.counts.layer_end()).max().unwrap_or(0);
+        let snap = &mut self.moe_snapshot;
+        'layers: for layer in 0..end {
+            let (mut calls, mut last_raw, mut seen) = (0u64, 0u64, false);
+            self.moe_tokens.clear();
+            for src in &self.moe_sources {
+                match src.counts.snapshot(layer, snap) {
+                    Ok(false) => continue,
+                    Ok(true) => {}
+                    // A writer mid-update through every retry: the whole layer waits a pass.
+                    Err(()) => continue 'layers,
+                }
+                seen = true;
+                calls += snap.calls;
+                last_raw = last_raw.max(snap.last_raw);
+                if self.moe_tokens.len() < snap.tokens.len() {
+                    self.moe_tokens.resize(snap.tokens.len(), 0);
+                }
+                for (total, n) in self.moe_tokens.iter_mut().zip(&snap.tokens) {
+                    *total += n;
+                }
+            }
+            if seen {
+                let ts = clock.delta_ns(start, last_raw);
+                p.observe_totals(layer, calls, ts, &self.moe_tokens, window, close, &mut rows);
+            }
+        }
+        self.rows = rows;
     }
 
     /// Resolves device-timed events in order, in batches of `cuda_event_batch` queries, batch
@@ -657,7 +730,7 @@ impl Collector {
             dropped.insert(kind.as_str().to_string(), reasons);
         }
         let config = &self.info.config;
-        RunManifest {
+        let mut manifest = RunManifest {
             format_version: FORMAT_VERSION,
             profilemate_version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: self.info.started_at.clone(),
@@ -683,11 +756,31 @@ impl Collector {
             steps: self.steps(),
             elapsed_sec: self.ts(self.shared.now()) as f64 / 1e9,
             finished,
+            bytes_per_step: BTreeMap::new(),
+            bytes_written: BTreeMap::new(),
+            output_budget: config
+                .max_output_bytes
+                .map(|max_bytes| OutputBudgetReport { max_bytes, ..Default::default() }),
+        };
+        for files in self.sinks.iter().filter_map(|s| s.output_files()) {
+            manifest.bytes_written.extend(files.bytes_written);
+            if let Some(budget) = &mut manifest.output_budget {
+                budget.rolled_files.extend(files.rolled);
+                budget.removed_files.extend(files.removed);
+            }
         }
+        let steps = manifest.steps;
+        manifest.bytes_per_step = manifest
+            .bytes_written
+            .iter()
+            .map(|(file, bytes)| (file.clone(), if steps > 0 { *bytes as f64 / steps as f64 } else { 0.0 }))
+            .collect();
+        manifest
     }
 
     fn shutdown(mut self) -> RunManifest {
         self.drain_buffers();
+        self.collect_moe(true);
         self.resolve_pending(true);
         let now = self.ts(self.shared.now());
         let mut rows = std::mem::take(&mut self.rows);

@@ -65,6 +65,7 @@ mod error;
 mod event;
 mod handles;
 mod manifest;
+mod moe_counts;
 mod profilers;
 mod record;
 mod recorder;
@@ -76,14 +77,15 @@ mod summary;
 mod types;
 
 pub use backend::{HostClock, Mark, Resolution, TimingBackend};
-pub use config::{env, BackendChoice, Config, SinkKind, MIN_BUFFER_EVENTS};
+pub use config::{env, BackendChoice, Config, SinkKind, DEFAULT_MOE_WINDOW_STEPS, MIN_BUFFER_EVENTS, MIN_OUTPUT_BYTES};
 pub use error::{Error, Result};
 pub use event::Event;
 pub use handles::{
     BatchSample, BatchUtilization, ComponentGuard, Components, CpuGuard, CpuTiming, CudaGraphs, ForwardGuard,
     ForwardPass, KvCacheSample, KvCacheUsage, MoeRouting, Requests, MAX_EXPERTS,
 };
-pub use manifest::{RunManifest, FORMAT_VERSION, MANIFEST_FILE};
+pub use manifest::{OutputBudgetReport, RunManifest, FORMAT_VERSION, MANIFEST_FILE};
+pub use moe_counts::MAX_MOE_LAYERS;
 pub use profilers::{
     BatchUtilizationProfiler, CpuTimingProfiler, CudaGraphProfiler, EncoderDecoderProfiler, ForwardPassProfiler,
     KvCacheProfiler, MoeExpertProfiler, PreemptionProfiler, Profiler,
@@ -94,7 +96,7 @@ pub use rows::{
     MoeRoutingRow, Outcome, PreemptionEventRow, RequestLifecycleRow, Rows, Table,
 };
 pub use session::{BackendFactory, Session, SessionBuilder, SinkFactory};
-pub use sink::{write_atomic, MemorySink, Sink, SinkError};
+pub use sink::{write_atomic, MemorySink, OutputFiles, Sink, SinkError};
 pub use stats::{DurationStats, Mean};
 pub use summary::{
     component_shares, BatchUtilizationSummary, ComponentStats, CpuTimingSummary, CudaGraphSummary,

@@ -3,7 +3,8 @@
 //! buffer once, the first time it records into a session.
 
 use crate::backend::{HostClock, TimingBackend};
-use crate::record::{push_plain, push_with_text, Slot};
+use crate::moe_counts::MoeCounts;
+use crate::record::{push_plain, push_with_text, Slot, K_MOE, MOE_DATA_AT};
 use crate::types::{DropReason, ModelType, ProfilerKind};
 use rtrb::{Consumer, Producer, RingBuffer};
 use std::cell::RefCell;
@@ -36,11 +37,20 @@ pub(crate) struct ThreadBuffer {
     pub(crate) drops: Arc<DropCounters>,
 }
 
+/// The collector's end of one thread's MoE routing totals, and of its per-step detail buffer
+/// when `moe_expert_routing.csv` holds one row per step.
+pub(crate) struct MoeSource {
+    pub(crate) counts: Arc<MoeCounts>,
+    pub(crate) detail: Option<Consumer<Slot>>,
+}
+
 struct LocalBuffer {
     session: u64,
     producer: Producer<Slot>,
     drops: Arc<DropCounters>,
     shared: std::sync::Weak<Shared>,
+    /// MoE routing totals, accumulated in place; made the first time the thread records one.
+    moe: Option<(Arc<MoeCounts>, Option<Producer<Slot>>)>,
 }
 
 thread_local! {
@@ -73,6 +83,10 @@ pub(crate) struct Shared {
     pub(crate) operations: RwLock<Vec<Arc<str>>>,
     /// 0: not declared; otherwise 1 + ModelType.
     pub(crate) model_type: AtomicU8,
+    /// MoE routing: per-step detail rows (through a buffer of their own) besides the totals.
+    pub(crate) moe_detail: bool,
+    /// MoE totals of threads that started recording routing since the collector last looked.
+    pub(crate) incoming_moe: Mutex<Vec<MoeSource>>,
 }
 
 impl Shared {
@@ -90,6 +104,8 @@ impl Shared {
             orphan_drops: DropCounters::default(),
             operations: RwLock::new(crate::types::CpuOp::BUILTIN_NAMES.iter().map(|n| Arc::from(*n)).collect()),
             model_type: AtomicU8::new(0),
+            moe_detail: false,
+            incoming_moe: Mutex::new(Vec::new()),
         }
     }
 
@@ -127,12 +143,66 @@ impl Shared {
         self.with_local(kind, |p| push_with_text(p, slot, inline_at, texts));
     }
 
+    /// Adds one layer's routing to this thread's MoE totals and, with per-step detail on, sends
+    /// it to the detail buffer. The totals never share the event buffer with the profilers.
+    #[inline]
+    pub(crate) fn record_moe(self: &Arc<Self>, layer: u32, tokens_per_expert: &[u32]) {
+        let now = self.now();
+        self.with_thread(ProfilerKind::MoeExpert, |local| {
+            let (counts, detail) = match &mut local.moe {
+                Some(m) => m,
+                None => local.moe.insert(self.register_moe()),
+            };
+            let call = counts.add(layer, now, tokens_per_expert).ok_or(DropReason::InvalidValue)?;
+            let Some(detail) = detail else { return Ok(()) };
+            let mut slot = Slot::head(K_MOE, 0, 0);
+            slot.set_word(1, now);
+            slot.set_pair(2, layer, tokens_per_expert.len() as u32);
+            slot.0[4..8].copy_from_slice(&(call as u32).to_le_bytes());
+            // SAFETY: a `u32` slice viewed as bytes: same memory, 4 bytes per element, no
+            // padding, and `u8` has no alignment requirement.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    tokens_per_expert.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(tokens_per_expert),
+                )
+            };
+            push_with_text(detail, slot, MOE_DATA_AT, &[bytes])
+        });
+    }
+
+    /// Creates this thread's MoE totals (and detail buffer): once per thread and session.
+    #[cold]
+    #[inline(never)]
+    fn register_moe(&self) -> (Arc<MoeCounts>, Option<Producer<Slot>>) {
+        let counts = Arc::new(MoeCounts::new());
+        let (producer, consumer) = if self.moe_detail {
+            let (p, c) = RingBuffer::new(self.buffer_events);
+            (Some(p), Some(c))
+        } else {
+            (None, None)
+        };
+        let mut incoming = self.incoming_moe.lock().unwrap_or_else(|p| p.into_inner());
+        incoming.push(MoeSource { counts: counts.clone(), detail: consumer });
+        (counts, producer)
+    }
+
     /// Runs `write` against this thread's buffer for this session, counting a drop if it fails.
     #[inline(always)]
     fn with_local(
         self: &Arc<Self>,
         kind: ProfilerKind,
         write: impl FnOnce(&mut Producer<Slot>) -> Result<(), DropReason>,
+    ) {
+        self.with_thread(kind, |local| write(&mut local.producer));
+    }
+
+    /// Runs `write` against this thread's state for this session, counting a drop if it fails.
+    #[inline(always)]
+    fn with_thread(
+        self: &Arc<Self>,
+        kind: ProfilerKind,
+        write: impl FnOnce(&mut LocalBuffer) -> Result<(), DropReason>,
     ) {
         if self.closed.load(Ordering::Relaxed) {
             self.orphan_drops.add(kind, DropReason::SessionClosed, 1);
@@ -145,7 +215,7 @@ impl Shared {
                 None => self.register(&mut buffers),
             };
             let local = &mut buffers[index];
-            if let Err(reason) = write(&mut local.producer) {
+            if let Err(reason) = write(local) {
                 local.drops.add(kind, reason, 1);
             }
             true
@@ -167,7 +237,7 @@ impl Shared {
         let mut incoming = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
         incoming.push(ThreadBuffer { consumer, drops: drops.clone() });
         drop(incoming);
-        buffers.push(LocalBuffer { session: self.id, producer, drops, shared });
+        buffers.push(LocalBuffer { session: self.id, producer, drops, shared, moe: None });
         buffers.len() - 1
     }
 }

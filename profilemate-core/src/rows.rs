@@ -119,7 +119,9 @@ impl Table {
                 "prefix_cache_hits",
             ],
             Table::CudaGraphEvents => &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms"],
-            Table::MoeExpertRouting => &["timestamp_sec", "layer", "expert_id", "num_tokens"],
+            Table::MoeExpertRouting => {
+                &["timestamp_sec", "layer", "expert_id", "num_tokens", "window_first_step", "window_steps"]
+            }
         }
     }
 
@@ -331,18 +333,25 @@ pub struct CudaGraphRow {
     pub duration_ns: Option<u64>,
 }
 
-/// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert in one step.
-/// Experts that received no token in a step have no row.
+/// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert over a window of
+/// steps (by default), or in one step (per-step detail: `window_steps` 1). Experts that received
+/// no token in the window have no row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeRoutingRow {
-    /// The step's time, nanoseconds since the session started.
+    /// The time of the window's last routing call (of the step, for a one-step window),
+    /// nanoseconds since the session started.
     pub timestamp_ns: u64,
     /// The MoE layer.
     pub layer: u32,
     /// The expert.
     pub expert_id: u32,
-    /// Tokens routed to it.
+    /// Tokens routed to it in the window.
     pub num_tokens: u32,
+    /// The layer's routing calls before the window, counted from 0: with one call per layer
+    /// per step, the engine step the window starts at.
+    pub window_first_step: u64,
+    /// The layer's routing calls (steps) in the window.
+    pub window_steps: u64,
 }
 
 /// A batch of rows of every table, in the order they were recorded.

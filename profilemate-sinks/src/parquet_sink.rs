@@ -1,13 +1,14 @@
 //! The contract tables as Parquet files (the `parquet` feature).
 
 use crate::numbers;
+use crate::OutputBudget;
 use parquet::basic::{Compression, LogicalType, Repetition, Type as PhysicalType};
 use parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int64Type};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::{Type, TypePtr};
-use profilemate_core::{Config, ProfilerKind, Rows, RunManifest, Sink, SinkError, Table};
+use profilemate_core::{Config, OutputFiles, ProfilerKind, Rows, RunManifest, Sink, SinkError, Table};
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -163,9 +164,14 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("padded_batch_size", L, true),
             ("duration_ms", D, true),
         ],
-        Table::MoeExpertRouting => {
-            &[("timestamp_sec", D, false), ("layer", L, false), ("expert_id", L, false), ("num_tokens", L, false)]
-        }
+        Table::MoeExpertRouting => &[
+            ("timestamp_sec", D, false),
+            ("layer", L, false),
+            ("expert_id", L, false),
+            ("num_tokens", L, false),
+            ("window_first_step", L, false),
+            ("window_steps", L, false),
+        ],
     }
 }
 
@@ -275,6 +281,43 @@ struct TableFile {
     writer: Option<SerializedFileWriter<BufWriter<File>>>,
     partial: PathBuf,
     path: PathBuf,
+    /// Under an output budget: each row group is a complete numbered file of its own.
+    budget: Option<Arc<OutputBudget>>,
+    segments: u32,
+    /// Bytes of the numbered files written (under a budget).
+    written: u64,
+}
+
+fn file_writer<W: std::io::Write + Send>(out: W, table: Table) -> Result<SerializedFileWriter<W>, SinkError> {
+    let metadata = vec![
+        KeyValue::new("profilemate.table".to_string(), table.name().to_string()),
+        KeyValue::new("profilemate.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ];
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_created_by(format!("profilemate {} (parquet-rs)", env!("CARGO_PKG_VERSION")))
+        .set_key_value_metadata(Some(metadata))
+        .build();
+    Ok(SerializedFileWriter::new(out, schema(table)?, Arc::new(properties))?)
+}
+
+fn write_group<W: std::io::Write + Send>(
+    writer: &mut SerializedFileWriter<W>,
+    columns: &[Column],
+) -> Result<(), SinkError> {
+    let mut group = writer.next_row_group()?;
+    for column in columns {
+        let mut out = group.next_column()?.ok_or("the schema has fewer columns than the table")?;
+        let defs = column.nullable.then_some(&column.defs[..]);
+        match &column.values {
+            Values::Double(v) => out.typed::<DoubleType>().write_batch(v, defs, None)?,
+            Values::Long(v) => out.typed::<Int64Type>().write_batch(v, defs, None)?,
+            Values::Text(v) => out.typed::<ByteArrayType>().write_batch(v, defs, None)?,
+        };
+        out.close()?;
+    }
+    group.close()?;
+    Ok(())
 }
 
 impl TableFile {
@@ -288,20 +331,51 @@ impl TableFile {
             }
             _ => {}
         }
+        for k in 1.. {
+            if std::fs::remove_file(dir.join(format!("{}.{k}.parquet", table.name()))).is_err() {
+                break;
+            }
+        }
         let file = File::create(&partial).map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
-        let metadata = vec![
-            KeyValue::new("profilemate.table".to_string(), table.name().to_string()),
-            KeyValue::new("profilemate.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        ];
-        let properties = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_created_by(format!("profilemate {} (parquet-rs)", env!("CARGO_PKG_VERSION")))
-            .set_key_value_metadata(Some(metadata))
-            .build();
-        let writer =
-            SerializedFileWriter::new(BufWriter::with_capacity(1 << 20, file), schema(table)?, Arc::new(properties))?;
+        let writer = file_writer(BufWriter::with_capacity(1 << 20, file), table)?;
         let columns = contract_columns(table).iter().chain(&HOST_RANK).map(|&spec| Column::new(spec)).collect();
-        Ok(TableFile { table, columns, rows: 0, bytes: 0, writer: Some(writer), partial, path })
+        Ok(TableFile {
+            table,
+            columns,
+            rows: 0,
+            bytes: 0,
+            writer: Some(writer),
+            partial,
+            path,
+            budget: None,
+            segments: 0,
+            written: 0,
+        })
+    }
+
+    /// Bytes written so far: the numbered files under a budget, else the file's size on disk.
+    fn bytes_written(&self) -> u64 {
+        if self.budget.is_some() {
+            return self.written;
+        }
+        let on_disk = if self.writer.is_some() { &self.partial } else { &self.path };
+        std::fs::metadata(on_disk).map_or(0, |m| m.len())
+    }
+
+    /// Writes the buffered rows as the next numbered file, complete with its footer, after
+    /// making room for it in the budget.
+    fn write_segment(&mut self, budget: &OutputBudget) -> Result<(), SinkError> {
+        let mut writer = file_writer(Vec::new(), self.table)?;
+        write_group(&mut writer, &self.columns)?;
+        let bytes = writer.into_inner()?;
+        let key = parquet_file_name(self.table);
+        budget.reserve(&key, bytes.len() as u64)?;
+        let path = self.path.with_file_name(format!("{}.{}.parquet", self.table.name(), self.segments + 1));
+        std::fs::write(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        self.segments += 1;
+        self.written += bytes.len() as u64;
+        budget.rolled(&key, path);
+        Ok(())
     }
 
     /// Writes the buffered rows as one row group.
@@ -318,25 +392,19 @@ impl TableFile {
     }
 
     fn write_columns(&mut self) -> Result<(), SinkError> {
-        let writer = self.writer.as_mut().ok_or("the file is already closed")?;
-        let mut group = writer.next_row_group()?;
-        for column in &self.columns {
-            let mut out = group.next_column()?.ok_or("the schema has fewer columns than the table")?;
-            let defs = column.nullable.then_some(&column.defs[..]);
-            match &column.values {
-                Values::Double(v) => out.typed::<DoubleType>().write_batch(v, defs, None)?,
-                Values::Long(v) => out.typed::<Int64Type>().write_batch(v, defs, None)?,
-                Values::Text(v) => out.typed::<ByteArrayType>().write_batch(v, defs, None)?,
-            };
-            out.close()?;
+        if let Some(budget) = self.budget.clone() {
+            return self.write_segment(&budget);
         }
-        group.close()?;
-        Ok(())
+        let writer = self.writer.as_mut().ok_or("the file is already closed")?;
+        write_group(writer, &self.columns)
     }
 
     /// Writes what is left, the footer, and renames the file into place.
     fn close(&mut self) -> Result<(), SinkError> {
         self.write_row_group()?;
+        if self.budget.is_some() {
+            return Ok(());
+        }
         if let Some(mut writer) = self.writer.take() {
             writer.finish()?;
             drop(writer);
@@ -374,6 +442,36 @@ impl ParquetSink {
             row_group_bytes: DEFAULT_ROW_GROUP_BYTES,
             finished: false,
         })
+    }
+
+    /// Keeps the tables within `budget` (shared with the run's other table sinks): each row
+    /// group is then written as a complete file of its own, `<table>.1.parquet`,
+    /// `<table>.2.parquet`, ... (the higher the number, the newer the rows; read them with a glob,
+    /// `'<table>.*.parquet'`), of at most about the budget's segment size, and the oldest are
+    /// removed as the budget requires. No `.partial` file is left behind by a killed process.
+    ///
+    /// ```
+    /// use profilemate_sinks::{OutputBudget, ParquetSink};
+    /// let dir = tempfile::tempdir()?;
+    /// let budget = std::sync::Arc::new(OutputBudget::new(1 << 20, 9));
+    /// let sink = ParquetSink::create(dir.path(), &Default::default())?.with_budget(budget)?;
+    /// assert!(std::fs::read_dir(dir.path())?.next().is_none(), "no file until a row group is written");
+    /// # drop(sink);
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A `.partial` file made by [`create`](Self::create) cannot be removed.
+    pub fn with_budget(mut self, budget: Arc<OutputBudget>) -> Result<Self, SinkError> {
+        for t in &mut self.tables {
+            drop(t.writer.take());
+            std::fs::remove_file(&t.partial).map_err(|e| format!("cannot remove {}: {e}", t.partial.display()))?;
+            t.budget = Some(budget.clone());
+        }
+        // Estimated row-group bytes run above the compressed size: a segment stays within its share.
+        self.row_group_bytes = self.row_group_bytes.min(budget.segment_bytes() as usize);
+        Ok(self)
     }
 
     /// Each table writes a row group once it buffers `rows` rows (at least 1).
@@ -583,6 +681,8 @@ impl ParquetSink {
                         c[1].long(long(r.layer.into()));
                         c[2].long(long(r.expert_id.into()));
                         c[3].long(long(r.num_tokens.into()));
+                        c[4].long(long(r.window_first_step));
+                        c[5].long(long(r.window_steps));
                         0
                     })?;
                 }
@@ -612,6 +712,13 @@ impl Sink for ParquetSink {
             Some(e) => Err(e.into()),
             None => Ok(()),
         }
+    }
+
+    fn output_files(&self) -> Option<OutputFiles> {
+        let bytes_written = self.tables.iter().map(|t| (parquet_file_name(t.table), t.bytes_written())).collect();
+        let budget = self.tables.iter().find_map(|t| t.budget.as_ref());
+        let (rolled, removed) = budget.map(|b| b.files(|key| key.ends_with(".parquet"))).unwrap_or_default();
+        Some(OutputFiles { bytes_written, rolled, removed })
     }
 
     /// Rows reach the files a row group at a time, not at every flush: a row group per second

@@ -748,6 +748,9 @@ fn write_manifest(
         steps: all_rows.forward_pass.len() as u64,
         elapsed_sec: end_ns as f64 / 1e9,
         finished: report.complete,
+        bytes_written: Default::default(),
+        bytes_per_step: Default::default(),
+        output_budget: None,
     };
     let mut value = serde_json::to_value(&manifest).map_err(|e| MergeError::Write(e.to_string()))?;
     if let Some(obj) = value.as_object_mut() {
@@ -789,7 +792,8 @@ mod tests {
         f: impl FnOnce(&profilemate::Session),
     ) -> RunManifest {
         let dir = run.join(name);
-        let mut builder = profilemate::builder().dir(&dir);
+        // Per-step MoE rows, as the binding's parts have them.
+        let mut builder = profilemate::builder().dir(&dir).moe_window_steps(0);
         for kind in off {
             builder = builder.disable(*kind);
         }
@@ -947,8 +951,8 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let run = out.path().join(PARTS_DIR).join("20250101T000000Z-1");
         let (a, b) = (run.join("worker-1"), run.join("worker-2"));
-        let sa = profilemate::builder().dir(&a).build().unwrap();
-        let sb = profilemate::builder().dir(&b).build().unwrap();
+        let sa = profilemate::builder().dir(&a).moe_window_steps(0).build().unwrap();
+        let sb = profilemate::builder().dir(&b).moe_window_steps(0).build().unwrap();
         for step in 0..3u32 {
             sa.moe_experts().record_layer(0, &[step + 1, 0, 0, 1]);
             std::thread::sleep(std::time::Duration::from_millis(2));

@@ -178,6 +178,8 @@ pub fn rows(b: u64) -> Rows {
             layer: 1,
             expert_id: expert,
             num_tokens: 10 * expert + 1,
+            window_first_step: 0,
+            window_steps: 1,
         });
     }
     rows
