@@ -49,7 +49,7 @@ pub const MOE_JSON: &str = "moe_expert_summary.json";
 pub const MANIFEST_JSON: &str = "profilemate_run.json";
 
 /// Every file name this crate reads.
-pub const ALL_FILES: [&str; 18] = [
+pub const ALL_FILES: [&str; 20] = [
     FORWARD_PASS_CSV,
     FORWARD_PASS_JSON,
     CPU_CSV,
@@ -68,6 +68,8 @@ pub const ALL_FILES: [&str; 18] = [
     MOE_CSV,
     MOE_JSON,
     MANIFEST_JSON,
+    crate::timeline::STEP_TIMELINE_CSV,
+    crate::timeline::STEP_TIMELINE_JSON,
 ];
 
 /// The columns the contract requires in each CSV file, in the contract's order. A file may have
@@ -113,6 +115,7 @@ pub fn required_columns(file: &str) -> Option<&'static [&'static str]> {
         }
         CUDA_GRAPH_CSV => &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms"],
         MOE_CSV => &["timestamp_sec", "layer", "expert_id", "num_tokens"],
+        crate::timeline::STEP_TIMELINE_CSV => profilemate_core::STEP_TIMELINE_COLUMNS,
         _ => return None,
     })
 }
@@ -332,7 +335,7 @@ mod tests {
             assert_eq!(&table.columns()[..required.len()], required, "{}", table.file_name());
             checked += 1;
         }
-        assert_eq!(checked, 9, "the five profilers' six tables and the three trackers'");
+        assert_eq!(checked, 10, "the five profilers' six tables, the three trackers' and the step timeline");
     }
 
     #[test]

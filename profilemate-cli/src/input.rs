@@ -20,9 +20,34 @@ pub(crate) struct Row<'a> {
     record: &'a csv::ByteRecord,
     /// For each required column, its index in the record.
     index: &'a [usize],
+    /// The index of the optional `step` column, where the file has one.
+    step: Option<usize>,
 }
 
+/// The `column` of a [`FieldError`] about the optional `step` column.
+pub(crate) const STEP_FIELD: usize = usize::MAX;
+
 impl Row<'_> {
+    /// The optional `step` column (added at the end of the tables whose rows belong to an
+    /// engine step): `None` when the file has no such column or the field is empty.
+    pub(crate) fn step(&self) -> Result<Option<u64>, FieldError> {
+        let Some(i) = self.step else { return Ok(None) };
+        let raw = std::str::from_utf8(self.record.get(i).unwrap_or_default())
+            .map_err(|e| FieldError { column: STEP_FIELD, message: format!("not UTF-8 ({e})") })?
+            .trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        match raw.parse::<u64>() {
+            Ok(v) => Ok(Some(v)),
+            Err(_) => match raw.parse::<f64>() {
+                // pandas writes an integer column with empty fields as floats.
+                Ok(v) if v.is_finite() && v >= 0.0 && v.fract() == 0.0 => Ok(Some(v as u64)),
+                _ => Err(FieldError { column: STEP_FIELD, message: format!("`{raw}` is not a step id") }),
+            },
+        }
+    }
+
     fn raw(&self, column: usize) -> Result<&str, FieldError> {
         let bytes = self.record.get(self.index[column]).unwrap_or_default();
         std::str::from_utf8(bytes).map_err(|e| FieldError { column, message: format!("not UTF-8 ({e})") })
@@ -183,6 +208,7 @@ pub(crate) fn read_csv<T>(
         }
     }
     let needed = index.iter().max().map_or(0, |m| m + 1);
+    let step = header.iter().position(|h| h == "step").filter(|_| !columns.contains(&"step"));
 
     let mut rows = Vec::new();
     loop {
@@ -208,9 +234,18 @@ pub(crate) fn read_csv<T>(
                 message: format!("the row has {} fields, the header {}", record.len(), header.len()),
             });
         }
-        let row = Row { record: &record, index: &index };
+        let row = Row { record: &record, index: &index, step };
         match parse(&row) {
             Ok(t) => rows.push(t),
+            Err(FieldError { column: STEP_FIELD, message }) => {
+                return Err(ReportError::MalformedCsv {
+                    file: file.to_string(),
+                    line,
+                    column_index: step.map_or(0, |i| i + 1),
+                    column: "step".to_string(),
+                    message,
+                })
+            }
             Err(FieldError { column, message }) => {
                 return Err(ReportError::MalformedCsv {
                     file: file.to_string(),

@@ -76,6 +76,9 @@ pub struct Thresholds {
     /// Prefix-cache hit rate (percent) below which [`Rule::LowPrefixCacheHitRate`] fires, when
     /// there were queries. 20.
     pub prefix_cache_hit_rate_pct: f64,
+    /// Share of a phase's tail excess (percent) attributable to one condition above which
+    /// [`Rule::SlowStepCause`] fires (see the slow-step section). 20.
+    pub slow_step_attributable_pct: f64,
 }
 
 impl Default for Thresholds {
@@ -99,6 +102,7 @@ impl Default for Thresholds {
             graph_padding_pct: 20.0,
             moe_max_over_mean: 1.5,
             prefix_cache_hit_rate_pct: 20.0,
+            slow_step_attributable_pct: 20.0,
         }
     }
 }
@@ -140,6 +144,8 @@ pub enum Rule {
     MoeExpertImbalance,
     /// The prefix cache is queried but rarely hits.
     LowPrefixCacheHitRate,
+    /// One condition explains much of a phase's slow steps.
+    SlowStepCause,
 }
 
 impl Rule {
@@ -162,6 +168,7 @@ impl Rule {
             Rule::GraphPaddingWaste => "graph_padding_waste",
             Rule::MoeExpertImbalance => "moe_expert_imbalance",
             Rule::LowPrefixCacheHitRate => "low_prefix_cache_hit_rate",
+            Rule::SlowStepCause => "slow_step_cause",
         }
     }
 }
@@ -667,6 +674,39 @@ pub fn evaluate(report: &Report, t: &Thresholds) -> Vec<Insight> {
                          and put it first; otherwise prefix caching costs lookups and cache space for little gain."
                             .into(),
                     ]
+                },
+            );
+        }
+    }
+
+    if let Some(slow) = &report.slow_steps {
+        for p in &slow.phases {
+            let Some(top) = p.top() else { continue };
+            let lift = top.lift.map_or("only in the tail".to_string(), |l| format!("lift {l:.1}x"));
+            fired.check(
+                Rule::SlowStepCause,
+                Warning,
+                &format!("Slow {} steps: {}", p.phase, top.condition.describe()),
+                &format!("share of the {} tail's excess time attributable to {}", p.phase, top.condition.describe()),
+                top.attributable_pct,
+                "%",
+                Above,
+                t.slow_step_attributable_pct,
+                || {
+                    let mut a = vec![format!(
+                        "{} of the {} slowest {} steps have it against {} of the other {} ({lift}); they hold {:.1}% \
+                         of the tail's {:.1} ms over the median ({:.3} ms).",
+                        top.tail_with,
+                        p.tail_steps,
+                        p.phase,
+                        top.rest_with,
+                        p.steps - p.tail_steps,
+                        top.excess_share_pct,
+                        p.tail_excess_ms,
+                        p.median_ms
+                    )];
+                    a.push(crate::slow_steps::advice(top.condition).to_string());
+                    a
                 },
             );
         }

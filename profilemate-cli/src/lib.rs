@@ -63,6 +63,7 @@
 //!   recomputed from it (without `moe_expert_summary.json`) cannot see experts above the highest
 //!   id that was ever routed to.
 
+pub mod breakdown;
 pub mod contract;
 mod data;
 mod error;
@@ -72,6 +73,8 @@ pub mod insights;
 mod plots;
 mod recompute;
 mod report;
+pub mod slow_steps;
+pub mod timeline;
 
 pub use data::{
     BatchRow, Component, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, GraphEvent, KvCacheRow,

@@ -342,6 +342,10 @@ pub struct Report {
     pub cuda_graph: Option<CudaGraphSection>,
     /// Section 8.
     pub moe_expert: Option<MoeSection>,
+    /// The opening tree: each phase's step time split by where it went (`step_timeline.csv`).
+    pub step_breakdown: Option<crate::breakdown::Breakdown>,
+    /// Section 9: the tail of each phase and the conditions it shares (`step_timeline.csv`).
+    pub slow_steps: Option<crate::slow_steps::SlowSteps>,
     /// The rules that fired.
     pub insights: Vec<Insight>,
     /// The thresholds the rules used.
@@ -513,6 +517,15 @@ impl Report {
         let kv_cache = kv_cache_section(data, thresholds, &mut notes);
         let cuda_graph = cuda_graph_section(data, &mut notes);
         let moe_expert = moe_section(data, &mut notes);
+        let timeline = data.step_timeline.as_ref().filter(|rows| !rows.is_empty());
+        if timeline.is_none() {
+            notes.push(Note::skipped(format!(
+                "no {} (or no step in it): no step breakdown and no slow-step section",
+                crate::timeline::STEP_TIMELINE_CSV
+            )));
+        }
+        let step_breakdown = timeline.map(|rows| crate::breakdown::Breakdown::of(rows));
+        let slow_steps = timeline.map(|rows| crate::slow_steps::SlowSteps::of(rows));
 
         let mut report = Report {
             dir: data.dir.display().to_string(),
@@ -525,6 +538,8 @@ impl Report {
             kv_cache,
             cuda_graph,
             moe_expert,
+            step_breakdown,
+            slow_steps,
             insights: Vec::new(),
             thresholds: thresholds.clone(),
             notes,
@@ -810,6 +825,11 @@ impl fmt::Display for Report {
                 parts.push(format!("{v} events dropped"));
             }
             writeln!(f, "run: {}", parts.join(", "))?;
+        }
+
+        if let Some(b) = &self.step_breakdown {
+            writeln!(f, "\nStep breakdown (step_timeline.csv; shares of the summed step time)")?;
+            write!(f, "{b}")?;
         }
 
         writeln!(f, "\n1. Forward Pass Timing")?;
@@ -1106,6 +1126,14 @@ impl fmt::Display for Report {
                     writeln!(f, "   Most imbalanced layers: {}", layers.join(", "))?;
                 }
             }
+        }
+
+        if let Some(s) = &self.slow_steps {
+            writeln!(
+                f,
+                "\n9. Slow Steps (tail: above p99 or over twice the median of host gap + step wall time, per phase)"
+            )?;
+            write!(f, "{s}")?;
         }
 
         writeln!(f, "\nInsights")?;

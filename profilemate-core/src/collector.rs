@@ -11,6 +11,7 @@ use crate::record::*;
 use crate::recorder::{DropCounters, Shared, ThreadBuffer, Timing};
 use crate::rows::{Rows, Table};
 use crate::sink::{write_atomic, Sink};
+use crate::step_timeline::StepTimeline;
 use crate::summary::Summaries;
 use crate::types::{Component, DropReason, GraphEvent, LifecycleEvent, Phase, ProfilerKind};
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -42,6 +43,8 @@ struct Decoded {
     tag: u8,
     flags: u8,
     op: u16,
+    /// The step the event belongs to; 0 outside any step.
+    step: u64,
     /// Start (or, with `F_DURATION`, end) reading.
     t0: u64,
     /// End reading, or duration in ns.
@@ -61,7 +64,8 @@ impl Decoded {
             kind: head.kind(),
             tag: head.tag(),
             flags: head.flags(),
-            op: head.u16_at4(),
+            op: 0,
+            step: head.step(),
             t0: head.word(1),
             t1: 0,
             device: (0, 0),
@@ -93,7 +97,9 @@ impl Decoded {
             }
             K_CPU => {
                 d.t1 = head.word(2);
-                d.texts = text(CPU_TEXT_AT, &[head.word(3) as usize], rest);
+                let w = head.word(3);
+                d.op = (w >> 32) as u16;
+                d.texts = text(CPU_TEXT_AT, &[(w & 0xffff_ffff) as usize], rest);
             }
             K_COMPONENT => {
                 d.t1 = head.word(2);
@@ -109,6 +115,7 @@ impl Decoded {
                 d.a = head.pair(2);
                 d.device = (head.word(3), head.word(4));
             }
+            K_STEP => d.t1 = head.word(2),
             K_CUDA_GRAPH => {
                 d.t1 = head.word(2);
                 d.a = head.pair(3);
@@ -197,6 +204,7 @@ pub(crate) struct Collector {
     kv_cache: Option<KvCacheProfiler>,
     cuda_graph: Option<CudaGraphProfiler>,
     moe: Option<MoeExpertProfiler>,
+    timeline: StepTimeline,
     rows: Rows,
     rows_written: [u64; Table::ALL.len()],
     sink_drops: DropCounters,
@@ -228,6 +236,7 @@ impl Collector {
             kv_cache: on(ProfilerKind::KvCache).then(KvCacheProfiler::new),
             cuda_graph: on(ProfilerKind::CudaGraph).then(CudaGraphProfiler::new),
             moe: on(ProfilerKind::MoeExpert).then(MoeExpertProfiler::new),
+            timeline: StepTimeline::new(on(ProfilerKind::Preemption)),
             shared,
             info,
             buffers: Vec::new(),
@@ -274,6 +283,9 @@ impl Collector {
     fn cycle(&mut self) {
         self.drain_buffers();
         self.resolve_pending(false);
+        // A step waits for its device-timed events: nothing from the oldest pending one's on.
+        let waiting_for = self.pending.iter().map(|d| d.step).filter(|&s| s != 0).min();
+        self.timeline.emit(&mut self.rows, false, waiting_for);
         self.write_rows();
         let steps = self.steps();
         let interval = self.info.config.log_interval;
@@ -418,6 +430,62 @@ impl Collector {
 
     fn dispatch(&mut self, d: &Decoded, device_ns: Option<u64>) {
         let mut rows = std::mem::take(&mut self.rows);
+        let before: [usize; Table::ALL.len()] = std::array::from_fn(|i| rows.len(Table::ALL[i]));
+        self.dispatch_to_profilers(d, device_ns, &mut rows);
+        if d.step != 0 {
+            self.join_step(d, &mut rows, &before);
+        }
+        self.rows = rows;
+    }
+
+    /// Gives the rows `d` produced its step id and feeds them to the step timeline.
+    fn join_step(&mut self, d: &Decoded, rows: &mut Rows, before: &[usize; Table::ALL.len()]) {
+        let step = Some(d.step);
+        let at = |t: Table| before[Table::ALL.iter().position(|x| *x == t).expect("listed")];
+        let tl = &mut self.timeline;
+        for r in &mut rows.forward_pass[at(Table::ForwardPass)..] {
+            r.step = step;
+            tl.forward(d.step, r.timestamp_ns, r.forward_time_ns, r.phase, r.batch_size, r.num_tokens);
+        }
+        for r in &mut rows.cpu_operations[at(Table::CpuOperations)..] {
+            r.step = step;
+            tl.cpu(d.step, r.timestamp_ns, r.duration_ns, &r.operation);
+        }
+        for r in &mut rows.batch_utilization[at(Table::BatchUtilization)..] {
+            r.step = step;
+            tl.batch(d.step, r.timestamp_ns, r);
+        }
+        for r in &mut rows.preemption_events[at(Table::PreemptionEvents)..] {
+            r.step = step;
+            tl.lifecycle(d.step, r.timestamp_ns, r.event);
+        }
+        for r in &mut rows.encoder_decoder[at(Table::EncoderDecoder)..] {
+            r.step = step;
+            tl.component(d.step, r.timestamp_ns, r.duration_ns, r.component);
+        }
+        for r in &mut rows.kv_cache[at(Table::KvCacheUsage)..] {
+            r.step = step;
+            tl.kv(d.step, r.timestamp_ns, r.usage_pct());
+        }
+        for r in &mut rows.cuda_graph[at(Table::CudaGraphEvents)..] {
+            r.step = step;
+            tl.graph(d.step, r.timestamp_ns, r.event, r.batch_size, r.padded_batch_size);
+        }
+        let moe_at = at(Table::MoeExpertRouting);
+        for r in &mut rows.moe_routing[moe_at..] {
+            r.step = step;
+        }
+        if d.kind == K_MOE && self.moe.is_some() {
+            let at = self.ts(d.t0);
+            self.timeline.moe(d.step, at, &d.counts);
+        }
+        if d.kind == K_STEP {
+            let (start, end) = (self.ts(d.t0), self.ts(d.t1));
+            self.timeline.step_closed(d.step, start, end);
+        }
+    }
+
+    fn dispatch_to_profilers(&mut self, d: &Decoded, device_ns: Option<u64>, rows: &mut Rows) {
         match d.kind {
             K_FORWARD => {
                 let (timestamp_ns, duration_ns) = self.span(d, device_ns);
@@ -429,7 +497,7 @@ impl Collector {
                         num_tokens: d.a.1,
                         duration_ns,
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_CPU => {
@@ -447,7 +515,7 @@ impl Collector {
                             duration_ns,
                             context: &d.texts[0],
                         };
-                        p.observe(&ev, &mut rows);
+                        p.observe(&ev, rows);
                     }
                     // An id this session never registered (another session's, or a disabled
                     // session's): dropped, and counted rather than lost silently.
@@ -467,7 +535,7 @@ impl Collector {
                         running_queue_len: d.c.0,
                         waiting_queue_len: d.c.1,
                     };
-                    p.observe(&Event::Batch { timestamp_ns, sample }, &mut rows);
+                    p.observe(&Event::Batch { timestamp_ns, sample }, rows);
                 }
             }
             K_LIFECYCLE => {
@@ -480,7 +548,7 @@ impl Collector {
                         reason: &d.texts[1],
                         extra_info: &d.texts[2],
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_COMPONENT => {
@@ -492,7 +560,7 @@ impl Collector {
                         duration_ns,
                         context: &d.texts[0],
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_KV_CACHE => {
@@ -504,7 +572,7 @@ impl Collector {
                         prefix_cache_queries: d.device.0,
                         prefix_cache_hits: d.device.1,
                     };
-                    p.observe(&Event::KvCache { timestamp_ns, sample }, &mut rows);
+                    p.observe(&Event::KvCache { timestamp_ns, sample }, rows);
                 }
             }
             K_CUDA_GRAPH => {
@@ -522,21 +590,17 @@ impl Collector {
                         padded_batch_size: (d.flags & F_PADDED != 0).then_some(d.b.0),
                         duration_ns,
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_MOE => {
                 let timestamp_ns = self.ts(d.t0);
                 if let Some(p) = &mut self.moe {
-                    p.observe(
-                        &Event::MoeRouting { timestamp_ns, layer: d.a.0, tokens_per_expert: &d.counts },
-                        &mut rows,
-                    );
+                    p.observe(&Event::MoeRouting { timestamp_ns, layer: d.a.0, tokens_per_expert: &d.counts }, rows);
                 }
             }
             _ => {}
         }
-        self.rows = rows;
     }
 
     fn write_rows(&mut self) {
@@ -585,6 +649,7 @@ impl Collector {
         if let Some(p) = &self.moe {
             p.summarize(&mut s);
         }
+        s.step_timeline = Some(self.timeline.summary());
         s
     }
 
@@ -689,6 +754,7 @@ impl Collector {
         if let Some(p) = &mut self.preemption {
             p.finish(now, &mut rows);
         }
+        self.timeline.emit(&mut rows, true, None);
         self.rows = rows;
         self.write_rows();
         self.write_summaries();

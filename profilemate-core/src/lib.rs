@@ -72,6 +72,8 @@ mod rows;
 mod session;
 mod sink;
 mod stats;
+mod step_timeline;
+mod steps;
 mod summary;
 mod types;
 
@@ -96,6 +98,10 @@ pub use rows::{
 pub use session::{BackendFactory, Session, SessionBuilder, SinkFactory};
 pub use sink::{write_atomic, MemorySink, Sink, SinkError};
 pub use stats::{DurationStats, Mean};
+pub use step_timeline::{
+    StepPhaseStats, StepTimelineRow, StepTimelineSummary, COLUMNS as STEP_TIMELINE_COLUMNS, ENCLOSING_OPERATIONS,
+};
+pub use steps::{StepGuard, Steps, MAX_STEP};
 pub use summary::{
     component_shares, BatchUtilizationSummary, ComponentStats, CpuTimingSummary, CudaGraphSummary,
     EncoderDecoderSummary, ForwardPassSummary, KvCacheSummary, MoeExpertSummary, MoeLayerStats, OperationStats,

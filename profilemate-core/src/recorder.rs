@@ -3,7 +3,7 @@
 //! buffer once, the first time it records into a session.
 
 use crate::backend::{HostClock, TimingBackend};
-use crate::record::{push_plain, push_with_text, Slot};
+use crate::record::{push_plain, push_with_text, Slot, MAX_STEP_ID};
 use crate::types::{DropReason, ModelType, ProfilerKind};
 use rtrb::{Consumer, Producer, RingBuffer};
 use std::cell::RefCell;
@@ -73,6 +73,10 @@ pub(crate) struct Shared {
     pub(crate) operations: RwLock<Vec<Arc<str>>>,
     /// 0: not declared; otherwise 1 + ModelType.
     pub(crate) model_type: AtomicU8,
+    /// The open step: `id << 1 | by_guard`, 0 when none is open (see [`crate::Steps`]).
+    pub(crate) step: AtomicU64,
+    /// The highest step id handed out.
+    pub(crate) last_step: AtomicU64,
 }
 
 impl Shared {
@@ -90,7 +94,32 @@ impl Shared {
             orphan_drops: DropCounters::default(),
             operations: RwLock::new(crate::types::CpuOp::BUILTIN_NAMES.iter().map(|n| Arc::from(*n)).collect()),
             model_type: AtomicU8::new(0),
+            step: AtomicU64::new(0),
+            last_step: AtomicU64::new(0),
         }
+    }
+
+    /// The step every event recorded now belongs to (0: none).
+    #[inline(always)]
+    pub(crate) fn current_step(&self) -> u64 {
+        self.step.load(Ordering::Relaxed) >> 1
+    }
+
+    /// A forward pass starts: unless a step guard holds a step open, it opens the next step.
+    /// Plain load and store, no read-modify-write: the hot path stays as cheap as a field read.
+    /// Engines that start forward passes from several threads at once open steps with a guard.
+    #[inline(always)]
+    pub(crate) fn open_step_for_forward(&self) {
+        if self.step.load(Ordering::Relaxed) & 1 == 0 {
+            let id = (self.last_step.load(Ordering::Relaxed) + 1) & MAX_STEP_ID;
+            self.last_step.store(id, Ordering::Relaxed);
+            self.step.store(id << 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Pushes a step record that carries its own id.
+    pub(crate) fn push_step(self: &Arc<Self>, slot: Slot) {
+        self.with_local(ProfilerKind::ForwardPass, |p| push_plain(p, slot));
     }
 
     #[inline(always)]
@@ -118,12 +147,14 @@ impl Shared {
     }
 
     #[inline(always)]
-    pub(crate) fn push(self: &Arc<Self>, kind: ProfilerKind, slot: Slot) {
+    pub(crate) fn push(self: &Arc<Self>, kind: ProfilerKind, mut slot: Slot) {
+        slot.set_step(self.current_step());
         self.with_local(kind, |p| push_plain(p, slot));
     }
 
     #[inline]
-    pub(crate) fn push_text(self: &Arc<Self>, kind: ProfilerKind, slot: Slot, inline_at: usize, texts: &[&[u8]]) {
+    pub(crate) fn push_text(self: &Arc<Self>, kind: ProfilerKind, mut slot: Slot, inline_at: usize, texts: &[&[u8]]) {
+        slot.set_step(self.current_step());
         self.with_local(kind, |p| push_with_text(p, slot, inline_at, texts));
     }
 

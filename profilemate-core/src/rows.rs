@@ -30,11 +30,13 @@ pub enum Table {
     CudaGraphEvents,
     /// `moe_expert_routing.csv`
     MoeExpertRouting,
+    /// `step_timeline.csv`: one row per engine step, joining the other tables by `step`.
+    StepTimeline,
 }
 
 impl Table {
     /// All tables.
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::ForwardPass,
         Table::CpuOperations,
         Table::BatchUtilization,
@@ -44,6 +46,7 @@ impl Table {
         Table::KvCacheUsage,
         Table::CudaGraphEvents,
         Table::MoeExpertRouting,
+        Table::StepTimeline,
     ];
 
     /// The table's base name (file name without extension).
@@ -58,6 +61,7 @@ impl Table {
             Table::KvCacheUsage => "kv_cache_usage",
             Table::CudaGraphEvents => "cuda_graph_events",
             Table::MoeExpertRouting => "moe_expert_routing",
+            Table::StepTimeline => "step_timeline",
         }
     }
 
@@ -73,16 +77,23 @@ impl Table {
             Table::KvCacheUsage => "kv_cache_usage.csv",
             Table::CudaGraphEvents => "cuda_graph_events.csv",
             Table::MoeExpertRouting => "moe_expert_routing.csv",
+            Table::StepTimeline => "step_timeline.csv",
         }
     }
 
     /// The contract's columns, in order.
     pub const fn columns(self) -> &'static [&'static str] {
         match self {
-            Table::ForwardPass => {
-                &["timestamp_sec", "phase", "batch_size", "num_tokens", "forward_time_ms", "throughput_tokens_per_sec"]
-            }
-            Table::CpuOperations => &["timestamp_sec", "operation", "duration_ms", "context"],
+            Table::ForwardPass => &[
+                "timestamp_sec",
+                "phase",
+                "batch_size",
+                "num_tokens",
+                "forward_time_ms",
+                "throughput_tokens_per_sec",
+                "step",
+            ],
+            Table::CpuOperations => &["timestamp_sec", "operation", "duration_ms", "context", "step"],
             Table::BatchUtilization => &[
                 "timestamp_sec",
                 "num_seqs",
@@ -94,9 +105,10 @@ impl Table {
                 "phase",
                 "running_queue_len",
                 "waiting_queue_len",
+                "step",
             ],
             Table::PreemptionEvents => {
-                &["timestamp_sec", "request_id", "event", "reason", "running_time_sec", "extra_info"]
+                &["timestamp_sec", "request_id", "event", "reason", "running_time_sec", "extra_info", "step"]
             }
             Table::RequestLifecycle => &[
                 "request_id",
@@ -109,7 +121,7 @@ impl Table {
                 "num_preemptions",
                 "outcome",
             ],
-            Table::EncoderDecoder => &["timestamp_sec", "component", "duration_ms", "context"],
+            Table::EncoderDecoder => &["timestamp_sec", "component", "duration_ms", "context", "step"],
             Table::KvCacheUsage => &[
                 "timestamp_sec",
                 "used_blocks",
@@ -117,9 +129,13 @@ impl Table {
                 "usage_pct",
                 "prefix_cache_queries",
                 "prefix_cache_hits",
+                "step",
             ],
-            Table::CudaGraphEvents => &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms"],
-            Table::MoeExpertRouting => &["timestamp_sec", "layer", "expert_id", "num_tokens"],
+            Table::CudaGraphEvents => {
+                &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms", "step"]
+            }
+            Table::MoeExpertRouting => &["timestamp_sec", "layer", "expert_id", "num_tokens", "step"],
+            Table::StepTimeline => crate::step_timeline::COLUMNS,
         }
     }
 
@@ -135,6 +151,7 @@ impl Table {
             Table::KvCacheUsage => K::KvCache,
             Table::CudaGraphEvents => K::CudaGraph,
             Table::MoeExpertRouting => K::MoeExpert,
+            Table::StepTimeline => K::ForwardPass,
         }
     }
 }
@@ -164,6 +181,8 @@ pub struct ForwardPassRow {
     pub num_tokens: u32,
     /// Execution time as the timing backend measured it.
     pub forward_time_ns: u64,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 impl ForwardPassRow {
@@ -171,7 +190,7 @@ impl ForwardPassRow {
     ///
     /// ```
     /// use profilemate_core::{ForwardPassRow, Phase};
-    /// let row = ForwardPassRow { timestamp_ns: 0, phase: Phase::Decode, batch_size: 8, num_tokens: 8, forward_time_ns: 2_000_000 };
+    /// let row = ForwardPassRow { timestamp_ns: 0, phase: Phase::Decode, batch_size: 8, num_tokens: 8, forward_time_ns: 2_000_000, step: Some(1) };
     /// assert_eq!(row.throughput_tokens_per_sec(), Some(4000.0));
     /// ```
     pub fn throughput_tokens_per_sec(&self) -> Option<f64> {
@@ -190,6 +209,8 @@ pub struct CpuOperationRow {
     pub duration_ns: u64,
     /// Empty, or `key=value` pairs separated by `;`.
     pub context: String,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 /// A row of `batch_utilization.csv`.
@@ -215,6 +236,8 @@ pub struct BatchUtilizationRow {
     pub running_queue_len: u32,
     /// Requests waiting.
     pub waiting_queue_len: u32,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 /// A row of `preemption_events.csv`.
@@ -232,6 +255,8 @@ pub struct PreemptionEventRow {
     pub running_time_ns: Option<u64>,
     /// Empty, or `key=value` pairs separated by `;`.
     pub extra_info: String,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 /// How a request left the engine, as `request_lifecycle.csv`'s `outcome` column says.
@@ -291,6 +316,8 @@ pub struct ComponentRow {
     pub duration_ns: u64,
     /// The part, for example `vision_encoder`.
     pub context: String,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 /// A row of `kv_cache_usage.csv`.
@@ -306,6 +333,8 @@ pub struct KvCacheRow {
     pub prefix_cache_queries: u64,
     /// Prefix-cache hits since the previous sample.
     pub prefix_cache_hits: u64,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 impl KvCacheRow {
@@ -329,6 +358,8 @@ pub struct CudaGraphRow {
     pub padded_batch_size: Option<u32>,
     /// How long it took, when timed (always for captures).
     pub duration_ns: Option<u64>,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 /// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert in one step.
@@ -343,6 +374,8 @@ pub struct MoeRoutingRow {
     pub expert_id: u32,
     /// Tokens routed to it.
     pub num_tokens: u32,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 /// A batch of rows of every table, in the order they were recorded.
@@ -373,6 +406,8 @@ pub struct Rows {
     pub cuda_graph: Vec<CudaGraphRow>,
     /// `moe_expert_routing.csv`
     pub moe_routing: Vec<MoeRoutingRow>,
+    /// `step_timeline.csv`
+    pub step_timeline: Vec<crate::step_timeline::StepTimelineRow>,
 }
 
 impl Rows {
@@ -388,6 +423,7 @@ impl Rows {
             Table::KvCacheUsage => self.kv_cache.len(),
             Table::CudaGraphEvents => self.cuda_graph.len(),
             Table::MoeExpertRouting => self.moe_routing.len(),
+            Table::StepTimeline => self.step_timeline.len(),
         }
     }
 
@@ -407,6 +443,7 @@ impl Rows {
         self.kv_cache.clear();
         self.cuda_graph.clear();
         self.moe_routing.clear();
+        self.step_timeline.clear();
     }
 
     /// Appends every row of `other` (used by in-memory sinks).
@@ -420,5 +457,6 @@ impl Rows {
         self.kv_cache.extend_from_slice(&other.kv_cache);
         self.cuda_graph.extend_from_slice(&other.cuda_graph);
         self.moe_routing.extend_from_slice(&other.moe_routing);
+        self.step_timeline.extend_from_slice(&other.step_timeline);
     }
 }

@@ -55,7 +55,13 @@ impl Profiler for MoeExpertProfiler {
         for (expert_id, &num_tokens) in tokens_per_expert.iter().enumerate() {
             totals[expert_id] += u64::from(num_tokens);
             if num_tokens > 0 {
-                rows.moe_routing.push(MoeRoutingRow { timestamp_ns, layer, expert_id: expert_id as u32, num_tokens });
+                rows.moe_routing.push(MoeRoutingRow {
+                    timestamp_ns,
+                    layer,
+                    expert_id: expert_id as u32,
+                    num_tokens,
+                    step: None,
+                });
             }
         }
     }
