@@ -83,7 +83,8 @@ pub struct SimConfig {
     pub stall_every: u64,
     /// Length of each injected stall, milliseconds.
     pub stall_ms: f64,
-    /// Forward passes do this many times the work (1.0: unchanged); for before/after tests.
+    /// Forward passes take this many times as long (at least 1.0: unchanged): after its real work
+    /// a pass stays busy until it took `factor` times its own time. For before/after tests.
     pub forward_factor: f64,
     /// Batch sizes with a captured CUDA graph (decode steps up to the largest replay one,
     /// padded to the next captured size; other steps run eagerly).
@@ -143,8 +144,8 @@ impl SimConfig {
         if self.experts as usize > profilemate::MAX_EXPERTS {
             return Err(format!("--experts: at most {} experts per layer", profilemate::MAX_EXPERTS));
         }
-        if !(self.forward_factor > 0.0 && self.forward_factor.is_finite()) {
-            return Err("--forward-factor: expected a number > 0".into());
+        if !(self.forward_factor >= 1.0 && self.forward_factor.is_finite()) {
+            return Err("--forward-factor: expected a number >= 1".into());
         }
         if !(self.stall_ms >= 0.0 && self.stall_ms.is_finite()) {
             return Err("--stall-ms: expected a number >= 0".into());
@@ -533,6 +534,7 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
         // ---- forward pass: encoders for requests that need them, then the decoder
         let execution = cpu.start_with(CpuOp::MODEL_EXECUTION, &context);
         let pass = forward.start(phase, num_seqs, num_tokens);
+        let forward_began = std::time::Instant::now();
         for s in &plan {
             let r = &mut running[s.index];
             if r.encoded {
@@ -558,7 +560,7 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
             r.encoded = true;
         }
         let decoder = components.start(Component::Decoder, "language_model");
-        model.layers(((f64::from(num_tokens + 4 * num_seqs)) * config.forward_factor).round() as u32);
+        model.layers(num_tokens + 4 * num_seqs);
         if let Some(router) = &mut router {
             for layer in 0..config.moe_layers {
                 router.route(layer as usize, num_tokens, &mut expert_counts);
@@ -574,6 +576,13 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
             let cross = components.start(Component::CrossAttention, "decoder_cross_attention");
             model.layers(num_seqs * 2);
             cross.stop();
+        }
+        if config.forward_factor > 1.0 {
+            // A slower model: the pass's own work, then busy time until it took `factor` times as long.
+            let target = forward_began.elapsed().mul_f64(config.forward_factor);
+            while forward_began.elapsed() < target {
+                std::hint::spin_loop();
+            }
         }
         pass.stop();
         execution.stop();

@@ -62,7 +62,7 @@ fn parse_args(args: &[String]) -> Result<SimConfig, String> {
             }
             "--forward-factor" => {
                 c.forward_factor =
-                    value.parse().map_err(|_| format!("--forward-factor {value:?}: expected a number > 0"))?
+                    value.parse().map_err(|_| format!("--forward-factor {value:?}: expected a number >= 1"))?
             }
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }

@@ -64,6 +64,7 @@
 //!   id that was ever routed to.
 
 pub mod breakdown;
+pub mod compare;
 pub mod contract;
 mod data;
 mod error;

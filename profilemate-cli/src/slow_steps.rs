@@ -14,9 +14,12 @@
 //! - the **attributable excess** used to rank causes: share × (1 − 1/lift), the part of that
 //!   share beyond what the condition's base rate in ordinary steps explains (0 when lift ≤ 1).
 //!
-//! Conditions whose threshold is a percentile (scheduling time, host gap, batch tokens, MoE
-//! imbalance) take it from the phase's *other* steps, so that a cause frequent enough to fill the
-//! top percent itself (a stall every fifty steps) is still measured against normal steps.
+//! A large batch and a MoE imbalance are above the phase's p90 (tokens, max over mean). The
+//! scheduling time and the host gap take their p99 from the phase's *other* steps, so that a cause frequent enough to fill the
+//! top percent itself (a stall every fifty steps) is still measured against normal steps. A time
+//! (host gap, scheduling) counts only where it also makes up at least half of the step's excess
+//! over the median (its own excess over its median), so that a gap a few microseconds above its
+//! p99 is not blamed for a step that is milliseconds slow.
 
 use crate::timeline::StepRow;
 use profilemate_core::{GraphEvent, Phase};
@@ -27,9 +30,11 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Condition {
-    /// The host gap before the step is above the other steps' p99.
+    /// The host gap before the step is above the other steps' p99 and makes up at least half of
+    /// the step's excess.
     HostGap,
-    /// Scheduling took longer than the other steps' p99.
+    /// Scheduling took longer than the other steps' p99, and makes up at least half of the
+    /// step's excess.
     SlowScheduling,
     /// A request was preempted or resumed in the step.
     Preemption,
@@ -39,11 +44,11 @@ pub enum Condition {
     Eager,
     /// The step holds prompt tokens (more tokens than sequences: a prefill or a prefill chunk).
     PromptTokens,
-    /// The step's tokens are above the other steps' p90.
+    /// The step's tokens are above the phase's p90.
     LargeBatch,
     /// The KV cache was at least 90 % full.
     KvCacheNearFull,
-    /// The step's MoE imbalance (max over mean) is above the other steps' p90.
+    /// The step's MoE imbalance (max over mean) is above the phase's p90.
     MoeImbalance,
 }
 
@@ -190,16 +195,26 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
 
 /// The conditions of one step, given the thresholds of its phase's ordinary steps.
 struct Thresholds {
+    median_time: f64,
     gap_p99: f64,
+    gap_median: f64,
     scheduling_p99: f64,
+    scheduling_median: f64,
     tokens_p90: f64,
     moe_p90: f64,
 }
 
 fn has(c: Condition, r: &StepRow, t: &Thresholds) -> bool {
+    // A time component is a condition when it is above the ordinary steps' p99 and its own excess
+    // is at least half the step's excess: a gap of a few microseconds above p99 does not make a
+    // step several milliseconds slow.
+    let explains =
+        |v: f64, p99: f64, median: f64| v > p99 && (v - median) >= 0.5 * (step_time_ms(r) - t.median_time).max(0.0);
     match c {
-        Condition::HostGap => r.host_gap_before_ms.is_some_and(|g| g > t.gap_p99),
-        Condition::SlowScheduling => r.scheduling_ms.is_some_and(|s| s > t.scheduling_p99),
+        Condition::HostGap => r.host_gap_before_ms.is_some_and(|g| explains(g, t.gap_p99, t.gap_median)),
+        Condition::SlowScheduling => {
+            r.scheduling_ms.is_some_and(|s| explains(s, t.scheduling_p99, t.scheduling_median))
+        }
         Condition::Preemption => r.preemptions.unwrap_or(0) + r.resumes.unwrap_or(0) > 0,
         Condition::EncoderCall => r.encoder_time_ms.is_some_and(|e| e > 0.0),
         Condition::Eager => r.cuda_graph == Some(GraphEvent::Eager),
@@ -222,11 +237,16 @@ impl PhaseTail {
         };
         let (tail, rest): (Vec<&StepRow>, Vec<&StepRow>) = rows.iter().partition(|r| in_tail(r));
         let of_rest = |f: &dyn Fn(&StepRow) -> Option<f64>| sorted(rest.iter().filter_map(|r| f(r)).collect());
+        let of_phase = |f: &dyn Fn(&StepRow) -> Option<f64>| sorted(rows.iter().filter_map(|r| f(r)).collect());
+        let (gaps, scheduling) = (of_rest(&|r| r.host_gap_before_ms), of_rest(&|r| r.scheduling_ms));
         let th = Thresholds {
-            gap_p99: percentile(&of_rest(&|r| r.host_gap_before_ms), 99.0),
-            scheduling_p99: percentile(&of_rest(&|r| r.scheduling_ms), 99.0),
-            tokens_p90: percentile(&of_rest(&|r| r.num_tokens.map(|n| n as f64)), 90.0),
-            moe_p90: percentile(&of_rest(&|r| r.moe_max_over_mean), 90.0),
+            median_time: median,
+            gap_p99: percentile(&gaps, 99.0),
+            gap_median: percentile(&gaps, 50.0),
+            scheduling_p99: percentile(&scheduling, 99.0),
+            scheduling_median: percentile(&scheduling, 50.0),
+            tokens_p90: percentile(&of_phase(&|r| r.num_tokens.map(|n| n as f64)), 90.0),
+            moe_p90: percentile(&of_phase(&|r| r.moe_max_over_mean), 90.0),
         };
         let excess = |r: &StepRow| (step_time_ms(r) - median).max(0.0);
         let tail_excess: f64 = tail.iter().map(|r| excess(r)).sum::<f64>() + 0.0;
