@@ -45,6 +45,10 @@ pub const CUDA_GRAPH_JSON: &str = "cuda_graph_summary.json";
 pub const MOE_CSV: &str = "moe_expert_routing.csv";
 /// `moe_expert_summary.json`
 pub const MOE_JSON: &str = "moe_expert_summary.json";
+/// `step_timeline.csv`
+pub const STEP_TIMELINE_CSV: &str = "step_timeline.csv";
+/// `step_timeline_summary.json`
+pub const STEP_TIMELINE_JSON: &str = "step_timeline_summary.json";
 /// `profilemate_run.json`, the run manifest.
 pub const MANIFEST_JSON: &str = "profilemate_run.json";
 
@@ -68,8 +72,8 @@ pub const ALL_FILES: [&str; 20] = [
     MOE_CSV,
     MOE_JSON,
     MANIFEST_JSON,
-    crate::timeline::STEP_TIMELINE_CSV,
-    crate::timeline::STEP_TIMELINE_JSON,
+    STEP_TIMELINE_CSV,
+    STEP_TIMELINE_JSON,
 ];
 
 /// The columns the contract requires in each CSV file, in the contract's order. A file may have
@@ -115,7 +119,7 @@ pub fn required_columns(file: &str) -> Option<&'static [&'static str]> {
         }
         CUDA_GRAPH_CSV => &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms"],
         MOE_CSV => &["timestamp_sec", "layer", "expert_id", "num_tokens"],
-        crate::timeline::STEP_TIMELINE_CSV => profilemate_core::STEP_TIMELINE_COLUMNS,
+        STEP_TIMELINE_CSV => profilemate_core::STEP_TIMELINE_COLUMNS,
         _ => return None,
     })
 }

@@ -2,19 +2,13 @@
 
 use crate::contract::*;
 use crate::input::{read_csv, read_json, FieldError, Row};
-use crate::report::Note;
+use crate::note::Note;
 use crate::ReportError;
 use std::path::{Path, PathBuf};
 
 pub use profilemate_core::{Component, GraphEvent, LifecycleEvent, Phase};
 
-/// The contract's words of an enum that a CSV column holds.
-pub(crate) trait Word: Copy + 'static {
-    /// Every value.
-    const ALL: &'static [Self];
-    /// The word written in files.
-    fn word(self) -> &'static str;
-}
+use crate::input::Word;
 
 macro_rules! word {
     ($($t:ty),*) => {$(

@@ -1,12 +1,20 @@
 //! Reading contract files: CSV with a torn last line tolerated, JSON with positions in errors.
 
 use crate::contract::required_columns;
-use crate::report::Note;
+use crate::note::Note;
 use crate::ReportError;
 use serde::de::DeserializeOwned;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
+
+/// The contract's words of an enum that a CSV column holds.
+pub(crate) trait Word: Copy + 'static {
+    /// Every value.
+    const ALL: &'static [Self];
+    /// The word written in files.
+    fn word(self) -> &'static str;
+}
 
 /// A problem with one field, before the reader adds the file and the line.
 #[derive(Debug)]
@@ -119,7 +127,7 @@ impl Row<'_> {
     }
 
     /// One of a fixed set of words.
-    pub(crate) fn word<T: crate::data::Word>(&self, column: usize) -> Result<T, FieldError> {
+    pub(crate) fn word<T: Word>(&self, column: usize) -> Result<T, FieldError> {
         let raw = self.raw(column)?;
         T::ALL.iter().find(|t| t.word() == raw).copied().ok_or_else(|| {
             let accepted: Vec<&str> = T::ALL.iter().map(|t| t.word()).collect();

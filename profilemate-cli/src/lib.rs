@@ -63,6 +63,7 @@
 //!   recomputed from it (without `moe_expert_summary.json`) cannot see experts above the highest
 //!   id that was ever routed to.
 
+mod analysis;
 pub mod breakdown;
 pub mod compare;
 pub mod contract;
@@ -71,9 +72,11 @@ mod error;
 pub mod html;
 mod input;
 pub mod insights;
+mod note;
 mod plots;
 mod recompute;
 mod report;
+mod rules;
 pub mod slow_steps;
 pub mod timeline;
 

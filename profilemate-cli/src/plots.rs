@@ -11,8 +11,9 @@
 use crate::contract::EncoderDecoderSummary;
 use crate::data::{Component, CudaGraphRow, GraphEvent, LifecycleEvent, Phase, RunData};
 use crate::insights::Thresholds;
+use crate::note::Note;
 use crate::recompute;
-use crate::report::{kv_usage_samples, usage_before, Note};
+use crate::report::{kv_usage_samples, usage_before};
 use crate::ReportError;
 use plotters::coord::Shift;
 use plotters::prelude::*;

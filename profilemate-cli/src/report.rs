@@ -3,60 +3,11 @@
 
 use crate::contract::*;
 use crate::data::{CudaGraphRow, GraphEvent, KvCacheRow, LifecycleEvent, PreemptionEventRow, RunData};
-use crate::insights::{evaluate, Insight, Thresholds};
+pub use crate::note::{Note, NoteKind};
 use crate::recompute;
-use crate::ReportError;
+use crate::rules::{Insight, Thresholds};
 use serde::Serialize;
 use std::fmt;
-use std::path::Path;
-
-/// What kind of note.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NoteKind {
-    /// A section or a figure was left out because its file is missing.
-    Skipped,
-    /// Something was read with a caveat (a torn last line, an empty file, a stale summary).
-    Warning,
-}
-
-/// A remark about the input: what was skipped, and what was read with a caveat.
-///
-/// ```
-/// use profilemate_cli::{Note, NoteKind};
-/// let n = Note::skipped("no preemption_events.csv");
-/// assert_eq!(n.kind, NoteKind::Skipped);
-/// assert_eq!(n.to_string(), "skipped: no preemption_events.csv");
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct Note {
-    /// Skipped or warning.
-    pub kind: NoteKind,
-    /// What happened.
-    pub message: String,
-}
-
-impl Note {
-    /// A "skipped" note.
-    pub fn skipped(message: impl Into<String>) -> Note {
-        Note { kind: NoteKind::Skipped, message: message.into() }
-    }
-
-    /// A warning.
-    pub fn warning(message: impl Into<String>) -> Note {
-        Note { kind: NoteKind::Warning, message: message.into() }
-    }
-}
-
-impl fmt::Display for Note {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
-            NoteKind::Skipped => write!(f, "skipped: {}", self.message),
-            NoteKind::Warning => write!(f, "warning: {}", self.message),
-        }
-    }
-}
 
 /// Share of forward time per phase, in percent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -371,26 +322,8 @@ fn csv_source(file: &str) -> String {
 }
 
 impl Report {
-    /// Reads `dir` and builds the report with the default [`Thresholds`].
-    ///
-    /// # Errors
-    ///
-    /// As [`RunData::load`]: no contract file in `dir`, a file that cannot be read, or a
-    /// malformed file (the error names the file, the line and the column).
-    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Report, ReportError> {
-        Ok(Report::from_data(&RunData::load(dir)?, &Thresholds::default()))
-    }
-
-    /// Builds the report from data already read.
-    ///
-    /// ```
-    /// use profilemate_cli::{Report, RunData, Thresholds};
-    /// let data = RunData::default();
-    /// let report = Report::from_data(&data, &Thresholds::default());
-    /// assert!(report.forward_pass.is_none());
-    /// assert_eq!(report.notes.len(), 8); // every section skipped
-    /// ```
-    pub fn from_data(data: &RunData, thresholds: &Thresholds) -> Report {
+    /// The report's sections from `data`, with no insight yet (the `analysis` module adds them).
+    pub(crate) fn sections(data: &RunData, thresholds: &Thresholds) -> Report {
         let mut notes = data.notes.clone();
         if data.run.as_ref().and_then(|r| r.finished) == Some(false) {
             notes.push(Note::warning(
@@ -527,7 +460,7 @@ impl Report {
         let step_breakdown = timeline.map(|rows| crate::breakdown::Breakdown::of(rows));
         let slow_steps = timeline.map(|rows| crate::slow_steps::SlowSteps::of(rows));
 
-        let mut report = Report {
+        let report = Report {
             dir: data.dir.display().to_string(),
             run: data.run.clone(),
             forward_pass,
@@ -544,7 +477,6 @@ impl Report {
             thresholds: thresholds.clone(),
             notes,
         };
-        report.insights = evaluate(&report, thresholds);
         report
     }
 }

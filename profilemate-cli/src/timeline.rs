@@ -4,10 +4,7 @@ use crate::input::{FieldError, Row};
 use profilemate_core::{GraphEvent, Phase};
 use serde::Serialize;
 
-/// `step_timeline.csv`
-pub const STEP_TIMELINE_CSV: &str = "step_timeline.csv";
-/// `step_timeline_summary.json`
-pub const STEP_TIMELINE_JSON: &str = "step_timeline_summary.json";
+pub use crate::contract::{STEP_TIMELINE_CSV, STEP_TIMELINE_JSON};
 
 /// A row of `step_timeline.csv` (see the README's column list). Times in milliseconds; `None`
 /// is an empty field (nothing in the step recorded it).

@@ -93,14 +93,13 @@ pub use profilers::{
 pub use record::MAX_TEXT_BYTES;
 pub use rows::{
     ns_to_ms, ns_to_sec, BatchUtilizationRow, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, KvCacheRow,
-    MoeRoutingRow, Outcome, PreemptionEventRow, RequestLifecycleRow, Rows, Table,
+    MoeRoutingRow, Outcome, PreemptionEventRow, RequestLifecycleRow, Rows, StepTimelineRow, Table,
+    STEP_TIMELINE_COLUMNS,
 };
 pub use session::{BackendFactory, Session, SessionBuilder, SinkFactory};
 pub use sink::{write_atomic, MemorySink, Sink, SinkError};
 pub use stats::{DurationStats, Mean};
-pub use step_timeline::{
-    StepPhaseStats, StepTimelineRow, StepTimelineSummary, COLUMNS as STEP_TIMELINE_COLUMNS, ENCLOSING_OPERATIONS,
-};
+pub use step_timeline::{StepPhaseStats, StepTimelineSummary, ENCLOSING_OPERATIONS};
 pub use steps::{StepGuard, Steps, MAX_STEP};
 pub use summary::{
     component_shares, BatchUtilizationSummary, ComponentStats, CpuTimingSummary, CudaGraphSummary,

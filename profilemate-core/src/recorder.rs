@@ -77,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) step: AtomicU64,
     /// The highest step id handed out.
     pub(crate) last_step: AtomicU64,
+    /// When the step opened by `Steps::open` began (a raw clock reading).
+    pub(crate) step_start: AtomicU64,
 }
 
 impl Shared {
@@ -96,6 +98,7 @@ impl Shared {
             model_type: AtomicU8::new(0),
             step: AtomicU64::new(0),
             last_step: AtomicU64::new(0),
+            step_start: AtomicU64::new(0),
         }
     }
 

@@ -135,7 +135,7 @@ impl Table {
                 &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms", "step"]
             }
             Table::MoeExpertRouting => &["timestamp_sec", "layer", "expert_id", "num_tokens", "step"],
-            Table::StepTimeline => crate::step_timeline::COLUMNS,
+            Table::StepTimeline => STEP_TIMELINE_COLUMNS,
         }
     }
 
@@ -378,6 +378,99 @@ pub struct MoeRoutingRow {
     pub step: Option<u64>,
 }
 
+/// The columns of `step_timeline.csv`, in order. Times in milliseconds unless named `_sec`; a
+/// field is empty when nothing in the step recorded it.
+pub const STEP_TIMELINE_COLUMNS: &[&str] = &[
+    "step",
+    "start_sec",
+    "phase",
+    "batch_size",
+    "num_tokens",
+    "forward_passes",
+    "forward_time_ms",
+    "scheduling_ms",
+    "batch_preparation_ms",
+    "sampling_ms",
+    "other_cpu_ms",
+    "step_wall_ms",
+    "host_gap_before_ms",
+    "unclaimed_ms",
+    "seq_utilization_pct",
+    "token_utilization_pct",
+    "running_queue_len",
+    "waiting_queue_len",
+    "kv_cache_usage_pct",
+    "cuda_graph",
+    "padded_batch_size",
+    "padding_pct",
+    "preemptions",
+    "resumes",
+    "encoder_time_ms",
+    "decoder_time_ms",
+    "moe_max_over_mean",
+];
+
+/// One row of `step_timeline.csv`. Durations are nanoseconds; `None` is an empty field.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepTimelineRow {
+    /// The step id.
+    pub step: u64,
+    /// When the step began (its guard opened, or its first event started), ns since the session
+    /// started.
+    pub start_ns: u64,
+    /// The forward pass's phase, else the scheduled batch's.
+    pub phase: Option<Phase>,
+    /// Sequences in the step's forward pass (the largest, if it ran several).
+    pub batch_size: Option<u32>,
+    /// Tokens in the step's forward passes, summed.
+    pub num_tokens: Option<u32>,
+    /// Forward passes in the step.
+    pub forward_passes: u32,
+    /// Their summed time.
+    pub forward_time_ns: Option<u64>,
+    /// `scheduling` operations, summed.
+    pub scheduling_ns: Option<u64>,
+    /// `batch_preparation` operations, summed.
+    pub batch_preparation_ns: Option<u64>,
+    /// `sampling` operations, summed.
+    pub sampling_ns: Option<u64>,
+    /// Every other CPU operation except those enclosing the forward pass
+    /// ([`ENCLOSING_OPERATIONS`](crate::ENCLOSING_OPERATIONS)), summed.
+    pub other_cpu_ns: Option<u64>,
+    /// From the step's beginning to the end of its guard or of its last event.
+    pub wall_ns: u64,
+    /// From the end of the previous step to this one's beginning (`None` for the first step).
+    pub host_gap_before_ns: Option<u64>,
+    /// Wall time that no profiler claims: wall minus forward and CPU time, at least 0.
+    pub unclaimed_ns: u64,
+    /// Of the step's (last) batch utilization row.
+    pub seq_utilization_pct: Option<f64>,
+    /// Of the step's (last) batch utilization row.
+    pub token_utilization_pct: Option<f64>,
+    /// Of the step's (last) batch utilization row.
+    pub running_queue_len: Option<u32>,
+    /// Of the step's (last) batch utilization row.
+    pub waiting_queue_len: Option<u32>,
+    /// Of the step's last KV-cache reading.
+    pub kv_cache_usage_pct: Option<f64>,
+    /// `replay` or `eager` (the step's last such CUDA graph event).
+    pub cuda_graph: Option<GraphEvent>,
+    /// The captured size a replay was padded to.
+    pub padded_batch_size: Option<u32>,
+    /// `(padded - batch) / padded * 100` of a replay.
+    pub padding_pct: Option<f64>,
+    /// Preemptions recorded in the step (`None` when the preemption profiler is off).
+    pub preemptions: Option<u32>,
+    /// Resumes recorded in the step (`None` when the preemption profiler is off).
+    pub resumes: Option<u32>,
+    /// Encoder time in the step; `None` when the step has no component row at all.
+    pub encoder_time_ns: Option<u64>,
+    /// Decoder time in the step; `None` when the step has no component row at all.
+    pub decoder_time_ns: Option<u64>,
+    /// The most imbalanced MoE layer's `max / mean` tokens per expert in the step.
+    pub moe_max_over_mean: Option<f64>,
+}
+
 /// A batch of rows of every table, in the order they were recorded.
 ///
 /// ```
@@ -407,7 +500,7 @@ pub struct Rows {
     /// `moe_expert_routing.csv`
     pub moe_routing: Vec<MoeRoutingRow>,
     /// `step_timeline.csv`
-    pub step_timeline: Vec<crate::step_timeline::StepTimelineRow>,
+    pub step_timeline: Vec<StepTimelineRow>,
 }
 
 impl Rows {

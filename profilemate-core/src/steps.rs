@@ -108,6 +108,42 @@ impl Steps {
         }
     }
 
+    /// Opens step `id` without a guard, for bindings that cannot hold one across calls (the
+    /// vLLM module, called from Python): the step stays open until [`close`](Self::close).
+    /// Returns `false` (and counts [`DropReason::InvalidValue`]) for an id of 0 or above
+    /// [`MAX_STEP`].
+    ///
+    /// ```
+    /// use profilemate_core::Session;
+    /// let session = Session::builder().in_memory_only().build()?;
+    /// let steps = session.steps();
+    /// assert!(steps.open(41));
+    /// assert_eq!(steps.current(), Some(41));
+    /// steps.close();
+    /// assert_eq!(steps.current(), None);
+    /// # Ok::<(), profilemate_core::Error>(())
+    /// ```
+    pub fn open(&self, id: u64) -> bool {
+        let guard = self.begin_with_id(id);
+        let opened = guard.shared.is_some();
+        if let Some(s) = guard.shared {
+            s.step_start.store(guard.start_raw, Ordering::Relaxed);
+        }
+        // The step stays open: the guard's close is what `close` does later.
+        std::mem::forget(guard);
+        opened
+    }
+
+    /// Closes the step [`open`](Self::open) opened, and records it; nothing when none is open.
+    pub fn close(&self) {
+        if let Some(s) = &self.shared {
+            let id = s.current_step();
+            if id != 0 {
+                drop(StepGuard { shared: Some(s), id, start_raw: s.step_start.load(Ordering::Relaxed) });
+            }
+        }
+    }
+
     /// The open step's id, if any.
     pub fn current(&self) -> Option<u64> {
         self.shared.as_ref().map(|s| s.current_step()).filter(|&id| id != 0)

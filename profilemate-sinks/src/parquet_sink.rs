@@ -61,7 +61,8 @@ pub const PARTIAL_SUFFIX: &str = ".partial";
 /// assert_eq!(reader.metadata().file_metadata().num_rows(), 1);
 /// let row = reader.get_row_iter(None)?.next().unwrap()?;
 /// assert_eq!(row.get_double(4)?, 2.0); // forward_time_ms
-/// assert_eq!(row.get_long(7)?, 3); // rank
+/// assert_eq!(row.get_long(6)?, 1); // step: the forward pass opened step 1
+/// assert_eq!(row.get_long(8)?, 3); // rank
 /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
 /// ```
 pub struct ParquetSink {
