@@ -33,9 +33,9 @@ const CSV_FILES: [(&str, &[&str], &[&str]); 6] = [
     (
         FORWARD_CSV,
         &["timestamp_sec", "phase", "batch_size", "num_tokens", "forward_time_ms", "throughput_tokens_per_sec"],
-        &[],
+        &["step"],
     ),
-    (CPU_CSV, &["timestamp_sec", "operation", "duration_ms", "context"], &[]),
+    (CPU_CSV, &["timestamp_sec", "operation", "duration_ms", "context"], &["step"]),
     (
         BATCH_CSV,
         &[
@@ -50,9 +50,9 @@ const CSV_FILES: [(&str, &[&str], &[&str]); 6] = [
             "running_queue_len",
             "waiting_queue_len",
         ],
-        &[],
+        &["step"],
     ),
-    (EVENTS_CSV, &["timestamp_sec", "request_id", "event", "reason", "running_time_sec", "extra_info"], &[]),
+    (EVENTS_CSV, &["timestamp_sec", "request_id", "event", "reason", "running_time_sec", "extra_info"], &["step"]),
     (
         LIFECYCLE_CSV,
         &[
@@ -67,7 +67,7 @@ const CSV_FILES: [(&str, &[&str], &[&str]); 6] = [
         ],
         &["outcome"],
     ),
-    (COMPONENTS_CSV, &["timestamp_sec", "component", "duration_ms", "context"], &[]),
+    (COMPONENTS_CSV, &["timestamp_sec", "component", "duration_ms", "context"], &["step"]),
 ];
 
 const SUMMARY_FILES: [&str; 5] = [
@@ -701,6 +701,7 @@ fn every_file_follows_the_contract() {
     names.sort();
     let mut expected: Vec<String> =
         CSV_FILES.iter().map(|f| f.0).chain(SUMMARY_FILES).chain([MANIFEST]).map(String::from).collect();
+    expected.extend(["step_timeline.csv".to_string(), "step_timeline_summary.json".to_string()]);
     expected.sort();
     assert_eq!(names, expected);
 

@@ -353,6 +353,7 @@ mod tests {
             KV_CACHE_JSON,
             CUDA_GRAPH_JSON,
             MOE_JSON,
+            STEP_TIMELINE_JSON,
         ];
         assert_eq!(SummaryFile::ALL.len(), ours.len());
         for (file, name) in SummaryFile::ALL.iter().zip(ours) {

@@ -368,3 +368,57 @@ impl fmt::Display for SlowSteps {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(id: u64, wall: f64, gap: f64, preemptions: u64) -> StepRow {
+        StepRow {
+            step: id,
+            phase: Some(Phase::Decode),
+            batch_size: Some(8),
+            num_tokens: Some(8),
+            step_wall_ms: wall,
+            host_gap_before_ms: Some(gap),
+            scheduling_ms: Some(0.1),
+            preemptions: Some(preemptions),
+            resumes: Some(0),
+            ..StepRow::default()
+        }
+    }
+
+    #[test]
+    fn injected_causes_lead_the_tail_with_their_counts() {
+        // 200 steps of about 1 ms; every 40th has a 10 ms gap before it, every 50th (not the
+        // same) a preemption that makes it 4 ms.
+        let rows: Vec<StepRow> = (1..=200u64)
+            .map(|i| {
+                let jitter = (i % 5) as f64 * 0.01;
+                match (i % 40 == 0, i % 50 == 25) {
+                    (true, _) => step(i, 1.0 + jitter, 10.0, 0),
+                    (_, true) => step(i, 4.0 + jitter, 0.01, 1),
+                    _ => step(i, 1.0 + jitter, 0.01, 0),
+                }
+            })
+            .collect();
+        let slow = SlowSteps::of(&rows);
+        let decode = &slow.phases[0];
+        assert_eq!(decode.tail_steps, 9, "5 stalled and 4 preempted steps");
+        let top = decode.top().expect("a cause");
+        assert_eq!((top.condition, top.tail_with, top.rest_with, top.lift), (Condition::HostGap, 5, 0, None));
+        let preemption = decode.causes.iter().find(|c| c.condition == Condition::Preemption).unwrap();
+        assert_eq!((preemption.tail_with, preemption.rest_with), (4, 0));
+        // The stalls hold 5 x 9.x ms of the excess, the preemptions 4 x 3 ms.
+        assert!(top.excess_share_pct > 70.0 && preemption.excess_share_pct > 15.0, "{decode:?}");
+        let (id, lead) = decode.tail[0];
+        assert_eq!((id % 40, lead), (0, Some(Condition::HostGap)));
+    }
+
+    #[test]
+    fn percentile_is_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!((percentile(&v, 50.0), percentile(&v, 99.0), percentile(&v, 100.0)), (50.0, 99.0, 100.0));
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+}

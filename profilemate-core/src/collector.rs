@@ -614,7 +614,8 @@ impl Collector {
         for i in 0..self.sinks.len() {
             if let Err(e) = self.sinks[i].write_rows(&self.rows) {
                 self.sink_failed(i, "write rows", &*e);
-                for t in Table::ALL {
+                // Step timeline rows are derived from events already counted in their own tables.
+                for t in Table::ALL.into_iter().filter(|t| *t != Table::StepTimeline) {
                     self.sink_drops.add(t.profiler(), DropReason::SinkError, self.rows.len(t) as u64);
                 }
             }
