@@ -1156,7 +1156,10 @@ fn check_manifest(
         .collect();
     assert_eq!(profilers, PROFILERS.into_iter().collect());
     let got_rows: BTreeMap<String, u64> = serde_json::from_value(at(manifest, &["rows"]).clone()).expect("rows");
-    let want_rows: BTreeMap<String, u64> = rows.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let mut want_rows: BTreeMap<String, u64> = rows.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    // The step timeline: one row per step, as many as its file holds.
+    let steps = csv::Reader::from_path(dir.join("step_timeline.csv")).expect("step_timeline.csv").records().count();
+    want_rows.insert("step_timeline.csv".into(), steps as u64);
     assert_eq!(got_rows, want_rows, "manifest rows");
     let dropped = at(manifest, &["dropped"]).as_object().expect("dropped is an object");
     for profiler in PROFILERS {

@@ -68,7 +68,7 @@ fn plots_and_html_are_written() {
     assert!(plots.join("queue_lengths.svg").exists() && plots.join("throughput_timeline.png").exists());
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("<svg") && page.contains("Insights"));
-    assert!(stderr(&out).contains("wrote 20 plot files"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("wrote 24 plot files"), "{}", stderr(&out));
 }
 
 #[test]
