@@ -663,7 +663,7 @@ fn slow_steps<DB: DrawingBackend>(
     if !unexplained.is_empty() {
         series.push(Series {
             label: "slow: no recorded cause".into(),
-            color: BLACK.into(),
+            color: BLACK,
             points: unexplained,
             kind: SeriesKind::Points,
         });
