@@ -38,7 +38,17 @@ use std::sync::Arc;
 /// The largest step id (ids live in 40 bits of each record).
 pub const MAX_STEP: u64 = MAX_STEP_ID;
 
-/// Opens and closes engine steps (see the [module rule](self)).
+/// Opens and closes engine steps: every row recorded while a step is open carries its id in
+/// its `step` column.
+///
+/// A session has at most one open step; every event recorded while it is open, on any thread,
+/// belongs to it. A step guard ([`begin`](Self::begin)) opens a step before scheduling and
+/// closes it when dropped; the time between two guards is the host gap before a step. Without a
+/// guard, a forward pass that starts while no guard is open opens the next step, which lasts
+/// until the next pass starts: sampling after the pass belongs to it, and so does scheduling for
+/// the next batch done before the next pass (engines that want it in its own step use the
+/// guard). Ids count up from 1; [`begin_with_id`](Self::begin_with_id) and [`open`](Self::open)
+/// take an id numbered elsewhere (another process of the same engine).
 ///
 /// ```
 /// use profilemate_core::{CpuOp, MemorySink, Phase, Session};
