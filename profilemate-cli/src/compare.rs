@@ -409,8 +409,11 @@ impl Comparison {
 fn num(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.1}")
-    } else {
+    } else if v.abs() >= 1.0 || v == 0.0 {
         format!("{v:.3}")
+    } else {
+        // Sub-millisecond operations (scheduling takes microseconds) keep their digits.
+        format!("{v:.5}")
     }
 }
 
