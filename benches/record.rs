@@ -166,9 +166,7 @@ fn record(c: &mut Criterion) {
         step.stop();
     });
     // A step guard: one atomic increment, two clock reads and one record, once per step.
-    g.bench_function("enabled/step_guard", |b| {
-        b.iter_custom(|iters| batched(iters, drain, || steps.begin().stop()))
-    });
+    g.bench_function("enabled/step_guard", |b| b.iter_custom(|iters| batched(iters, drain, || steps.begin().stop())));
     g.bench_function("enabled/cpu_operation", |b| {
         b.iter_custom(|iters| batched(iters, drain, || cpu.start(black_box(CpuOp::SCHEDULING)).stop()))
     });

@@ -285,7 +285,10 @@ impl Collector {
         self.resolve_pending(false);
         // A step waits for its device-timed events: nothing from the oldest pending one's on.
         let waiting_for = self.pending.iter().map(|d| d.step).filter(|&s| s != 0).min();
-        self.timeline.emit(&mut self.rows, false, waiting_for);
+        // The timeline is the forward pass profiler's table: off with it.
+        if self.forward.is_some() {
+            self.timeline.emit(&mut self.rows, false, waiting_for);
+        }
         self.write_rows();
         let steps = self.steps();
         let interval = self.info.config.log_interval;
@@ -650,7 +653,9 @@ impl Collector {
         if let Some(p) = &self.moe {
             p.summarize(&mut s);
         }
-        s.step_timeline = Some(self.timeline.summary());
+        if self.forward.is_some() {
+            s.step_timeline = Some(self.timeline.summary());
+        }
         s
     }
 
@@ -755,7 +760,9 @@ impl Collector {
         if let Some(p) = &mut self.preemption {
             p.finish(now, &mut rows);
         }
-        self.timeline.emit(&mut rows, true, None);
+        if self.forward.is_some() {
+            self.timeline.emit(&mut rows, true, None);
+        }
         self.rows = rows;
         self.write_rows();
         self.write_summaries();

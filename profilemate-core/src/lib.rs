@@ -40,6 +40,9 @@
 //!   collector drains every buffer about every 100 ms, resolves times through the
 //!   [`TimingBackend`], feeds the five [`Profiler`]s, and hands [`Rows`] and [`Summaries`] to
 //!   every [`Sink`].
+//! - [`Steps`] opens engine steps (a guard per step, or the forward pass alone): every row
+//!   recorded in a step carries its id in a `step` column, and the collector joins them into
+//!   `step_timeline.csv`, one row per step ([`StepTimelineRow`]).
 //! - Files and their columns are fixed by the output contract (see the repository's
 //!   `CONTRACT.md`): [`Table`] and [`SummaryFile`] name them.
 //!
