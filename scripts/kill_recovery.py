@@ -3,7 +3,8 @@
 For each instant: the engine runs with every sink on and prints its own count of completed steps;
 it is killed (SIGKILL) at a random instant (some during its shutdown); `profilemate recover DIR`
 runs; then every CSV must parse, the forward rows must be at most the engine's steps (the
-difference is what was lost in flight), the summaries must equal a recomputation from the rows,
+difference is what was lost in flight), the summaries (the step timeline's too) must equal a
+recomputation from the rows,
 and every trace file must load as JSON. Prints the loss per kill (steps and seconds) and a summary.
 """
 
@@ -62,6 +63,15 @@ def check(d):
     for r in table_rows(d, "cpu_operations_timing.csv"):
         ops[r["operation"]] = ops.get(r["operation"], 0) + 1
     assert {k: v["count"] for k, v in cpu.items()} == ops, (cpu.keys(), ops)
+    timeline = table_rows(d, "step_timeline.csv")
+    tl_path = os.path.join(d, "step_timeline_summary.json")
+    tl = json.load(open(tl_path)) if os.path.exists(tl_path) or timeline else {"steps": 0, **{p: {"count": 0, "total_wall_ms": 0.0} for p in ("prefill", "decode", "mixed")}}
+    assert tl["steps"] == len(timeline), ("step timeline", tl["steps"], len(timeline))
+    for phase in ("prefill", "decode", "mixed"):
+        mine = [r for r in timeline if r["phase"] == phase]
+        assert tl[phase]["count"] == len(mine), ("step timeline", phase, tl[phase]["count"], len(mine))
+        total = sum(float(r["step_wall_ms"]) for r in mine)
+        assert abs(tl[phase]["total_wall_ms"] - total) <= 1e-6 * max(total, 1.0) + 1e-3, ("step timeline", phase)
     for p in glob.glob(os.path.join(d, "profilemate_trace*.json")):
         events = json.load(open(p))
         assert isinstance(events, list) and events, p

@@ -18,6 +18,8 @@ dir="$(mktemp -d)"
 PROFILEMATE_DIR="$dir" bash scripts/main-job.sh
 bash scripts/check-html.sh "$dir"
 bash scripts/check-seed-snippets.sh "$dir"
+echo "== step timeline joins (pandas), slow-step attribution and compare on injected causes"
+bash scripts/check-steps.sh "$dir"
 echo "== Parquet, Perfetto and tracing: the features' tests, the tracing benchmark compiles"
 cargo test -p profilemate-sinks --all-features
 cargo test -p profilemate --features parquet,tracing

@@ -416,3 +416,200 @@ fn an_output_budget_keeps_the_newest_rows_within_it_at_every_moment() {
         stats.steps
     );
 }
+
+/// Every figure of `step_timeline` recomputed from the other tables' rows, joined by `step`.
+#[test]
+fn the_step_timeline_joins_the_tables_exactly() {
+    use std::collections::BTreeMap;
+    let config = SimConfig {
+        shape: Shape::VisionLanguage,
+        kv_blocks: 40,
+        experts: 8,
+        moe_layers: 2,
+        ..small(Shape::VisionLanguage)
+    };
+    let (stats, rows) = run_recorded(&config);
+    assert!(stats.preemptions > 0 && stats.encoder_calls > 0, "the run must exercise preemptions and encoders");
+    // One timeline row per step the engine opened, in order; forward passes and CPU operations
+    // all inside a step, graph captures (before the loop) outside any.
+    assert_eq!(rows.step_timeline.len() as u64, stats.steps + stats.empty_schedules);
+    let ids: Vec<u64> = rows.step_timeline.iter().map(|r| r.step).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    assert!(rows.forward_pass.iter().all(|r| r.step.is_some()));
+    assert!(rows.cpu_operations.iter().all(|r| r.step.is_some()));
+    assert!(rows.cuda_graph.iter().filter(|r| r.event == profilemate::GraphEvent::Capture).all(|r| r.step.is_none()));
+
+    #[derive(Default, Debug, PartialEq)]
+    struct Join {
+        forward_ns: Option<u64>,
+        passes: u32,
+        tokens: Option<u32>,
+        scheduling: Option<u64>,
+        preparation: Option<u64>,
+        sampling: Option<u64>,
+        other_cpu: Option<u64>,
+        preemptions: u32,
+        resumes: u32,
+        encoder: Option<u64>,
+        token_util: Option<f64>,
+    }
+    let add = |slot: &mut Option<u64>, ns: u64| *slot = Some(slot.unwrap_or(0) + ns);
+    let mut by_step: BTreeMap<u64, Join> = BTreeMap::new();
+    for r in &rows.forward_pass {
+        let j = by_step.entry(r.step.unwrap()).or_default();
+        add(&mut j.forward_ns, r.forward_time_ns);
+        j.passes += 1;
+        j.tokens = Some(j.tokens.unwrap_or(0) + r.num_tokens);
+    }
+    for r in &rows.cpu_operations {
+        let j = by_step.entry(r.step.unwrap()).or_default();
+        match &*r.operation {
+            "scheduling" => add(&mut j.scheduling, r.duration_ns),
+            "batch_preparation" => add(&mut j.preparation, r.duration_ns),
+            "sampling" => add(&mut j.sampling, r.duration_ns),
+            "model_execution" => {}
+            _ => add(&mut j.other_cpu, r.duration_ns),
+        }
+    }
+    for r in rows.preemption_events.iter().filter(|r| r.step.is_some()) {
+        let j = by_step.entry(r.step.unwrap()).or_default();
+        match r.event {
+            LifecycleEvent::Preempted => j.preemptions += 1,
+            LifecycleEvent::Resumed => j.resumes += 1,
+            _ => {}
+        }
+    }
+    for r in &rows.encoder_decoder {
+        let j = by_step.entry(r.step.unwrap()).or_default();
+        let e = j.encoder.get_or_insert(0);
+        if r.component == Component::Encoder {
+            *e += r.duration_ns;
+        }
+    }
+    for r in &rows.batch_utilization {
+        by_step.entry(r.step.unwrap()).or_default().token_util = r.token_utilization_pct;
+    }
+    for t in &rows.step_timeline {
+        let j = by_step.remove(&t.step).unwrap_or_default();
+        let from_timeline = Join {
+            forward_ns: t.forward_time_ns,
+            passes: t.forward_passes,
+            tokens: t.num_tokens,
+            scheduling: t.scheduling_ns,
+            preparation: t.batch_preparation_ns,
+            sampling: t.sampling_ns,
+            other_cpu: t.other_cpu_ns,
+            preemptions: t.preemptions.unwrap(),
+            resumes: t.resumes.unwrap(),
+            encoder: t.encoder_time_ns,
+            token_util: t.token_utilization_pct,
+        };
+        assert_eq!(from_timeline, j, "step {}", t.step);
+        let claimed: u64 = [t.forward_time_ns, t.scheduling_ns, t.batch_preparation_ns, t.sampling_ns, t.other_cpu_ns]
+            .iter()
+            .map(|v| v.unwrap_or(0))
+            .sum();
+        assert_eq!(t.unclaimed_ns, t.wall_ns.saturating_sub(claimed), "step {}", t.step);
+    }
+    assert!(by_step.is_empty(), "rows of steps without a timeline row: {:?}", by_step.keys().collect::<Vec<_>>());
+    // Preemptions land in the steps the engine says it preempted in.
+    let preempted: Vec<u64> =
+        rows.step_timeline.iter().filter(|t| t.preemptions.unwrap() > 0).map(|t| t.step).collect();
+    assert_eq!(preempted, stats.preempted_steps);
+}
+
+#[test]
+fn an_injected_stall_is_the_host_gap_before_its_step() {
+    let config = SimConfig { stall_every: 10, stall_ms: 5.0, ..small(Shape::DecoderOnly) };
+    let (stats, rows) = run_recorded(&config);
+    assert!(!stats.stalled_steps.is_empty());
+    for t in &rows.step_timeline {
+        let gap = t.host_gap_before_ns.unwrap_or(0);
+        if stats.stalled_steps.contains(&t.step) {
+            assert!(gap >= 5_000_000, "step {} after a 5 ms stall has a gap of {gap} ns", t.step);
+        }
+    }
+}
+
+#[test]
+fn without_a_step_guard_each_forward_pass_opens_a_step() {
+    let memory = MemorySink::new();
+    let session = Session::builder().in_memory_only().sink(memory.clone()).build().expect("session");
+    let (forward, cpu) = (session.forward_pass(), session.cpu_timing());
+    cpu.start(profilemate::CpuOp::SCHEDULING).stop(); // before any step: no step
+    for _ in 0..3 {
+        forward.start(Phase::Decode, 4, 4).stop();
+        cpu.start(profilemate::CpuOp::SAMPLING).stop(); // after the pass: its step
+        cpu.start(profilemate::CpuOp::SCHEDULING).stop(); // the next batch: still this step
+    }
+    session.shutdown().expect("shutdown");
+    let rows = memory.rows();
+    let steps: Vec<Option<u64>> = rows.cpu_operations.iter().map(|r| r.step).collect();
+    assert_eq!(steps, [None, Some(1), Some(1), Some(2), Some(2), Some(3), Some(3)]);
+    assert_eq!(rows.forward_pass.iter().map(|r| r.step).collect::<Vec<_>>(), [Some(1), Some(2), Some(3)]);
+    assert_eq!(rows.step_timeline.len(), 3);
+}
+
+/// MoE routing and steps together: per-step detail rows carry the step their routing call was
+/// made in, and the step timeline's `moe_max_over_mean` is recomputed exactly from them; windowed
+/// rows (the default) span steps, so they carry no step and the timeline leaves the figure empty
+/// rather than guess it.
+#[test]
+fn moe_rows_carry_their_step_and_feed_the_timeline_only_per_step() {
+    use std::collections::BTreeMap;
+    let config = SimConfig { experts: 8, moe_layers: 3, top_k: 2, ..small(Shape::DecoderOnly) };
+    let run_with = |window: u64| {
+        let memory = MemorySink::new();
+        let session =
+            Session::builder().in_memory_only().moe_window_steps(window).sink(memory.clone()).build().expect("session");
+        let stats = run(&config, &session).expect("run");
+        let manifest = session.shutdown().expect("shutdown");
+        assert_eq!(manifest.total_dropped(), 0, "{:?}", manifest.dropped);
+        (stats, memory.rows())
+    };
+
+    let (stats, rows) = run_with(0);
+    assert!(!rows.moe_routing.is_empty());
+    assert!(rows.moe_routing.iter().all(|r| r.window_steps == 1), "per-step detail rows");
+    let forward_steps: std::collections::BTreeSet<u64> = rows.forward_pass.iter().filter_map(|r| r.step).collect();
+    // (step, layer) -> tokens per expert.
+    let mut routed: BTreeMap<(u64, u32), Vec<u64>> = BTreeMap::new();
+    for r in &rows.moe_routing {
+        let step = r.step.expect("a routing call inside a step carries it");
+        assert!(forward_steps.contains(&step), "MoE row of step {step}, which has no forward pass");
+        routed.entry((step, r.layer)).or_insert_with(|| vec![0; config.experts as usize])[r.expert_id as usize] +=
+            u64::from(r.num_tokens);
+    }
+    let mut expected: BTreeMap<u64, f64> = BTreeMap::new();
+    for ((step, _), tokens) in &routed {
+        let total: u64 = tokens.iter().sum();
+        let ratio = *tokens.iter().max().unwrap() as f64 / (total as f64 / tokens.len() as f64);
+        let e = expected.entry(*step).or_insert(ratio);
+        *e = e.max(ratio);
+    }
+    let layers_per_step = routed.keys().fold(BTreeMap::new(), |mut m: BTreeMap<u64, u32>, (s, _)| {
+        *m.entry(*s).or_default() += 1;
+        m
+    });
+    assert!(layers_per_step.values().all(|&n| n == config.moe_layers), "every layer routes once per step");
+    let mut filled = 0;
+    for t in &rows.step_timeline {
+        match (t.moe_max_over_mean, expected.get(&t.step)) {
+            (Some(got), Some(want)) => {
+                assert!((got - want).abs() < 1e-9, "step {}: {got} != {want}", t.step);
+                filled += 1;
+            }
+            (None, None) => {}
+            (got, want) => panic!("step {}: timeline {got:?}, rows {want:?}", t.step),
+        }
+    }
+    assert_eq!(filled as u64, stats.steps, "every step that routed has its imbalance");
+
+    let (_, rows) = run_with(DEFAULT_WINDOW);
+    assert!(!rows.moe_routing.is_empty());
+    assert!(rows.moe_routing.iter().all(|r| r.step.is_none()), "a window spans steps: no step");
+    assert!(rows.moe_routing.iter().any(|r| r.window_steps > 1));
+    assert!(rows.step_timeline.iter().all(|t| t.moe_max_over_mean.is_none()), "no per-step data: empty, not guessed");
+}
+
+const DEFAULT_WINDOW: u64 = profilemate::DEFAULT_MOE_WINDOW_STEPS;

@@ -1,12 +1,20 @@
 //! Reading contract files: CSV with a torn last line tolerated, JSON with positions in errors.
 
 use crate::contract::{optional_columns, required_columns};
-use crate::report::Note;
+use crate::note::Note;
 use crate::ReportError;
 use serde::de::DeserializeOwned;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
+
+/// The contract's words of an enum that a CSV column holds.
+pub(crate) trait Word: Copy + 'static {
+    /// Every value.
+    const ALL: &'static [Self];
+    /// The word written in files.
+    fn word(self) -> &'static str;
+}
 
 /// A problem with one field, before the reader adds the file and the line.
 #[derive(Debug)]
@@ -20,9 +28,34 @@ pub(crate) struct Row<'a> {
     record: &'a csv::ByteRecord,
     /// For each required column, its index in the record.
     index: &'a [usize],
+    /// The index of the optional `step` column, where the file has one.
+    step: Option<usize>,
 }
 
+/// The `column` of a [`FieldError`] about the optional `step` column.
+pub(crate) const STEP_FIELD: usize = usize::MAX;
+
 impl Row<'_> {
+    /// The optional `step` column (added at the end of the tables whose rows belong to an
+    /// engine step): `None` when the file has no such column or the field is empty.
+    pub(crate) fn step(&self) -> Result<Option<u64>, FieldError> {
+        let Some(i) = self.step else { return Ok(None) };
+        let raw = std::str::from_utf8(self.record.get(i).unwrap_or_default())
+            .map_err(|e| FieldError { column: STEP_FIELD, message: format!("not UTF-8 ({e})") })?
+            .trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        match raw.parse::<u64>() {
+            Ok(v) => Ok(Some(v)),
+            Err(_) => match raw.parse::<f64>() {
+                // pandas writes an integer column with empty fields as floats.
+                Ok(v) if v.is_finite() && v >= 0.0 && v.fract() == 0.0 => Ok(Some(v as u64)),
+                _ => Err(FieldError { column: STEP_FIELD, message: format!("`{raw}` is not a step id") }),
+            },
+        }
+    }
+
     fn raw(&self, column: usize) -> Result<&str, FieldError> {
         let bytes = self.record.get(self.index[column]).unwrap_or_default();
         std::str::from_utf8(bytes).map_err(|e| FieldError { column, message: format!("not UTF-8 ({e})") })
@@ -94,7 +127,7 @@ impl Row<'_> {
     }
 
     /// One of a fixed set of words.
-    pub(crate) fn word<T: crate::data::Word>(&self, column: usize) -> Result<T, FieldError> {
+    pub(crate) fn word<T: Word>(&self, column: usize) -> Result<T, FieldError> {
         let raw = self.raw(column)?;
         T::ALL.iter().find(|t| t.word() == raw).copied().ok_or_else(|| {
             let accepted: Vec<&str> = T::ALL.iter().map(|t| t.word()).collect();
@@ -245,6 +278,7 @@ fn read_csv_file<T>(
     for column in optional {
         index.push(header.iter().position(|h| h == column).unwrap_or(usize::MAX));
     }
+    let step = header.iter().position(|h| h == "step").filter(|_| !columns.contains(&"step"));
 
     loop {
         if !reader.read_byte_record(&mut record).map_err(csv_err)? {
@@ -269,9 +303,18 @@ fn read_csv_file<T>(
                 message: format!("the row has {} fields, the header {}", record.len(), header.len()),
             });
         }
-        let row = Row { record: &record, index: &index };
+        let row = Row { record: &record, index: &index, step };
         match parse(&row) {
             Ok(t) => rows.push(t),
+            Err(FieldError { column: STEP_FIELD, message }) => {
+                return Err(ReportError::MalformedCsv {
+                    file: file.to_string(),
+                    line,
+                    column_index: step.map_or(0, |i| i + 1),
+                    column: "step".to_string(),
+                    message,
+                })
+            }
             Err(FieldError { column, message }) => {
                 return Err(ReportError::MalformedCsv {
                     file: file.to_string(),

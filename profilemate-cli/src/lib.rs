@@ -63,16 +63,23 @@
 //!   recomputed from it (without `moe_expert_summary.json`) cannot see experts above the highest
 //!   id that was ever routed to.
 
+mod analysis;
+pub mod breakdown;
+pub mod compare;
 pub mod contract;
 mod data;
 mod error;
 pub mod html;
 mod input;
 pub mod insights;
+mod note;
 mod plots;
 mod recompute;
 mod recover;
 mod report;
+mod rules;
+pub mod slow_steps;
+pub mod timeline;
 
 pub use data::{
     BatchRow, Component, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, GraphEvent, KvCacheRow,

@@ -314,6 +314,7 @@ mod tests {
             num_tokens: tokens,
             forward_time_ms: ms,
             throughput_tokens_per_sec: (ms > 0.0).then(|| tokens as f64 / ms * 1000.0),
+            step: None,
         }
     }
 
@@ -354,6 +355,7 @@ mod tests {
             event,
             reason: reason.into(),
             running_time_sec: run,
+            step: None,
         };
         use LifecycleEvent::*;
         let events = [
@@ -382,6 +384,7 @@ mod tests {
     #[test]
     fn batch_and_components_recompute() {
         let b = |tok: Option<f64>, phase, waiting| BatchRow {
+            step: None,
             timestamp_sec: 0.0,
             num_seqs: 1,
             max_num_seqs: 4,
@@ -404,7 +407,13 @@ mod tests {
         assert_eq!(s.mixed_avg_utilization, 0.0);
         assert_eq!(s.max_waiting_queue_len, 3);
 
-        let c = |component, ms| ComponentRow { timestamp_sec: 0.0, component, duration_ms: ms, context: String::new() };
+        let c = |component, ms| ComponentRow {
+            timestamp_sec: 0.0,
+            component,
+            duration_ms: ms,
+            context: String::new(),
+            step: None,
+        };
         let s = encoder_decoder(&[c(Component::Encoder, 1.0), c(Component::Decoder, 3.0)]);
         assert_eq!(s.model_type, "encoder_decoder");
         assert_eq!(s.encoder_pct, 25.0);
@@ -424,6 +433,7 @@ mod tests {
             usage_pct,
             prefix_cache_queries: q,
             prefix_cache_hits: h,
+            step: None,
         };
         let s = kv_cache(&[kv(50, 100, Some(50.0), 10, 1), kv(100, 100, None, 10, 3), kv(0, 0, None, 0, 0)]);
         assert_eq!((s.samples, s.mean_usage_pct, s.max_usage_pct, s.full_samples), (3, 75.0, 100.0, Some(1)));
@@ -436,6 +446,7 @@ mod tests {
             batch_size: batch,
             padded_batch_size: padded,
             duration_ms: ms,
+            step: None,
         };
         use GraphEvent::*;
         let s = cuda_graph(&[

@@ -8,6 +8,13 @@
 //! (`finished_cleanly: false`, `recovery`). It is idempotent: a second run changes nothing. A
 //! run that finished cleanly is left as it is.
 //!
+//! The step timeline: `step_timeline.csv` keeps the rows on disk (a torn last line dropped, as in
+//! every table) and `step_timeline_summary.json` is rebuilt from them. Steps the collector still
+//! held open at the kill (it writes a step once two later steps began, so the last two or so)
+//! have their rows, with their `step`, in the other tables but no timeline row: recovery does
+//! not join them, since the step guard's bounds that set a step's wall time lived only in the
+//! process.
+//!
 //! What it cannot do (yet): events still in the dead process's memory (recorded since the
 //! collector's last pass, at most about one collector period) are gone with the process, and
 //! Parquet files left as `<table>.parquet.partial` lack their footer; both are reported in the
@@ -19,7 +26,7 @@ use crate::error::ReportError;
 use profilemate_core::{
     BatchSample, BatchUtilizationProfiler, CpuTimingProfiler, CudaGraphProfiler, EncoderDecoderProfiler, Event,
     ForwardPassProfiler, KvCacheProfiler, KvCacheSample, MoeExpertProfiler, PreemptionProfiler, Profiler, Rows,
-    Summaries,
+    StepTimelineRow, StepTimelineSummary, Summaries,
 };
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -109,7 +116,13 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     let data = RunData::load(dir)?;
     let threshold =
         manifest.pointer("/config/underutilization_threshold_pct").and_then(serde_json::Value::as_f64).unwrap_or(50.0);
-    let summaries = summaries_from_rows(&data, threshold);
+    // Rows alone cannot tell which arrived after their step was written: the count last written.
+    let late_rows = std::fs::read(dir.join(STEP_TIMELINE_JSON))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("late_rows").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0);
+    let summaries = summaries_from_rows(&data, threshold, late_rows);
     let files = summaries.to_json_files().map_err(|e| io(dir, std::io::Error::other(e)))?;
     for (file, value) in files {
         let path = dir.join(file.file_name());
@@ -131,6 +144,7 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
             (KV_CACHE_CSV, data.kv_cache.as_ref().map(Vec::len)),
             (CUDA_GRAPH_CSV, data.cuda_graph.as_ref().map(Vec::len)),
             (MOE_CSV, data.moe_routing.as_ref().map(|m| m.rows as usize)),
+            (STEP_TIMELINE_CSV, data.step_timeline.as_ref().map(Vec::len)),
         ];
         for (file, n) in counts {
             if let Some(n) = n {
@@ -157,6 +171,13 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
             "events_lost_in_flight": "unknown: events recorded since the collector's last pass (about one \
                                       collector period) were in the killed process's memory",
         });
+        let mut recovery = recovery;
+        if data.step_timeline.is_some() {
+            recovery["step_timeline"] = "summary rebuilt from step_timeline.csv; steps the collector still held \
+                                         open at the kill (the last two or so) have no timeline row, their rows \
+                                         keep their step in the other tables"
+                .into();
+        }
         obj.insert("recovery".into(), recovery);
     }
     let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| io(&manifest_path, std::io::Error::other(e)))?;
@@ -164,7 +185,7 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     Ok(report)
 }
 
-const TABLE_FILES: [&str; 9] = [
+const TABLE_FILES: [&str; 10] = [
     FORWARD_PASS_CSV,
     CPU_CSV,
     BATCH_CSV,
@@ -174,6 +195,7 @@ const TABLE_FILES: [&str; 9] = [
     KV_CACHE_CSV,
     CUDA_GRAPH_CSV,
     MOE_CSV,
+    STEP_TIMELINE_CSV,
 ];
 
 /// Truncates `path` after its last complete CSV row; the bytes dropped, `None` when the file is
@@ -259,7 +281,7 @@ fn count(v: u64) -> u32 {
 
 /// Every summary the rows of `data` support, computed by the core's profilers as a session
 /// would have.
-fn summaries_from_rows(data: &RunData, threshold: f64) -> Summaries {
+fn summaries_from_rows(data: &RunData, threshold: f64, late_rows: u64) -> Summaries {
     let mut s = Summaries::default();
     let mut rows = Rows::default();
     if let Some(r) = &data.forward_pass {
@@ -370,6 +392,31 @@ fn summaries_from_rows(data: &RunData, threshold: f64) -> Summaries {
             p.add_totals(u32::try_from(*layer).unwrap_or(u32::MAX), tokens, std::mem::take(&mut records));
         }
         p.summarize(&mut s);
+    }
+    if let Some(steps) = &data.step_timeline {
+        let rows: Vec<StepTimelineRow> = steps
+            .iter()
+            .map(|r| {
+                let opt = |ms: Option<f64>| ms.map(ms_ns);
+                StepTimelineRow {
+                    step: r.step,
+                    start_ns: ns(r.start_sec),
+                    phase: r.phase,
+                    forward_time_ns: opt(r.forward_time_ms),
+                    scheduling_ns: opt(r.scheduling_ms),
+                    batch_preparation_ns: opt(r.batch_preparation_ms),
+                    sampling_ns: opt(r.sampling_ms),
+                    other_cpu_ns: opt(r.other_cpu_ms),
+                    wall_ns: ms_ns(r.step_wall_ms),
+                    host_gap_before_ns: opt(r.host_gap_before_ms),
+                    unclaimed_ns: ms_ns(r.unclaimed_ms),
+                    preemptions: r.preemptions.map(count),
+                    encoder_time_ns: opt(r.encoder_time_ms),
+                    ..StepTimelineRow::default()
+                }
+            })
+            .collect();
+        s.step_timeline = Some(StepTimelineSummary::from_rows(&rows, late_rows));
     }
     s
 }

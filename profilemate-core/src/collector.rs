@@ -12,6 +12,7 @@ use crate::record::*;
 use crate::recorder::{DropCounters, MoeSource, Shared, ThreadBuffer, Timing};
 use crate::rows::{Rows, Table};
 use crate::sink::{write_atomic, Sink};
+use crate::step_timeline::StepTimeline;
 use crate::summary::Summaries;
 use crate::types::{Component, DropReason, GraphEvent, LifecycleEvent, Phase, ProfilerKind};
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -43,6 +44,8 @@ struct Decoded {
     tag: u8,
     flags: u8,
     op: u16,
+    /// The step the event belongs to; 0 outside any step.
+    step: u64,
     /// Start (or, with `F_DURATION`, end) reading.
     t0: u64,
     /// End reading, or duration in ns.
@@ -62,7 +65,8 @@ impl Decoded {
             kind: head.kind(),
             tag: head.tag(),
             flags: head.flags(),
-            op: head.u16_at4(),
+            op: 0,
+            step: head.step(),
             t0: head.word(1),
             t1: 0,
             device: (0, 0),
@@ -94,7 +98,9 @@ impl Decoded {
             }
             K_CPU => {
                 d.t1 = head.word(2);
-                d.texts = text(CPU_TEXT_AT, &[head.word(3) as usize], rest);
+                let w = head.word(3);
+                d.op = (w >> 32) as u16;
+                d.texts = text(CPU_TEXT_AT, &[(w & 0xffff_ffff) as usize], rest);
             }
             K_COMPONENT => {
                 d.t1 = head.word(2);
@@ -110,6 +116,7 @@ impl Decoded {
                 d.a = head.pair(2);
                 d.device = (head.word(3), head.word(4));
             }
+            K_STEP => d.t1 = head.word(2),
             K_CUDA_GRAPH => {
                 d.t1 = head.word(2);
                 d.a = head.pair(3);
@@ -198,6 +205,7 @@ pub(crate) struct Collector {
     kv_cache: Option<KvCacheProfiler>,
     cuda_graph: Option<CudaGraphProfiler>,
     moe: Option<MoeExpertProfiler>,
+    timeline: StepTimeline,
     rows: Rows,
     rows_written: [u64; Table::ALL.len()],
     sink_drops: DropCounters,
@@ -210,7 +218,7 @@ pub(crate) struct Collector {
     moe_sources: Vec<MoeSource>,
     moe_snapshot: LayerSnapshot,
     moe_tokens: Vec<u64>,
-    moe_detail: Vec<(u64, u32, u64, Vec<u32>)>,
+    moe_detail: Vec<(u64, u32, u64, u64, Vec<u32>)>,
     last_summary_step: u64,
     summaries_dirty: bool,
     last_file_flush: Instant,
@@ -236,6 +244,7 @@ impl Collector {
             kv_cache: on(ProfilerKind::KvCache).then(KvCacheProfiler::new),
             cuda_graph: on(ProfilerKind::CudaGraph).then(CudaGraphProfiler::new),
             moe: on(ProfilerKind::MoeExpert).then(MoeExpertProfiler::new),
+            timeline: StepTimeline::new(on(ProfilerKind::Preemption)),
             shared,
             info,
             buffers: Vec::new(),
@@ -287,6 +296,12 @@ impl Collector {
         self.drain_buffers();
         self.collect_moe(false);
         self.resolve_pending(false);
+        // A step waits for its device-timed events: nothing from the oldest pending one's on.
+        let waiting_for = self.pending.iter().map(|d| d.step).filter(|&s| s != 0).min();
+        // The timeline is the forward pass profiler's table: off with it.
+        if self.forward.is_some() {
+            self.timeline.emit(&mut self.rows, false, waiting_for);
+        }
         self.write_rows();
         let steps = self.steps();
         let interval = self.info.config.log_interval;
@@ -363,16 +378,22 @@ impl Collector {
             let scratch = &mut self.scratch;
             drain(consumer, |head, rest| {
                 let (layer, experts) = head.pair(2);
-                let step = u32::from_le_bytes([head.0[4], head.0[5], head.0[6], head.0[7]]);
                 scratch.clear();
                 let mut it = &mut *rest;
                 read_text(head, MOE_DATA_AT, experts as usize * 4, &mut it, scratch);
                 let counts = scratch.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
-                detail.push((head.word(1), layer, u64::from(step), counts));
+                detail.push((head.word(1), layer, head.word(3), head.step(), counts));
             });
         }
-        for (raw, layer, step, counts) in detail.drain(..) {
-            p.detail(clock.delta_ns(start, raw), layer, step, &counts, &mut rows);
+        // The step timeline's MoE imbalance comes from these per-step rows only: windowed rows
+        // span steps, so without per-step detail the timeline leaves it empty.
+        let mut timeline = self.forward.is_some().then_some(&mut self.timeline);
+        for (raw, layer, call, step, counts) in detail.drain(..) {
+            let ts = clock.delta_ns(start, raw);
+            p.detail(ts, layer, call, (step != 0).then_some(step), &counts, &mut rows);
+            if let (Some(tl), true) = (timeline.as_deref_mut(), step != 0) {
+                tl.moe(step, ts, &counts);
+            }
         }
         let window = (self.info.config.moe_window_steps > 0).then_some(self.info.config.moe_window_steps);
         let end = self.moe_sources.iter().map(|s| s.counts.layer_end()).max().unwrap_or(0);
@@ -491,6 +512,62 @@ impl Collector {
 
     fn dispatch(&mut self, d: &Decoded, device_ns: Option<u64>) {
         let mut rows = std::mem::take(&mut self.rows);
+        let before: [usize; Table::ALL.len()] = std::array::from_fn(|i| rows.len(Table::ALL[i]));
+        self.dispatch_to_profilers(d, device_ns, &mut rows);
+        if d.step != 0 {
+            self.join_step(d, &mut rows, &before);
+        }
+        self.rows = rows;
+    }
+
+    /// Gives the rows `d` produced its step id and feeds them to the step timeline.
+    fn join_step(&mut self, d: &Decoded, rows: &mut Rows, before: &[usize; Table::ALL.len()]) {
+        let step = Some(d.step);
+        let at = |t: Table| before[Table::ALL.iter().position(|x| *x == t).expect("listed")];
+        let tl = &mut self.timeline;
+        for r in &mut rows.forward_pass[at(Table::ForwardPass)..] {
+            r.step = step;
+            tl.forward(d.step, r.timestamp_ns, r.forward_time_ns, r.phase, r.batch_size, r.num_tokens);
+        }
+        for r in &mut rows.cpu_operations[at(Table::CpuOperations)..] {
+            r.step = step;
+            tl.cpu(d.step, r.timestamp_ns, r.duration_ns, &r.operation);
+        }
+        for r in &mut rows.batch_utilization[at(Table::BatchUtilization)..] {
+            r.step = step;
+            tl.batch(d.step, r.timestamp_ns, r);
+        }
+        for r in &mut rows.preemption_events[at(Table::PreemptionEvents)..] {
+            r.step = step;
+            tl.lifecycle(d.step, r.timestamp_ns, r.event);
+        }
+        for r in &mut rows.encoder_decoder[at(Table::EncoderDecoder)..] {
+            r.step = step;
+            tl.component(d.step, r.timestamp_ns, r.duration_ns, r.component);
+        }
+        for r in &mut rows.kv_cache[at(Table::KvCacheUsage)..] {
+            r.step = step;
+            tl.kv(d.step, r.timestamp_ns, r.usage_pct());
+        }
+        for r in &mut rows.cuda_graph[at(Table::CudaGraphEvents)..] {
+            r.step = step;
+            tl.graph(d.step, r.timestamp_ns, r.event, r.batch_size, r.padded_batch_size);
+        }
+        let moe_at = at(Table::MoeExpertRouting);
+        for r in &mut rows.moe_routing[moe_at..] {
+            r.step = step;
+        }
+        if d.kind == K_MOE && self.moe.is_some() {
+            let at = self.ts(d.t0);
+            self.timeline.moe(d.step, at, &d.counts);
+        }
+        if d.kind == K_STEP {
+            let (start, end) = (self.ts(d.t0), self.ts(d.t1));
+            self.timeline.step_closed(d.step, start, end);
+        }
+    }
+
+    fn dispatch_to_profilers(&mut self, d: &Decoded, device_ns: Option<u64>, rows: &mut Rows) {
         match d.kind {
             K_FORWARD => {
                 let (timestamp_ns, duration_ns) = self.span(d, device_ns);
@@ -502,7 +579,7 @@ impl Collector {
                         num_tokens: d.a.1,
                         duration_ns,
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_CPU => {
@@ -520,7 +597,7 @@ impl Collector {
                             duration_ns,
                             context: &d.texts[0],
                         };
-                        p.observe(&ev, &mut rows);
+                        p.observe(&ev, rows);
                     }
                     // An id this session never registered (another session's, or a disabled
                     // session's): dropped, and counted rather than lost silently.
@@ -540,7 +617,7 @@ impl Collector {
                         running_queue_len: d.c.0,
                         waiting_queue_len: d.c.1,
                     };
-                    p.observe(&Event::Batch { timestamp_ns, sample }, &mut rows);
+                    p.observe(&Event::Batch { timestamp_ns, sample }, rows);
                 }
             }
             K_LIFECYCLE => {
@@ -553,7 +630,7 @@ impl Collector {
                         reason: &d.texts[1],
                         extra_info: &d.texts[2],
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_COMPONENT => {
@@ -565,7 +642,7 @@ impl Collector {
                         duration_ns,
                         context: &d.texts[0],
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_KV_CACHE => {
@@ -577,7 +654,7 @@ impl Collector {
                         prefix_cache_queries: d.device.0,
                         prefix_cache_hits: d.device.1,
                     };
-                    p.observe(&Event::KvCache { timestamp_ns, sample }, &mut rows);
+                    p.observe(&Event::KvCache { timestamp_ns, sample }, rows);
                 }
             }
             K_CUDA_GRAPH => {
@@ -595,21 +672,17 @@ impl Collector {
                         padded_batch_size: (d.flags & F_PADDED != 0).then_some(d.b.0),
                         duration_ns,
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_MOE => {
                 let timestamp_ns = self.ts(d.t0);
                 if let Some(p) = &mut self.moe {
-                    p.observe(
-                        &Event::MoeRouting { timestamp_ns, layer: d.a.0, tokens_per_expert: &d.counts },
-                        &mut rows,
-                    );
+                    p.observe(&Event::MoeRouting { timestamp_ns, layer: d.a.0, tokens_per_expert: &d.counts }, rows);
                 }
             }
             _ => {}
         }
-        self.rows = rows;
     }
 
     fn write_rows(&mut self) {
@@ -623,7 +696,8 @@ impl Collector {
         for i in 0..self.sinks.len() {
             if let Err(e) = self.sinks[i].write_rows(&self.rows) {
                 self.sink_failed(i, "write rows", &*e);
-                for t in Table::ALL {
+                // Step timeline rows are derived from events already counted in their own tables.
+                for t in Table::ALL.into_iter().filter(|t| *t != Table::StepTimeline) {
                     self.sink_drops.add(t.profiler(), DropReason::SinkError, self.rows.len(t) as u64);
                 }
             }
@@ -657,6 +731,9 @@ impl Collector {
         }
         if let Some(p) = &self.moe {
             p.summarize(&mut s);
+        }
+        if self.forward.is_some() {
+            s.step_timeline = Some(self.timeline.summary());
         }
         s
     }
@@ -786,6 +863,9 @@ impl Collector {
         let mut rows = std::mem::take(&mut self.rows);
         if let Some(p) = &mut self.preemption {
             p.finish(now, &mut rows);
+        }
+        if self.forward.is_some() {
+            self.timeline.emit(&mut rows, true, None);
         }
         self.rows = rows;
         self.write_rows();

@@ -125,7 +125,10 @@ impl ForwardPass {
     #[inline]
     pub fn start(&self, phase: Phase, batch_size: u32, num_tokens: u32) -> ForwardGuard<'_> {
         let timed = match &self.shared {
-            Some(s) => begin(s, ProfilerKind::ForwardPass),
+            Some(s) => {
+                s.open_step_for_forward();
+                begin(s, ProfilerKind::ForwardPass)
+            }
             None => None,
         };
         ForwardGuard { shared: self.shared.as_ref(), timed, phase, batch_size, num_tokens }
@@ -135,6 +138,7 @@ impl ForwardPass {
     #[inline]
     pub fn record(&self, phase: Phase, batch_size: u32, num_tokens: u32, duration: Duration) {
         if let Some(s) = &self.shared {
+            s.open_step_for_forward();
             let mut slot = forward_slot(phase, batch_size, num_tokens);
             measured(s, dur_ns(duration), &mut slot);
             s.push(ProfilerKind::ForwardPass, slot);
@@ -148,6 +152,7 @@ impl ForwardPass {
         if let Some(s) = &self.shared {
             match ms_to_ns(ms) {
                 Some(ns) => {
+                    s.open_step_for_forward();
                     let mut slot = forward_slot(phase, batch_size, num_tokens);
                     measured(s, ns, &mut slot);
                     s.push(ProfilerKind::ForwardPass, slot);
@@ -308,8 +313,7 @@ impl CpuTiming {
 #[inline(always)]
 fn cpu_slot(op: CpuOp, context: &str) -> Slot {
     let mut slot = Slot::head(K_CPU, 0, 0);
-    slot.set_u16_at4(op.0);
-    slot.set_word(3, context.len() as u64);
+    slot.set_word(3, context.len() as u64 | u64::from(op.0) << 32);
     slot
 }
 

@@ -4,7 +4,7 @@
 
 use crate::backend::{HostClock, TimingBackend};
 use crate::moe_counts::MoeCounts;
-use crate::record::{push_plain, push_with_text, Slot, K_MOE, MOE_DATA_AT};
+use crate::record::{push_plain, push_with_text, Slot, K_MOE, MAX_STEP_ID, MOE_DATA_AT};
 use crate::types::{DropReason, ModelType, ProfilerKind};
 use rtrb::{Consumer, Producer, RingBuffer};
 use std::cell::RefCell;
@@ -87,6 +87,12 @@ pub(crate) struct Shared {
     pub(crate) moe_detail: bool,
     /// MoE totals of threads that started recording routing since the collector last looked.
     pub(crate) incoming_moe: Mutex<Vec<MoeSource>>,
+    /// The open step: `id << 1 | by_guard`, 0 when none is open (see [`crate::Steps`]).
+    pub(crate) step: AtomicU64,
+    /// The highest step id handed out.
+    pub(crate) last_step: AtomicU64,
+    /// When the step opened by `Steps::open` began (a raw clock reading).
+    pub(crate) step_start: AtomicU64,
 }
 
 impl Shared {
@@ -106,7 +112,33 @@ impl Shared {
             model_type: AtomicU8::new(0),
             moe_detail: false,
             incoming_moe: Mutex::new(Vec::new()),
+            step: AtomicU64::new(0),
+            last_step: AtomicU64::new(0),
+            step_start: AtomicU64::new(0),
         }
+    }
+
+    /// The step every event recorded now belongs to (0: none).
+    #[inline(always)]
+    pub(crate) fn current_step(&self) -> u64 {
+        self.step.load(Ordering::Relaxed) >> 1
+    }
+
+    /// A forward pass starts: unless a step guard holds a step open, it opens the next step.
+    /// Plain load and store, no read-modify-write: the hot path stays as cheap as a field read.
+    /// Engines that start forward passes from several threads at once open steps with a guard.
+    #[inline(always)]
+    pub(crate) fn open_step_for_forward(&self) {
+        if self.step.load(Ordering::Relaxed) & 1 == 0 {
+            let id = (self.last_step.load(Ordering::Relaxed) + 1) & MAX_STEP_ID;
+            self.last_step.store(id, Ordering::Relaxed);
+            self.step.store(id << 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Pushes a step record that carries its own id.
+    pub(crate) fn push_step(self: &Arc<Self>, slot: Slot) {
+        self.with_local(ProfilerKind::ForwardPass, |p| push_plain(p, slot));
     }
 
     #[inline(always)]
@@ -134,12 +166,14 @@ impl Shared {
     }
 
     #[inline(always)]
-    pub(crate) fn push(self: &Arc<Self>, kind: ProfilerKind, slot: Slot) {
+    pub(crate) fn push(self: &Arc<Self>, kind: ProfilerKind, mut slot: Slot) {
+        slot.set_step(self.current_step());
         self.with_local(kind, |p| push_plain(p, slot));
     }
 
     #[inline]
-    pub(crate) fn push_text(self: &Arc<Self>, kind: ProfilerKind, slot: Slot, inline_at: usize, texts: &[&[u8]]) {
+    pub(crate) fn push_text(self: &Arc<Self>, kind: ProfilerKind, mut slot: Slot, inline_at: usize, texts: &[&[u8]]) {
+        slot.set_step(self.current_step());
         self.with_local(kind, |p| push_with_text(p, slot, inline_at, texts));
     }
 
@@ -156,9 +190,10 @@ impl Shared {
             let call = counts.add(layer, now, tokens_per_expert).ok_or(DropReason::InvalidValue)?;
             let Some(detail) = detail else { return Ok(()) };
             let mut slot = Slot::head(K_MOE, 0, 0);
+            slot.set_step(self.current_step());
             slot.set_word(1, now);
             slot.set_pair(2, layer, tokens_per_expert.len() as u32);
-            slot.0[4..8].copy_from_slice(&(call as u32).to_le_bytes());
+            slot.set_word(3, call);
             // SAFETY: a `u32` slice viewed as bytes: same memory, 4 bytes per element, no
             // padding, and `u8` has no alignment requirement.
             let bytes = unsafe {

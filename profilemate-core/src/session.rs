@@ -375,6 +375,12 @@ impl Session {
         ForwardPass::new(&self.shared)
     }
 
+    /// The step handle: opens engine steps whose id every row recorded in them carries
+    /// (see [`Steps`](crate::Steps) for the rule).
+    pub fn steps(&self) -> crate::Steps {
+        crate::Steps::new(&self.shared)
+    }
+
     /// The CPU operation handle.
     pub fn cpu_timing(&self) -> CpuTiming {
         CpuTiming::new(&self.shared)

@@ -293,6 +293,28 @@ impl Line {
             None => self.empty(),
         }
     }
+    fn opt_int(&mut self, v: Option<impl Into<u64>>) -> &mut Self {
+        match v {
+            Some(v) => self.int(v),
+            None => self.empty(),
+        }
+    }
+    fn opt_ms(&mut self, ns: Option<u64>) -> &mut Self {
+        match ns {
+            Some(ns) => self.ms(ns),
+            None => self.empty(),
+        }
+    }
+    /// A float with 4 decimals; empty for `None` (never NaN: the timeline's figures are finite).
+    fn opt_f4(&mut self, v: Option<f64>) -> &mut Self {
+        match v.filter(|v| v.is_finite()) {
+            Some(v) => {
+                let scaled = (v.max(0.0) * 1e4).round() as u64;
+                self.fixed(scaled / 10_000, scaled % 10_000, 4)
+            }
+            None => self.empty(),
+        }
+    }
     /// `tokens / ns * 10^9` with at least 6 significant digits and 3 decimals; empty when `ns`
     /// is 0.
     fn throughput(&mut self, tokens: u32, ns: u64) -> &mut Self {
@@ -331,13 +353,14 @@ impl CsvSink {
                         .int(r.batch_size)
                         .int(r.num_tokens)
                         .ms(r.forward_time_ns)
-                        .throughput(r.num_tokens, r.forward_time_ns);
+                        .throughput(r.num_tokens, r.forward_time_ns)
+                        .opt_int(r.step);
                     emit!(b);
                 }
             }
             Table::CpuOperations => {
                 for r in &rows.cpu_operations {
-                    b.sec(r.timestamp_ns).text(&r.operation).ms(r.duration_ns).text(&r.context);
+                    b.sec(r.timestamp_ns).text(&r.operation).ms(r.duration_ns).text(&r.context).opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -352,7 +375,8 @@ impl CsvSink {
                         .pct(r.num_tokens, r.max_tokens)
                         .text(r.phase.as_str())
                         .int(r.running_queue_len)
-                        .int(r.waiting_queue_len);
+                        .int(r.waiting_queue_len)
+                        .opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -363,7 +387,8 @@ impl CsvSink {
                         .text(r.event.as_str())
                         .text(&r.reason)
                         .opt_sec(r.running_time_ns)
-                        .text(&r.extra_info);
+                        .text(&r.extra_info)
+                        .opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -383,7 +408,7 @@ impl CsvSink {
             }
             Table::EncoderDecoder => {
                 for r in &rows.encoder_decoder {
-                    b.sec(r.timestamp_ns).text(r.component.as_str()).ms(r.duration_ns).text(&r.context);
+                    b.sec(r.timestamp_ns).text(r.component.as_str()).ms(r.duration_ns).text(&r.context).opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -394,7 +419,8 @@ impl CsvSink {
                         .int(r.total_blocks)
                         .pct(r.used_blocks, r.total_blocks)
                         .int(r.prefix_cache_queries)
-                        .int(r.prefix_cache_hits);
+                        .int(r.prefix_cache_hits)
+                        .opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -409,6 +435,7 @@ impl CsvSink {
                         Some(ns) => b.ms(ns),
                         None => b.empty(),
                     };
+                    b.opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -419,7 +446,45 @@ impl CsvSink {
                         .int(r.expert_id)
                         .int(r.num_tokens)
                         .int(r.window_first_step)
-                        .int(r.window_steps);
+                        .int(r.window_steps)
+                        .opt_int(r.step);
+                    emit!(b);
+                }
+            }
+            Table::StepTimeline => {
+                for r in &rows.step_timeline {
+                    b.int(r.step).sec(r.start_ns);
+                    match r.phase {
+                        Some(p) => b.text(p.as_str()),
+                        None => b.empty(),
+                    };
+                    b.opt_int(r.batch_size)
+                        .opt_int(r.num_tokens)
+                        .int(r.forward_passes)
+                        .opt_ms(r.forward_time_ns)
+                        .opt_ms(r.scheduling_ns)
+                        .opt_ms(r.batch_preparation_ns)
+                        .opt_ms(r.sampling_ns)
+                        .opt_ms(r.other_cpu_ns)
+                        .ms(r.wall_ns)
+                        .opt_ms(r.host_gap_before_ns)
+                        .ms(r.unclaimed_ns)
+                        .opt_f4(r.seq_utilization_pct)
+                        .opt_f4(r.token_utilization_pct)
+                        .opt_int(r.running_queue_len)
+                        .opt_int(r.waiting_queue_len)
+                        .opt_f4(r.kv_cache_usage_pct);
+                    match r.cuda_graph {
+                        Some(e) => b.text(e.as_str()),
+                        None => b.empty(),
+                    };
+                    b.opt_int(r.padded_batch_size)
+                        .opt_f4(r.padding_pct)
+                        .opt_int(r.preemptions)
+                        .opt_int(r.resumes)
+                        .opt_ms(r.encoder_time_ns)
+                        .opt_ms(r.decoder_time_ns)
+                        .opt_f4(r.moe_max_over_mean);
                     emit!(b);
                 }
             }

@@ -62,7 +62,8 @@ pub const PARTIAL_SUFFIX: &str = ".partial";
 /// assert_eq!(reader.metadata().file_metadata().num_rows(), 1);
 /// let row = reader.get_row_iter(None)?.next().unwrap()?;
 /// assert_eq!(row.get_double(4)?, 2.0); // forward_time_ms
-/// assert_eq!(row.get_long(7)?, 3); // rank
+/// assert_eq!(row.get_long(6)?, 1); // step: the forward pass opened step 1
+/// assert_eq!(row.get_long(8)?, 3); // rank
 /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
 /// ```
 pub struct ParquetSink {
@@ -111,10 +112,15 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("num_tokens", L, false),
             ("forward_time_ms", D, false),
             ("throughput_tokens_per_sec", D, true),
+            ("step", L, true),
         ],
-        Table::CpuOperations => {
-            &[("timestamp_sec", D, false), ("operation", T, true), ("duration_ms", D, false), ("context", T, true)]
-        }
+        Table::CpuOperations => &[
+            ("timestamp_sec", D, false),
+            ("operation", T, true),
+            ("duration_ms", D, false),
+            ("context", T, true),
+            ("step", L, true),
+        ],
         Table::BatchUtilization => &[
             ("timestamp_sec", D, false),
             ("num_seqs", L, false),
@@ -126,6 +132,7 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("phase", T, true),
             ("running_queue_len", L, false),
             ("waiting_queue_len", L, false),
+            ("step", L, true),
         ],
         Table::PreemptionEvents => &[
             ("timestamp_sec", D, false),
@@ -134,6 +141,7 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("reason", T, true),
             ("running_time_sec", D, true),
             ("extra_info", T, true),
+            ("step", L, true),
         ],
         Table::RequestLifecycle => &[
             ("request_id", T, true),
@@ -146,9 +154,13 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("num_preemptions", L, false),
             ("outcome", T, true),
         ],
-        Table::EncoderDecoder => {
-            &[("timestamp_sec", D, false), ("component", T, true), ("duration_ms", D, false), ("context", T, true)]
-        }
+        Table::EncoderDecoder => &[
+            ("timestamp_sec", D, false),
+            ("component", T, true),
+            ("duration_ms", D, false),
+            ("context", T, true),
+            ("step", L, true),
+        ],
         Table::KvCacheUsage => &[
             ("timestamp_sec", D, false),
             ("used_blocks", L, false),
@@ -156,6 +168,7 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("usage_pct", D, true),
             ("prefix_cache_queries", L, false),
             ("prefix_cache_hits", L, false),
+            ("step", L, true),
         ],
         Table::CudaGraphEvents => &[
             ("timestamp_sec", D, false),
@@ -163,6 +176,7 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("batch_size", L, false),
             ("padded_batch_size", L, true),
             ("duration_ms", D, true),
+            ("step", L, true),
         ],
         Table::MoeExpertRouting => &[
             ("timestamp_sec", D, false),
@@ -171,6 +185,36 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("num_tokens", L, false),
             ("window_first_step", L, false),
             ("window_steps", L, false),
+            ("step", L, true),
+        ],
+        Table::StepTimeline => &[
+            ("step", L, false),
+            ("start_sec", D, false),
+            ("phase", T, true),
+            ("batch_size", L, true),
+            ("num_tokens", L, true),
+            ("forward_passes", L, false),
+            ("forward_time_ms", D, true),
+            ("scheduling_ms", D, true),
+            ("batch_preparation_ms", D, true),
+            ("sampling_ms", D, true),
+            ("other_cpu_ms", D, true),
+            ("step_wall_ms", D, false),
+            ("host_gap_before_ms", D, true),
+            ("unclaimed_ms", D, false),
+            ("seq_utilization_pct", D, true),
+            ("token_utilization_pct", D, true),
+            ("running_queue_len", L, true),
+            ("waiting_queue_len", L, true),
+            ("kv_cache_usage_pct", D, true),
+            ("cuda_graph", T, true),
+            ("padded_batch_size", L, true),
+            ("padding_pct", D, true),
+            ("preemptions", L, true),
+            ("resumes", L, true),
+            ("encoder_time_ms", D, true),
+            ("decoder_time_ms", D, true),
+            ("moe_max_over_mean", D, true),
         ],
     }
 }
@@ -583,6 +627,7 @@ impl ParquetSink {
                         c[3].long(long(r.num_tokens.into()));
                         c[4].double(Some(numbers::ms(r.forward_time_ns)));
                         c[5].double(numbers::throughput(r.num_tokens, r.forward_time_ns));
+                        c[6].long(r.step.and_then(long));
                         text
                     })?;
                 }
@@ -593,6 +638,7 @@ impl ParquetSink {
                         c[0].double(Some(numbers::sec(r.timestamp_ns)));
                         let text = c[1].text(&r.operation);
                         c[2].double(Some(numbers::ms(r.duration_ns)));
+                        c[4].long(r.step.and_then(long));
                         text + c[3].text(&r.context)
                     })?;
                 }
@@ -610,6 +656,7 @@ impl ParquetSink {
                         let text = c[7].text(r.phase.as_str());
                         c[8].long(long(r.running_queue_len.into()));
                         c[9].long(long(r.waiting_queue_len.into()));
+                        c[10].long(r.step.and_then(long));
                         text
                     })?;
                 }
@@ -620,6 +667,7 @@ impl ParquetSink {
                         c[0].double(Some(numbers::sec(r.timestamp_ns)));
                         let text = c[1].text(&r.request_id) + c[2].text(r.event.as_str()) + c[3].text(&r.reason);
                         c[4].double(r.running_time_ns.map(numbers::sec));
+                        c[6].long(r.step.and_then(long));
                         text + c[5].text(&r.extra_info)
                     })?;
                 }
@@ -645,6 +693,7 @@ impl ParquetSink {
                         c[0].double(Some(numbers::sec(r.timestamp_ns)));
                         let text = c[1].text(r.component.as_str());
                         c[2].double(Some(numbers::ms(r.duration_ns)));
+                        c[4].long(r.step.and_then(long));
                         text + c[3].text(&r.context)
                     })?;
                 }
@@ -658,6 +707,7 @@ impl ParquetSink {
                         c[3].double(numbers::pct(r.used_blocks, r.total_blocks));
                         c[4].long(long(r.prefix_cache_queries));
                         c[5].long(long(r.prefix_cache_hits));
+                        c[6].long(r.step.and_then(long));
                         0
                     })?;
                 }
@@ -670,6 +720,7 @@ impl ParquetSink {
                         c[2].long(long(r.batch_size.into()));
                         c[3].long(r.padded_batch_size.and_then(|p| long(p.into())));
                         c[4].double(r.duration_ns.map(numbers::ms));
+                        c[5].long(r.step.and_then(long));
                         text
                     })?;
                 }
@@ -683,7 +734,45 @@ impl ParquetSink {
                         c[3].long(long(r.num_tokens.into()));
                         c[4].long(long(r.window_first_step));
                         c[5].long(long(r.window_steps));
+                        c[6].long(r.step.and_then(long));
                         0
+                    })?;
+                }
+            }
+            Table::StepTimeline => {
+                for r in &rows.step_timeline {
+                    push(t, &|c| {
+                        let l32 = |v: Option<u32>| v.and_then(|v| long(v.into()));
+                        let ms = |v: Option<u64>| v.map(numbers::ms);
+                        let f4 = |v: Option<f64>| v.filter(|v| v.is_finite()).map(|v| (v.max(0.0) * 1e4).round() / 1e4);
+                        c[0].long(long(r.step));
+                        c[1].double(Some(numbers::sec(r.start_ns)));
+                        let mut text = c[2].text(r.phase.map_or("", |p| p.as_str()));
+                        c[3].long(l32(r.batch_size));
+                        c[4].long(l32(r.num_tokens));
+                        c[5].long(long(r.forward_passes.into()));
+                        c[6].double(ms(r.forward_time_ns));
+                        c[7].double(ms(r.scheduling_ns));
+                        c[8].double(ms(r.batch_preparation_ns));
+                        c[9].double(ms(r.sampling_ns));
+                        c[10].double(ms(r.other_cpu_ns));
+                        c[11].double(Some(numbers::ms(r.wall_ns)));
+                        c[12].double(ms(r.host_gap_before_ns));
+                        c[13].double(Some(numbers::ms(r.unclaimed_ns)));
+                        c[14].double(f4(r.seq_utilization_pct));
+                        c[15].double(f4(r.token_utilization_pct));
+                        c[16].long(l32(r.running_queue_len));
+                        c[17].long(l32(r.waiting_queue_len));
+                        c[18].double(f4(r.kv_cache_usage_pct));
+                        text += c[19].text(r.cuda_graph.map_or("", |e| e.as_str()));
+                        c[20].long(l32(r.padded_batch_size));
+                        c[21].double(f4(r.padding_pct));
+                        c[22].long(l32(r.preemptions));
+                        c[23].long(l32(r.resumes));
+                        c[24].double(ms(r.encoder_time_ns));
+                        c[25].double(ms(r.decoder_time_ns));
+                        c[26].double(f4(r.moe_max_over_mean));
+                        text
                     })?;
                 }
             }

@@ -10,7 +10,7 @@ use crate::merge::{merge as merge_run, runs as list_runs};
 use profilemate::{
     BatchSample, BatchUtilization, Component, Components, CpuOp, CpuTiming, CudaGraphs, ForwardPass, GraphEvent,
     KvCacheSample, KvCacheUsage, Mark, ModelType, MoeRouting, Phase, ProfilerKind, Requests, Resolution, Session,
-    TimingBackend,
+    Steps, TimingBackend,
 };
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -92,6 +92,7 @@ struct Recorder {
     kv_cache: KvCacheUsage,
     cuda_graphs: CudaGraphs,
     moe: MoeRouting,
+    steps: Steps,
     trackers: Vec<&'static str>,
     dir: String,
     timing: String,
@@ -157,6 +158,7 @@ impl Recorder {
             kv_cache: session.kv_cache(),
             cuda_graphs: session.cuda_graphs(),
             moe: session.moe_experts(),
+            steps: session.steps(),
             trackers: enabled,
             session: Mutex::new(Some(session)),
             dir: part_dir.to_string_lossy().into_owned(),
@@ -181,6 +183,23 @@ impl Recorder {
     #[getter]
     fn trackers(&self) -> Vec<&'static str> {
         self.trackers.clone()
+    }
+
+    /// Opens engine step `step` (1 to 2^40 - 1): every row this process records until
+    /// `end_step` carries it in its `step` column. The engine-core process numbers the steps;
+    /// a worker opens the same id for its part of the step, so that rows of one step written by
+    /// several processes join. Raises `ValueError` for an id out of range.
+    fn begin_step(&self, step: u64) -> PyResult<()> {
+        if self.steps.open(step) || !self.steps.is_enabled() {
+            Ok(())
+        } else {
+            Err(PyValueError::new_err(format!("step id {step}: expected 1 to {}", profilemate::MAX_STEP)))
+        }
+    }
+
+    /// Closes the step `begin_step` opened (nothing when none is open).
+    fn end_step(&self) {
+        self.steps.close();
     }
 
     /// One forward pass (engine step) that ended now: phase 0 prefill, 1 decode, 2 mixed. A

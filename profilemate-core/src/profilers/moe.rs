@@ -70,6 +70,8 @@ impl MoeExpertProfiler {
                     num_tokens: u32::try_from(n).unwrap_or(u32::MAX),
                     window_first_step: w.start_calls,
                     window_steps: steps,
+                    // A window spans steps: its rows belong to none of them.
+                    step: None,
                 });
             }
             *start = now;
@@ -100,13 +102,15 @@ impl MoeExpertProfiler {
         self.records += records;
     }
 
-    /// One step's rows of `layer` (per-step detail), the layer's call `step`; the totals come
-    /// from [`observe_totals`](Self::observe_totals).
+    /// One step's rows of `layer` (per-step detail): the layer's call `call` (counted from 0,
+    /// the rows' `window_first_step`), made in engine step `step` (`None` outside any step); the
+    /// totals come from [`observe_totals`](Self::observe_totals).
     pub(crate) fn detail(
         &mut self,
         timestamp_ns: u64,
         layer: u32,
-        step: u64,
+        call: u64,
+        step: Option<u64>,
         tokens_per_expert: &[u32],
         rows: &mut Rows,
     ) {
@@ -117,8 +121,9 @@ impl MoeExpertProfiler {
                     layer,
                     expert_id: expert_id as u32,
                     num_tokens,
-                    window_first_step: step,
+                    window_first_step: call,
                     window_steps: 1,
+                    step,
                 });
             }
         }
@@ -165,7 +170,7 @@ impl Profiler for MoeExpertProfiler {
         let step = w.calls;
         w.calls += 1;
         w.start_calls = w.calls;
-        self.detail(timestamp_ns, layer, step, tokens_per_expert, rows);
+        self.detail(timestamp_ns, layer, step, None, tokens_per_expert, rows);
     }
 
     fn summarize(&self, out: &mut Summaries) {

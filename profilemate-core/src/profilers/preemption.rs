@@ -143,6 +143,7 @@ impl Profiler for PreemptionProfiler {
             _ => String::new(),
         };
         rows.preemption_events.push(PreemptionEventRow {
+            step: None,
             timestamp_ns: t,
             request_id: request_id.to_string(),
             event,
