@@ -65,7 +65,10 @@ def check(d):
     assert {k: v["count"] for k, v in cpu.items()} == ops, (cpu.keys(), ops)
     timeline = table_rows(d, "step_timeline.csv")
     tl_path = os.path.join(d, "step_timeline_summary.json")
-    tl = json.load(open(tl_path)) if os.path.exists(tl_path) or timeline else {"steps": 0, **{p: {"count": 0, "total_wall_ms": 0.0} for p in ("prefill", "decode", "mixed")}}
+    if not (timeline or os.path.exists(tl_path)):
+        tl = {"steps": 0, **{p: {"count": 0, "total_wall_ms": 0.0} for p in ("prefill", "decode", "mixed")}}
+    else:
+        tl = json.load(open(tl_path))
     assert tl["steps"] == len(timeline), ("step timeline", tl["steps"], len(timeline))
     for phase in ("prefill", "decode", "mixed"):
         mine = [r for r in timeline if r["phase"] == phase]

@@ -57,6 +57,15 @@ fn a_killed_run_is_completed_and_recovery_is_idempotent() {
     std::fs::write(&fwd, &text).unwrap();
     let trace = std::fs::read_to_string(dir.join("profilemate_trace.json")).unwrap();
     assert!(!trace.trim_end().ends_with(']'), "an unfinished trace is not closed");
+    // The step timeline: whole rows (each forward pass opened a step; the collector writes a
+    // step once two later ones began) and a summary older than the rows.
+    let timeline = dir.join("step_timeline.csv");
+    let timeline_rows = csv_rows(&timeline);
+    assert!((290..300).contains(&timeline_rows), "{timeline_rows} timeline rows");
+    let mut text = std::fs::read(&timeline).unwrap();
+    text.extend_from_slice(b"299,0.31");
+    std::fs::write(&timeline, &text).unwrap();
+    std::fs::write(dir.join("step_timeline_summary.json"), r#"{"steps": 5, "late_rows": 0}"#).unwrap();
 
     let r = profilemate_cli::recover(dir).unwrap();
     assert!(r.needed);
@@ -82,6 +91,27 @@ fn a_killed_run_is_completed_and_recovery_is_idempotent() {
     assert_eq!(manifest["finished_cleanly"], false);
     assert_eq!(manifest["rows_on_disk"]["forward_pass_timing.csv"], 300);
     assert_eq!(manifest["recovery"]["torn_bytes_dropped"]["forward_pass_timing.csv"], 12);
+    // The step timeline's summary is rebuilt from its rows on disk; the steps still open in the
+    // collector have none, and the manifest says so.
+    assert_eq!(r.torn_bytes_dropped.get("step_timeline.csv"), Some(&8));
+    assert_eq!(csv_rows(&timeline), timeline_rows);
+    assert_eq!(manifest["rows_on_disk"]["step_timeline.csv"], timeline_rows);
+    assert!(manifest["recovery"]["step_timeline"].as_str().unwrap().contains("no timeline row"));
+    let tl: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("step_timeline_summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        (tl["steps"].as_u64(), tl["decode"]["count"].as_u64()),
+        (Some(timeline_rows as u64), Some(timeline_rows as u64))
+    );
+    let mut reader = csv::Reader::from_path(&timeline).unwrap();
+    let (mut forward_ms, mut wall_ms) = (0.0, 0.0);
+    for r in reader.deserialize::<std::collections::HashMap<String, String>>() {
+        let r = r.unwrap();
+        forward_ms += r["forward_time_ms"].parse::<f64>().unwrap();
+        wall_ms += r["step_wall_ms"].parse::<f64>().unwrap();
+    }
+    assert!((tl["decode"]["total_forward_ms"].as_f64().unwrap() - forward_ms).abs() < 1e-6);
+    assert!((tl["decode"]["total_wall_ms"].as_f64().unwrap() - wall_ms).abs() < 1e-3 * wall_ms.max(1.0));
 
     // Again: nothing left to do, the same files.
     let before: Vec<Vec<u8>> = ["forward_pass_timing.csv", "forward_pass_summary.json", "profilemate_trace.json"]
