@@ -952,3 +952,40 @@ fn rolled_over_tables_and_windowed_moe_rows_are_read() {
         data.notes
     );
 }
+
+/// Rolled-over files and the `step` column together: each file's header is read on its own, so
+/// a rolled file of an older version (no `step`) and a newer one (with it) join in one table;
+/// the step timeline rolls over like any table; MoE rows carry the window columns, then `step`.
+#[test]
+fn rolled_over_tables_keep_their_step_column() {
+    let run = Run::new();
+    let fwd = "timestamp_sec,phase,batch_size,num_tokens,forward_time_ms,throughput_tokens_per_sec";
+    run.write("forward_pass_timing.1.csv", &format!("{fwd}\n0.100000,decode,4,4,2.000000,2000.000\n"));
+    run.write("forward_pass_timing.2.csv", &format!("{fwd},step\n0.200000,decode,4,8,2.000000,4000.000,7\n"));
+    run.write("forward_pass_timing.csv", &format!("{fwd},step\n0.300000,prefill,1,64,4.000000,16000.000,\n"));
+    let moe = "timestamp_sec,layer,expert_id,num_tokens,window_first_step,window_steps,step";
+    run.write("moe_expert_routing.1.csv", &format!("{moe}\n0.5,0,0,40,0,1,1\n0.5,0,2,10,0,1,1\n"));
+    run.write("moe_expert_routing.csv", &format!("{moe}\n0.9,0,1,7,1,1,2\n"));
+    let header = profilemate_core::STEP_TIMELINE_COLUMNS.join(",");
+    let row = |step: u64| {
+        let mut f = vec![String::new(); profilemate_core::STEP_TIMELINE_COLUMNS.len()];
+        f[0] = step.to_string();
+        f[1] = "0.1".into();
+        f[2] = "decode".into();
+        f[5] = "1".into();
+        f[6] = "2.0".into();
+        f[11] = "2.5".into();
+        f[13] = "0.5".into();
+        f.join(",")
+    };
+    run.write("step_timeline.1.csv", &format!("{header}\n{}\n{}\n", row(1), row(2)));
+    run.write("step_timeline.csv", &format!("{header}\n{}\n", row(3)));
+    let data = RunData::load(run.path()).unwrap();
+    let steps: Vec<Option<u64>> = data.forward_pass.as_ref().unwrap().iter().map(|r| r.step).collect();
+    assert_eq!(steps, [None, Some(7), None]);
+    let timeline: Vec<u64> = data.step_timeline.as_ref().unwrap().iter().map(|r| r.step).collect();
+    assert_eq!(timeline, [1, 2, 3], "the rolled timeline file first, then the live one");
+    let moe = data.moe_routing.as_ref().unwrap();
+    assert_eq!(moe.tokens[&0], vec![40, 7, 10]);
+    assert_eq!((moe.rows, moe.records), (3, 2), "per-step rows: one routing record per step and layer");
+}
