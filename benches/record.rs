@@ -158,6 +158,15 @@ fn record(c: &mut Criterion) {
     g.bench_function("enabled/forward_pass", |b| {
         b.iter_custom(|iters| batched(iters, drain, || forward.start(black_box(Phase::Decode), 32, 32).stop()))
     });
+    // Inside a step guard the forward pass opens no step: it only reads the open one.
+    let steps = on.steps();
+    g.bench_function("enabled/forward_pass_in_step", |b| {
+        let step = steps.begin();
+        b.iter_custom(|iters| batched(iters, drain, || forward.start(black_box(Phase::Decode), 32, 32).stop()));
+        step.stop();
+    });
+    // A step guard: one atomic increment, two clock reads and one record, once per step.
+    g.bench_function("enabled/step_guard", |b| b.iter_custom(|iters| batched(iters, drain, || steps.begin().stop())));
     g.bench_function("enabled/cpu_operation", |b| {
         b.iter_custom(|iters| batched(iters, drain, || cpu.start(black_box(CpuOp::SCHEDULING)).stop()))
     });

@@ -75,10 +75,11 @@ root = sys.argv[1]
 TABLES = [
     "forward_pass_timing", "cpu_operations_timing", "batch_utilization", "preemption_events",
     "request_lifecycle", "encoder_decoder_timing", "kv_cache_usage", "cuda_graph_events",
-    "moe_expert_routing",
+    "moe_expert_routing", "step_timeline",
 ]
 TEXT = {"phase", "operation", "context", "request_id", "event", "reason", "extra_info", "outcome",
-        "component", "host"}
+        "component", "host", "cuda_graph"}
+DOUBLE = {"moe_max_over_mean"}
 failures = []
 
 
@@ -91,7 +92,7 @@ def check(ok, what):
 def kind(column):
     if column in TEXT:
         return "string"
-    if column.endswith(("_sec", "_ms", "_pct")):
+    if column in DOUBLE or column.endswith(("_sec", "_ms", "_pct")):
         return "double"
     return "int64"
 

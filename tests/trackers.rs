@@ -10,7 +10,9 @@ use std::time::Duration;
 fn read_csv(dir: &Path, file: &str, header: &[&str]) -> Vec<BTreeMap<String, String>> {
     let mut reader = csv::Reader::from_path(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
     let got: Vec<String> = reader.headers().expect("header").iter().map(String::from).collect();
-    assert_eq!(got, header, "{file} header");
+    // The contract's columns, then the `step` column every step table ends with.
+    let want: Vec<&str> = header.iter().copied().chain(["step"]).collect();
+    assert_eq!(got, want, "{file} header");
     reader
         .records()
         .map(|r| {
@@ -25,6 +27,9 @@ fn read_json(dir: &Path, file: &str) -> Value {
     assert!(!text.contains("null") && !text.contains("NaN") && !text.contains("Infinity"), "{file}: {text}");
     serde_json::from_str(&text).expect("valid JSON")
 }
+
+const MOE_COLUMNS: [&str; 6] =
+    ["timestamp_sec", "layer", "expert_id", "num_tokens", "window_first_step", "window_steps"];
 
 fn f(v: &str) -> f64 {
     v.parse().unwrap_or_else(|_| panic!("not a number: {v:?}"))
@@ -59,7 +64,8 @@ fn tracker_files_follow_the_contract_and_their_summaries_recompute() {
     }
     graphs.eager(64);
     graphs.eager(9);
-    // MoE: two layers, one even, one skewed, over three steps; experts with 0 tokens have no row.
+    // MoE: two layers, one even, one skewed, over three steps, in one window (the default is
+    // 100 steps; shutdown closes it); experts with 0 tokens in the window have no row.
     let even = [10u32, 10, 10, 10];
     let skewed = [37u32, 2, 1, 0];
     for _ in 0..3 {
@@ -126,8 +132,9 @@ fn tracker_files_follow_the_contract_and_their_summaries_recompute() {
     assert_eq!(s["captured_sizes"], serde_json::json!([1, 2, 4, 8]));
 
     // ---- moe_expert_routing.csv / moe_expert_summary.json
-    let rows = read_csv(dir, "moe_expert_routing.csv", &["timestamp_sec", "layer", "expert_id", "num_tokens"]);
-    assert_eq!(rows.len(), 3 * (4 + 3), "experts with no token have no row");
+    let rows = read_csv(dir, "moe_expert_routing.csv", &MOE_COLUMNS);
+    assert_eq!(rows.len(), 4 + 3, "one window; experts with no token have no row");
+    assert!(rows.iter().all(|r| r["window_first_step"] == "0" && r["window_steps"] == "3"), "{rows:?}");
     let mut per_layer: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for r in &rows {
         let v = per_layer.entry(r["layer"].clone()).or_insert_with(|| vec![0; 4]);
@@ -151,7 +158,8 @@ fn tracker_files_follow_the_contract_and_their_summaries_recompute() {
     assert_eq!(s["layers"]["7"]["hottest_expert"], 0);
 
     assert_eq!(manifest.rows["kv_cache_usage.csv"], 5);
-    assert_eq!(manifest.rows["moe_expert_routing.csv"], 21);
+    assert_eq!(s["records"], 6, "two layers routed in three steps");
+    assert_eq!(manifest.rows["moe_expert_routing.csv"], 7);
     assert_eq!(manifest.total_dropped(), 0);
 }
 
@@ -183,5 +191,67 @@ fn disabled_trackers_write_no_files() {
     session.shutdown().expect("shutdown");
     for f in ["kv_cache_usage.csv", "cuda_graph_events.csv", "moe_expert_routing.csv", "kv_cache_summary.json"] {
         assert!(!tmp.path().join(f).exists(), "{f} must not exist");
+    }
+}
+
+/// Windows of N steps close at the first collector pass after N routing calls: each row says
+/// which steps it sums, the windows of a layer tile its steps without gap or overlap, and their
+/// sums are the exact totals. Per-step detail writes one row per step instead.
+#[test]
+fn moe_windows_tile_the_steps_and_per_step_detail_is_opt_in() {
+    for window in [0u64, 1, 7] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let session = profilemate::builder()
+            .dir(tmp.path())
+            .moe_window_steps(window)
+            .flush_interval(Duration::from_millis(1))
+            .build()
+            .expect("session");
+        let moe = session.moe_experts();
+        let steps = 300u64;
+        for step in 0..steps {
+            moe.record_layer(0, &[1, 2, (step % 3) as u32]);
+            moe.record_layer(5, &[4, 0, 0, 1]);
+            if step % 50 == 0 {
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        }
+        let manifest = session.shutdown().expect("shutdown");
+        assert_eq!(manifest.total_dropped(), 0);
+        let rows = read_csv(tmp.path(), "moe_expert_routing.csv", &MOE_COLUMNS);
+        let s = read_json(tmp.path(), "moe_expert_summary.json");
+        assert_eq!(s["records"], 2 * steps);
+        for (layer, experts) in [("0", 3usize), ("5", 4)] {
+            let mine: Vec<_> = rows.iter().filter(|r| r["layer"] == layer).collect();
+            let mut tokens = vec![0u64; experts];
+            let mut windows: Vec<(u64, u64)> = Vec::new();
+            for r in &mine {
+                tokens[r["expert_id"].parse::<usize>().unwrap()] += r["num_tokens"].parse::<u64>().unwrap();
+                let w = (r["window_first_step"].parse().unwrap(), r["window_steps"].parse().unwrap());
+                if windows.last() != Some(&w) {
+                    windows.push(w);
+                }
+            }
+            let got: Vec<u64> = s["layers"][layer]["tokens_per_expert"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            assert_eq!(got, tokens, "window {window}, layer {layer}: the rows sum to the totals");
+            let mut next = 0;
+            for (first, n) in &windows {
+                assert_eq!(*first, next, "window {window}, layer {layer}: windows tile the steps {windows:?}");
+                if window == 0 {
+                    assert_eq!(*n, 1, "per-step detail");
+                }
+                next += n;
+            }
+            assert_eq!(next, steps);
+            if window == 7 {
+                let (last_first, _) = windows[windows.len() - 1];
+                assert!(windows.iter().all(|(f, n)| *n >= 7 || *f == last_first), "{windows:?}");
+            }
+        }
     }
 }

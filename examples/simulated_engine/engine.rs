@@ -78,6 +78,14 @@ pub struct SimConfig {
     /// How uneven the router is: expert `e` (in a per-layer order) gets weight
     /// `1 / (e + 1)^(skew * (1 + layer / layers))`; 0 routes uniformly.
     pub moe_skew: f64,
+    /// Every `stall_every`-th step (0: never), the host stalls for `stall_ms` before the step
+    /// opens (a garbage collection, a slow tokenizer call): it shows as the step's host gap.
+    pub stall_every: u64,
+    /// Length of each injected stall, milliseconds.
+    pub stall_ms: f64,
+    /// Forward passes take this many times as long (at least 1.0: unchanged): after its real work
+    /// a pass stays busy until it took `factor` times its own time. For before/after tests.
+    pub forward_factor: f64,
     /// Batch sizes with a captured CUDA graph (decode steps up to the largest replay one,
     /// padded to the next captured size; other steps run eagerly).
     pub graph_sizes: Vec<u32>,
@@ -104,6 +112,9 @@ impl Default for SimConfig {
             top_k: 2,
             moe_skew: 1.0,
             graph_sizes: vec![1, 2, 4, 8, 16, 24, 32],
+            stall_every: 0,
+            stall_ms: 20.0,
+            forward_factor: 1.0,
         }
     }
 }
@@ -132,6 +143,12 @@ impl SimConfig {
         }
         if self.experts as usize > profilemate::MAX_EXPERTS {
             return Err(format!("--experts: at most {} experts per layer", profilemate::MAX_EXPERTS));
+        }
+        if !(self.forward_factor >= 1.0 && self.forward_factor.is_finite()) {
+            return Err("--forward-factor: expected a number >= 1".into());
+        }
+        if !(self.stall_ms >= 0.0 && self.stall_ms.is_finite()) {
+            return Err("--stall-ms: expected a number >= 0".into());
         }
         if !(self.moe_skew >= 0.0 && self.moe_skew.is_finite()) {
             return Err("--moe-skew: expected a number >= 0".into());
@@ -190,6 +207,10 @@ pub struct RunStats {
     pub peak_blocks: u32,
     /// Scheduling passes that ended with nothing to run (everything preempted).
     pub empty_schedules: u64,
+    /// Step ids (as profilemate numbered them) before which a stall was injected.
+    pub stalled_steps: Vec<u64>,
+    /// Step ids in which a request was preempted.
+    pub preempted_steps: Vec<u64>,
 }
 
 /// The model's real work: matrix-vector products of width `hidden`.
@@ -312,6 +333,9 @@ struct Scheduled {
 /// Runs the simulated engine to completion, recording into `session`.
 pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
     config.validate()?;
+    // The engine's own count of completed steps, one line each, for tests that kill it.
+    let print_steps = std::env::var_os("SIMULATED_ENGINE_PRINT_STEPS").is_some();
+    let steps = session.steps();
     let forward = session.forward_pass();
     let cpu = session.cpu_timing();
     let batches = session.batch_utilization();
@@ -376,6 +400,7 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
     let mut running: Vec<Request> = Vec::new();
     let mut stats = RunStats::default();
     let blocks_for = |tokens: u32| tokens.div_ceil(config.block_size);
+    let mut opened: u64 = 0;
 
     while !(arrivals.is_empty() && waiting.is_empty() && running.is_empty()) {
         while arrivals.front().is_some_and(|r| r.arrival <= now) {
@@ -385,6 +410,17 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
             // Idle until the next arrival.
             now = arrivals.front().map_or(now, |r| r.arrival);
             continue;
+        }
+
+        // ---- the step opens before scheduling, so that scheduling belongs to it
+        opened += 1;
+        let stall = config.stall_every > 0 && opened % config.stall_every == 0;
+        if stall {
+            std::thread::sleep(std::time::Duration::from_secs_f64(config.stall_ms / 1e3));
+        }
+        let step = steps.begin();
+        if stall {
+            stats.stalled_steps.push(step.id());
         }
 
         // ---- scheduling (vLLM V1 style: running first, then waiting, newest preempted first)
@@ -413,6 +449,9 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
                 victim.preempted = true;
                 victim.preemptions += 1;
                 stats.preemptions += 1;
+                if stats.preempted_steps.last() != Some(&step.id()) {
+                    stats.preempted_steps.push(step.id());
+                }
                 preempted_now = true;
                 let was_current = running.len() == i;
                 waiting.push_front(victim);
@@ -497,6 +536,7 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
         // ---- forward pass: encoders for requests that need them, then the decoder
         let execution = cpu.start_with(CpuOp::MODEL_EXECUTION, &context);
         let pass = forward.start(phase, num_seqs, num_tokens);
+        let forward_began = std::time::Instant::now();
         for s in &plan {
             let r = &mut running[s.index];
             if r.encoded {
@@ -539,6 +579,13 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
             model.layers(num_seqs * 2);
             cross.stop();
         }
+        if config.forward_factor > 1.0 {
+            // A slower model: the pass's own work, then busy time until it took `factor` times as long.
+            let target = forward_began.elapsed().mul_f64(config.forward_factor);
+            while forward_began.elapsed() < target {
+                std::hint::spin_loop();
+            }
+        }
         pass.stop();
         execution.stop();
         // Decode batches up to the largest captured size replay a graph, padded.
@@ -579,12 +626,16 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
         }
 
         stats.steps += 1;
+        if print_steps {
+            println!("step {}", stats.steps);
+        }
         stats.phases[match phase {
             Phase::Prefill => 0,
             Phase::Decode => 1,
             Phase::Mixed => 2,
         }] += 1;
         stats.trace.push((phase, num_seqs, num_tokens));
+        step.stop();
         // Simulated time advances with the modelled cost of the step, not the measured one,
         // so that scheduling stays reproducible.
         now += 0.002 + f64::from(num_tokens) * 2e-6;

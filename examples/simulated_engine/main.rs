@@ -6,6 +6,7 @@
 //!     [--max-num-seqs N] [--max-batched-tokens N] [--kv-blocks N] [--block-size N]
 //!     [--experts N] [--moe-layers N] [--top-k N] [--moe-skew X]
 //!     [--metrics-addr HOST:PORT [--metrics-linger-s N]]
+//!     [--stall-every N] [--stall-ms MS] [--forward-factor X]
 //! ```
 //!
 //! The files go into `PROFILEMATE_DIR` (default `./profilemate_out`); the run prints where.
@@ -21,7 +22,8 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage: simulated_engine [--model gpt|whisper|vlm] [--seed N] [--requests N] [--rate PER_SEC] \
 [--prompt-len MIN-MAX] [--output-len MIN-MAX] [--max-num-seqs N] [--max-batched-tokens N] [--kv-blocks N] [--block-size N] \
-[--experts N] [--moe-layers N] [--top-k N] [--moe-skew X] [--metrics-addr HOST:PORT [--metrics-linger-s N]]";
+[--experts N] [--moe-layers N] [--top-k N] [--moe-skew X] [--metrics-addr HOST:PORT [--metrics-linger-s N]] \
+[--stall-every N] [--stall-ms MS] [--forward-factor X]";
 
 fn parse_args(args: &[String]) -> Result<SimConfig, String> {
     let mut c = SimConfig::default();
@@ -59,6 +61,14 @@ fn parse_args(args: &[String]) -> Result<SimConfig, String> {
             "--top-k" => c.top_k = small(value)?,
             "--moe-skew" => {
                 c.moe_skew = value.parse().map_err(|_| format!("--moe-skew {value:?}: expected a number >= 0"))?
+            }
+            "--stall-every" => c.stall_every = num(value)?,
+            "--stall-ms" => {
+                c.stall_ms = value.parse().map_err(|_| format!("--stall-ms {value:?}: expected milliseconds >= 0"))?
+            }
+            "--forward-factor" => {
+                c.forward_factor =
+                    value.parse().map_err(|_| format!("--forward-factor {value:?}: expected a number >= 1"))?
             }
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
@@ -112,6 +122,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if std::env::var_os("SIMULATED_ENGINE_PRINT_STEPS").is_some() {
+        println!("shutdown {}", stats.steps);
+    }
     let manifest = match session.shutdown() {
         Ok(m) => m,
         Err(e) => {

@@ -45,11 +45,15 @@ pub const CUDA_GRAPH_JSON: &str = "cuda_graph_summary.json";
 pub const MOE_CSV: &str = "moe_expert_routing.csv";
 /// `moe_expert_summary.json`
 pub const MOE_JSON: &str = "moe_expert_summary.json";
+/// `step_timeline.csv`
+pub const STEP_TIMELINE_CSV: &str = "step_timeline.csv";
+/// `step_timeline_summary.json`
+pub const STEP_TIMELINE_JSON: &str = "step_timeline_summary.json";
 /// `profilemate_run.json`, the run manifest.
 pub const MANIFEST_JSON: &str = "profilemate_run.json";
 
 /// Every file name this crate reads.
-pub const ALL_FILES: [&str; 18] = [
+pub const ALL_FILES: [&str; 20] = [
     FORWARD_PASS_CSV,
     FORWARD_PASS_JSON,
     CPU_CSV,
@@ -68,7 +72,24 @@ pub const ALL_FILES: [&str; 18] = [
     MOE_CSV,
     MOE_JSON,
     MANIFEST_JSON,
+    STEP_TIMELINE_CSV,
+    STEP_TIMELINE_JSON,
 ];
+
+/// Columns added to a contract CSV file since the contract was written, read when present.
+///
+/// ```
+/// use profilemate_cli::contract::{optional_columns, MOE_CSV};
+/// assert_eq!(optional_columns(MOE_CSV), ["window_steps"]);
+/// ```
+pub fn optional_columns(file: &str) -> &'static [&'static str] {
+    match file {
+        // Windowed MoE rows: how many steps a row sums (absent in files of older versions,
+        // whose rows are one step each).
+        MOE_CSV => &["window_steps"],
+        _ => &[],
+    }
+}
 
 /// The columns the contract requires in each CSV file, in the contract's order. A file may have
 /// more columns after these; they are ignored.
@@ -113,6 +134,7 @@ pub fn required_columns(file: &str) -> Option<&'static [&'static str]> {
         }
         CUDA_GRAPH_CSV => &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms"],
         MOE_CSV => &["timestamp_sec", "layer", "expert_id", "num_tokens"],
+        STEP_TIMELINE_CSV => profilemate_core::STEP_TIMELINE_COLUMNS,
         _ => return None,
     })
 }
@@ -332,7 +354,7 @@ mod tests {
             assert_eq!(&table.columns()[..required.len()], required, "{}", table.file_name());
             checked += 1;
         }
-        assert_eq!(checked, 9, "the five profilers' six tables and the three trackers'");
+        assert_eq!(checked, 10, "the five profilers' six tables, the three trackers' and the step timeline");
     }
 
     #[test]
@@ -346,6 +368,7 @@ mod tests {
             KV_CACHE_JSON,
             CUDA_GRAPH_JSON,
             MOE_JSON,
+            STEP_TIMELINE_JSON,
         ];
         assert_eq!(SummaryFile::ALL.len(), ours.len());
         for (file, name) in SummaryFile::ALL.iter().zip(ours) {

@@ -2,19 +2,13 @@
 
 use crate::contract::*;
 use crate::input::{read_csv, read_json, FieldError, Row};
-use crate::report::Note;
+use crate::note::Note;
 use crate::ReportError;
 use std::path::{Path, PathBuf};
 
 pub use profilemate_core::{Component, GraphEvent, LifecycleEvent, Phase};
 
-/// The contract's words of an enum that a CSV column holds.
-pub(crate) trait Word: Copy + 'static {
-    /// Every value.
-    const ALL: &'static [Self];
-    /// The word written in files.
-    fn word(self) -> &'static str;
-}
+use crate::input::Word;
 
 macro_rules! word {
     ($($t:ty),*) => {$(
@@ -39,6 +33,8 @@ pub struct ForwardPassRow {
     pub forward_time_ms: f64,
     /// Empty in the file when the time is 0.
     pub throughput_tokens_per_sec: Option<f64>,
+    /// The engine step (the optional `step` column; `None` when empty or absent).
+    pub step: Option<u64>,
 }
 
 /// A row of `cpu_operations_timing.csv` (the context is not kept).
@@ -48,6 +44,8 @@ pub struct CpuOperationRow {
     pub timestamp_sec: f64,
     pub operation: String,
     pub duration_ms: f64,
+    /// The engine step (the optional `step` column; `None` when empty or absent).
+    pub step: Option<u64>,
 }
 
 /// A row of `batch_utilization.csv`.
@@ -66,6 +64,8 @@ pub struct BatchRow {
     pub phase: Phase,
     pub running_queue_len: u64,
     pub waiting_queue_len: u64,
+    /// The engine step (the optional `step` column; `None` when empty or absent).
+    pub step: Option<u64>,
 }
 
 /// A row of `preemption_events.csv` (the extra info is not kept).
@@ -77,6 +77,8 @@ pub struct PreemptionEventRow {
     pub event: LifecycleEvent,
     pub reason: String,
     pub running_time_sec: Option<f64>,
+    /// The engine step (the optional `step` column; `None` when empty or absent).
+    pub step: Option<u64>,
 }
 
 /// A row of `request_lifecycle.csv`.
@@ -101,6 +103,8 @@ pub struct ComponentRow {
     pub component: Component,
     pub duration_ms: f64,
     pub context: String,
+    /// The engine step (the optional `step` column; `None` when empty or absent).
+    pub step: Option<u64>,
 }
 
 /// A row of `kv_cache_usage.csv`.
@@ -116,6 +120,8 @@ pub struct KvCacheRow {
     pub prefix_cache_queries: u64,
     /// Hits since the previous sample (an empty field reads as 0).
     pub prefix_cache_hits: u64,
+    /// The engine step (the optional `step` column; `None` when empty or absent).
+    pub step: Option<u64>,
 }
 
 impl KvCacheRow {
@@ -141,9 +147,12 @@ pub struct CudaGraphRow {
     pub padded_batch_size: Option<u64>,
     /// Empty when the event was not timed.
     pub duration_ms: Option<f64>,
+    /// The engine step (the optional `step` column; `None` when empty or absent).
+    pub step: Option<u64>,
 }
 
-/// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert in one step.
+/// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert in a window of
+/// `window_steps` steps (1 for per-step rows, and in files written before windows existed).
 #[derive(Debug, Clone, PartialEq)]
 #[allow(missing_docs)]
 pub struct MoeRoutingRow {
@@ -151,6 +160,7 @@ pub struct MoeRoutingRow {
     pub layer: u64,
     pub expert_id: u64,
     pub num_tokens: u64,
+    pub window_steps: u64,
 }
 
 /// The most experts a layer may have in `moe_expert_routing.csv`; a larger expert id is taken
@@ -159,14 +169,15 @@ pub const MAX_EXPERT_ID: u64 = 65_535;
 
 /// `moe_expert_routing.csv`, summed as it is read.
 ///
-/// The file has a row per layer, expert and step (a long run of a large MoE model writes
-/// hundreds of millions), so its rows are not kept: only the tokens per expert per layer.
+/// The file has a row per layer and expert per window of steps (or per step, with per-step
+/// detail on: a long run of a large MoE model then writes hundreds of millions), so its rows are
+/// not kept: only the tokens per expert per layer.
 ///
 /// ```
 /// use profilemate_cli::{MoeRouting, MoeRoutingRow};
 /// let mut routing = MoeRouting::default();
 /// for (expert_id, num_tokens) in [(0, 5), (3, 2)] {
-///     routing.add(&MoeRoutingRow { timestamp_sec: 0.5, layer: 7, expert_id, num_tokens });
+///     routing.add(&MoeRoutingRow { timestamp_sec: 0.5, layer: 7, expert_id, num_tokens, window_steps: 1 });
 /// }
 /// assert_eq!(routing.tokens[&7], vec![5, 0, 0, 2]);
 /// assert_eq!((routing.rows, routing.records), (2, 1));
@@ -179,8 +190,9 @@ pub struct MoeRouting {
     pub tokens: std::collections::BTreeMap<u64, Vec<u64>>,
     /// Rows read.
     pub rows: u64,
-    /// Routing records: runs of consecutive rows of one layer and one timestamp (a writer
-    /// writes a layer's experts of one step together).
+    /// Routing records (one per layer and step): over runs of consecutive rows of one layer and
+    /// one timestamp (a writer writes a layer's experts of one window together), the sum of
+    /// their `window_steps`.
     pub records: u64,
     last: Option<(u64, u64)>,
 }
@@ -197,7 +209,7 @@ impl MoeRouting {
         self.rows += 1;
         let key = (row.layer, row.timestamp_sec.to_bits());
         if self.last != Some(key) {
-            self.records += 1;
+            self.records += row.window_steps;
             self.last = Some(key);
         }
     }
@@ -260,6 +272,8 @@ pub struct RunData {
     pub moe_routing: Option<MoeRouting>,
     /// `moe_expert_summary.json`
     pub moe_expert_summary: Option<MoeExpertSummary>,
+    /// `step_timeline.csv`
+    pub step_timeline: Option<Vec<crate::timeline::StepRow>>,
     /// Warnings met while reading (torn last lines, empty files).
     pub notes: Vec<Note>,
 }
@@ -272,6 +286,7 @@ fn forward_row(r: &Row<'_>) -> Result<ForwardPassRow, FieldError> {
         num_tokens: r.count(3)?,
         forward_time_ms: r.non_negative(4)?,
         throughput_tokens_per_sec: r.opt_non_negative(5)?,
+        step: r.step()?,
     })
 }
 
@@ -280,7 +295,12 @@ fn cpu_row(r: &Row<'_>) -> Result<CpuOperationRow, FieldError> {
     if operation.is_empty() {
         return Err(FieldError { column: 1, message: "empty, an operation name is required".into() });
     }
-    Ok(CpuOperationRow { timestamp_sec: r.non_negative(0)?, operation, duration_ms: r.non_negative(2)? })
+    Ok(CpuOperationRow {
+        timestamp_sec: r.non_negative(0)?,
+        operation,
+        duration_ms: r.non_negative(2)?,
+        step: r.step()?,
+    })
 }
 
 fn batch_row(r: &Row<'_>) -> Result<BatchRow, FieldError> {
@@ -295,6 +315,7 @@ fn batch_row(r: &Row<'_>) -> Result<BatchRow, FieldError> {
         phase: r.word::<Phase>(7)?,
         running_queue_len: r.count(8)?,
         waiting_queue_len: r.count(9)?,
+        step: r.step()?,
     })
 }
 
@@ -305,6 +326,7 @@ fn preemption_row(r: &Row<'_>) -> Result<PreemptionEventRow, FieldError> {
         event: r.word::<LifecycleEvent>(2)?,
         reason: r.text(3)?,
         running_time_sec: r.opt_non_negative(4)?,
+        step: r.step()?,
     })
 }
 
@@ -327,6 +349,7 @@ fn component_row(r: &Row<'_>) -> Result<ComponentRow, FieldError> {
         component: r.word::<Component>(1)?,
         duration_ms: r.non_negative(2)?,
         context: r.text(3)?,
+        step: r.step()?,
     })
 }
 
@@ -338,6 +361,7 @@ fn kv_cache_row(r: &Row<'_>) -> Result<KvCacheRow, FieldError> {
         usage_pct: r.opt_non_negative(3)?,
         prefix_cache_queries: r.opt_count(4)?.unwrap_or(0),
         prefix_cache_hits: r.opt_count(5)?.unwrap_or(0),
+        step: r.step()?,
     })
 }
 
@@ -348,6 +372,7 @@ fn cuda_graph_row(r: &Row<'_>) -> Result<CudaGraphRow, FieldError> {
         batch_size: r.count(2)?,
         padded_batch_size: r.opt_count(3)?,
         duration_ms: r.opt_non_negative(4)?,
+        step: r.step()?,
     })
 }
 
@@ -359,7 +384,13 @@ fn moe_row(r: &Row<'_>) -> Result<MoeRoutingRow, FieldError> {
             message: format!("expert id {expert_id} is beyond {MAX_EXPERT_ID}, more experts than any layer has"),
         });
     }
-    Ok(MoeRoutingRow { timestamp_sec: r.non_negative(0)?, layer: r.count(1)?, expert_id, num_tokens: r.count(3)? })
+    Ok(MoeRoutingRow {
+        timestamp_sec: r.non_negative(0)?,
+        layer: r.count(1)?,
+        expert_id,
+        num_tokens: r.count(3)?,
+        window_steps: r.opt_count(4)?.unwrap_or(1),
+    })
 }
 
 impl RunData {
@@ -405,6 +436,7 @@ impl RunData {
                 read_csv(dir, MOE_CSV, &mut notes, |r| moe_row(r).map(|row| routing.add(&row)))?.map(|_| routing)
             },
             moe_expert_summary: read_json(dir, MOE_JSON)?,
+            step_timeline: read_csv(dir, crate::timeline::STEP_TIMELINE_CSV, &mut notes, crate::timeline::step_row)?,
             notes,
         };
         Ok(data)

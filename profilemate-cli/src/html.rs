@@ -153,6 +153,14 @@ pub fn render(report: &Report, data: &RunData) -> Result<String, ReportError> {
         out.push_str("</ul></div>\n");
     }
 
+    if let Some(b) = &report.step_breakdown {
+        out.push_str("<h2>Step breakdown</h2>\n<p>Shares of the summed step time, from step_timeline.csv.</p>\n");
+        let _ = writeln!(out, "<pre style=\"overflow-x:auto\">{}</pre>", esc(&b.to_string()));
+    }
+    if let Some(slow) = &report.slow_steps {
+        out.push_str("<h2>Slow steps</h2>\n<p>Per phase, the steps above p99 or over twice the median of host gap + wall time, and the conditions they share.</p>\n");
+        let _ = writeln!(out, "<pre style=\"overflow-x:auto\">{}</pre>", esc(&slow.to_string()));
+    }
     out.push_str("<h2>1. Forward pass timing</h2>\n");
     match &report.forward_pass {
         None => para(&mut out, "No data."),

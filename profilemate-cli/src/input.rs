@@ -1,12 +1,20 @@
 //! Reading contract files: CSV with a torn last line tolerated, JSON with positions in errors.
 
-use crate::contract::required_columns;
-use crate::report::Note;
+use crate::contract::{optional_columns, required_columns};
+use crate::note::Note;
 use crate::ReportError;
 use serde::de::DeserializeOwned;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
+
+/// The contract's words of an enum that a CSV column holds.
+pub(crate) trait Word: Copy + 'static {
+    /// Every value.
+    const ALL: &'static [Self];
+    /// The word written in files.
+    fn word(self) -> &'static str;
+}
 
 /// A problem with one field, before the reader adds the file and the line.
 #[derive(Debug)]
@@ -20,9 +28,34 @@ pub(crate) struct Row<'a> {
     record: &'a csv::ByteRecord,
     /// For each required column, its index in the record.
     index: &'a [usize],
+    /// The index of the optional `step` column, where the file has one.
+    step: Option<usize>,
 }
 
+/// The `column` of a [`FieldError`] about the optional `step` column.
+pub(crate) const STEP_FIELD: usize = usize::MAX;
+
 impl Row<'_> {
+    /// The optional `step` column (added at the end of the tables whose rows belong to an
+    /// engine step): `None` when the file has no such column or the field is empty.
+    pub(crate) fn step(&self) -> Result<Option<u64>, FieldError> {
+        let Some(i) = self.step else { return Ok(None) };
+        let raw = std::str::from_utf8(self.record.get(i).unwrap_or_default())
+            .map_err(|e| FieldError { column: STEP_FIELD, message: format!("not UTF-8 ({e})") })?
+            .trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        match raw.parse::<u64>() {
+            Ok(v) => Ok(Some(v)),
+            Err(_) => match raw.parse::<f64>() {
+                // pandas writes an integer column with empty fields as floats.
+                Ok(v) if v.is_finite() && v >= 0.0 && v.fract() == 0.0 => Ok(Some(v as u64)),
+                _ => Err(FieldError { column: STEP_FIELD, message: format!("`{raw}` is not a step id") }),
+            },
+        }
+    }
+
     fn raw(&self, column: usize) -> Result<&str, FieldError> {
         let bytes = self.record.get(self.index[column]).unwrap_or_default();
         std::str::from_utf8(bytes).map_err(|e| FieldError { column, message: format!("not UTF-8 ({e})") })
@@ -94,7 +127,7 @@ impl Row<'_> {
     }
 
     /// One of a fixed set of words.
-    pub(crate) fn word<T: crate::data::Word>(&self, column: usize) -> Result<T, FieldError> {
+    pub(crate) fn word<T: Word>(&self, column: usize) -> Result<T, FieldError> {
         let raw = self.raw(column)?;
         T::ALL.iter().find(|t| t.word() == raw).copied().ok_or_else(|| {
             let accepted: Vec<&str> = T::ALL.iter().map(|t| t.word()).collect();
@@ -108,23 +141,81 @@ impl Row<'_> {
 /// A last row that is torn (the file does not end with a line end, or the row at the end has
 /// fewer fields than the header) is skipped and a warning is added to `notes`; any other bad row
 /// is an error naming the file, the line and the column.
+///
+/// A table an output budget rolled over (`<table>.1.csv`, `<table>.2.csv`, ..., then
+/// `<table>.csv` with the newest rows) is read file after file, oldest first; a note says how
+/// many files were read.
 pub(crate) fn read_csv<T>(
     dir: &Path,
     file: &'static str,
     notes: &mut Vec<Note>,
     mut parse: impl FnMut(&Row<'_>) -> Result<T, FieldError>,
 ) -> Result<Option<Vec<T>>, ReportError> {
-    let columns = required_columns(file).expect("read_csv is only called with contract files");
-    let path = dir.join(file);
-    let mut f = match File::open(&path) {
+    let rolled = rolled_files(dir, file).map_err(|e| ReportError::io(dir, e))?;
+    let mut rows = Vec::new();
+    for name in &rolled {
+        read_csv_file(dir, file, &dir.join(name), notes, &mut parse, &mut rows)?;
+    }
+    let live = read_csv_file(dir, file, &dir.join(file), notes, &mut parse, &mut rows)?;
+    if !rolled.is_empty() {
+        notes.push(Note::warning(format!(
+            "{file}: read {} rolled-over files ({} to {}) before it; the output budget may have removed older ones \
+             (see output_budget in profilemate_run.json)",
+            rolled.len(),
+            rolled[0],
+            rolled[rolled.len() - 1]
+        )));
+    }
+    Ok((live || !rolled.is_empty()).then_some(rows))
+}
+
+/// The rolled-over files of `file` in `dir` (`<table>.<n>.csv`), oldest (lowest n) first.
+pub(crate) fn rolled_files(dir: &Path, file: &str) -> std::io::Result<Vec<String>> {
+    let Some((stem, ext)) = file.rsplit_once('.') else { return Ok(Vec::new()) };
+    let mut found: Vec<(u64, String)> = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let number = name
+            .strip_prefix(stem)
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.strip_suffix(ext))
+            .and_then(|r| r.strip_suffix('.'))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(n) = number {
+            found.push((n, name));
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, name)| name).collect())
+}
+
+/// Reads one file of a table into `rows`; `false` when it does not exist.
+fn read_csv_file<T>(
+    dir: &Path,
+    file: &'static str,
+    path: &Path,
+    notes: &mut Vec<Note>,
+    parse: &mut impl FnMut(&Row<'_>) -> Result<T, FieldError>,
+    rows: &mut Vec<T>,
+) -> Result<bool, ReportError> {
+    let required = required_columns(file).expect("read_csv is only called with contract files");
+    let optional = optional_columns(file);
+    let columns: Vec<&str> = required.iter().chain(optional).copied().collect();
+    let mut f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(ReportError::io(path, e)),
     };
+    let path = path.to_path_buf();
     let len = f.metadata().map_err(|e| ReportError::io(&path, e))?.len();
     if len == 0 {
         notes.push(Note::warning(format!("{file} is empty (not even a header); read as no rows")));
-        return Ok(Some(Vec::new()));
+        return Ok(true);
     }
     let ends_with_newline = {
         let mut last = [0u8; 1];
@@ -150,11 +241,11 @@ pub(crate) fn read_csv<T>(
 
     if !reader.read_byte_record(&mut record).map_err(csv_err)? {
         notes.push(Note::warning(format!("{file} has no header row; read as no rows")));
-        return Ok(Some(Vec::new()));
+        return Ok(true);
     }
     if reader.position().byte() >= len && !ends_with_newline {
         notes.push(Note::warning(format!("{file}: torn header line (no line end) skipped; read as no rows")));
-        return Ok(Some(Vec::new()));
+        return Ok(true);
     }
     let header: Vec<String> = record
         .iter()
@@ -170,7 +261,7 @@ pub(crate) fn read_csv<T>(
         })
         .collect();
     let mut index = Vec::with_capacity(columns.len());
-    for column in columns {
+    for column in required {
         match header.iter().position(|h| h == column) {
             Some(i) => index.push(i),
             None => {
@@ -183,8 +274,12 @@ pub(crate) fn read_csv<T>(
         }
     }
     let needed = index.iter().max().map_or(0, |m| m + 1);
+    // An optional column the file lacks reads as empty fields.
+    for column in optional {
+        index.push(header.iter().position(|h| h == column).unwrap_or(usize::MAX));
+    }
+    let step = header.iter().position(|h| h == "step").filter(|_| !columns.contains(&"step"));
 
-    let mut rows = Vec::new();
     loop {
         if !reader.read_byte_record(&mut record).map_err(csv_err)? {
             break;
@@ -208,21 +303,30 @@ pub(crate) fn read_csv<T>(
                 message: format!("the row has {} fields, the header {}", record.len(), header.len()),
             });
         }
-        let row = Row { record: &record, index: &index };
+        let row = Row { record: &record, index: &index, step };
         match parse(&row) {
             Ok(t) => rows.push(t),
+            Err(FieldError { column: STEP_FIELD, message }) => {
+                return Err(ReportError::MalformedCsv {
+                    file: file.to_string(),
+                    line,
+                    column_index: step.map_or(0, |i| i + 1),
+                    column: "step".to_string(),
+                    message,
+                })
+            }
             Err(FieldError { column, message }) => {
                 return Err(ReportError::MalformedCsv {
                     file: file.to_string(),
                     line,
-                    column_index: index[column] + 1,
+                    column_index: index[column].wrapping_add(1),
                     column: columns[column].to_string(),
                     message,
                 })
             }
         }
     }
-    Ok(Some(rows))
+    Ok(true)
 }
 
 /// Whether the bytes of `path` from `start` to the end hold an odd number of quotes: a quoted

@@ -63,15 +63,23 @@
 //!   recomputed from it (without `moe_expert_summary.json`) cannot see experts above the highest
 //!   id that was ever routed to.
 
+mod analysis;
+pub mod breakdown;
+pub mod compare;
 pub mod contract;
 mod data;
 mod error;
 pub mod html;
 mod input;
 pub mod insights;
+mod note;
 mod plots;
 mod recompute;
+mod recover;
 mod report;
+mod rules;
+pub mod slow_steps;
+pub mod timeline;
 
 pub use data::{
     BatchRow, Component, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, GraphEvent, KvCacheRow,
@@ -80,6 +88,7 @@ pub use data::{
 pub use error::ReportError;
 pub use insights::{Comparison, Insight, Rule, Severity, Thresholds};
 pub use plots::{write_plots, Figure, PlotOutput, MAX_POINTS};
+pub use recover::{recover, Recovery};
 pub use report::{
     BatchSection, ComponentSection, CpuSection, CudaGraphSection, ForwardPassSection, KvCacheSection,
     KvPreemptionMatch, MoeLayerSection, MoeSection, Note, NoteKind, PaddedGraph, PhaseShares, PreemptionSection,

@@ -11,8 +11,9 @@
 use crate::contract::EncoderDecoderSummary;
 use crate::data::{Component, CudaGraphRow, GraphEvent, LifecycleEvent, Phase, RunData};
 use crate::insights::Thresholds;
+use crate::note::Note;
 use crate::recompute;
-use crate::report::{kv_usage_samples, usage_before, Note};
+use crate::report::{kv_usage_samples, usage_before};
 use crate::ReportError;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -48,7 +49,7 @@ fn ensure_font() -> Result<(), ReportError> {
 /// use profilemate_cli::Figure;
 /// assert_eq!(Figure::Throughput.file_stem(), "throughput_timeline");
 /// assert_eq!(Figure::Throughput.size(), (1400, 600));
-/// assert_eq!(Figure::ALL.len(), 10);
+/// assert_eq!(Figure::ALL.len(), 12);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -74,11 +75,15 @@ pub enum Figure {
     CudaGraphs,
     /// Heat map of tokens per expert: layers by experts, colour = share of the layer's tokens.
     MoeExpertLoad,
+    /// Where each phase's step time goes (the step breakdown tree), stacked bars in percent.
+    StepBreakdown,
+    /// Step time against tokens in the step, the slow steps coloured by their leading cause.
+    SlowSteps,
 }
 
 impl Figure {
     /// Every figure, in the seed's order.
-    pub const ALL: [Figure; 10] = [
+    pub const ALL: [Figure; 12] = [
         Figure::Throughput,
         Figure::DecodeLatency,
         Figure::TokenUtilization,
@@ -89,6 +94,8 @@ impl Figure {
         Figure::KvCacheUsage,
         Figure::CudaGraphs,
         Figure::MoeExpertLoad,
+        Figure::StepBreakdown,
+        Figure::SlowSteps,
     ];
 
     /// The file name without extension (the seed's names for the seed's figures).
@@ -104,6 +111,8 @@ impl Figure {
             Figure::KvCacheUsage => "kv_cache_usage_timeline",
             Figure::CudaGraphs => "cuda_graph_batch_sizes",
             Figure::MoeExpertLoad => "moe_expert_load",
+            Figure::StepBreakdown => "step_breakdown",
+            Figure::SlowSteps => "slow_steps",
         }
     }
 
@@ -120,6 +129,8 @@ impl Figure {
             Figure::KvCacheUsage => "KV Cache Usage and Preemptions Over Time",
             Figure::CudaGraphs => "CUDA Graph Replay vs Eager Steps per Batch Size",
             Figure::MoeExpertLoad => "MoE Expert Load: Share of Tokens per Layer",
+            Figure::StepBreakdown => "Where Step Time Goes, per Phase",
+            Figure::SlowSteps => "Step Time vs Tokens, Slow Steps by Cause",
         }
     }
 
@@ -160,6 +171,9 @@ impl Figure {
                 data.moe_expert_summary.is_some() || data.moe_routing.is_some(),
                 "moe_expert_summary.json or moe_expert_routing.csv",
             ),
+            Figure::StepBreakdown | Figure::SlowSteps => {
+                need(data.step_timeline.as_ref().is_some_and(|r| !r.is_empty()), "step_timeline.csv (with steps)")
+            }
         }
     }
 
@@ -169,7 +183,7 @@ impl Figure {
     /// use profilemate_cli::{Figure, RunData};
     /// let (figures, skipped) = Figure::available_in(&RunData::default());
     /// assert!(figures.is_empty());
-    /// assert_eq!(skipped.len(), 10);
+    /// assert_eq!(skipped.len(), 12);
     /// ```
     pub fn available_in(data: &RunData) -> (Vec<Figure>, Vec<Note>) {
         let mut figures = Vec::new();
@@ -221,18 +235,20 @@ impl Figure {
         match self {
             Figure::Throughput => {
                 let rows = data.forward_pass.as_deref().unwrap_or_default();
+                let all: Vec<f64> = rows.iter().map(|r| r.timestamp_sec).collect();
                 let series = Phase::ALL
                     .iter()
                     .enumerate()
-                    .map(|(i, &phase)| Series {
-                        label: phase.as_str().to_string(),
-                        color: PALETTE[i],
-                        points: rows
+                    .map(|(i, &phase)| {
+                        let points: Vec<(f64, f64)> = rows
                             .iter()
                             .filter(|r| r.phase == phase)
                             .filter_map(|r| r.throughput_tokens_per_sec.map(|t| (r.timestamp_sec, t)))
-                            .collect(),
-                        kind: SeriesKind::Line,
+                            .collect();
+                        // A phase whose passes are far apart (a few prefill steps seconds apart) is
+                        // drawn as points: a line would join them across the gaps.
+                        let kind = if sparse(&points, &all) { SeriesKind::Points } else { SeriesKind::Line };
+                        Series { label: phase.as_str().to_string(), color: PALETTE[i], points, kind }
                     })
                     .filter(|s| !s.points.is_empty())
                     .collect::<Vec<_>>();
@@ -412,6 +428,14 @@ impl Figure {
                 )
             }
             Figure::CudaGraphs => graph_batches(root, data.cuda_graph.as_deref().unwrap_or_default()),
+            Figure::StepBreakdown => {
+                let rows = data.step_timeline.as_deref().unwrap_or_default();
+                step_breakdown(root, self.title(), &crate::breakdown::Breakdown::of(rows))
+            }
+            Figure::SlowSteps => {
+                let rows = data.step_timeline.as_deref().unwrap_or_default();
+                slow_steps(root, self.title(), rows)
+            }
             Figure::MoeExpertLoad => {
                 let summary = match (&data.moe_expert_summary, &data.moe_routing) {
                     (Some(s), _) => s.clone(),
@@ -507,6 +531,154 @@ struct HLine {
     y: f64,
     label: String,
     color: RGBColor,
+}
+
+/// Whether a series is sparse against all passes: its median gap between consecutive points is
+/// over 20 times the median gap between any two consecutive passes.
+fn sparse(points: &[(f64, f64)], all_times: &[f64]) -> bool {
+    fn median_gap(t: impl Iterator<Item = f64>) -> Option<f64> {
+        let t: Vec<f64> = t.collect();
+        let mut gaps: Vec<f64> = t.windows(2).map(|w| (w[1] - w[0]).abs()).collect();
+        if gaps.is_empty() {
+            return None;
+        }
+        gaps.sort_by(f64::total_cmp);
+        Some(gaps[gaps.len() / 2])
+    }
+    match (median_gap(points.iter().map(|p| p.0)), median_gap(all_times.iter().copied())) {
+        (Some(mine), Some(all)) => mine > 20.0 * all.max(1e-9),
+        // One point alone: a point.
+        (None, _) => true,
+        _ => false,
+    }
+}
+
+/// Colours of the breakdown's parts and of the slow-step causes.
+const PARTS_PALETTE: [RGBColor; 9] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+fn step_breakdown<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    b: &crate::breakdown::Breakdown,
+) -> Result<(), String> {
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let phases = &b.phases;
+    let n = phases.len() as i32;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", TITLE_SIZE))
+        .margin(20)
+        .x_label_area_size(55)
+        .y_label_area_size(85)
+        // Headroom above 100 % for the legend.
+        .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..135.0)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_desc("Phase (steps)")
+        .y_desc("Share of step time (%)")
+        .y_label_formatter(&|v| if *v <= 100.0 { tick(v) } else { String::new() })
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => {
+                phases.get(*i as usize).map_or(String::new(), |p| format!("{} ({})", p.phase, p.steps))
+            }
+            _ => String::new(),
+        })
+        .label_style(("sans-serif", LABEL_SIZE))
+        .axis_desc_style(("sans-serif", DESC_SIZE))
+        .light_line_style(LIGHT_GRID)
+        .draw()
+        .map_err(e)?;
+    let names: Vec<&'static str> = phases.first().map(|p| p.parts.iter().map(|x| x.name).collect()).unwrap_or_default();
+    for (k, name) in names.iter().enumerate() {
+        let color = PARTS_PALETTE[k % PARTS_PALETTE.len()];
+        chart
+            .draw_series(phases.iter().enumerate().map(|(i, p)| {
+                let below: f64 = p.parts[..k].iter().map(|x| x.pct).sum::<f64>().min(100.0);
+                let top = (below + p.parts[k].pct).min(100.0);
+                let i = i as i32;
+                let mut bar = Rectangle::new(
+                    [(SegmentValue::Exact(i), below), (SegmentValue::Exact(i + 1), top)],
+                    color.filled(),
+                );
+                bar.set_margin(0, 0, 25, 25);
+                bar
+            }))
+            .map_err(e)?
+            .label(crate::breakdown::label(name).to_string())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", LABEL_SIZE))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(120, 120, 120))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(e)?;
+    Ok(())
+}
+
+fn slow_steps<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    rows: &[crate::timeline::StepRow],
+) -> Result<(), String> {
+    use crate::slow_steps::{step_time_ms, Condition, SlowSteps};
+    let slow = SlowSteps::of(rows);
+    let mut cause: std::collections::HashMap<u64, Option<Condition>> = std::collections::HashMap::new();
+    for p in &slow.phases {
+        cause.extend(p.tail.iter().copied());
+    }
+    let point = |r: &crate::timeline::StepRow| (r.num_tokens.unwrap_or(0) as f64, step_time_ms(r));
+    let mut series = vec![Series {
+        label: "ordinary step".into(),
+        color: RGBColor(170, 170, 170),
+        points: rows.iter().filter(|r| !cause.contains_key(&r.step)).map(point).collect(),
+        kind: SeriesKind::Points,
+    }];
+    for (k, c) in Condition::ALL.iter().enumerate() {
+        let points: Vec<(f64, f64)> =
+            rows.iter().filter(|r| cause.get(&r.step) == Some(&Some(*c))).map(point).collect();
+        if !points.is_empty() {
+            series.push(Series {
+                label: format!("slow: {}", c.describe()),
+                color: PARTS_PALETTE[k % PARTS_PALETTE.len()],
+                points,
+                kind: SeriesKind::Points,
+            });
+        }
+    }
+    let unexplained: Vec<(f64, f64)> = rows.iter().filter(|r| cause.get(&r.step) == Some(&None)).map(point).collect();
+    if !unexplained.is_empty() {
+        series.push(Series {
+            label: "slow: no recorded cause".into(),
+            color: BLACK,
+            points: unexplained,
+            kind: SeriesKind::Points,
+        });
+    }
+    xy_chart(
+        root,
+        title,
+        "Tokens in the step",
+        "Step time: host gap + wall (ms)",
+        &series,
+        &[],
+        None,
+        None,
+        YAxis::Plain,
+    )
 }
 
 /// Keeps the lowest and the highest point of each bucket, in their order, so a long series

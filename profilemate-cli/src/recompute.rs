@@ -127,7 +127,8 @@ pub fn preemption(events: &[PreemptionEventRow]) -> PreemptionSummary {
                     requests_preempted += 1;
                 }
                 st.preemptions += 1;
-                st.preempted_at = Some(e.timestamp_sec);
+                // A second preemption before a resume: the delay runs from the first.
+                st.preempted_at.get_or_insert(e.timestamp_sec);
                 total_preemptions += 1;
                 let key = if e.reason.is_empty() { "unspecified" } else { e.reason.as_str() };
                 *reasons.entry(key.to_string()).or_insert(0) += 1;
@@ -313,6 +314,7 @@ mod tests {
             num_tokens: tokens,
             forward_time_ms: ms,
             throughput_tokens_per_sec: (ms > 0.0).then(|| tokens as f64 / ms * 1000.0),
+            step: None,
         }
     }
 
@@ -353,6 +355,7 @@ mod tests {
             event,
             reason: reason.into(),
             running_time_sec: run,
+            step: None,
         };
         use LifecycleEvent::*;
         let events = [
@@ -381,6 +384,7 @@ mod tests {
     #[test]
     fn batch_and_components_recompute() {
         let b = |tok: Option<f64>, phase, waiting| BatchRow {
+            step: None,
             timestamp_sec: 0.0,
             num_seqs: 1,
             max_num_seqs: 4,
@@ -403,7 +407,13 @@ mod tests {
         assert_eq!(s.mixed_avg_utilization, 0.0);
         assert_eq!(s.max_waiting_queue_len, 3);
 
-        let c = |component, ms| ComponentRow { timestamp_sec: 0.0, component, duration_ms: ms, context: String::new() };
+        let c = |component, ms| ComponentRow {
+            timestamp_sec: 0.0,
+            component,
+            duration_ms: ms,
+            context: String::new(),
+            step: None,
+        };
         let s = encoder_decoder(&[c(Component::Encoder, 1.0), c(Component::Decoder, 3.0)]);
         assert_eq!(s.model_type, "encoder_decoder");
         assert_eq!(s.encoder_pct, 25.0);
@@ -423,6 +433,7 @@ mod tests {
             usage_pct,
             prefix_cache_queries: q,
             prefix_cache_hits: h,
+            step: None,
         };
         let s = kv_cache(&[kv(50, 100, Some(50.0), 10, 1), kv(100, 100, None, 10, 3), kv(0, 0, None, 0, 0)]);
         assert_eq!((s.samples, s.mean_usage_pct, s.max_usage_pct, s.full_samples), (3, 75.0, 100.0, Some(1)));
@@ -435,6 +446,7 @@ mod tests {
             batch_size: batch,
             padded_batch_size: padded,
             duration_ms: ms,
+            step: None,
         };
         use GraphEvent::*;
         let s = cuda_graph(&[
@@ -454,7 +466,7 @@ mod tests {
         for (t, layer, expert_id, num_tokens) in
             [(0.0, 0, 0, 30), (0.0, 0, 1, 10), (0.0, 1, 0, 20), (0.1, 1, 1, 20), (0.1, 0, 3, 0)]
         {
-            routing.add(&MoeRoutingRow { timestamp_sec: t, layer, expert_id, num_tokens });
+            routing.add(&MoeRoutingRow { timestamp_sec: t, layer, expert_id, num_tokens, window_steps: 1 });
         }
         let s = moe_expert(&routing);
         let l0 = &s.layers["0"];

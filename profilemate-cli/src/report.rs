@@ -3,60 +3,11 @@
 
 use crate::contract::*;
 use crate::data::{CudaGraphRow, GraphEvent, KvCacheRow, LifecycleEvent, PreemptionEventRow, RunData};
-use crate::insights::{evaluate, Insight, Thresholds};
+pub use crate::note::{Note, NoteKind};
 use crate::recompute;
-use crate::ReportError;
+use crate::rules::{Insight, Thresholds};
 use serde::Serialize;
 use std::fmt;
-use std::path::Path;
-
-/// What kind of note.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NoteKind {
-    /// A section or a figure was left out because its file is missing.
-    Skipped,
-    /// Something was read with a caveat (a torn last line, an empty file, a stale summary).
-    Warning,
-}
-
-/// A remark about the input: what was skipped, and what was read with a caveat.
-///
-/// ```
-/// use profilemate_cli::{Note, NoteKind};
-/// let n = Note::skipped("no preemption_events.csv");
-/// assert_eq!(n.kind, NoteKind::Skipped);
-/// assert_eq!(n.to_string(), "skipped: no preemption_events.csv");
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct Note {
-    /// Skipped or warning.
-    pub kind: NoteKind,
-    /// What happened.
-    pub message: String,
-}
-
-impl Note {
-    /// A "skipped" note.
-    pub fn skipped(message: impl Into<String>) -> Note {
-        Note { kind: NoteKind::Skipped, message: message.into() }
-    }
-
-    /// A warning.
-    pub fn warning(message: impl Into<String>) -> Note {
-        Note { kind: NoteKind::Warning, message: message.into() }
-    }
-}
-
-impl fmt::Display for Note {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
-            NoteKind::Skipped => write!(f, "skipped: {}", self.message),
-            NoteKind::Warning => write!(f, "warning: {}", self.message),
-        }
-    }
-}
 
 /// Share of forward time per phase, in percent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -342,6 +293,10 @@ pub struct Report {
     pub cuda_graph: Option<CudaGraphSection>,
     /// Section 8.
     pub moe_expert: Option<MoeSection>,
+    /// The opening tree: each phase's step time split by where it went (`step_timeline.csv`).
+    pub step_breakdown: Option<crate::breakdown::Breakdown>,
+    /// Section 9: the tail of each phase and the conditions it shares (`step_timeline.csv`).
+    pub slow_steps: Option<crate::slow_steps::SlowSteps>,
     /// The rules that fired.
     pub insights: Vec<Insight>,
     /// The thresholds the rules used.
@@ -367,26 +322,8 @@ fn csv_source(file: &str) -> String {
 }
 
 impl Report {
-    /// Reads `dir` and builds the report with the default [`Thresholds`].
-    ///
-    /// # Errors
-    ///
-    /// As [`RunData::load`]: no contract file in `dir`, a file that cannot be read, or a
-    /// malformed file (the error names the file, the line and the column).
-    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Report, ReportError> {
-        Ok(Report::from_data(&RunData::load(dir)?, &Thresholds::default()))
-    }
-
-    /// Builds the report from data already read.
-    ///
-    /// ```
-    /// use profilemate_cli::{Report, RunData, Thresholds};
-    /// let data = RunData::default();
-    /// let report = Report::from_data(&data, &Thresholds::default());
-    /// assert!(report.forward_pass.is_none());
-    /// assert_eq!(report.notes.len(), 8); // every section skipped
-    /// ```
-    pub fn from_data(data: &RunData, thresholds: &Thresholds) -> Report {
+    /// The report's sections from `data`, with no insight yet (the `analysis` module adds them).
+    pub(crate) fn sections(data: &RunData, thresholds: &Thresholds) -> Report {
         let mut notes = data.notes.clone();
         if data.run.as_ref().and_then(|r| r.finished) == Some(false) {
             notes.push(Note::warning(
@@ -513,8 +450,17 @@ impl Report {
         let kv_cache = kv_cache_section(data, thresholds, &mut notes);
         let cuda_graph = cuda_graph_section(data, &mut notes);
         let moe_expert = moe_section(data, &mut notes);
+        let timeline = data.step_timeline.as_ref().filter(|rows| !rows.is_empty());
+        if timeline.is_none() {
+            notes.push(Note::skipped(format!(
+                "no {} (or no step in it): no step breakdown and no slow-step section",
+                crate::timeline::STEP_TIMELINE_CSV
+            )));
+        }
+        let step_breakdown = timeline.map(|rows| crate::breakdown::Breakdown::of(rows));
+        let slow_steps = timeline.map(|rows| crate::slow_steps::SlowSteps::of(rows));
 
-        let mut report = Report {
+        let report = Report {
             dir: data.dir.display().to_string(),
             run: data.run.clone(),
             forward_pass,
@@ -525,11 +471,12 @@ impl Report {
             kv_cache,
             cuda_graph,
             moe_expert,
+            step_breakdown,
+            slow_steps,
             insights: Vec::new(),
             thresholds: thresholds.clone(),
             notes,
         };
-        report.insights = evaluate(&report, thresholds);
         report
     }
 }
@@ -810,6 +757,11 @@ impl fmt::Display for Report {
                 parts.push(format!("{v} events dropped"));
             }
             writeln!(f, "run: {}", parts.join(", "))?;
+        }
+
+        if let Some(b) = &self.step_breakdown {
+            writeln!(f, "\nStep breakdown (step_timeline.csv; shares of the summed step time)")?;
+            write!(f, "{b}")?;
         }
 
         writeln!(f, "\n1. Forward Pass Timing")?;
@@ -1106,6 +1058,14 @@ impl fmt::Display for Report {
                     writeln!(f, "   Most imbalanced layers: {}", layers.join(", "))?;
                 }
             }
+        }
+
+        if let Some(s) = &self.slow_steps {
+            writeln!(
+                f,
+                "\n9. Slow Steps (tail: above p99 or over twice the median of host gap + step wall time, per phase)"
+            )?;
+            write!(f, "{s}")?;
         }
 
         writeln!(f, "\nInsights")?;

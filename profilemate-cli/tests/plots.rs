@@ -333,7 +333,7 @@ fn cuda_graph_figure_shows_replays_eager_steps_and_padding() {
 fn tracker_figures_without_their_files_are_skipped_with_a_note() {
     let run = Run::new();
     write_csv_run(&run, 30);
-    for f in ["kv_cache_usage.csv", "cuda_graph_events.csv", "moe_expert_routing.csv"] {
+    for f in ["kv_cache_usage.csv", "cuda_graph_events.csv", "moe_expert_routing.csv", "step_timeline.csv"] {
         run.remove(f);
     }
     let out = tempfile::tempdir().unwrap();
@@ -346,6 +346,8 @@ fn tracker_figures_without_their_files_are_skipped_with_a_note() {
             "skipped: kv_cache_usage_timeline plot: no kv_cache_usage.csv",
             "skipped: cuda_graph_batch_sizes plot: no cuda_graph_events.csv",
             "skipped: moe_expert_load plot: no moe_expert_summary.json or moe_expert_routing.csv",
+            "skipped: step_breakdown plot: no step_timeline.csv (with steps)",
+            "skipped: slow_steps plot: no step_timeline.csv (with steps)",
         ]
     );
     // The summary alone is enough for the heat map.

@@ -39,7 +39,9 @@ fn normal_run_prints_every_section_from_the_summaries() {
     assert_eq!(report.components.as_ref().unwrap().summary.model_type, "encoder_decoder");
     assert_eq!(report.run.as_ref().unwrap().host.as_deref(), Some("gpu-node-7"));
     assert!(report.insights.is_empty(), "a healthy run fires nothing: {:?}", report.insights);
-    assert!(report.notes.is_empty(), "{:?}", report.notes);
+    // Summaries alone hold no step: the step sections are the only ones skipped.
+    let notes: Vec<String> = report.notes.iter().map(|n| n.to_string()).collect();
+    assert_eq!(notes, ["skipped: no step_timeline.csv (or no step in it): no step breakdown and no slow-step section"]);
 
     let text = report.to_string();
     for needle in [
@@ -185,8 +187,9 @@ fn missing_optional_files_are_reported_as_skipped() {
     assert!(report.kv_cache.is_none() && report.cuda_graph.is_none() && report.moe_expert.is_none());
     let skipped: Vec<String> =
         report.notes.iter().filter(|n| n.kind == NoteKind::Skipped).map(|n| n.to_string()).collect();
-    assert_eq!(skipped.len(), 7, "{skipped:?}");
+    assert_eq!(skipped.len(), 8, "{skipped:?}");
     for tracker in [
+        "skipped: no step_timeline.csv (or no step in it): no step breakdown and no slow-step section",
         "skipped: no kv_cache_summary.json or kv_cache_usage.csv",
         "skipped: no cuda_graph_summary.json or cuda_graph_events.csv",
         "skipped: no moe_expert_summary.json or moe_expert_routing.csv",
@@ -923,4 +926,66 @@ fn core_written_trackers_read_back_and_recompute_to_the_same_numbers() {
     }
     assert_eq!(a.most_imbalanced_layers, b.most_imbalanced_layers);
     assert!(close(a.max_over_mean, b.max_over_mean));
+}
+
+/// A table an output budget rolled over is read file after file, oldest first; windowed MoE rows
+/// count their steps as routing records.
+#[test]
+fn rolled_over_tables_and_windowed_moe_rows_are_read() {
+    let run = Run::new();
+    let fwd = "timestamp_sec,phase,batch_size,num_tokens,forward_time_ms,throughput_tokens_per_sec\n";
+    run.write("forward_pass_timing.3.csv", &format!("{fwd}0.100000,decode,4,4,2.000000,2000.000\n"));
+    run.write("forward_pass_timing.12.csv", &format!("{fwd}0.200000,decode,4,8,2.000000,4000.000\n"));
+    run.write("forward_pass_timing.csv", &format!("{fwd}0.300000,prefill,1,64,4.000000,16000.000\n"));
+    let windowed = "timestamp_sec,layer,expert_id,num_tokens,window_first_step,window_steps\n";
+    run.write("moe_expert_routing.1.csv", &format!("{windowed}0.5,0,0,40,0,100\n0.5,0,2,10,0,100\n"));
+    run.write("moe_expert_routing.csv", &format!("{windowed}0.9,0,1,7,100,5\n"));
+    let data = RunData::load(run.path()).unwrap();
+    let tokens: Vec<u64> = data.forward_pass.as_ref().unwrap().iter().map(|r| r.num_tokens).collect();
+    assert_eq!(tokens, [4, 8, 64], "numbered files oldest (lowest number) first, then the live file");
+    let moe = data.moe_routing.as_ref().unwrap();
+    assert_eq!(moe.tokens[&0], vec![40, 7, 10]);
+    assert_eq!((moe.rows, moe.records), (3, 105), "two windows of 100 and 5 steps");
+    assert!(
+        data.notes.iter().any(|n| n.message.contains("forward_pass_timing.csv: read 2 rolled-over files")),
+        "{:?}",
+        data.notes
+    );
+}
+
+/// Rolled-over files and the `step` column together: each file's header is read on its own, so
+/// a rolled file of an older version (no `step`) and a newer one (with it) join in one table;
+/// the step timeline rolls over like any table; MoE rows carry the window columns, then `step`.
+#[test]
+fn rolled_over_tables_keep_their_step_column() {
+    let run = Run::new();
+    let fwd = "timestamp_sec,phase,batch_size,num_tokens,forward_time_ms,throughput_tokens_per_sec";
+    run.write("forward_pass_timing.1.csv", &format!("{fwd}\n0.100000,decode,4,4,2.000000,2000.000\n"));
+    run.write("forward_pass_timing.2.csv", &format!("{fwd},step\n0.200000,decode,4,8,2.000000,4000.000,7\n"));
+    run.write("forward_pass_timing.csv", &format!("{fwd},step\n0.300000,prefill,1,64,4.000000,16000.000,\n"));
+    let moe = "timestamp_sec,layer,expert_id,num_tokens,window_first_step,window_steps,step";
+    run.write("moe_expert_routing.1.csv", &format!("{moe}\n0.5,0,0,40,0,1,1\n0.5,0,2,10,0,1,1\n"));
+    run.write("moe_expert_routing.csv", &format!("{moe}\n0.9,0,1,7,1,1,2\n"));
+    let header = profilemate_core::STEP_TIMELINE_COLUMNS.join(",");
+    let row = |step: u64| {
+        let mut f = vec![String::new(); profilemate_core::STEP_TIMELINE_COLUMNS.len()];
+        f[0] = step.to_string();
+        f[1] = "0.1".into();
+        f[2] = "decode".into();
+        f[5] = "1".into();
+        f[6] = "2.0".into();
+        f[11] = "2.5".into();
+        f[13] = "0.5".into();
+        f.join(",")
+    };
+    run.write("step_timeline.1.csv", &format!("{header}\n{}\n{}\n", row(1), row(2)));
+    run.write("step_timeline.csv", &format!("{header}\n{}\n", row(3)));
+    let data = RunData::load(run.path()).unwrap();
+    let steps: Vec<Option<u64>> = data.forward_pass.as_ref().unwrap().iter().map(|r| r.step).collect();
+    assert_eq!(steps, [None, Some(7), None]);
+    let timeline: Vec<u64> = data.step_timeline.as_ref().unwrap().iter().map(|r| r.step).collect();
+    assert_eq!(timeline, [1, 2, 3], "the rolled timeline file first, then the live one");
+    let moe = data.moe_routing.as_ref().unwrap();
+    assert_eq!(moe.tokens[&0], vec![40, 7, 10]);
+    assert_eq!((moe.rows, moe.records), (3, 2), "per-step rows: one routing record per step and layer");
 }

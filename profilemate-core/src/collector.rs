@@ -5,12 +5,14 @@ use crate::backend::{Mark, Resolution};
 use crate::config::Config;
 use crate::event::Event;
 use crate::handles::{BatchSample, KvCacheSample};
-use crate::manifest::{RunManifest, FORMAT_VERSION, MANIFEST_FILE};
+use crate::manifest::{OutputBudgetReport, RunManifest, FORMAT_VERSION, MANIFEST_FILE};
+use crate::moe_counts::LayerSnapshot;
 use crate::profilers::*;
 use crate::record::*;
-use crate::recorder::{DropCounters, Shared, ThreadBuffer, Timing};
+use crate::recorder::{DropCounters, MoeSource, Shared, ThreadBuffer, Timing};
 use crate::rows::{Rows, Table};
 use crate::sink::{write_atomic, Sink};
+use crate::step_timeline::StepTimeline;
 use crate::summary::Summaries;
 use crate::types::{Component, DropReason, GraphEvent, LifecycleEvent, Phase, ProfilerKind};
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -42,6 +44,8 @@ struct Decoded {
     tag: u8,
     flags: u8,
     op: u16,
+    /// The step the event belongs to; 0 outside any step.
+    step: u64,
     /// Start (or, with `F_DURATION`, end) reading.
     t0: u64,
     /// End reading, or duration in ns.
@@ -61,7 +65,8 @@ impl Decoded {
             kind: head.kind(),
             tag: head.tag(),
             flags: head.flags(),
-            op: head.u16_at4(),
+            op: 0,
+            step: head.step(),
             t0: head.word(1),
             t1: 0,
             device: (0, 0),
@@ -93,7 +98,9 @@ impl Decoded {
             }
             K_CPU => {
                 d.t1 = head.word(2);
-                d.texts = text(CPU_TEXT_AT, &[head.word(3) as usize], rest);
+                let w = head.word(3);
+                d.op = (w >> 32) as u16;
+                d.texts = text(CPU_TEXT_AT, &[(w & 0xffff_ffff) as usize], rest);
             }
             K_COMPONENT => {
                 d.t1 = head.word(2);
@@ -109,6 +116,7 @@ impl Decoded {
                 d.a = head.pair(2);
                 d.device = (head.word(3), head.word(4));
             }
+            K_STEP => d.t1 = head.word(2),
             K_CUDA_GRAPH => {
                 d.t1 = head.word(2);
                 d.a = head.pair(3);
@@ -197,6 +205,7 @@ pub(crate) struct Collector {
     kv_cache: Option<KvCacheProfiler>,
     cuda_graph: Option<CudaGraphProfiler>,
     moe: Option<MoeExpertProfiler>,
+    timeline: StepTimeline,
     rows: Rows,
     rows_written: [u64; Table::ALL.len()],
     sink_drops: DropCounters,
@@ -205,13 +214,20 @@ pub(crate) struct Collector {
     order: Vec<(u64, u32)>,
     pending: VecDeque<Decoded>,
     scratch: Vec<u8>,
+    /// Every thread's MoE routing totals (kept after the thread exits: they are its counts).
+    moe_sources: Vec<MoeSource>,
+    moe_snapshot: LayerSnapshot,
+    moe_tokens: Vec<u64>,
+    moe_detail: Vec<(u64, u32, u64, u64, Vec<u32>)>,
     last_summary_step: u64,
     summaries_dirty: bool,
     last_file_flush: Instant,
     last_summary_time: Instant,
 }
 
-const FILE_FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Files are flushed after every collector pass: a killed process loses at most the rows of
+/// about one collector period (100 ms by default), not a second's.
+const FILE_FLUSH_EVERY: Duration = Duration::ZERO;
 const SUMMARY_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
 const SHUTDOWN_DEVICE_WAIT: Duration = Duration::from_secs(10);
 
@@ -228,6 +244,7 @@ impl Collector {
             kv_cache: on(ProfilerKind::KvCache).then(KvCacheProfiler::new),
             cuda_graph: on(ProfilerKind::CudaGraph).then(CudaGraphProfiler::new),
             moe: on(ProfilerKind::MoeExpert).then(MoeExpertProfiler::new),
+            timeline: StepTimeline::new(on(ProfilerKind::Preemption)),
             shared,
             info,
             buffers: Vec::new(),
@@ -242,6 +259,10 @@ impl Collector {
             order: Vec::new(),
             pending: VecDeque::new(),
             scratch: Vec::new(),
+            moe_sources: Vec::new(),
+            moe_snapshot: LayerSnapshot::default(),
+            moe_tokens: Vec::new(),
+            moe_detail: Vec::new(),
             last_summary_step: 0,
             summaries_dirty: false,
             last_file_flush: Instant::now(),
@@ -273,7 +294,14 @@ impl Collector {
     /// One pass: drain, resolve, observe, write rows, and summaries when due.
     fn cycle(&mut self) {
         self.drain_buffers();
+        self.collect_moe(false);
         self.resolve_pending(false);
+        // A step waits for its device-timed events: nothing from the oldest pending one's on.
+        let waiting_for = self.pending.iter().map(|d| d.step).filter(|&s| s != 0).min();
+        // The timeline is the forward pass profiler's table: off with it.
+        if self.forward.is_some() {
+            self.timeline.emit(&mut self.rows, false, waiting_for);
+        }
         self.write_rows();
         let steps = self.steps();
         let interval = self.info.config.log_interval;
@@ -330,6 +358,72 @@ impl Collector {
         events.clear();
         self.batch_events = events;
         self.order = order;
+    }
+
+    /// Reads every thread's MoE routing totals into the tracker (and the per-step detail
+    /// buffers, when on). `close` ends every open window (shutdown).
+    fn collect_moe(&mut self, close: bool) {
+        {
+            let mut incoming = self.shared.incoming_moe.lock().unwrap_or_else(|p| p.into_inner());
+            self.moe_sources.append(&mut incoming);
+        }
+        let Some(p) = &mut self.moe else { return };
+        let mut rows = std::mem::take(&mut self.rows);
+        let clock = &self.shared.clock;
+        let start = self.shared.start_raw;
+        // Per-step detail first, so a step's rows come before a window that holds it.
+        let detail = &mut self.moe_detail;
+        for src in &mut self.moe_sources {
+            let Some(consumer) = &mut src.detail else { continue };
+            let scratch = &mut self.scratch;
+            drain(consumer, |head, rest| {
+                let (layer, experts) = head.pair(2);
+                scratch.clear();
+                let mut it = &mut *rest;
+                read_text(head, MOE_DATA_AT, experts as usize * 4, &mut it, scratch);
+                let counts = scratch.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
+                detail.push((head.word(1), layer, head.word(3), head.step(), counts));
+            });
+        }
+        // The step timeline's MoE imbalance comes from these per-step rows only: windowed rows
+        // span steps, so without per-step detail the timeline leaves it empty.
+        let mut timeline = self.forward.is_some().then_some(&mut self.timeline);
+        for (raw, layer, call, step, counts) in detail.drain(..) {
+            let ts = clock.delta_ns(start, raw);
+            p.detail(ts, layer, call, (step != 0).then_some(step), &counts, &mut rows);
+            if let (Some(tl), true) = (timeline.as_deref_mut(), step != 0) {
+                tl.moe(step, ts, &counts);
+            }
+        }
+        let window = (self.info.config.moe_window_steps > 0).then_some(self.info.config.moe_window_steps);
+        let end = self.moe_sources.iter().map(|s| s.counts.layer_end()).max().unwrap_or(0);
+        let snap = &mut self.moe_snapshot;
+        'layers: for layer in 0..end {
+            let (mut calls, mut last_raw, mut seen) = (0u64, 0u64, false);
+            self.moe_tokens.clear();
+            for src in &self.moe_sources {
+                match src.counts.snapshot(layer, snap) {
+                    Ok(false) => continue,
+                    Ok(true) => {}
+                    // A writer mid-update through every retry: the whole layer waits a pass.
+                    Err(()) => continue 'layers,
+                }
+                seen = true;
+                calls += snap.calls;
+                last_raw = last_raw.max(snap.last_raw);
+                if self.moe_tokens.len() < snap.tokens.len() {
+                    self.moe_tokens.resize(snap.tokens.len(), 0);
+                }
+                for (total, n) in self.moe_tokens.iter_mut().zip(&snap.tokens) {
+                    *total += n;
+                }
+            }
+            if seen {
+                let ts = clock.delta_ns(start, last_raw);
+                p.observe_totals(layer, calls, ts, &self.moe_tokens, window, close, &mut rows);
+            }
+        }
+        self.rows = rows;
     }
 
     /// Resolves device-timed events in order, in batches of `cuda_event_batch` queries, batch
@@ -418,6 +512,62 @@ impl Collector {
 
     fn dispatch(&mut self, d: &Decoded, device_ns: Option<u64>) {
         let mut rows = std::mem::take(&mut self.rows);
+        let before: [usize; Table::ALL.len()] = std::array::from_fn(|i| rows.len(Table::ALL[i]));
+        self.dispatch_to_profilers(d, device_ns, &mut rows);
+        if d.step != 0 {
+            self.join_step(d, &mut rows, &before);
+        }
+        self.rows = rows;
+    }
+
+    /// Gives the rows `d` produced its step id and feeds them to the step timeline.
+    fn join_step(&mut self, d: &Decoded, rows: &mut Rows, before: &[usize; Table::ALL.len()]) {
+        let step = Some(d.step);
+        let at = |t: Table| before[Table::ALL.iter().position(|x| *x == t).expect("listed")];
+        let tl = &mut self.timeline;
+        for r in &mut rows.forward_pass[at(Table::ForwardPass)..] {
+            r.step = step;
+            tl.forward(d.step, r.timestamp_ns, r.forward_time_ns, r.phase, r.batch_size, r.num_tokens);
+        }
+        for r in &mut rows.cpu_operations[at(Table::CpuOperations)..] {
+            r.step = step;
+            tl.cpu(d.step, r.timestamp_ns, r.duration_ns, &r.operation);
+        }
+        for r in &mut rows.batch_utilization[at(Table::BatchUtilization)..] {
+            r.step = step;
+            tl.batch(d.step, r.timestamp_ns, r);
+        }
+        for r in &mut rows.preemption_events[at(Table::PreemptionEvents)..] {
+            r.step = step;
+            tl.lifecycle(d.step, r.timestamp_ns, r.event);
+        }
+        for r in &mut rows.encoder_decoder[at(Table::EncoderDecoder)..] {
+            r.step = step;
+            tl.component(d.step, r.timestamp_ns, r.duration_ns, r.component);
+        }
+        for r in &mut rows.kv_cache[at(Table::KvCacheUsage)..] {
+            r.step = step;
+            tl.kv(d.step, r.timestamp_ns, r.usage_pct());
+        }
+        for r in &mut rows.cuda_graph[at(Table::CudaGraphEvents)..] {
+            r.step = step;
+            tl.graph(d.step, r.timestamp_ns, r.event, r.batch_size, r.padded_batch_size);
+        }
+        let moe_at = at(Table::MoeExpertRouting);
+        for r in &mut rows.moe_routing[moe_at..] {
+            r.step = step;
+        }
+        if d.kind == K_MOE && self.moe.is_some() {
+            let at = self.ts(d.t0);
+            self.timeline.moe(d.step, at, &d.counts);
+        }
+        if d.kind == K_STEP {
+            let (start, end) = (self.ts(d.t0), self.ts(d.t1));
+            self.timeline.step_closed(d.step, start, end);
+        }
+    }
+
+    fn dispatch_to_profilers(&mut self, d: &Decoded, device_ns: Option<u64>, rows: &mut Rows) {
         match d.kind {
             K_FORWARD => {
                 let (timestamp_ns, duration_ns) = self.span(d, device_ns);
@@ -429,7 +579,7 @@ impl Collector {
                         num_tokens: d.a.1,
                         duration_ns,
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_CPU => {
@@ -447,7 +597,7 @@ impl Collector {
                             duration_ns,
                             context: &d.texts[0],
                         };
-                        p.observe(&ev, &mut rows);
+                        p.observe(&ev, rows);
                     }
                     // An id this session never registered (another session's, or a disabled
                     // session's): dropped, and counted rather than lost silently.
@@ -467,7 +617,7 @@ impl Collector {
                         running_queue_len: d.c.0,
                         waiting_queue_len: d.c.1,
                     };
-                    p.observe(&Event::Batch { timestamp_ns, sample }, &mut rows);
+                    p.observe(&Event::Batch { timestamp_ns, sample }, rows);
                 }
             }
             K_LIFECYCLE => {
@@ -480,7 +630,7 @@ impl Collector {
                         reason: &d.texts[1],
                         extra_info: &d.texts[2],
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_COMPONENT => {
@@ -492,7 +642,7 @@ impl Collector {
                         duration_ns,
                         context: &d.texts[0],
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_KV_CACHE => {
@@ -504,7 +654,7 @@ impl Collector {
                         prefix_cache_queries: d.device.0,
                         prefix_cache_hits: d.device.1,
                     };
-                    p.observe(&Event::KvCache { timestamp_ns, sample }, &mut rows);
+                    p.observe(&Event::KvCache { timestamp_ns, sample }, rows);
                 }
             }
             K_CUDA_GRAPH => {
@@ -522,21 +672,17 @@ impl Collector {
                         padded_batch_size: (d.flags & F_PADDED != 0).then_some(d.b.0),
                         duration_ns,
                     };
-                    p.observe(&ev, &mut rows);
+                    p.observe(&ev, rows);
                 }
             }
             K_MOE => {
                 let timestamp_ns = self.ts(d.t0);
                 if let Some(p) = &mut self.moe {
-                    p.observe(
-                        &Event::MoeRouting { timestamp_ns, layer: d.a.0, tokens_per_expert: &d.counts },
-                        &mut rows,
-                    );
+                    p.observe(&Event::MoeRouting { timestamp_ns, layer: d.a.0, tokens_per_expert: &d.counts }, rows);
                 }
             }
             _ => {}
         }
-        self.rows = rows;
     }
 
     fn write_rows(&mut self) {
@@ -550,7 +696,8 @@ impl Collector {
         for i in 0..self.sinks.len() {
             if let Err(e) = self.sinks[i].write_rows(&self.rows) {
                 self.sink_failed(i, "write rows", &*e);
-                for t in Table::ALL {
+                // Step timeline rows are derived from events already counted in their own tables.
+                for t in Table::ALL.into_iter().filter(|t| *t != Table::StepTimeline) {
                     self.sink_drops.add(t.profiler(), DropReason::SinkError, self.rows.len(t) as u64);
                 }
             }
@@ -584,6 +731,9 @@ impl Collector {
         }
         if let Some(p) = &self.moe {
             p.summarize(&mut s);
+        }
+        if self.forward.is_some() {
+            s.step_timeline = Some(self.timeline.summary());
         }
         s
     }
@@ -657,7 +807,7 @@ impl Collector {
             dropped.insert(kind.as_str().to_string(), reasons);
         }
         let config = &self.info.config;
-        RunManifest {
+        let mut manifest = RunManifest {
             format_version: FORMAT_VERSION,
             profilemate_version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: self.info.started_at.clone(),
@@ -683,16 +833,39 @@ impl Collector {
             steps: self.steps(),
             elapsed_sec: self.ts(self.shared.now()) as f64 / 1e9,
             finished,
+            bytes_per_step: BTreeMap::new(),
+            bytes_written: BTreeMap::new(),
+            output_budget: config
+                .max_output_bytes
+                .map(|max_bytes| OutputBudgetReport { max_bytes, ..Default::default() }),
+        };
+        for files in self.sinks.iter().filter_map(|s| s.output_files()) {
+            manifest.bytes_written.extend(files.bytes_written);
+            if let Some(budget) = &mut manifest.output_budget {
+                budget.rolled_files.extend(files.rolled);
+                budget.removed_files.extend(files.removed);
+            }
         }
+        let steps = manifest.steps;
+        manifest.bytes_per_step = manifest
+            .bytes_written
+            .iter()
+            .map(|(file, bytes)| (file.clone(), if steps > 0 { *bytes as f64 / steps as f64 } else { 0.0 }))
+            .collect();
+        manifest
     }
 
     fn shutdown(mut self) -> RunManifest {
         self.drain_buffers();
+        self.collect_moe(true);
         self.resolve_pending(true);
         let now = self.ts(self.shared.now());
         let mut rows = std::mem::take(&mut self.rows);
         if let Some(p) = &mut self.preemption {
             p.finish(now, &mut rows);
+        }
+        if self.forward.is_some() {
+            self.timeline.emit(&mut rows, true, None);
         }
         self.rows = rows;
         self.write_rows();

@@ -99,6 +99,8 @@ pub const MIN_BUFFER_EVENTS: usize = 128;
 /// | `sinks` | `PROFILEMATE_SINKS` (comma list: `csv`, `json`, `parquet`, `perfetto`, `metrics`) | `csv,json` |
 /// | `buffer_events` | `PROFILEMATE_BUFFER_EVENTS` (per recording thread, >= 128) | 16384 |
 /// | `flush_interval_ms` | `PROFILEMATE_FLUSH_MS` (collector period, 1..=60000) | 100 |
+/// | `moe_window_steps` | `PROFILEMATE_MOE_WINDOW` (steps per `moe_expert_routing.csv` window, or `step`) | 100 |
+/// | `max_output_bytes` | `PROFILEMATE_MAX_OUTPUT_MB` (CSV and Parquet tables together, >= 1) | none |
 ///
 /// A malformed value is an error naming the variable, the value and what is accepted; it never
 /// silently becomes the default.
@@ -137,12 +139,33 @@ pub struct Config {
     /// Events each recording thread can buffer before the collector drains them; more are
     /// dropped and counted.
     pub buffer_events: usize,
-    /// How often the collector drains the buffers, in milliseconds. Files are flushed about
-    /// once a second.
+    /// How often the collector drains the buffers, in milliseconds. Files are flushed after
+    /// every pass.
     pub flush_interval_ms: u64,
     /// Token utilization below this percentage counts as an underutilization event.
     pub underutilization_threshold_pct: f64,
+    /// `moe_expert_routing.csv` holds each layer's tokens per expert summed over windows of at
+    /// least this many steps (a window closes at the first collector pass after it has that
+    /// many); 0 writes one row per layer, expert and step instead (per-step detail, through a
+    /// buffer of its own). The totals in `moe_expert_summary.json` are exact either way.
+    #[serde(default = "default_moe_window_steps")]
+    pub moe_window_steps: u64,
+    /// The most bytes the CSV and Parquet tables may take on disk together; beyond it they roll
+    /// over into numbered files and the oldest are removed (the JSON summaries stay exact for
+    /// the whole run). `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<u64>,
 }
+
+fn default_moe_window_steps() -> u64 {
+    DEFAULT_MOE_WINDOW_STEPS
+}
+
+/// The default window of `moe_expert_routing.csv`, in steps.
+pub const DEFAULT_MOE_WINDOW_STEPS: u64 = 100;
+
+/// The smallest output budget `PROFILEMATE_MAX_OUTPUT_MB` accepts, in bytes (1 MB).
+pub const MIN_OUTPUT_BYTES: u64 = 1 << 20;
 
 impl Default for Config {
     fn default() -> Self {
@@ -158,6 +181,8 @@ impl Default for Config {
             buffer_events: 16 * 1024,
             flush_interval_ms: 100,
             underutilization_threshold_pct: 50.0,
+            moe_window_steps: DEFAULT_MOE_WINDOW_STEPS,
+            max_output_bytes: None,
         }
     }
 }
@@ -184,6 +209,10 @@ pub mod env {
     pub const BUFFER_EVENTS: &str = "PROFILEMATE_BUFFER_EVENTS";
     /// Collector period in milliseconds.
     pub const FLUSH_MS: &str = "PROFILEMATE_FLUSH_MS";
+    /// MoE routing rows: steps per window, or `step` for one row per step.
+    pub const MOE_WINDOW: &str = "PROFILEMATE_MOE_WINDOW";
+    /// Output budget of the CSV and Parquet tables, in megabytes (2^20 bytes).
+    pub const MAX_OUTPUT_MB: &str = "PROFILEMATE_MAX_OUTPUT_MB";
 }
 
 fn invalid(name: &str, value: &str, expected: impl Into<String>) -> Error {
@@ -313,6 +342,19 @@ impl Config {
         if let Some(v) = lookup(env::FLUSH_MS) {
             c.flush_interval_ms = parse_int(env::FLUSH_MS, &v, 1u64, 60_000)?;
         }
+        if let Some(v) = lookup(env::MOE_WINDOW) {
+            c.moe_window_steps = if v.trim().eq_ignore_ascii_case("step") {
+                0
+            } else {
+                parse_int(env::MOE_WINDOW, &v, 1u64, 1_000_000_000).map_err(|_| {
+                    invalid(env::MOE_WINDOW, &v, "a number of steps from 1 to 1000000000, or `step` for per-step rows")
+                })?
+            };
+        }
+        if let Some(v) = lookup(env::MAX_OUTPUT_MB) {
+            let mb = parse_int(env::MAX_OUTPUT_MB, &v, 1u64, 1 << 40)?;
+            c.max_output_bytes = Some(mb << 20);
+        }
         Ok(c)
     }
 
@@ -338,6 +380,11 @@ impl Config {
         }
         if !(1..=60_000).contains(&self.flush_interval_ms) {
             return Err(invalid("flush_interval_ms", &self.flush_interval_ms.to_string(), "1 to 60000 milliseconds"));
+        }
+        if let Some(bytes) = self.max_output_bytes {
+            if bytes < MIN_OUTPUT_BYTES {
+                return Err(invalid("max_output_bytes", &bytes.to_string(), "at least 1048576 bytes (1 MB)"));
+            }
         }
         let t = self.underutilization_threshold_pct;
         if !(0.0..=100.0).contains(&t) {

@@ -125,7 +125,10 @@ impl ForwardPass {
     #[inline]
     pub fn start(&self, phase: Phase, batch_size: u32, num_tokens: u32) -> ForwardGuard<'_> {
         let timed = match &self.shared {
-            Some(s) => begin(s, ProfilerKind::ForwardPass),
+            Some(s) => {
+                s.open_step_for_forward();
+                begin(s, ProfilerKind::ForwardPass)
+            }
             None => None,
         };
         ForwardGuard { shared: self.shared.as_ref(), timed, phase, batch_size, num_tokens }
@@ -135,6 +138,7 @@ impl ForwardPass {
     #[inline]
     pub fn record(&self, phase: Phase, batch_size: u32, num_tokens: u32, duration: Duration) {
         if let Some(s) = &self.shared {
+            s.open_step_for_forward();
             let mut slot = forward_slot(phase, batch_size, num_tokens);
             measured(s, dur_ns(duration), &mut slot);
             s.push(ProfilerKind::ForwardPass, slot);
@@ -148,6 +152,7 @@ impl ForwardPass {
         if let Some(s) = &self.shared {
             match ms_to_ns(ms) {
                 Some(ns) => {
+                    s.open_step_for_forward();
                     let mut slot = forward_slot(phase, batch_size, num_tokens);
                     measured(s, ns, &mut slot);
                     s.push(ProfilerKind::ForwardPass, slot);
@@ -308,8 +313,7 @@ impl CpuTiming {
 #[inline(always)]
 fn cpu_slot(op: CpuOp, context: &str) -> Slot {
     let mut slot = Slot::head(K_CPU, 0, 0);
-    slot.set_u16_at4(op.0);
-    slot.set_word(3, context.len() as u64);
+    slot.set_word(3, context.len() as u64 | u64::from(op.0) << 32);
     slot
 }
 
@@ -780,6 +784,14 @@ impl CudaGraphs {
 /// Records how a mixture-of-experts router spread one step's tokens over the experts of a
 /// layer, for `moe_expert_routing.csv`: one call per layer per step, not one per token.
 ///
+/// The counts are added in place into this thread's per-layer totals (no event is queued, so a
+/// model of any size never crowds the forward passes out of the thread's buffer); the collector
+/// reads the totals on every pass and writes one row per layer and expert per window of
+/// [`Config::moe_window_steps`](crate::Config::moe_window_steps) steps. The totals in
+/// `moe_expert_summary.json` are exact for the whole run. With per-step detail on
+/// (`PROFILEMATE_MOE_WINDOW=step`), each call also goes to a bounded buffer of its own for one
+/// row per step; a detail row that does not fit is dropped and counted, the totals stay exact.
+///
 /// ```
 /// use profilemate_core::Session;
 /// let session = Session::builder().in_memory_only().build()?;
@@ -812,7 +824,9 @@ impl MoeRouting {
     }
 
     /// Tokens routed to each expert of `layer` in this step, indexed by expert id. More than
-    /// [`MAX_EXPERTS`] experts are dropped and counted as [`DropReason::TextTooLong`].
+    /// [`MAX_EXPERTS`] experts are dropped and counted as [`DropReason::TextTooLong`]; a layer
+    /// index from [`MAX_MOE_LAYERS`](crate::MAX_MOE_LAYERS), or more experts than the layer's
+    /// first call reported, as [`DropReason::InvalidValue`].
     #[inline]
     pub fn record_layer(&self, layer: u32, tokens_per_expert: &[u32]) {
         if let Some(s) = &self.shared {
@@ -820,18 +834,7 @@ impl MoeRouting {
                 s.count_drop(ProfilerKind::MoeExpert, DropReason::TextTooLong);
                 return;
             }
-            let mut slot = Slot::head(K_MOE, 0, 0);
-            slot.set_word(1, s.now());
-            slot.set_pair(2, layer, tokens_per_expert.len() as u32);
-            // SAFETY: a `u32` slice viewed as bytes: same memory, 4 bytes per element, no padding,
-            // and `u8` has no alignment requirement.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    tokens_per_expert.as_ptr().cast::<u8>(),
-                    std::mem::size_of_val(tokens_per_expert),
-                )
-            };
-            s.push_text(ProfilerKind::MoeExpert, slot, MOE_DATA_AT, &[bytes]);
+            s.record_moe(layer, tokens_per_expert);
         }
     }
 }

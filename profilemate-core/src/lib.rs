@@ -40,6 +40,9 @@
 //!   collector drains every buffer about every 100 ms, resolves times through the
 //!   [`TimingBackend`], feeds the five [`Profiler`]s, and hands [`Rows`] and [`Summaries`] to
 //!   every [`Sink`].
+//! - [`Steps`] opens engine steps (a guard per step, or the forward pass alone): every row
+//!   recorded in a step carries its id in a `step` column, and the collector joins them into
+//!   `step_timeline.csv`, one row per step ([`StepTimelineRow`]).
 //! - Files and their columns are fixed by the output contract (see the repository's
 //!   `CONTRACT.md`): [`Table`] and [`SummaryFile`] name them.
 //!
@@ -65,6 +68,7 @@ mod error;
 mod event;
 mod handles;
 mod manifest;
+mod moe_counts;
 mod profilers;
 mod record;
 mod recorder;
@@ -72,18 +76,21 @@ mod rows;
 mod session;
 mod sink;
 mod stats;
+mod step_timeline;
+mod steps;
 mod summary;
 mod types;
 
 pub use backend::{HostClock, Mark, Resolution, TimingBackend};
-pub use config::{env, BackendChoice, Config, SinkKind, MIN_BUFFER_EVENTS};
+pub use config::{env, BackendChoice, Config, SinkKind, DEFAULT_MOE_WINDOW_STEPS, MIN_BUFFER_EVENTS, MIN_OUTPUT_BYTES};
 pub use error::{Error, Result};
 pub use event::Event;
 pub use handles::{
     BatchSample, BatchUtilization, ComponentGuard, Components, CpuGuard, CpuTiming, CudaGraphs, ForwardGuard,
     ForwardPass, KvCacheSample, KvCacheUsage, MoeRouting, Requests, MAX_EXPERTS,
 };
-pub use manifest::{RunManifest, FORMAT_VERSION, MANIFEST_FILE};
+pub use manifest::{OutputBudgetReport, RunManifest, FORMAT_VERSION, MANIFEST_FILE};
+pub use moe_counts::MAX_MOE_LAYERS;
 pub use profilers::{
     BatchUtilizationProfiler, CpuTimingProfiler, CudaGraphProfiler, EncoderDecoderProfiler, ForwardPassProfiler,
     KvCacheProfiler, MoeExpertProfiler, PreemptionProfiler, Profiler,
@@ -91,11 +98,14 @@ pub use profilers::{
 pub use record::MAX_TEXT_BYTES;
 pub use rows::{
     ns_to_ms, ns_to_sec, BatchUtilizationRow, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, KvCacheRow,
-    MoeRoutingRow, Outcome, PreemptionEventRow, RequestLifecycleRow, Rows, Table,
+    MoeRoutingRow, Outcome, PreemptionEventRow, RequestLifecycleRow, Rows, StepTimelineRow, Table,
+    STEP_TIMELINE_COLUMNS,
 };
 pub use session::{BackendFactory, Session, SessionBuilder, SinkFactory};
-pub use sink::{write_atomic, MemorySink, Sink, SinkError};
+pub use sink::{write_atomic, MemorySink, OutputFiles, Sink, SinkError};
 pub use stats::{DurationStats, Mean};
+pub use step_timeline::{StepPhaseStats, StepTimelineSummary, ENCLOSING_OPERATIONS};
+pub use steps::{StepGuard, Steps, MAX_STEP};
 pub use summary::{
     component_shares, BatchUtilizationSummary, ComponentStats, CpuTimingSummary, CudaGraphSummary,
     EncoderDecoderSummary, ForwardPassSummary, KvCacheSummary, MoeExpertSummary, MoeLayerStats, OperationStats,

@@ -57,6 +57,32 @@ pub struct RunManifest {
     pub elapsed_sec: f64,
     /// `true` once the session shut down cleanly; a killed process leaves `false`.
     pub finished: bool,
+    /// Bytes written per table file (`forward_pass_timing.csv`, `forward_pass_timing.parquet`,
+    /// ...) over the whole run, including files an output budget removed since.
+    #[serde(default)]
+    pub bytes_written: BTreeMap<String, u64>,
+    /// `bytes_written` divided by `steps` (0 when no step ran).
+    #[serde(default)]
+    pub bytes_per_step: BTreeMap<String, f64>,
+    /// The output budget in force and what it did; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_budget: Option<OutputBudgetReport>,
+}
+
+/// What the output budget (`PROFILEMATE_MAX_OUTPUT_MB`) did, in the run manifest.
+///
+/// ```
+/// let report = profilemate_core::OutputBudgetReport { max_bytes: 1 << 20, ..Default::default() };
+/// assert!(report.removed_files.is_empty());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputBudgetReport {
+    /// The most bytes the CSV and Parquet tables may take on disk together.
+    pub max_bytes: u64,
+    /// Table files rolled over (closed and numbered), oldest first.
+    pub rolled_files: Vec<String>,
+    /// Rolled files removed to stay within the budget, oldest first.
+    pub removed_files: Vec<String>,
 }
 
 impl RunManifest {
@@ -79,6 +105,9 @@ impl RunManifest {
             steps: 0,
             elapsed_sec: 0.0,
             finished: true,
+            bytes_written: BTreeMap::new(),
+            bytes_per_step: BTreeMap::new(),
+            output_budget: None,
         }
     }
 

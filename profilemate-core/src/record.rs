@@ -25,6 +25,11 @@ pub(crate) const K_COMPONENT: u8 = 5;
 pub(crate) const K_KV_CACHE: u8 = 6;
 pub(crate) const K_CUDA_GRAPH: u8 = 7;
 pub(crate) const K_MOE: u8 = 8;
+/// A step closed by a [`StepGuard`](crate::StepGuard): word 1 its start, word 2 its end.
+pub(crate) const K_STEP: u8 = 9;
+
+/// Step ids are kept in bytes 3..8 of every head slot: 40 bits, 0 meaning "outside any step".
+pub(crate) const MAX_STEP_ID: u64 = (1 << 40) - 1;
 
 /// Word 2 holds a duration in nanoseconds rather than an end reading.
 pub(crate) const F_DURATION: u8 = 1;
@@ -35,7 +40,7 @@ pub(crate) const F_DEVICE: u8 = 2;
 pub(crate) const CPU_TEXT_AT: usize = 32;
 pub(crate) const COMPONENT_TEXT_AT: usize = 48;
 pub(crate) const LIFECYCLE_TEXT_AT: usize = 24;
-pub(crate) const MOE_DATA_AT: usize = 24;
+pub(crate) const MOE_DATA_AT: usize = 32;
 /// Flag on a CUDA graph record: word 4 holds a padded batch size.
 pub(crate) const F_PADDED: u8 = 4;
 
@@ -63,13 +68,16 @@ impl Slot {
     pub(crate) fn flags(&self) -> u8 {
         self.0[2]
     }
+    /// The step the event belongs to (0: none), bytes 3..8.
     #[inline(always)]
-    pub(crate) fn u16_at4(&self) -> u16 {
-        u16::from_le_bytes([self.0[4], self.0[5]])
+    pub(crate) fn step(&self) -> u64 {
+        self.word(0) >> 24
     }
+    /// Sets the step id (at most [`MAX_STEP_ID`]; the caller masks).
     #[inline(always)]
-    pub(crate) fn set_u16_at4(&mut self, v: u16) {
-        self.0[4..6].copy_from_slice(&v.to_le_bytes());
+    pub(crate) fn set_step(&mut self, step: u64) {
+        let low = self.word(0) & 0xff_ffff;
+        self.set_word(0, low | (step << 24));
     }
     #[inline(always)]
     pub(crate) fn word(&self, i: usize) -> u64 {

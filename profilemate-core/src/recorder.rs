@@ -3,7 +3,8 @@
 //! buffer once, the first time it records into a session.
 
 use crate::backend::{HostClock, TimingBackend};
-use crate::record::{push_plain, push_with_text, Slot};
+use crate::moe_counts::MoeCounts;
+use crate::record::{push_plain, push_with_text, Slot, K_MOE, MAX_STEP_ID, MOE_DATA_AT};
 use crate::types::{DropReason, ModelType, ProfilerKind};
 use rtrb::{Consumer, Producer, RingBuffer};
 use std::cell::RefCell;
@@ -36,11 +37,20 @@ pub(crate) struct ThreadBuffer {
     pub(crate) drops: Arc<DropCounters>,
 }
 
+/// The collector's end of one thread's MoE routing totals, and of its per-step detail buffer
+/// when `moe_expert_routing.csv` holds one row per step.
+pub(crate) struct MoeSource {
+    pub(crate) counts: Arc<MoeCounts>,
+    pub(crate) detail: Option<Consumer<Slot>>,
+}
+
 struct LocalBuffer {
     session: u64,
     producer: Producer<Slot>,
     drops: Arc<DropCounters>,
     shared: std::sync::Weak<Shared>,
+    /// MoE routing totals, accumulated in place; made the first time the thread records one.
+    moe: Option<(Arc<MoeCounts>, Option<Producer<Slot>>)>,
 }
 
 thread_local! {
@@ -73,6 +83,16 @@ pub(crate) struct Shared {
     pub(crate) operations: RwLock<Vec<Arc<str>>>,
     /// 0: not declared; otherwise 1 + ModelType.
     pub(crate) model_type: AtomicU8,
+    /// MoE routing: per-step detail rows (through a buffer of their own) besides the totals.
+    pub(crate) moe_detail: bool,
+    /// MoE totals of threads that started recording routing since the collector last looked.
+    pub(crate) incoming_moe: Mutex<Vec<MoeSource>>,
+    /// The open step: `id << 1 | by_guard`, 0 when none is open (see [`crate::Steps`]).
+    pub(crate) step: AtomicU64,
+    /// The highest step id handed out.
+    pub(crate) last_step: AtomicU64,
+    /// When the step opened by `Steps::open` began (a raw clock reading).
+    pub(crate) step_start: AtomicU64,
 }
 
 impl Shared {
@@ -90,7 +110,35 @@ impl Shared {
             orphan_drops: DropCounters::default(),
             operations: RwLock::new(crate::types::CpuOp::BUILTIN_NAMES.iter().map(|n| Arc::from(*n)).collect()),
             model_type: AtomicU8::new(0),
+            moe_detail: false,
+            incoming_moe: Mutex::new(Vec::new()),
+            step: AtomicU64::new(0),
+            last_step: AtomicU64::new(0),
+            step_start: AtomicU64::new(0),
         }
+    }
+
+    /// The step every event recorded now belongs to (0: none).
+    #[inline(always)]
+    pub(crate) fn current_step(&self) -> u64 {
+        self.step.load(Ordering::Relaxed) >> 1
+    }
+
+    /// A forward pass starts: unless a step guard holds a step open, it opens the next step.
+    /// Plain load and store, no read-modify-write: the hot path stays as cheap as a field read.
+    /// Engines that start forward passes from several threads at once open steps with a guard.
+    #[inline(always)]
+    pub(crate) fn open_step_for_forward(&self) {
+        if self.step.load(Ordering::Relaxed) & 1 == 0 {
+            let id = (self.last_step.load(Ordering::Relaxed) + 1) & MAX_STEP_ID;
+            self.last_step.store(id, Ordering::Relaxed);
+            self.step.store(id << 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Pushes a step record that carries its own id.
+    pub(crate) fn push_step(self: &Arc<Self>, slot: Slot) {
+        self.with_local(ProfilerKind::ForwardPass, |p| push_plain(p, slot));
     }
 
     #[inline(always)]
@@ -118,13 +166,60 @@ impl Shared {
     }
 
     #[inline(always)]
-    pub(crate) fn push(self: &Arc<Self>, kind: ProfilerKind, slot: Slot) {
+    pub(crate) fn push(self: &Arc<Self>, kind: ProfilerKind, mut slot: Slot) {
+        slot.set_step(self.current_step());
         self.with_local(kind, |p| push_plain(p, slot));
     }
 
     #[inline]
-    pub(crate) fn push_text(self: &Arc<Self>, kind: ProfilerKind, slot: Slot, inline_at: usize, texts: &[&[u8]]) {
+    pub(crate) fn push_text(self: &Arc<Self>, kind: ProfilerKind, mut slot: Slot, inline_at: usize, texts: &[&[u8]]) {
+        slot.set_step(self.current_step());
         self.with_local(kind, |p| push_with_text(p, slot, inline_at, texts));
+    }
+
+    /// Adds one layer's routing to this thread's MoE totals and, with per-step detail on, sends
+    /// it to the detail buffer. The totals never share the event buffer with the profilers.
+    #[inline]
+    pub(crate) fn record_moe(self: &Arc<Self>, layer: u32, tokens_per_expert: &[u32]) {
+        let now = self.now();
+        self.with_thread(ProfilerKind::MoeExpert, |local| {
+            let (counts, detail) = match &mut local.moe {
+                Some(m) => m,
+                None => local.moe.insert(self.register_moe()),
+            };
+            let call = counts.add(layer, now, tokens_per_expert).ok_or(DropReason::InvalidValue)?;
+            let Some(detail) = detail else { return Ok(()) };
+            let mut slot = Slot::head(K_MOE, 0, 0);
+            slot.set_step(self.current_step());
+            slot.set_word(1, now);
+            slot.set_pair(2, layer, tokens_per_expert.len() as u32);
+            slot.set_word(3, call);
+            // SAFETY: a `u32` slice viewed as bytes: same memory, 4 bytes per element, no
+            // padding, and `u8` has no alignment requirement.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    tokens_per_expert.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(tokens_per_expert),
+                )
+            };
+            push_with_text(detail, slot, MOE_DATA_AT, &[bytes])
+        });
+    }
+
+    /// Creates this thread's MoE totals (and detail buffer): once per thread and session.
+    #[cold]
+    #[inline(never)]
+    fn register_moe(&self) -> (Arc<MoeCounts>, Option<Producer<Slot>>) {
+        let counts = Arc::new(MoeCounts::new());
+        let (producer, consumer) = if self.moe_detail {
+            let (p, c) = RingBuffer::new(self.buffer_events);
+            (Some(p), Some(c))
+        } else {
+            (None, None)
+        };
+        let mut incoming = self.incoming_moe.lock().unwrap_or_else(|p| p.into_inner());
+        incoming.push(MoeSource { counts: counts.clone(), detail: consumer });
+        (counts, producer)
     }
 
     /// Runs `write` against this thread's buffer for this session, counting a drop if it fails.
@@ -133,6 +228,16 @@ impl Shared {
         self: &Arc<Self>,
         kind: ProfilerKind,
         write: impl FnOnce(&mut Producer<Slot>) -> Result<(), DropReason>,
+    ) {
+        self.with_thread(kind, |local| write(&mut local.producer));
+    }
+
+    /// Runs `write` against this thread's state for this session, counting a drop if it fails.
+    #[inline(always)]
+    fn with_thread(
+        self: &Arc<Self>,
+        kind: ProfilerKind,
+        write: impl FnOnce(&mut LocalBuffer) -> Result<(), DropReason>,
     ) {
         if self.closed.load(Ordering::Relaxed) {
             self.orphan_drops.add(kind, DropReason::SessionClosed, 1);
@@ -145,7 +250,7 @@ impl Shared {
                 None => self.register(&mut buffers),
             };
             let local = &mut buffers[index];
-            if let Err(reason) = write(&mut local.producer) {
+            if let Err(reason) = write(local) {
                 local.drops.add(kind, reason, 1);
             }
             true
@@ -167,7 +272,7 @@ impl Shared {
         let mut incoming = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
         incoming.push(ThreadBuffer { consumer, drops: drops.clone() });
         drop(incoming);
-        buffers.push(LocalBuffer { session: self.id, producer, drops, shared });
+        buffers.push(LocalBuffer { session: self.id, producer, drops, shared, moe: None });
         buffers.len() - 1
     }
 }

@@ -30,11 +30,13 @@ pub enum Table {
     CudaGraphEvents,
     /// `moe_expert_routing.csv`
     MoeExpertRouting,
+    /// `step_timeline.csv`: one row per engine step, joining the other tables by `step`.
+    StepTimeline,
 }
 
 impl Table {
     /// All tables.
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::ForwardPass,
         Table::CpuOperations,
         Table::BatchUtilization,
@@ -44,6 +46,7 @@ impl Table {
         Table::KvCacheUsage,
         Table::CudaGraphEvents,
         Table::MoeExpertRouting,
+        Table::StepTimeline,
     ];
 
     /// The table's base name (file name without extension).
@@ -58,6 +61,7 @@ impl Table {
             Table::KvCacheUsage => "kv_cache_usage",
             Table::CudaGraphEvents => "cuda_graph_events",
             Table::MoeExpertRouting => "moe_expert_routing",
+            Table::StepTimeline => "step_timeline",
         }
     }
 
@@ -73,16 +77,23 @@ impl Table {
             Table::KvCacheUsage => "kv_cache_usage.csv",
             Table::CudaGraphEvents => "cuda_graph_events.csv",
             Table::MoeExpertRouting => "moe_expert_routing.csv",
+            Table::StepTimeline => "step_timeline.csv",
         }
     }
 
     /// The contract's columns, in order.
     pub const fn columns(self) -> &'static [&'static str] {
         match self {
-            Table::ForwardPass => {
-                &["timestamp_sec", "phase", "batch_size", "num_tokens", "forward_time_ms", "throughput_tokens_per_sec"]
-            }
-            Table::CpuOperations => &["timestamp_sec", "operation", "duration_ms", "context"],
+            Table::ForwardPass => &[
+                "timestamp_sec",
+                "phase",
+                "batch_size",
+                "num_tokens",
+                "forward_time_ms",
+                "throughput_tokens_per_sec",
+                "step",
+            ],
+            Table::CpuOperations => &["timestamp_sec", "operation", "duration_ms", "context", "step"],
             Table::BatchUtilization => &[
                 "timestamp_sec",
                 "num_seqs",
@@ -94,9 +105,10 @@ impl Table {
                 "phase",
                 "running_queue_len",
                 "waiting_queue_len",
+                "step",
             ],
             Table::PreemptionEvents => {
-                &["timestamp_sec", "request_id", "event", "reason", "running_time_sec", "extra_info"]
+                &["timestamp_sec", "request_id", "event", "reason", "running_time_sec", "extra_info", "step"]
             }
             Table::RequestLifecycle => &[
                 "request_id",
@@ -109,7 +121,7 @@ impl Table {
                 "num_preemptions",
                 "outcome",
             ],
-            Table::EncoderDecoder => &["timestamp_sec", "component", "duration_ms", "context"],
+            Table::EncoderDecoder => &["timestamp_sec", "component", "duration_ms", "context", "step"],
             Table::KvCacheUsage => &[
                 "timestamp_sec",
                 "used_blocks",
@@ -117,9 +129,15 @@ impl Table {
                 "usage_pct",
                 "prefix_cache_queries",
                 "prefix_cache_hits",
+                "step",
             ],
-            Table::CudaGraphEvents => &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms"],
-            Table::MoeExpertRouting => &["timestamp_sec", "layer", "expert_id", "num_tokens"],
+            Table::CudaGraphEvents => {
+                &["timestamp_sec", "event", "batch_size", "padded_batch_size", "duration_ms", "step"]
+            }
+            Table::MoeExpertRouting => {
+                &["timestamp_sec", "layer", "expert_id", "num_tokens", "window_first_step", "window_steps", "step"]
+            }
+            Table::StepTimeline => STEP_TIMELINE_COLUMNS,
         }
     }
 
@@ -135,6 +153,7 @@ impl Table {
             Table::KvCacheUsage => K::KvCache,
             Table::CudaGraphEvents => K::CudaGraph,
             Table::MoeExpertRouting => K::MoeExpert,
+            Table::StepTimeline => K::ForwardPass,
         }
     }
 }
@@ -164,6 +183,8 @@ pub struct ForwardPassRow {
     pub num_tokens: u32,
     /// Execution time as the timing backend measured it.
     pub forward_time_ns: u64,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 impl ForwardPassRow {
@@ -171,7 +192,7 @@ impl ForwardPassRow {
     ///
     /// ```
     /// use profilemate_core::{ForwardPassRow, Phase};
-    /// let row = ForwardPassRow { timestamp_ns: 0, phase: Phase::Decode, batch_size: 8, num_tokens: 8, forward_time_ns: 2_000_000 };
+    /// let row = ForwardPassRow { timestamp_ns: 0, phase: Phase::Decode, batch_size: 8, num_tokens: 8, forward_time_ns: 2_000_000, step: Some(1) };
     /// assert_eq!(row.throughput_tokens_per_sec(), Some(4000.0));
     /// ```
     pub fn throughput_tokens_per_sec(&self) -> Option<f64> {
@@ -190,6 +211,8 @@ pub struct CpuOperationRow {
     pub duration_ns: u64,
     /// Empty, or `key=value` pairs separated by `;`.
     pub context: String,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 /// A row of `batch_utilization.csv`.
@@ -215,6 +238,8 @@ pub struct BatchUtilizationRow {
     pub running_queue_len: u32,
     /// Requests waiting.
     pub waiting_queue_len: u32,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 /// A row of `preemption_events.csv`.
@@ -232,6 +257,8 @@ pub struct PreemptionEventRow {
     pub running_time_ns: Option<u64>,
     /// Empty, or `key=value` pairs separated by `;`.
     pub extra_info: String,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 /// How a request left the engine, as `request_lifecycle.csv`'s `outcome` column says.
@@ -291,6 +318,8 @@ pub struct ComponentRow {
     pub duration_ns: u64,
     /// The part, for example `vision_encoder`.
     pub context: String,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 /// A row of `kv_cache_usage.csv`.
@@ -306,6 +335,8 @@ pub struct KvCacheRow {
     pub prefix_cache_queries: u64,
     /// Prefix-cache hits since the previous sample.
     pub prefix_cache_hits: u64,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
 impl KvCacheRow {
@@ -329,20 +360,125 @@ pub struct CudaGraphRow {
     pub padded_batch_size: Option<u32>,
     /// How long it took, when timed (always for captures).
     pub duration_ns: Option<u64>,
+    /// The engine step it belongs to; `None` outside any step (see [`Steps`](crate::Steps)).
+    pub step: Option<u64>,
 }
 
-/// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert in one step.
-/// Experts that received no token in a step have no row.
+/// A row of `moe_expert_routing.csv`: tokens one layer routed to one expert over a window of
+/// steps (by default), or in one step (per-step detail: `window_steps` 1). Experts that received
+/// no token in the window have no row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeRoutingRow {
-    /// The step's time, nanoseconds since the session started.
+    /// The time of the window's last routing call (of the step, for a one-step window),
+    /// nanoseconds since the session started.
     pub timestamp_ns: u64,
     /// The MoE layer.
     pub layer: u32,
     /// The expert.
     pub expert_id: u32,
-    /// Tokens routed to it.
+    /// Tokens routed to it in the window.
     pub num_tokens: u32,
+    /// The layer's routing calls before the window, counted from 0: with one call per layer
+    /// per step, the engine step the window starts at.
+    pub window_first_step: u64,
+    /// The layer's routing calls (steps) in the window.
+    pub window_steps: u64,
+    /// The engine step of a per-step detail row (see [`Steps`](crate::Steps)); `None` for a
+    /// window's row (a window spans steps) and for a routing call made outside any step.
+    pub step: Option<u64>,
+}
+
+/// The columns of `step_timeline.csv`, in order. Times in milliseconds unless named `_sec`; a
+/// field is empty when nothing in the step recorded it.
+pub const STEP_TIMELINE_COLUMNS: &[&str] = &[
+    "step",
+    "start_sec",
+    "phase",
+    "batch_size",
+    "num_tokens",
+    "forward_passes",
+    "forward_time_ms",
+    "scheduling_ms",
+    "batch_preparation_ms",
+    "sampling_ms",
+    "other_cpu_ms",
+    "step_wall_ms",
+    "host_gap_before_ms",
+    "unclaimed_ms",
+    "seq_utilization_pct",
+    "token_utilization_pct",
+    "running_queue_len",
+    "waiting_queue_len",
+    "kv_cache_usage_pct",
+    "cuda_graph",
+    "padded_batch_size",
+    "padding_pct",
+    "preemptions",
+    "resumes",
+    "encoder_time_ms",
+    "decoder_time_ms",
+    "moe_max_over_mean",
+];
+
+/// One row of `step_timeline.csv`. Durations are nanoseconds; `None` is an empty field.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepTimelineRow {
+    /// The step id.
+    pub step: u64,
+    /// When the step began (its guard opened, or its first event started), ns since the session
+    /// started.
+    pub start_ns: u64,
+    /// The forward pass's phase, else the scheduled batch's.
+    pub phase: Option<Phase>,
+    /// Sequences in the step's forward pass (the largest, if it ran several).
+    pub batch_size: Option<u32>,
+    /// Tokens in the step's forward passes, summed.
+    pub num_tokens: Option<u32>,
+    /// Forward passes in the step.
+    pub forward_passes: u32,
+    /// Their summed time.
+    pub forward_time_ns: Option<u64>,
+    /// `scheduling` operations, summed.
+    pub scheduling_ns: Option<u64>,
+    /// `batch_preparation` operations, summed.
+    pub batch_preparation_ns: Option<u64>,
+    /// `sampling` operations, summed.
+    pub sampling_ns: Option<u64>,
+    /// Every other CPU operation except those enclosing the forward pass
+    /// ([`ENCLOSING_OPERATIONS`](crate::ENCLOSING_OPERATIONS)), summed.
+    pub other_cpu_ns: Option<u64>,
+    /// From the step's beginning to the end of its guard or of its last event.
+    pub wall_ns: u64,
+    /// From the end of the previous step to this one's beginning (`None` for the first step).
+    pub host_gap_before_ns: Option<u64>,
+    /// Wall time that no profiler claims: wall minus forward and CPU time, at least 0.
+    pub unclaimed_ns: u64,
+    /// Of the step's (last) batch utilization row.
+    pub seq_utilization_pct: Option<f64>,
+    /// Of the step's (last) batch utilization row.
+    pub token_utilization_pct: Option<f64>,
+    /// Of the step's (last) batch utilization row.
+    pub running_queue_len: Option<u32>,
+    /// Of the step's (last) batch utilization row.
+    pub waiting_queue_len: Option<u32>,
+    /// Of the step's last KV-cache reading.
+    pub kv_cache_usage_pct: Option<f64>,
+    /// `replay` or `eager` (the step's last such CUDA graph event).
+    pub cuda_graph: Option<GraphEvent>,
+    /// The captured size a replay was padded to.
+    pub padded_batch_size: Option<u32>,
+    /// `(padded - batch) / padded * 100` of a replay.
+    pub padding_pct: Option<f64>,
+    /// Preemptions recorded in the step (`None` when the preemption profiler is off).
+    pub preemptions: Option<u32>,
+    /// Resumes recorded in the step (`None` when the preemption profiler is off).
+    pub resumes: Option<u32>,
+    /// Encoder time in the step; `None` when the step has no component row at all.
+    pub encoder_time_ns: Option<u64>,
+    /// Decoder time in the step; `None` when the step has no component row at all.
+    pub decoder_time_ns: Option<u64>,
+    /// The most imbalanced MoE layer's `max / mean` tokens per expert in the step.
+    pub moe_max_over_mean: Option<f64>,
 }
 
 /// A batch of rows of every table, in the order they were recorded.
@@ -373,6 +509,8 @@ pub struct Rows {
     pub cuda_graph: Vec<CudaGraphRow>,
     /// `moe_expert_routing.csv`
     pub moe_routing: Vec<MoeRoutingRow>,
+    /// `step_timeline.csv`
+    pub step_timeline: Vec<StepTimelineRow>,
 }
 
 impl Rows {
@@ -388,6 +526,7 @@ impl Rows {
             Table::KvCacheUsage => self.kv_cache.len(),
             Table::CudaGraphEvents => self.cuda_graph.len(),
             Table::MoeExpertRouting => self.moe_routing.len(),
+            Table::StepTimeline => self.step_timeline.len(),
         }
     }
 
@@ -407,6 +546,7 @@ impl Rows {
         self.kv_cache.clear();
         self.cuda_graph.clear();
         self.moe_routing.clear();
+        self.step_timeline.clear();
     }
 
     /// Appends every row of `other` (used by in-memory sinks).
@@ -420,5 +560,6 @@ impl Rows {
         self.kv_cache.extend_from_slice(&other.kv_cache);
         self.cuda_graph.extend_from_slice(&other.cuda_graph);
         self.moe_routing.extend_from_slice(&other.moe_routing);
+        self.step_timeline.extend_from_slice(&other.step_timeline);
     }
 }

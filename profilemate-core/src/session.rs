@@ -142,6 +142,21 @@ impl SessionBuilder {
         self
     }
 
+    /// `moe_expert_routing.csv` rows summed over windows of at least `steps` steps; 0 for one
+    /// row per step (see [`Config::moe_window_steps`]).
+    pub fn moe_window_steps(mut self, steps: u64) -> Self {
+        self.config.moe_window_steps = steps;
+        self
+    }
+
+    /// The most bytes the CSV and Parquet tables may take on disk (at least
+    /// [`MIN_OUTPUT_BYTES`](crate::MIN_OUTPUT_BYTES)); `None` for no limit (see
+    /// [`Config::max_output_bytes`]).
+    pub fn max_output_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.config.max_output_bytes = bytes;
+        self
+    }
+
     /// Output formats for the standard sinks.
     pub fn sinks(mut self, kinds: &[SinkKind]) -> Self {
         self.config.sinks = kinds.to_vec();
@@ -243,7 +258,9 @@ impl SessionBuilder {
         };
 
         let enabled = ProfilerKind::ALL.map(|k| config.is_enabled(k));
-        let shared = Arc::new(Shared::new(HostClock::new(), timing, enabled, config.buffer_events));
+        let mut shared = Shared::new(HostClock::new(), timing, enabled, config.buffer_events);
+        shared.moe_detail = config.moe_window_steps == 0;
+        let shared = Arc::new(shared);
         let info = RunInfo {
             manifest_dir: manifest_dir.clone(),
             started_at: rfc3339_now(),
@@ -356,6 +373,12 @@ impl Session {
     /// The forward pass handle.
     pub fn forward_pass(&self) -> ForwardPass {
         ForwardPass::new(&self.shared)
+    }
+
+    /// The step handle: opens engine steps whose id every row recorded in them carries
+    /// (see [`Steps`](crate::Steps) for the rule).
+    pub fn steps(&self) -> crate::Steps {
+        crate::Steps::new(&self.shared)
     }
 
     /// The CPU operation handle.

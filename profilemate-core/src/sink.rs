@@ -3,6 +3,7 @@
 use crate::manifest::RunManifest;
 use crate::rows::Rows;
 use crate::summary::Summaries;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 /// An error a sink reports; the collector counts it, says why once on stderr, and carries on.
@@ -68,7 +69,7 @@ pub trait Sink: Send {
         Ok(())
     }
 
-    /// Pushes buffered output to its destination (about once a second).
+    /// Pushes buffered output to its destination (after every collector pass).
     ///
     /// # Errors
     ///
@@ -86,6 +87,29 @@ pub trait Sink: Send {
         let _ = manifest;
         self.flush()
     }
+
+    /// What this sink has written to files so far, for the manifest's `bytes_written`,
+    /// `bytes_per_step` and `output_budget`; `None` for a sink that writes no table files.
+    fn output_files(&self) -> Option<OutputFiles> {
+        None
+    }
+}
+
+/// Bytes a sink wrote per table file, and the files an output budget rolled over or removed.
+///
+/// ```
+/// let files = profilemate_core::OutputFiles::default();
+/// assert!(files.bytes_written.is_empty() && files.rolled.is_empty() && files.removed.is_empty());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputFiles {
+    /// Bytes written per table, by its file name (`forward_pass_timing.csv`), over the whole
+    /// run, whether or not the budget removed them since.
+    pub bytes_written: BTreeMap<String, u64>,
+    /// Files rolled over (closed and numbered: `forward_pass_timing.1.csv`), oldest first.
+    pub rolled: Vec<String>,
+    /// Rolled files removed to stay within the budget, oldest first.
+    pub removed: Vec<String>,
 }
 
 impl<S: Sink + ?Sized> Sink for Box<S> {
@@ -106,6 +130,9 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
     }
     fn finish(&mut self, manifest: &RunManifest) -> Result<(), SinkError> {
         (**self).finish(manifest)
+    }
+    fn output_files(&self) -> Option<OutputFiles> {
+        (**self).output_files()
     }
 }
 
@@ -128,6 +155,9 @@ impl<S: Sink + ?Sized> Sink for Arc<Mutex<S>> {
     }
     fn finish(&mut self, manifest: &RunManifest) -> Result<(), SinkError> {
         lock(self).finish(manifest)
+    }
+    fn output_files(&self) -> Option<OutputFiles> {
+        lock(self).output_files()
     }
 }
 

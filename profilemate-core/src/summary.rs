@@ -31,11 +31,13 @@ pub enum SummaryFile {
     CudaGraph,
     /// `moe_expert_summary.json`
     MoeExpert,
+    /// `step_timeline_summary.json`
+    StepTimeline,
 }
 
 impl SummaryFile {
     /// All summary files.
-    pub const ALL: [SummaryFile; 8] = [
+    pub const ALL: [SummaryFile; 9] = [
         SummaryFile::ForwardPass,
         SummaryFile::CpuTiming,
         SummaryFile::BatchUtilization,
@@ -44,6 +46,7 @@ impl SummaryFile {
         SummaryFile::KvCache,
         SummaryFile::CudaGraph,
         SummaryFile::MoeExpert,
+        SummaryFile::StepTimeline,
     ];
 
     /// The file's name.
@@ -57,6 +60,7 @@ impl SummaryFile {
             SummaryFile::KvCache => "kv_cache_summary.json",
             SummaryFile::CudaGraph => "cuda_graph_summary.json",
             SummaryFile::MoeExpert => "moe_expert_summary.json",
+            SummaryFile::StepTimeline => "step_timeline_summary.json",
         }
     }
 }
@@ -364,6 +368,7 @@ pub struct Summaries {
     pub kv_cache: Option<KvCacheSummary>,
     pub cuda_graph: Option<CudaGraphSummary>,
     pub moe_expert: Option<MoeExpertSummary>,
+    pub step_timeline: Option<crate::step_timeline::StepTimelineSummary>,
 }
 
 impl Summaries {
@@ -397,6 +402,9 @@ impl Summaries {
         }
         if let Some(s) = &self.moe_expert {
             out.push((SummaryFile::MoeExpert, serde_json::to_value(s)?));
+        }
+        if let Some(s) = &self.step_timeline {
+            out.push((SummaryFile::StepTimeline, serde_json::to_value(s)?));
         }
         Ok(out)
     }

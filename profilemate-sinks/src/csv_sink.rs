@@ -1,19 +1,21 @@
 //! The contract CSV tables.
 
 use crate::numbers;
-use profilemate_core::{Config, ProfilerKind, Rows, Sink, SinkError, Table};
+use crate::OutputBudget;
+use profilemate_core::{Config, OutputFiles, ProfilerKind, Rows, Sink, SinkError, Table};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Writes the contract CSV tables (those of the enabled profilers and trackers) into a directory.
 ///
 /// Each file is created with its header row at once, so a reader finds every file from the
-/// start of the run. Rows are buffered and reach the disk at every flush (about once a second);
+/// start of the run. Rows are buffered and reach the disk at every flush (after every collector pass);
 /// a process killed at any instant leaves files whose complete lines all parse.
 ///
 /// Formats: seconds with 6 decimals (rounded to the microsecond), milliseconds with 6 (exact to
-/// the nanosecond), percentages with 4, throughput with 3, all written from the integer
+/// the nanosecond), percentages with 4, throughput with at least 6 significant digits (and 3 decimals), all written from the integer
 /// nanoseconds and counts by integer arithmetic; a field with no value is empty; text is quoted
 /// where RFC 4180 requires it.
 ///
@@ -29,27 +31,81 @@ use std::path::{Path, PathBuf};
 /// assert!(header.starts_with("timestamp_sec,phase,batch_size"));
 /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
 /// ```
+///
+/// With an [`OutputBudget`] ([`with_budget`](Self::with_budget); `PROFILEMATE_MAX_OUTPUT_MB`),
+/// a table's file rolls over once it reaches the budget's segment size: it is renamed
+/// `<table>.1.csv`, `<table>.2.csv`, ... (the higher the number, the newer the rows) and a new
+/// `<table>.csv`, with its header, takes the newest rows; the oldest numbered files are removed
+/// before a write would take the tables past the budget.
 pub struct CsvSink {
     dir: PathBuf,
     tables: Vec<TableFile>,
+    budget: Option<Arc<OutputBudget>>,
+    /// Lines a table buffers before handing them to its file.
+    chunk: usize,
 }
 
 /// One table's file and the complete lines not written to it yet.
 struct TableFile {
     table: Table,
     file: File,
+    path: PathBuf,
+    header: Vec<u8>,
     pending: Vec<u8>,
+    /// Bytes in the file being written.
+    size: u64,
+    /// Bytes written over the run, every rolled file included.
+    written: u64,
+    /// Files rolled over so far.
+    segments: u32,
 }
 
 impl TableFile {
     /// Hands the pending lines to the file. They are always whole lines, so a process killed
     /// at any instant leaves a file whose lines all parse, barring a write cut short.
-    fn write_pending(&mut self) -> std::io::Result<()> {
-        let result = self.file.write_all(&self.pending);
+    fn write_pending(&mut self, budget: Option<&OutputBudget>) -> std::io::Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        let result = self.write_lines(&pending, budget);
         // On an error the lines are dropped (and counted by the collector): a file that fails
         // once must not grow without bound in memory.
+        self.pending = pending;
         self.pending.clear();
         result
+    }
+
+    /// Writes whole lines, rolling the file over first when a budget says so.
+    fn write_lines(&mut self, lines: &[u8], budget: Option<&OutputBudget>) -> std::io::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let n = lines.len() as u64;
+        if let Some(budget) = budget {
+            if self.size > self.header.len() as u64 && self.size + n > budget.segment_bytes() {
+                self.roll(budget)?;
+            }
+            budget.reserve(self.table.file_name(), n)?;
+        }
+        self.file.write_all(lines)?;
+        self.size += n;
+        self.written += n;
+        Ok(())
+    }
+
+    /// Renames the file to the next number and starts a new one with the header.
+    fn roll(&mut self, budget: &OutputBudget) -> std::io::Result<()> {
+        self.file.flush()?;
+        let rolled = self.path.with_file_name(format!("{}.{}.csv", self.table.name(), self.segments + 1));
+        std::fs::rename(&self.path, &rolled)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot roll {} over: {e}", self.path.display())))?;
+        self.segments += 1;
+        budget.rolled(self.table.file_name(), rolled);
+        budget.reserve(self.table.file_name(), self.header.len() as u64)?;
+        self.file = File::create(&self.path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create {}: {e}", self.path.display())))?;
+        self.file.write_all(&self.header)?;
+        self.size = self.header.len() as u64;
+        self.written += self.size;
+        Ok(())
     }
 }
 
@@ -81,10 +137,53 @@ impl CsvSink {
             for column in table.columns() {
                 header.field(column.as_bytes());
             }
-            file.write_all(&header.end())?;
-            tables.push(TableFile { table, file, pending: Vec::with_capacity(BUFFER + 4096) });
+            let header = header.end();
+            file.write_all(&header)?;
+            // Numbered files of an earlier run in this directory would read as this run's.
+            for k in 1.. {
+                match std::fs::remove_file(dir.join(format!("{}.{k}.csv", table.name()))) {
+                    Ok(()) => {}
+                    Err(_) => break,
+                }
+            }
+            let size = header.len() as u64;
+            tables.push(TableFile {
+                table,
+                file,
+                path,
+                header,
+                pending: Vec::with_capacity(BUFFER + 4096),
+                size,
+                written: size,
+                segments: 0,
+            });
         }
-        Ok(CsvSink { dir: dir.to_path_buf(), tables })
+        Ok(CsvSink { dir: dir.to_path_buf(), tables, budget: None, chunk: BUFFER })
+    }
+
+    /// Keeps the files within `budget` (shared with the run's other table sinks), rolling
+    /// them over as it says. The headers already written are accounted.
+    ///
+    /// ```
+    /// use profilemate_sinks::{CsvSink, OutputBudget};
+    /// let dir = tempfile::tempdir()?;
+    /// let budget = std::sync::Arc::new(OutputBudget::new(1 << 20, 9));
+    /// let sink = CsvSink::create(dir.path(), &Default::default())?.with_budget(budget.clone())?;
+    /// assert!(budget.bytes_on_disk() > 0);
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The budget cannot hold the headers.
+    pub fn with_budget(mut self, budget: Arc<OutputBudget>) -> std::io::Result<CsvSink> {
+        for t in &self.tables {
+            budget.reserve(t.table.file_name(), t.size)?;
+        }
+        // Writes stay a small part of a file, so that the files being written fit together.
+        self.chunk = BUFFER.min((budget.segment_bytes() / 4).max(4096) as usize);
+        self.budget = Some(budget);
+        Ok(self)
     }
 
     /// The directory the files are in.
@@ -194,10 +293,36 @@ impl Line {
             None => self.empty(),
         }
     }
-    /// `tokens / ns * 10^9` with 3 decimals; empty when `ns` is 0.
+    fn opt_int(&mut self, v: Option<impl Into<u64>>) -> &mut Self {
+        match v {
+            Some(v) => self.int(v),
+            None => self.empty(),
+        }
+    }
+    fn opt_ms(&mut self, ns: Option<u64>) -> &mut Self {
+        match ns {
+            Some(ns) => self.ms(ns),
+            None => self.empty(),
+        }
+    }
+    /// A float with 4 decimals; empty for `None` (never NaN: the timeline's figures are finite).
+    fn opt_f4(&mut self, v: Option<f64>) -> &mut Self {
+        match v.filter(|v| v.is_finite()) {
+            Some(v) => {
+                let scaled = (v.max(0.0) * 1e4).round() as u64;
+                self.fixed(scaled / 10_000, scaled % 10_000, 4)
+            }
+            None => self.empty(),
+        }
+    }
+    /// `tokens / ns * 10^9` with at least 6 significant digits and 3 decimals; empty when `ns`
+    /// is 0.
     fn throughput(&mut self, tokens: u32, ns: u64) -> &mut Self {
-        match numbers::throughput_e3(tokens, ns) {
-            Some(milli) => self.fixed(milli / 1000, milli % 1000, 3),
+        match numbers::throughput_fixed(tokens, ns) {
+            Some((t, d)) => {
+                let scale = 10u64.pow(d);
+                self.fixed(t / scale, t % scale, d as usize)
+            }
             None => self.empty(),
         }
     }
@@ -205,6 +330,7 @@ impl Line {
 
 impl CsvSink {
     fn write_table(&mut self, table: Table, rows: &Rows) -> std::io::Result<()> {
+        let (budget, chunk) = (self.budget.as_deref(), self.chunk);
         let Some(file) = self.tables.iter_mut().find(|t| t.table == table) else {
             return Ok(());
         };
@@ -213,8 +339,8 @@ impl CsvSink {
         macro_rules! emit {
             ($b:ident) => {{
                 $b.finish_line();
-                if $b.out.len() >= BUFFER {
-                    result = result.and(file.file.write_all(&$b.out));
+                if $b.out.len() >= chunk {
+                    result = result.and(file.write_lines(&$b.out, budget));
                     $b.out.clear();
                 }
             }};
@@ -227,13 +353,14 @@ impl CsvSink {
                         .int(r.batch_size)
                         .int(r.num_tokens)
                         .ms(r.forward_time_ns)
-                        .throughput(r.num_tokens, r.forward_time_ns);
+                        .throughput(r.num_tokens, r.forward_time_ns)
+                        .opt_int(r.step);
                     emit!(b);
                 }
             }
             Table::CpuOperations => {
                 for r in &rows.cpu_operations {
-                    b.sec(r.timestamp_ns).text(&r.operation).ms(r.duration_ns).text(&r.context);
+                    b.sec(r.timestamp_ns).text(&r.operation).ms(r.duration_ns).text(&r.context).opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -248,7 +375,8 @@ impl CsvSink {
                         .pct(r.num_tokens, r.max_tokens)
                         .text(r.phase.as_str())
                         .int(r.running_queue_len)
-                        .int(r.waiting_queue_len);
+                        .int(r.waiting_queue_len)
+                        .opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -259,7 +387,8 @@ impl CsvSink {
                         .text(r.event.as_str())
                         .text(&r.reason)
                         .opt_sec(r.running_time_ns)
-                        .text(&r.extra_info);
+                        .text(&r.extra_info)
+                        .opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -279,7 +408,7 @@ impl CsvSink {
             }
             Table::EncoderDecoder => {
                 for r in &rows.encoder_decoder {
-                    b.sec(r.timestamp_ns).text(r.component.as_str()).ms(r.duration_ns).text(&r.context);
+                    b.sec(r.timestamp_ns).text(r.component.as_str()).ms(r.duration_ns).text(&r.context).opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -290,7 +419,8 @@ impl CsvSink {
                         .int(r.total_blocks)
                         .pct(r.used_blocks, r.total_blocks)
                         .int(r.prefix_cache_queries)
-                        .int(r.prefix_cache_hits);
+                        .int(r.prefix_cache_hits)
+                        .opt_int(r.step);
                     emit!(b);
                 }
             }
@@ -305,12 +435,56 @@ impl CsvSink {
                         Some(ns) => b.ms(ns),
                         None => b.empty(),
                     };
+                    b.opt_int(r.step);
                     emit!(b);
                 }
             }
             Table::MoeExpertRouting => {
                 for r in &rows.moe_routing {
-                    b.sec(r.timestamp_ns).int(r.layer).int(r.expert_id).int(r.num_tokens);
+                    b.sec(r.timestamp_ns)
+                        .int(r.layer)
+                        .int(r.expert_id)
+                        .int(r.num_tokens)
+                        .int(r.window_first_step)
+                        .int(r.window_steps)
+                        .opt_int(r.step);
+                    emit!(b);
+                }
+            }
+            Table::StepTimeline => {
+                for r in &rows.step_timeline {
+                    b.int(r.step).sec(r.start_ns);
+                    match r.phase {
+                        Some(p) => b.text(p.as_str()),
+                        None => b.empty(),
+                    };
+                    b.opt_int(r.batch_size)
+                        .opt_int(r.num_tokens)
+                        .int(r.forward_passes)
+                        .opt_ms(r.forward_time_ns)
+                        .opt_ms(r.scheduling_ns)
+                        .opt_ms(r.batch_preparation_ns)
+                        .opt_ms(r.sampling_ns)
+                        .opt_ms(r.other_cpu_ns)
+                        .ms(r.wall_ns)
+                        .opt_ms(r.host_gap_before_ns)
+                        .ms(r.unclaimed_ns)
+                        .opt_f4(r.seq_utilization_pct)
+                        .opt_f4(r.token_utilization_pct)
+                        .opt_int(r.running_queue_len)
+                        .opt_int(r.waiting_queue_len)
+                        .opt_f4(r.kv_cache_usage_pct);
+                    match r.cuda_graph {
+                        Some(e) => b.text(e.as_str()),
+                        None => b.empty(),
+                    };
+                    b.opt_int(r.padded_batch_size)
+                        .opt_f4(r.padding_pct)
+                        .opt_int(r.preemptions)
+                        .opt_int(r.resumes)
+                        .opt_ms(r.encoder_time_ns)
+                        .opt_ms(r.decoder_time_ns)
+                        .opt_f4(r.moe_max_over_mean);
                     emit!(b);
                 }
             }
@@ -340,10 +514,20 @@ impl Sink for CsvSink {
         }
     }
 
+    fn output_files(&self) -> Option<OutputFiles> {
+        let bytes_written = self.tables.iter().map(|t| (t.table.file_name().to_string(), t.written)).collect();
+        let (rolled, removed) = match &self.budget {
+            Some(b) => b.files(|key| key.ends_with(".csv")),
+            None => Default::default(),
+        };
+        Some(OutputFiles { bytes_written, rolled, removed })
+    }
+
     fn flush(&mut self) -> Result<(), SinkError> {
+        let budget = self.budget.as_deref();
         let mut first_error = None;
         for t in &mut self.tables {
-            if let Err(e) = t.write_pending().and_then(|()| t.file.flush()) {
+            if let Err(e) = t.write_pending(budget).and_then(|()| t.file.flush()) {
                 first_error.get_or_insert_with(|| format!("{}: {e}", t.table.file_name()));
             }
         }

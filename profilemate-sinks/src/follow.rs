@@ -170,6 +170,11 @@ fn parse_row(table: Table, r: &csv::StringRecord, c: &HashMap<String, usize>, ro
             v => v.parse::<f64>().ok().map(Some),
         }
     };
+    // The engine step, a column added at the end: absent in older files, empty outside a step.
+    let step = match text("step") {
+        None | Some("") => None,
+        Some(v) => Some(v.parse::<u64>().ok()?),
+    };
     let phase = || text("phase").and_then(|p| Phase::ALL.into_iter().find(|x| x.as_str() == p));
     let timestamp_ns = ns("timestamp_sec", 1e9)?;
     match table {
@@ -179,12 +184,14 @@ fn parse_row(table: Table, r: &csv::StringRecord, c: &HashMap<String, usize>, ro
             batch_size: small("batch_size")?,
             num_tokens: small("num_tokens")?,
             forward_time_ns: ns("forward_time_ms", 1e6)?,
+            step,
         }),
         Table::CpuOperations => rows.cpu_operations.push(CpuOperationRow {
             timestamp_ns,
             operation: text("operation")?.into(),
             duration_ns: ns("duration_ms", 1e6)?,
             context: text("context")?.to_string(),
+            step,
         }),
         Table::BatchUtilization => rows.batch_utilization.push(BatchUtilizationRow {
             timestamp_ns,
@@ -197,6 +204,7 @@ fn parse_row(table: Table, r: &csv::StringRecord, c: &HashMap<String, usize>, ro
             phase: phase()?,
             running_queue_len: small("running_queue_len")?,
             waiting_queue_len: small("waiting_queue_len")?,
+            step,
         }),
         Table::PreemptionEvents => rows.preemption_events.push(PreemptionEventRow {
             timestamp_ns,
@@ -205,12 +213,14 @@ fn parse_row(table: Table, r: &csv::StringRecord, c: &HashMap<String, usize>, ro
             reason: text("reason")?.to_string(),
             running_time_ns: opt("running_time_sec")?.map(|s| (s * 1e9).round() as u64),
             extra_info: text("extra_info")?.to_string(),
+            step,
         }),
         Table::EncoderDecoder => rows.encoder_decoder.push(ComponentRow {
             timestamp_ns,
             component: text("component").and_then(|v| Component::ALL.into_iter().find(|x| x.as_str() == v))?,
             duration_ns: ns("duration_ms", 1e6)?,
             context: text("context")?.to_string(),
+            step,
         }),
         Table::KvCacheUsage => rows.kv_cache.push(KvCacheRow {
             timestamp_ns,
@@ -218,6 +228,7 @@ fn parse_row(table: Table, r: &csv::StringRecord, c: &HashMap<String, usize>, ro
             total_blocks: small("total_blocks")?,
             prefix_cache_queries: int("prefix_cache_queries")?,
             prefix_cache_hits: int("prefix_cache_hits")?,
+            step,
         }),
         Table::CudaGraphEvents => rows.cuda_graph.push(CudaGraphRow {
             timestamp_ns,
@@ -228,14 +239,25 @@ fn parse_row(table: Table, r: &csv::StringRecord, c: &HashMap<String, usize>, ro
                 v => Some(v.parse().ok()?),
             },
             duration_ns: opt("duration_ms")?.map(|ms| (ms * 1e6).round() as u64),
+            step,
         }),
         Table::MoeExpertRouting => rows.moe_routing.push(MoeRoutingRow {
             timestamp_ns,
             layer: small("layer")?,
             expert_id: small("expert_id")?,
             num_tokens: small("num_tokens")?,
+            // Files of versions before windowed rows have one step per row.
+            window_first_step: match text("window_first_step") {
+                None => 0,
+                Some(v) => v.parse().ok()?,
+            },
+            window_steps: match text("window_steps") {
+                None => 1,
+                Some(v) => v.parse().ok()?,
+            },
+            step,
         }),
-        Table::RequestLifecycle => return None,
+        Table::RequestLifecycle | Table::StepTimeline => return None,
     }
     Some(())
 }

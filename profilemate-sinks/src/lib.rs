@@ -30,6 +30,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod budget;
 mod csv_sink;
 mod follow;
 mod json_sink;
@@ -40,6 +41,7 @@ mod numbers;
 mod parquet_sink;
 mod perfetto_sink;
 
+pub use budget::OutputBudget;
 pub use csv_sink::CsvSink;
 pub use follow::{TableFollower, FOLLOWED_TABLES};
 pub use json_sink::JsonSummarySink;
@@ -53,8 +55,9 @@ pub use parquet_sink::{
 };
 pub use perfetto_sink::{trace_file_name, PerfettoSink, DEFAULT_MAX_EVENTS_PER_FILE, MAX_TRACKS_PER_KIND, TRACE_FILE};
 
-use profilemate_core::{Config, Error, Sink, SinkError, SinkKind};
+use profilemate_core::{Config, Error, Sink, SinkError, SinkKind, Table};
 use std::path::Path;
+use std::sync::Arc;
 
 /// The output formats this build can write.
 pub const AVAILABLE: &[SinkKind] = &[
@@ -147,11 +150,20 @@ fn setup_error(sink: &str, e: SinkError) -> Error {
 /// [`Error::InvalidSetting`] for a malformed `PROFILEMATE_RANK`.
 pub fn standard_sinks(config: &Config, dir: &Path) -> Result<Vec<Box<dyn Sink>>, Error> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    // One budget for the CSV and Parquet tables together.
+    let budget = config.max_output_bytes.map(|max| {
+        let tables = Table::ALL.iter().filter(|t| config.is_enabled(t.profiler())).count();
+        let formats = config.sinks.iter().filter(|k| matches!(k, SinkKind::Csv | SinkKind::Parquet)).count();
+        Arc::new(OutputBudget::new(max, tables * formats.max(1)))
+    });
     for kind in &config.sinks {
         match kind {
             SinkKind::Csv => {
-                let sink = CsvSink::create(dir, config)
-                    .map_err(|e| Error::SinkSetup { sink: "csv".into(), message: e.to_string() })?;
+                let setup = |e: std::io::Error| Error::SinkSetup { sink: "csv".into(), message: e.to_string() };
+                let mut sink = CsvSink::create(dir, config).map_err(setup)?;
+                if let Some(budget) = &budget {
+                    sink = sink.with_budget(budget.clone()).map_err(setup)?;
+                }
                 sinks.push(Box::new(sink));
             }
             SinkKind::Json => sinks.push(Box::new(JsonSummarySink::new(dir))),
@@ -161,7 +173,10 @@ pub fn standard_sinks(config: &Config, dir: &Path) -> Result<Vec<Box<dyn Sink>>,
             }
             #[cfg(feature = "parquet")]
             SinkKind::Parquet => {
-                let sink = ParquetSink::create(dir, config).map_err(|e| setup_error("parquet", e))?;
+                let mut sink = ParquetSink::create(dir, config).map_err(|e| setup_error("parquet", e))?;
+                if let Some(budget) = &budget {
+                    sink = sink.with_budget(budget.clone()).map_err(|e| setup_error("parquet", e))?;
+                }
                 sinks.push(Box::new(sink));
             }
             #[cfg(not(feature = "parquet"))]

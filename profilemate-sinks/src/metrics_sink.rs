@@ -265,7 +265,7 @@ pub struct SeriesInfo {
 ///     let mut sink = profilemate_sinks::MetricsSink::new();
 ///     let mut rows = Rows::default();
 ///     rows.forward_pass.push(ForwardPassRow {
-///         timestamp_ns: 0, phase: Phase::Decode, batch_size: 8, num_tokens: 8, forward_time_ns: 2_500_000,
+///         timestamp_ns: 0, phase: Phase::Decode, batch_size: 8, num_tokens: 8, forward_time_ns: 2_500_000, step: Some(1),
 ///     });
 ///     sink.write_rows(&rows).unwrap();
 /// });

@@ -1,13 +1,14 @@
 //! The contract tables as Parquet files (the `parquet` feature).
 
 use crate::numbers;
+use crate::OutputBudget;
 use parquet::basic::{Compression, LogicalType, Repetition, Type as PhysicalType};
 use parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int64Type};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::{Type, TypePtr};
-use profilemate_core::{Config, ProfilerKind, Rows, RunManifest, Sink, SinkError, Table};
+use profilemate_core::{Config, OutputFiles, ProfilerKind, Rows, RunManifest, Sink, SinkError, Table};
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -61,7 +62,8 @@ pub const PARTIAL_SUFFIX: &str = ".partial";
 /// assert_eq!(reader.metadata().file_metadata().num_rows(), 1);
 /// let row = reader.get_row_iter(None)?.next().unwrap()?;
 /// assert_eq!(row.get_double(4)?, 2.0); // forward_time_ms
-/// assert_eq!(row.get_long(7)?, 3); // rank
+/// assert_eq!(row.get_long(6)?, 1); // step: the forward pass opened step 1
+/// assert_eq!(row.get_long(8)?, 3); // rank
 /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
 /// ```
 pub struct ParquetSink {
@@ -110,10 +112,15 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("num_tokens", L, false),
             ("forward_time_ms", D, false),
             ("throughput_tokens_per_sec", D, true),
+            ("step", L, true),
         ],
-        Table::CpuOperations => {
-            &[("timestamp_sec", D, false), ("operation", T, true), ("duration_ms", D, false), ("context", T, true)]
-        }
+        Table::CpuOperations => &[
+            ("timestamp_sec", D, false),
+            ("operation", T, true),
+            ("duration_ms", D, false),
+            ("context", T, true),
+            ("step", L, true),
+        ],
         Table::BatchUtilization => &[
             ("timestamp_sec", D, false),
             ("num_seqs", L, false),
@@ -125,6 +132,7 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("phase", T, true),
             ("running_queue_len", L, false),
             ("waiting_queue_len", L, false),
+            ("step", L, true),
         ],
         Table::PreemptionEvents => &[
             ("timestamp_sec", D, false),
@@ -133,6 +141,7 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("reason", T, true),
             ("running_time_sec", D, true),
             ("extra_info", T, true),
+            ("step", L, true),
         ],
         Table::RequestLifecycle => &[
             ("request_id", T, true),
@@ -145,9 +154,13 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("num_preemptions", L, false),
             ("outcome", T, true),
         ],
-        Table::EncoderDecoder => {
-            &[("timestamp_sec", D, false), ("component", T, true), ("duration_ms", D, false), ("context", T, true)]
-        }
+        Table::EncoderDecoder => &[
+            ("timestamp_sec", D, false),
+            ("component", T, true),
+            ("duration_ms", D, false),
+            ("context", T, true),
+            ("step", L, true),
+        ],
         Table::KvCacheUsage => &[
             ("timestamp_sec", D, false),
             ("used_blocks", L, false),
@@ -155,6 +168,7 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("usage_pct", D, true),
             ("prefix_cache_queries", L, false),
             ("prefix_cache_hits", L, false),
+            ("step", L, true),
         ],
         Table::CudaGraphEvents => &[
             ("timestamp_sec", D, false),
@@ -162,10 +176,46 @@ fn contract_columns(table: Table) -> &'static [ColumnSpec] {
             ("batch_size", L, false),
             ("padded_batch_size", L, true),
             ("duration_ms", D, true),
+            ("step", L, true),
         ],
-        Table::MoeExpertRouting => {
-            &[("timestamp_sec", D, false), ("layer", L, false), ("expert_id", L, false), ("num_tokens", L, false)]
-        }
+        Table::MoeExpertRouting => &[
+            ("timestamp_sec", D, false),
+            ("layer", L, false),
+            ("expert_id", L, false),
+            ("num_tokens", L, false),
+            ("window_first_step", L, false),
+            ("window_steps", L, false),
+            ("step", L, true),
+        ],
+        Table::StepTimeline => &[
+            ("step", L, false),
+            ("start_sec", D, false),
+            ("phase", T, true),
+            ("batch_size", L, true),
+            ("num_tokens", L, true),
+            ("forward_passes", L, false),
+            ("forward_time_ms", D, true),
+            ("scheduling_ms", D, true),
+            ("batch_preparation_ms", D, true),
+            ("sampling_ms", D, true),
+            ("other_cpu_ms", D, true),
+            ("step_wall_ms", D, false),
+            ("host_gap_before_ms", D, true),
+            ("unclaimed_ms", D, false),
+            ("seq_utilization_pct", D, true),
+            ("token_utilization_pct", D, true),
+            ("running_queue_len", L, true),
+            ("waiting_queue_len", L, true),
+            ("kv_cache_usage_pct", D, true),
+            ("cuda_graph", T, true),
+            ("padded_batch_size", L, true),
+            ("padding_pct", D, true),
+            ("preemptions", L, true),
+            ("resumes", L, true),
+            ("encoder_time_ms", D, true),
+            ("decoder_time_ms", D, true),
+            ("moe_max_over_mean", D, true),
+        ],
     }
 }
 
@@ -275,6 +325,43 @@ struct TableFile {
     writer: Option<SerializedFileWriter<BufWriter<File>>>,
     partial: PathBuf,
     path: PathBuf,
+    /// Under an output budget: each row group is a complete numbered file of its own.
+    budget: Option<Arc<OutputBudget>>,
+    segments: u32,
+    /// Bytes of the numbered files written (under a budget).
+    written: u64,
+}
+
+fn file_writer<W: std::io::Write + Send>(out: W, table: Table) -> Result<SerializedFileWriter<W>, SinkError> {
+    let metadata = vec![
+        KeyValue::new("profilemate.table".to_string(), table.name().to_string()),
+        KeyValue::new("profilemate.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ];
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_created_by(format!("profilemate {} (parquet-rs)", env!("CARGO_PKG_VERSION")))
+        .set_key_value_metadata(Some(metadata))
+        .build();
+    Ok(SerializedFileWriter::new(out, schema(table)?, Arc::new(properties))?)
+}
+
+fn write_group<W: std::io::Write + Send>(
+    writer: &mut SerializedFileWriter<W>,
+    columns: &[Column],
+) -> Result<(), SinkError> {
+    let mut group = writer.next_row_group()?;
+    for column in columns {
+        let mut out = group.next_column()?.ok_or("the schema has fewer columns than the table")?;
+        let defs = column.nullable.then_some(&column.defs[..]);
+        match &column.values {
+            Values::Double(v) => out.typed::<DoubleType>().write_batch(v, defs, None)?,
+            Values::Long(v) => out.typed::<Int64Type>().write_batch(v, defs, None)?,
+            Values::Text(v) => out.typed::<ByteArrayType>().write_batch(v, defs, None)?,
+        };
+        out.close()?;
+    }
+    group.close()?;
+    Ok(())
 }
 
 impl TableFile {
@@ -288,20 +375,51 @@ impl TableFile {
             }
             _ => {}
         }
+        for k in 1.. {
+            if std::fs::remove_file(dir.join(format!("{}.{k}.parquet", table.name()))).is_err() {
+                break;
+            }
+        }
         let file = File::create(&partial).map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
-        let metadata = vec![
-            KeyValue::new("profilemate.table".to_string(), table.name().to_string()),
-            KeyValue::new("profilemate.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        ];
-        let properties = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_created_by(format!("profilemate {} (parquet-rs)", env!("CARGO_PKG_VERSION")))
-            .set_key_value_metadata(Some(metadata))
-            .build();
-        let writer =
-            SerializedFileWriter::new(BufWriter::with_capacity(1 << 20, file), schema(table)?, Arc::new(properties))?;
+        let writer = file_writer(BufWriter::with_capacity(1 << 20, file), table)?;
         let columns = contract_columns(table).iter().chain(&HOST_RANK).map(|&spec| Column::new(spec)).collect();
-        Ok(TableFile { table, columns, rows: 0, bytes: 0, writer: Some(writer), partial, path })
+        Ok(TableFile {
+            table,
+            columns,
+            rows: 0,
+            bytes: 0,
+            writer: Some(writer),
+            partial,
+            path,
+            budget: None,
+            segments: 0,
+            written: 0,
+        })
+    }
+
+    /// Bytes written so far: the numbered files under a budget, else the file's size on disk.
+    fn bytes_written(&self) -> u64 {
+        if self.budget.is_some() {
+            return self.written;
+        }
+        let on_disk = if self.writer.is_some() { &self.partial } else { &self.path };
+        std::fs::metadata(on_disk).map_or(0, |m| m.len())
+    }
+
+    /// Writes the buffered rows as the next numbered file, complete with its footer, after
+    /// making room for it in the budget.
+    fn write_segment(&mut self, budget: &OutputBudget) -> Result<(), SinkError> {
+        let mut writer = file_writer(Vec::new(), self.table)?;
+        write_group(&mut writer, &self.columns)?;
+        let bytes = writer.into_inner()?;
+        let key = parquet_file_name(self.table);
+        budget.reserve(&key, bytes.len() as u64)?;
+        let path = self.path.with_file_name(format!("{}.{}.parquet", self.table.name(), self.segments + 1));
+        std::fs::write(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        self.segments += 1;
+        self.written += bytes.len() as u64;
+        budget.rolled(&key, path);
+        Ok(())
     }
 
     /// Writes the buffered rows as one row group.
@@ -318,25 +436,19 @@ impl TableFile {
     }
 
     fn write_columns(&mut self) -> Result<(), SinkError> {
-        let writer = self.writer.as_mut().ok_or("the file is already closed")?;
-        let mut group = writer.next_row_group()?;
-        for column in &self.columns {
-            let mut out = group.next_column()?.ok_or("the schema has fewer columns than the table")?;
-            let defs = column.nullable.then_some(&column.defs[..]);
-            match &column.values {
-                Values::Double(v) => out.typed::<DoubleType>().write_batch(v, defs, None)?,
-                Values::Long(v) => out.typed::<Int64Type>().write_batch(v, defs, None)?,
-                Values::Text(v) => out.typed::<ByteArrayType>().write_batch(v, defs, None)?,
-            };
-            out.close()?;
+        if let Some(budget) = self.budget.clone() {
+            return self.write_segment(&budget);
         }
-        group.close()?;
-        Ok(())
+        let writer = self.writer.as_mut().ok_or("the file is already closed")?;
+        write_group(writer, &self.columns)
     }
 
     /// Writes what is left, the footer, and renames the file into place.
     fn close(&mut self) -> Result<(), SinkError> {
         self.write_row_group()?;
+        if self.budget.is_some() {
+            return Ok(());
+        }
         if let Some(mut writer) = self.writer.take() {
             writer.finish()?;
             drop(writer);
@@ -374,6 +486,36 @@ impl ParquetSink {
             row_group_bytes: DEFAULT_ROW_GROUP_BYTES,
             finished: false,
         })
+    }
+
+    /// Keeps the tables within `budget` (shared with the run's other table sinks): each row
+    /// group is then written as a complete file of its own, `<table>.1.parquet`,
+    /// `<table>.2.parquet`, ... (the higher the number, the newer the rows; read them with a glob,
+    /// `'<table>.*.parquet'`), of at most about the budget's segment size, and the oldest are
+    /// removed as the budget requires. No `.partial` file is left behind by a killed process.
+    ///
+    /// ```
+    /// use profilemate_sinks::{OutputBudget, ParquetSink};
+    /// let dir = tempfile::tempdir()?;
+    /// let budget = std::sync::Arc::new(OutputBudget::new(1 << 20, 9));
+    /// let sink = ParquetSink::create(dir.path(), &Default::default())?.with_budget(budget)?;
+    /// assert!(std::fs::read_dir(dir.path())?.next().is_none(), "no file until a row group is written");
+    /// # drop(sink);
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A `.partial` file made by [`create`](Self::create) cannot be removed.
+    pub fn with_budget(mut self, budget: Arc<OutputBudget>) -> Result<Self, SinkError> {
+        for t in &mut self.tables {
+            drop(t.writer.take());
+            std::fs::remove_file(&t.partial).map_err(|e| format!("cannot remove {}: {e}", t.partial.display()))?;
+            t.budget = Some(budget.clone());
+        }
+        // Estimated row-group bytes run above the compressed size: a segment stays within its share.
+        self.row_group_bytes = self.row_group_bytes.min(budget.segment_bytes() as usize);
+        Ok(self)
     }
 
     /// Each table writes a row group once it buffers `rows` rows (at least 1).
@@ -485,6 +627,7 @@ impl ParquetSink {
                         c[3].long(long(r.num_tokens.into()));
                         c[4].double(Some(numbers::ms(r.forward_time_ns)));
                         c[5].double(numbers::throughput(r.num_tokens, r.forward_time_ns));
+                        c[6].long(r.step.and_then(long));
                         text
                     })?;
                 }
@@ -495,6 +638,7 @@ impl ParquetSink {
                         c[0].double(Some(numbers::sec(r.timestamp_ns)));
                         let text = c[1].text(&r.operation);
                         c[2].double(Some(numbers::ms(r.duration_ns)));
+                        c[4].long(r.step.and_then(long));
                         text + c[3].text(&r.context)
                     })?;
                 }
@@ -512,6 +656,7 @@ impl ParquetSink {
                         let text = c[7].text(r.phase.as_str());
                         c[8].long(long(r.running_queue_len.into()));
                         c[9].long(long(r.waiting_queue_len.into()));
+                        c[10].long(r.step.and_then(long));
                         text
                     })?;
                 }
@@ -522,6 +667,7 @@ impl ParquetSink {
                         c[0].double(Some(numbers::sec(r.timestamp_ns)));
                         let text = c[1].text(&r.request_id) + c[2].text(r.event.as_str()) + c[3].text(&r.reason);
                         c[4].double(r.running_time_ns.map(numbers::sec));
+                        c[6].long(r.step.and_then(long));
                         text + c[5].text(&r.extra_info)
                     })?;
                 }
@@ -547,6 +693,7 @@ impl ParquetSink {
                         c[0].double(Some(numbers::sec(r.timestamp_ns)));
                         let text = c[1].text(r.component.as_str());
                         c[2].double(Some(numbers::ms(r.duration_ns)));
+                        c[4].long(r.step.and_then(long));
                         text + c[3].text(&r.context)
                     })?;
                 }
@@ -560,6 +707,7 @@ impl ParquetSink {
                         c[3].double(numbers::pct(r.used_blocks, r.total_blocks));
                         c[4].long(long(r.prefix_cache_queries));
                         c[5].long(long(r.prefix_cache_hits));
+                        c[6].long(r.step.and_then(long));
                         0
                     })?;
                 }
@@ -572,6 +720,7 @@ impl ParquetSink {
                         c[2].long(long(r.batch_size.into()));
                         c[3].long(r.padded_batch_size.and_then(|p| long(p.into())));
                         c[4].double(r.duration_ns.map(numbers::ms));
+                        c[5].long(r.step.and_then(long));
                         text
                     })?;
                 }
@@ -583,7 +732,47 @@ impl ParquetSink {
                         c[1].long(long(r.layer.into()));
                         c[2].long(long(r.expert_id.into()));
                         c[3].long(long(r.num_tokens.into()));
+                        c[4].long(long(r.window_first_step));
+                        c[5].long(long(r.window_steps));
+                        c[6].long(r.step.and_then(long));
                         0
+                    })?;
+                }
+            }
+            Table::StepTimeline => {
+                for r in &rows.step_timeline {
+                    push(t, &|c| {
+                        let l32 = |v: Option<u32>| v.and_then(|v| long(v.into()));
+                        let ms = |v: Option<u64>| v.map(numbers::ms);
+                        let f4 = |v: Option<f64>| v.filter(|v| v.is_finite()).map(|v| (v.max(0.0) * 1e4).round() / 1e4);
+                        c[0].long(long(r.step));
+                        c[1].double(Some(numbers::sec(r.start_ns)));
+                        let mut text = c[2].text(r.phase.map_or("", |p| p.as_str()));
+                        c[3].long(l32(r.batch_size));
+                        c[4].long(l32(r.num_tokens));
+                        c[5].long(long(r.forward_passes.into()));
+                        c[6].double(ms(r.forward_time_ns));
+                        c[7].double(ms(r.scheduling_ns));
+                        c[8].double(ms(r.batch_preparation_ns));
+                        c[9].double(ms(r.sampling_ns));
+                        c[10].double(ms(r.other_cpu_ns));
+                        c[11].double(Some(numbers::ms(r.wall_ns)));
+                        c[12].double(ms(r.host_gap_before_ns));
+                        c[13].double(Some(numbers::ms(r.unclaimed_ns)));
+                        c[14].double(f4(r.seq_utilization_pct));
+                        c[15].double(f4(r.token_utilization_pct));
+                        c[16].long(l32(r.running_queue_len));
+                        c[17].long(l32(r.waiting_queue_len));
+                        c[18].double(f4(r.kv_cache_usage_pct));
+                        text += c[19].text(r.cuda_graph.map_or("", |e| e.as_str()));
+                        c[20].long(l32(r.padded_batch_size));
+                        c[21].double(f4(r.padding_pct));
+                        c[22].long(l32(r.preemptions));
+                        c[23].long(l32(r.resumes));
+                        c[24].double(ms(r.encoder_time_ns));
+                        c[25].double(ms(r.decoder_time_ns));
+                        c[26].double(f4(r.moe_max_over_mean));
+                        text
                     })?;
                 }
             }
@@ -612,6 +801,13 @@ impl Sink for ParquetSink {
             Some(e) => Err(e.into()),
             None => Ok(()),
         }
+    }
+
+    fn output_files(&self) -> Option<OutputFiles> {
+        let bytes_written = self.tables.iter().map(|t| (parquet_file_name(t.table), t.bytes_written())).collect();
+        let budget = self.tables.iter().find_map(|t| t.budget.as_ref());
+        let (rolled, removed) = budget.map(|b| b.files(|key| key.ends_with(".parquet"))).unwrap_or_default();
+        Some(OutputFiles { bytes_written, rolled, removed })
     }
 
     /// Rows reach the files a row group at a time, not at every flush: a row group per second

@@ -5,7 +5,7 @@ use crate::numbers;
 use profilemate_core::{LifecycleEvent, Rows, RunManifest, Sink, SinkError};
 use std::fmt;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The first trace file's name; later ones are [`trace_file_name`]`(1)`, `(2)`, ...
@@ -105,6 +105,58 @@ impl fmt::Display for Micros {
 }
 
 /// An integer scaled by 10^digits, written with its decimal point.
+/// A trace file that receives whole events only: events are built in memory, and only the part
+/// that ends with a complete event ([`mark`](Self::mark)) is handed to the file, in one write.
+/// A process killed at any instant leaves a file that ends with a whole event, so appending
+/// `]` (or nothing: Perfetto opens an unclosed array) gives a valid trace.
+struct EventWriter {
+    file: File,
+    buf: Vec<u8>,
+    /// Bytes of `buf` that end with a complete event.
+    complete: usize,
+}
+
+/// Whole events are handed to the file once this many bytes of them are buffered.
+const EVENT_WRITE_BYTES: usize = 256 * 1024;
+
+impl EventWriter {
+    fn new(file: File) -> EventWriter {
+        EventWriter { file, buf: Vec::with_capacity(EVENT_WRITE_BYTES + 4096), complete: 0 }
+    }
+
+    /// Everything buffered so far ends with a whole event.
+    fn mark(&mut self) -> std::io::Result<()> {
+        self.complete = self.buf.len();
+        if self.complete >= EVENT_WRITE_BYTES {
+            self.write_complete()?;
+        }
+        Ok(())
+    }
+
+    fn write_complete(&mut self) -> std::io::Result<()> {
+        if self.complete > 0 {
+            let result = self.file.write_all(&self.buf[..self.complete]);
+            self.buf.drain(..self.complete);
+            self.complete = 0;
+            result?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for EventWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    /// Hands the whole events to the file (a partial one stays buffered).
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.write_complete()?;
+        self.file.flush()
+    }
+}
+
 struct Fixed(u64, u32);
 
 impl fmt::Display for Fixed {
@@ -140,9 +192,10 @@ impl fmt::Display for Fixed {
 /// trace and counted (the tables still have it).
 ///
 /// **Streaming and rolling files.** The file starts with `[` and the events follow as the run
-/// goes (flushed about once a second); [`finish`](Sink::finish) closes the array. A trace whose
-/// closing `]` is missing (a process killed mid-run) still opens: the JSON Array Format allows
-/// it. A file holds at most [`DEFAULT_MAX_EVENTS_PER_FILE`] events (1,000,000, some 150 MB, which
+/// goes (flushed after every collector pass, in whole events only: a process killed at any instant
+/// leaves a file that ends with a complete event); [`finish`](Sink::finish) closes the array. A
+/// trace whose closing `]` is missing (a process killed mid-run) still opens: the JSON Array
+/// Format allows it, and appending `]` makes it valid JSON. A file holds at most [`DEFAULT_MAX_EVENTS_PER_FILE`] events (1,000,000, some 150 MB, which
 /// the Perfetto UI opens in a browser tab; change it with
 /// [`with_max_events_per_file`](Self::with_max_events_per_file)); the next events go to
 /// `profilemate_trace.1.json`, `profilemate_trace.2.json`, ... ([`trace_file_name`]). Each file
@@ -169,7 +222,7 @@ impl fmt::Display for Fixed {
 pub struct PerfettoSink {
     dir: PathBuf,
     max_events: usize,
-    out: Option<BufWriter<File>>,
+    out: Option<EventWriter>,
     file_index: usize,
     events_in_file: usize,
     pid: u32,
@@ -276,7 +329,7 @@ impl PerfettoSink {
         let path = self.dir.join(trace_file_name(self.file_index));
         let file = File::create(&path)
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))?;
-        let mut out = BufWriter::with_capacity(256 * 1024, file);
+        let mut out = EventWriter::new(file);
         out.write_all(b"[\n")?;
         write!(out, r#"{{"name":"process_name","ph":"M","pid":{},"tid":0,"args":{{"name":"#, self.pid)?;
         json_string(&mut out, &self.process_name)?;
@@ -284,6 +337,9 @@ impl PerfettoSink {
         for (tid, name) in &self.tracks {
             thread_metadata(&mut out, self.pid, *tid, name)?;
         }
+        // The file holds a valid start from the first moment.
+        out.mark()?;
+        out.flush()?;
         self.out = Some(out);
         self.events_in_file = 0;
         Ok(())
@@ -293,13 +349,14 @@ impl PerfettoSink {
     fn close(&mut self) -> std::io::Result<()> {
         if let Some(mut out) = self.out.take() {
             out.write_all(b"\n]\n")?;
+            out.mark()?;
             out.flush()?;
         }
         Ok(())
     }
 
     /// The writer, positioned for one more event: a new file when this one is full.
-    fn next_event(&mut self) -> std::io::Result<&mut BufWriter<File>> {
+    fn next_event(&mut self) -> std::io::Result<&mut EventWriter> {
         if self.out.is_none() {
             self.open()?;
         } else if self.events_in_file >= self.max_events {
@@ -309,6 +366,8 @@ impl PerfettoSink {
         }
         self.events_in_file += 1;
         let out = self.out.as_mut().ok_or_else(|| std::io::Error::other("trace file is closed"))?;
+        // What is buffered ends with a whole event: it may reach the file from here on.
+        out.mark()?;
         out.write_all(b",\n")?;
         Ok(out)
     }
@@ -356,7 +415,7 @@ impl PerfettoSink {
         &mut self,
         kind: Kind,
         spans: impl Iterator<Item = (u64, u64)>,
-        mut write: impl FnMut(&mut BufWriter<File>, usize) -> std::io::Result<()>,
+        mut write: impl FnMut(&mut EventWriter, usize) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
         let mut order = std::mem::take(&mut self.order);
         order.clear();
@@ -396,8 +455,8 @@ impl PerfettoSink {
                     r.batch_size,
                     r.num_tokens
                 )?;
-                if let Some(t) = numbers::throughput_e3(r.num_tokens, r.forward_time_ns) {
-                    write!(out, r#","throughput_tokens_per_sec":{}"#, Fixed(t, 3))?;
+                if let Some((t, d)) = numbers::throughput_fixed(r.num_tokens, r.forward_time_ns) {
+                    write!(out, r#","throughput_tokens_per_sec":{}"#, Fixed(t, d))?;
                 }
                 out.write_all(b"}")
             },
@@ -540,7 +599,8 @@ impl Sink for PerfettoSink {
 
     fn flush(&mut self) -> Result<(), SinkError> {
         if let Some(out) = self.out.as_mut() {
-            out.flush().map_err(|e| format!("{}: {e}", trace_file_name(self.file_index)))?;
+            // Between two batches of rows the last event is whole.
+            out.mark().and_then(|()| out.flush()).map_err(|e| format!("{}: {e}", trace_file_name(self.file_index)))?;
         }
         Ok(())
     }

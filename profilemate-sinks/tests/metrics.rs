@@ -75,11 +75,11 @@ fn histogram(all: &[Series], name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
 }
 
 fn forward(phase: Phase, tokens: u32, ns: u64) -> ForwardPassRow {
-    ForwardPassRow { timestamp_ns: 0, phase, batch_size: 4, num_tokens: tokens, forward_time_ns: ns }
+    ForwardPassRow { timestamp_ns: 0, phase, batch_size: 4, num_tokens: tokens, forward_time_ns: ns, step: None }
 }
 
 fn cpu(op: &str, start: u64, ns: u64) -> CpuOperationRow {
-    CpuOperationRow { timestamp_ns: start, operation: op.into(), duration_ns: ns, context: String::new() }
+    CpuOperationRow { timestamp_ns: start, operation: op.into(), duration_ns: ns, context: String::new(), step: None }
 }
 
 fn lifecycle(id: &str, event: LifecycleEvent, reason: &str) -> PreemptionEventRow {
@@ -90,6 +90,7 @@ fn lifecycle(id: &str, event: LifecycleEvent, reason: &str) -> PreemptionEventRo
         reason: reason.into(),
         running_time_ns: None,
         extra_info: String::new(),
+        step: None,
     }
 }
 
@@ -113,6 +114,7 @@ fn sample_rows() -> Rows {
         component: Component::Encoder,
         duration_ns: 3_000_000,
         context: "vision_encoder".into(),
+        step: None,
     }];
     let preemption_events = vec![
         lifecycle("req-1", LifecycleEvent::Started, ""),
@@ -135,6 +137,7 @@ fn sample_rows() -> Rows {
         phase: Phase::Decode,
         running_queue_len: running,
         waiting_queue_len: waiting,
+        step: None,
     };
     let batch_utilization = vec![batch(4, 400, 4, 9), batch(8, 128, 8, 3)];
     let kv_cache = vec![
@@ -144,6 +147,7 @@ fn sample_rows() -> Rows {
             total_blocks: 100,
             prefix_cache_queries: 5,
             prefix_cache_hits: 2,
+            step: None,
         },
         KvCacheRow {
             timestamp_ns: 0,
@@ -151,6 +155,7 @@ fn sample_rows() -> Rows {
             total_blocks: 100,
             prefix_cache_queries: 7,
             prefix_cache_hits: 7,
+            step: None,
         },
     ];
     let cuda_graph = vec![
@@ -160,6 +165,7 @@ fn sample_rows() -> Rows {
             batch_size: 8,
             padded_batch_size: None,
             duration_ns: Some(9),
+            step: None,
         },
         CudaGraphRow {
             timestamp_ns: 0,
@@ -167,6 +173,7 @@ fn sample_rows() -> Rows {
             batch_size: 6,
             padded_batch_size: Some(8),
             duration_ns: None,
+            step: None,
         },
         CudaGraphRow {
             timestamp_ns: 0,
@@ -174,6 +181,7 @@ fn sample_rows() -> Rows {
             batch_size: 8,
             padded_batch_size: Some(8),
             duration_ns: None,
+            step: None,
         },
         CudaGraphRow {
             timestamp_ns: 0,
@@ -181,6 +189,7 @@ fn sample_rows() -> Rows {
             batch_size: 40,
             padded_batch_size: None,
             duration_ns: None,
+            step: None,
         },
     ];
     Rows {

@@ -146,6 +146,7 @@ fn a_long_text_bounds_the_row_group_by_bytes() {
     let mut rows = profilemate_core::Rows::default();
     for i in 0..100u64 {
         rows.cpu_operations.push(profilemate_core::CpuOperationRow {
+            step: None,
             timestamp_ns: i,
             operation: "scheduling".into(),
             duration_ns: 1,

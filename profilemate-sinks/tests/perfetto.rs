@@ -266,3 +266,36 @@ fn a_session_traces_what_its_tables_hold() {
     assert_eq!(names_of(&events, "X", "encoder_decoder").len(), rows("encoder_decoder_timing.csv"));
     assert_eq!(rows("cpu_operations_timing.csv"), 1800);
 }
+
+/// A process killed at any instant (the sink never dropped, flushed or finished) leaves a trace
+/// of whole events only: with `]` appended it is valid JSON, and every event in it is complete.
+#[test]
+fn a_killed_process_leaves_whole_events_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = PerfettoSink::create(dir.path()).unwrap();
+    let path = dir.path().join(trace_file_name(0));
+    let mut checked = 0;
+    for b in 0..400u64 {
+        // Context text of varying length so that events straddle every buffer boundary.
+        let mut rows = common::rows(b);
+        for r in &mut rows.cpu_operations {
+            r.context = format!("step={b};note=\"{}\"", "x".repeat((b % 97) as usize));
+        }
+        sink.write_rows(&rows).unwrap();
+        if b % 8 != 7 {
+            continue;
+        }
+        // The file as a kill at this instant would leave it.
+        let text = std::fs::read_to_string(&path).unwrap();
+        if text.len() > 2 {
+            let closed = format!("{}\n]", text.trim_end_matches(['\n', ',']));
+            let value: Value = serde_json::from_str(&closed).unwrap_or_else(|e| {
+                panic!("after batch {b}, {} bytes: {e}: ...{}", text.len(), &text[text.len().saturating_sub(200)..])
+            });
+            check_file(value.as_array().unwrap());
+            checked += 1;
+        }
+    }
+    assert!(checked > 5, "the trace reached the file during the run ({checked} looks)");
+    std::mem::forget(sink);
+}

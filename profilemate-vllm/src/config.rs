@@ -86,6 +86,11 @@ pub fn binding_config(lookup: impl Fn(&str) -> Option<String>) -> Result<Config,
         if lookup(env::FLUSH_MS).is_none() {
             c.flush_interval_ms = DEFAULT_FLUSH_MS;
         }
+        // The merge combines the processes' MoE rows step by step: the parts keep per-step rows
+        // unless the user asks for windows.
+        if lookup(env::MOE_WINDOW).is_none() {
+            c.moe_window_steps = 0;
+        }
         c
     });
     if let Some(value) = bad_cuda_events.into_inner() {

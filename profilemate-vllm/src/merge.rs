@@ -257,6 +257,8 @@ struct Keyed<T> {
     t: u64,
     part: usize,
     seq: usize,
+    /// The row's `step` column (the engine step it belongs to), when the part has one.
+    step: Option<u64>,
     row: T,
 }
 
@@ -327,12 +329,13 @@ impl Timeline {
     /// Adds one CSV record; `None` when a field does not parse.
     fn push(&mut self, table: Table, part: usize, seq: usize, offset: u64, r: &Record) -> Option<u64> {
         let t = offset + parse_fixed_ns(r.get("timestamp_sec")?, 1_000_000_000)?;
+        let step = r.get("step").and_then(|v| v.parse::<u64>().ok());
         match table {
             Table::ForwardPass => {
                 let phase = parse_phase(r.get("phase")?)?;
                 let ns = parse_fixed_ns(r.get("forward_time_ms")?, 1_000_000)?;
                 let row = (phase, r.get("batch_size")?.parse().ok()?, r.get("num_tokens")?.parse().ok()?, ns);
-                self.forward.push(Keyed { t, part, seq, row });
+                self.forward.push(Keyed { t, part, seq, step, row });
                 Some(t + ns)
             }
             Table::CpuOperations => {
@@ -342,7 +345,7 @@ impl Timeline {
                     duration_ns: ns,
                     context: r.get("context")?.into(),
                 };
-                self.cpu.push(Keyed { t, part, seq, row });
+                self.cpu.push(Keyed { t, part, seq, step, row });
                 Some(t + ns)
             }
             Table::BatchUtilization => {
@@ -356,7 +359,7 @@ impl Timeline {
                     running_queue_len: n("running_queue_len")?,
                     waiting_queue_len: n("waiting_queue_len")?,
                 };
-                self.batch.push(Keyed { t, part, seq, row });
+                self.batch.push(Keyed { t, part, seq, step, row });
                 Some(t)
             }
             Table::PreemptionEvents => {
@@ -374,7 +377,7 @@ impl Timeline {
                     reason: r.get("reason")?.to_string(),
                     extra_info: r.get("extra_info")?.to_string(),
                 };
-                self.lifecycle.push(Keyed { t, part, seq, row });
+                self.lifecycle.push(Keyed { t, part, seq, step, row });
                 Some(t)
             }
             Table::EncoderDecoder => {
@@ -385,7 +388,7 @@ impl Timeline {
                     _ => return None,
                 };
                 let ns = parse_fixed_ns(r.get("duration_ms")?, 1_000_000)?;
-                self.components.push(Keyed { t, part, seq, row: (component, ns, r.get("context")?.to_string()) });
+                self.components.push(Keyed { t, part, seq, step, row: (component, ns, r.get("context")?.to_string()) });
                 Some(t + ns)
             }
             Table::KvCacheUsage => {
@@ -396,7 +399,7 @@ impl Timeline {
                     prefix_cache_queries: n("prefix_cache_queries")?,
                     prefix_cache_hits: n("prefix_cache_hits")?,
                 };
-                self.kv_cache.push(Keyed { t, part, seq, row });
+                self.kv_cache.push(Keyed { t, part, seq, step, row });
                 Some(t)
             }
             Table::CudaGraphEvents => {
@@ -415,7 +418,7 @@ impl Timeline {
                     padded_batch_size: padded,
                     duration_ns,
                 };
-                self.cuda_graph.push(Keyed { t, part, seq, row });
+                self.cuda_graph.push(Keyed { t, part, seq, step, row });
                 Some(t + duration_ns.unwrap_or(0))
             }
             _ => None,
@@ -435,9 +438,10 @@ impl Timeline {
                 let layer: u32 = r.get("layer")?.parse().ok()?;
                 let expert: usize = r.get("expert_id")?.parse().ok()?;
                 let tokens: u32 = r.get("num_tokens")?.parse().ok()?;
-                (expert < profilemate::MAX_EXPERTS).then_some((stamp, t, layer, expert, tokens))
+                let step = r.get("step").and_then(|v| v.parse::<u64>().ok());
+                (expert < profilemate::MAX_EXPERTS).then_some((stamp, t, layer, expert, tokens, step))
             })();
-            let Some((stamp, t, layer, expert, tokens)) = parsed else {
+            let Some((stamp, t, layer, expert, tokens, step)) = parsed else {
                 skipped += 1;
                 continue;
             };
@@ -448,7 +452,7 @@ impl Timeline {
                 }
                 let width = widths.get(&layer).copied().unwrap_or(0).min(profilemate::MAX_EXPERTS);
                 let row = MoeRecord { layer, tokens_per_expert: vec![0; width] };
-                current = Some((stamp.to_string(), Keyed { t, part, seq, row }));
+                current = Some((stamp.to_string(), Keyed { t, part, seq, step, row }));
                 self.last_ns = self.last_ns.max(t);
             }
             if let Some((_, k)) = current.as_mut() {
@@ -493,7 +497,9 @@ impl Timeline {
         for k in &self.forward {
             let (phase, batch_size, num_tokens, duration_ns) = k.row;
             let ev = Event::ForwardPass { timestamp_ns: k.t, phase, batch_size, num_tokens, duration_ns };
+            let before = rows.forward_pass.len();
             forward.observe(&ev, &mut rows);
+            rows.forward_pass[before..].iter_mut().for_each(|r| r.step = k.step);
             ranks.push(parts[k.part].report.rank);
         }
 
@@ -509,12 +515,16 @@ impl Timeline {
                 duration_ns: k.row.duration_ns,
                 context: &k.row.context,
             };
+            let before = rows.cpu_operations.len();
             cpu.observe(&ev, &mut rows);
+            rows.cpu_operations[before..].iter_mut().for_each(|r| r.step = k.step);
         }
 
         let mut batch = BatchUtilizationProfiler::new(config.underutilization_threshold_pct);
         for k in &self.batch {
+            let before = rows.batch_utilization.len();
             batch.observe(&Event::Batch { timestamp_ns: k.t, sample: k.row }, &mut rows);
+            rows.batch_utilization[before..].iter_mut().for_each(|r| r.step = k.step);
         }
 
         let mut preemption = PreemptionProfiler::new();
@@ -526,7 +536,9 @@ impl Timeline {
                 reason: &k.row.reason,
                 extra_info: &k.row.extra_info,
             };
+            let before = rows.preemption_events.len();
             preemption.observe(&ev, &mut rows);
+            rows.preemption_events[before..].iter_mut().for_each(|r| r.step = k.step);
         }
         preemption.finish(end_ns, &mut rows);
 
@@ -535,12 +547,16 @@ impl Timeline {
         for k in &self.components {
             let (component, duration_ns, ref context) = k.row;
             let ev = Event::Component { timestamp_ns: k.t, component, duration_ns, context };
+            let before = rows.encoder_decoder.len();
             components.observe(&ev, &mut rows);
+            rows.encoder_decoder[before..].iter_mut().for_each(|r| r.step = k.step);
         }
 
         let mut kv_cache = KvCacheProfiler::new();
         for k in &self.kv_cache {
+            let before = rows.kv_cache.len();
             kv_cache.observe(&Event::KvCache { timestamp_ns: k.t, sample: k.row }, &mut rows);
+            rows.kv_cache[before..].iter_mut().for_each(|r| r.step = k.step);
         }
 
         let mut cuda_graph = CudaGraphProfiler::new();
@@ -553,7 +569,9 @@ impl Timeline {
                 padded_batch_size: r.padded_batch_size,
                 duration_ns: r.duration_ns,
             };
+            let before = rows.cuda_graph.len();
             cuda_graph.observe(&ev, &mut rows);
+            rows.cuda_graph[before..].iter_mut().for_each(|r| r.step = k.step);
         }
 
         let mut moe = MoeExpertProfiler::new();
@@ -563,7 +581,9 @@ impl Timeline {
                 layer: k.row.layer,
                 tokens_per_expert: &k.row.tokens_per_expert,
             };
+            let before = rows.moe_routing.len();
             moe.observe(&ev, &mut rows);
+            rows.moe_routing[before..].iter_mut().for_each(|r| r.step = k.step);
         }
 
         let profilers: [&dyn Profiler; 8] =
@@ -748,6 +768,9 @@ fn write_manifest(
         steps: all_rows.forward_pass.len() as u64,
         elapsed_sec: end_ns as f64 / 1e9,
         finished: report.complete,
+        bytes_written: Default::default(),
+        bytes_per_step: Default::default(),
+        output_budget: None,
     };
     let mut value = serde_json::to_value(&manifest).map_err(|e| MergeError::Write(e.to_string()))?;
     if let Some(obj) = value.as_object_mut() {
@@ -789,7 +812,8 @@ mod tests {
         f: impl FnOnce(&profilemate::Session),
     ) -> RunManifest {
         let dir = run.join(name);
-        let mut builder = profilemate::builder().dir(&dir);
+        // Per-step MoE rows, as the binding's parts have them.
+        let mut builder = profilemate::builder().dir(&dir).moe_window_steps(0);
         for kind in off {
             builder = builder.disable(*kind);
         }
@@ -846,7 +870,7 @@ mod tests {
         assert_eq!(header.last().map(String::as_str), Some("rank"));
         let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
         assert_eq!(rows.len(), 2);
-        assert!(rows.iter().all(|row| &row[6] == "0"));
+        assert!(rows.iter().all(|row| &row[row.len() - 1] == "0"));
 
         let mut r = csv::Reader::from_path(out.path().join("request_lifecycle.csv")).unwrap();
         let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
@@ -947,8 +971,8 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let run = out.path().join(PARTS_DIR).join("20250101T000000Z-1");
         let (a, b) = (run.join("worker-1"), run.join("worker-2"));
-        let sa = profilemate::builder().dir(&a).build().unwrap();
-        let sb = profilemate::builder().dir(&b).build().unwrap();
+        let sa = profilemate::builder().dir(&a).moe_window_steps(0).build().unwrap();
+        let sb = profilemate::builder().dir(&b).moe_window_steps(0).build().unwrap();
         for step in 0..3u32 {
             sa.moe_experts().record_layer(0, &[step + 1, 0, 0, 1]);
             std::thread::sleep(std::time::Duration::from_millis(2));

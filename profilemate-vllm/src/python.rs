@@ -10,7 +10,7 @@ use crate::merge::{merge as merge_run, runs as list_runs};
 use profilemate::{
     BatchSample, BatchUtilization, Component, Components, CpuOp, CpuTiming, CudaGraphs, ForwardPass, GraphEvent,
     KvCacheSample, KvCacheUsage, Mark, ModelType, MoeRouting, Phase, ProfilerKind, Requests, Resolution, Session,
-    TimingBackend,
+    Steps, TimingBackend,
 };
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -25,6 +25,13 @@ const COMPONENTS: [Component; 3] = [Component::Encoder, Component::Decoder, Comp
 /// The trackers a process turns on only when it has something for them (no empty files
 /// otherwise), by the names `PROFILEMATE_DISABLE` uses.
 const ON_DEMAND: [ProfilerKind; 2] = [ProfilerKind::CudaGraph, ProfilerKind::MoeExpert];
+
+/// Nanoseconds from Python (any `int` that fits 64 bits) as the milliseconds the `record_ms`
+/// calls take: a negative duration stays negative, so the core drops it and counts it as an
+/// invalid value instead of Python raising `OverflowError` in the engine's thread.
+fn ns_to_ms(duration_ns: i64) -> f64 {
+    duration_ns as f64 / 1e6
+}
 
 fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -85,6 +92,7 @@ struct Recorder {
     kv_cache: KvCacheUsage,
     cuda_graphs: CudaGraphs,
     moe: MoeRouting,
+    steps: Steps,
     trackers: Vec<&'static str>,
     dir: String,
     timing: String,
@@ -150,6 +158,7 @@ impl Recorder {
             kv_cache: session.kv_cache(),
             cuda_graphs: session.cuda_graphs(),
             moe: session.moe_experts(),
+            steps: session.steps(),
             trackers: enabled,
             session: Mutex::new(Some(session)),
             dir: part_dir.to_string_lossy().into_owned(),
@@ -176,20 +185,38 @@ impl Recorder {
         self.trackers.clone()
     }
 
-    /// One forward pass (engine step) that ended now: phase 0 prefill, 1 decode, 2 mixed.
-    fn forward(&self, phase: usize, batch_size: u32, num_tokens: u32, duration_ns: u64) {
+    /// Opens engine step `step` (1 to 2^40 - 1): every row this process records until
+    /// `end_step` carries it in its `step` column. The engine-core process numbers the steps;
+    /// a worker opens the same id for its part of the step, so that rows of one step written by
+    /// several processes join. Raises `ValueError` for an id out of range.
+    fn begin_step(&self, step: u64) -> PyResult<()> {
+        if self.steps.open(step) || !self.steps.is_enabled() {
+            Ok(())
+        } else {
+            Err(PyValueError::new_err(format!("step id {step}: expected 1 to {}", profilemate::MAX_STEP)))
+        }
+    }
+
+    /// Closes the step `begin_step` opened (nothing when none is open).
+    fn end_step(&self) {
+        self.steps.close();
+    }
+
+    /// One forward pass (engine step) that ended now: phase 0 prefill, 1 decode, 2 mixed. A
+    /// negative `duration_ns` is dropped and counted (`invalid_value`), as the Rust API does.
+    fn forward(&self, phase: usize, batch_size: u32, num_tokens: u32, duration_ns: i64) {
         if let Some(&p) = PHASES.get(phase) {
-            self.forward.record(p, batch_size, num_tokens, Duration::from_nanos(duration_ns));
+            self.forward.record_ms(p, batch_size, num_tokens, ns_to_ms(duration_ns));
         }
     }
 
     /// One CPU operation that ended now: 0 scheduling, 1 batch_preparation, 2 model_execution,
     /// 3 sampling; `phase` (0..=2) adds `phase=...` as context, -1 none.
     #[pyo3(signature = (op, duration_ns, phase=-1))]
-    fn cpu(&self, op: usize, duration_ns: u64, phase: isize) {
+    fn cpu(&self, op: usize, duration_ns: i64, phase: isize) {
         if let Some(&op) = OPS.get(op) {
             let context = usize::try_from(phase).ok().and_then(|p| PHASE_CONTEXT.get(p)).copied().unwrap_or("");
-            self.cpu.record(op, Duration::from_nanos(duration_ns), context);
+            self.cpu.record_ms(op, ns_to_ms(duration_ns), context);
         }
     }
 
@@ -261,15 +288,24 @@ impl Recorder {
     }
 
     /// A model runner step that ended now, in one call: `model_execution` (skipped when
-    /// negative), the forward pass and the language model's (decoder) time.
-    fn executed(&self, phase: usize, num_seqs: u32, num_tokens: u32, execution_ns: i64, forward_ns: u64) {
+    /// negative), the forward pass and the language model's (decoder) time (a negative
+    /// `forward_ns` is dropped and counted for both).
+    fn executed(&self, phase: usize, num_seqs: u32, num_tokens: u32, execution_ns: i64, forward_ns: i64) {
         let Some(&p) = PHASES.get(phase) else { return };
         if let Ok(ns) = u64::try_from(execution_ns) {
             self.cpu.record(CpuOp::MODEL_EXECUTION, Duration::from_nanos(ns), PHASE_CONTEXT[phase]);
         }
-        let forward = Duration::from_nanos(forward_ns);
-        self.forward.record(p, num_seqs, num_tokens, forward);
-        self.components.record(Component::Decoder, "language_model", forward);
+        match u64::try_from(forward_ns) {
+            Ok(ns) => {
+                let forward = Duration::from_nanos(ns);
+                self.forward.record(p, num_seqs, num_tokens, forward);
+                self.components.record(Component::Decoder, "language_model", forward);
+            }
+            Err(_) => {
+                self.forward.record_ms(p, num_seqs, num_tokens, ns_to_ms(forward_ns));
+                self.components.record_ms(Component::Decoder, "language_model", ns_to_ms(forward_ns));
+            }
+        }
     }
 
     /// The request began running.
@@ -298,9 +334,9 @@ impl Recorder {
     }
 
     /// One encoder (0), decoder (1) or cross-attention (2) call that ended now.
-    fn component(&self, component: usize, duration_ns: u64, context: &str) {
+    fn component(&self, component: usize, duration_ns: i64, context: &str) {
         if let Some(&c) = COMPONENTS.get(component) {
-            self.components.record(c, context, Duration::from_nanos(duration_ns));
+            self.components.record_ms(c, context, ns_to_ms(duration_ns));
         }
     }
 
@@ -374,4 +410,28 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(runs, m)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the recorder's `forward`, `cpu` and `component` do with Python's nanoseconds: a
+    /// negative duration is dropped and counted, a positive one recorded to the nanosecond.
+    #[test]
+    fn negative_durations_from_python_are_dropped_and_counted() {
+        let memory = profilemate::MemorySink::new();
+        let session = profilemate::Session::builder().in_memory_only().sink(memory.clone()).build().unwrap();
+        session.forward_pass().record_ms(Phase::Decode, 4, 4, ns_to_ms(-5));
+        session.forward_pass().record_ms(Phase::Decode, 4, 4, ns_to_ms(1_234_567));
+        session.cpu_timing().record_ms(OPS[0], ns_to_ms(-1), "");
+        session.components().record_ms(COMPONENTS[0], "vision_encoder", ns_to_ms(i64::MIN));
+        let manifest = session.shutdown().unwrap();
+        assert_eq!(manifest.dropped["forward_pass"]["invalid_value"], 1);
+        assert_eq!(manifest.dropped["cpu_timing"]["invalid_value"], 1);
+        assert_eq!(manifest.dropped["encoder_decoder"]["invalid_value"], 1);
+        let rows = memory.rows();
+        assert_eq!(rows.forward_pass.len(), 1);
+        assert_eq!(rows.forward_pass[0].forward_time_ns, 1_234_567);
+    }
 }

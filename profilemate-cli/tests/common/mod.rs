@@ -188,11 +188,16 @@ pub fn manifest_json() -> Value {
 }
 
 /// CSV rows of a small run with every table filled, for figures and recomputation.
+fn util_of(tokens: u64) -> f64 {
+    tokens as f64 / 4096.0 * 100.0
+}
+
 pub fn write_csv_run(run: &Run, steps: usize) {
     let mut fp = String::from(FORWARD_HEADER);
     let mut cpu = String::from(CPU_HEADER);
     let mut batch = String::from(BATCH_HEADER);
     let mut comp = String::from(COMPONENT_HEADER);
+    let mut timeline = format!("{}\n", profilemate_core::STEP_TIMELINE_COLUMNS.join(","));
     let mut t = 0.0f64;
     for i in 0..steps {
         let (phase, tokens, ms) = match i % 10 {
@@ -203,12 +208,34 @@ pub fn write_csv_run(run: &Run, steps: usize) {
         fp.push_str(&format!("{t:.6},{phase},32,{tokens},{ms:.3},{:.3}\n", tokens as f64 / ms * 1000.0));
         cpu.push_str(&format!("{t:.6},scheduling,{:.3},\n", 0.5 + (i % 3) as f64 * 0.1));
         cpu.push_str(&format!("{t:.6},sampling,0.300,\"phase={phase};batch_size=32\"\n"));
-        let util = tokens as f64 / 4096.0 * 100.0;
+        let util = util_of(tokens);
         batch.push_str(&format!("{t:.6},32,64,50.0000,{tokens},4096,{:.4},{phase},32,{}\n", util.min(100.0), i % 4));
         if i % 10 == 0 {
             comp.push_str(&format!("{t:.6},encoder,{:.3},vision_encoder\n", 12.0 + (i % 3) as f64));
         }
         comp.push_str(&format!("{t:.6},decoder,{ms:.3},language_model\n"));
+        // One step: its forward pass, scheduling and sampling, 0.1 ms no profiler claims, a
+        // 1 ms gap before it (a 20 ms one before every 25th step), a preemption every 7th.
+        let scheduling = 0.5 + (i % 3) as f64 * 0.1;
+        let gap = if i == 0 {
+            String::new()
+        } else if i % 25 == 0 {
+            "20.000".into()
+        } else {
+            "1.000".into()
+        };
+        let encoder = if i % 10 == 0 { format!("{:.3}", 12.0 + (i % 3) as f64) } else { "0.000".into() };
+        timeline.push_str(&format!(
+            "{},{t:.6},{phase},32,{tokens},1,{ms:.3},{scheduling:.3},,0.300,,{:.3},{gap},0.100,50.0000,{:.4},32,{},{},{},,,{},0,{encoder},{ms:.3},{:.4}\n",
+            i + 1,
+            ms + scheduling + 0.4,
+            util_of(tokens).min(100.0),
+            i % 4,
+            200.0 / 1024.0 * 100.0,
+            if i % 10 == 0 { "eager" } else { "replay" },
+            u64::from(i % 7 == 3),
+            1.5 + (i % 4) as f64 * 0.1,
+        ));
         t += ms / 1000.0 + 0.001;
     }
     let mut events = String::from(EVENTS_HEADER);
@@ -270,5 +297,6 @@ pub fn write_csv_run(run: &Run, steps: usize) {
         .write("batch_utilization.csv", &batch)
         .write("encoder_decoder_timing.csv", &comp)
         .write("preemption_events.csv", &events)
-        .write("request_lifecycle.csv", &lifecycle);
+        .write("request_lifecycle.csv", &lifecycle)
+        .write("step_timeline.csv", &timeline);
 }

@@ -88,6 +88,7 @@ impl Profiler for BatchUtilizationProfiler {
         self.waiting.add(f64::from(s.waiting_queue_len));
         self.max_waiting = self.max_waiting.max(s.waiting_queue_len);
         rows.batch_utilization.push(BatchUtilizationRow {
+            step: None,
             timestamp_ns,
             num_seqs: s.num_seqs,
             max_num_seqs: s.max_num_seqs,

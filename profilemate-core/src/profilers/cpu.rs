@@ -36,6 +36,7 @@ impl Profiler for CpuTimingProfiler {
         let entry = self.ops[i].get_or_insert_with(|| (name.clone(), DurationStats::new()));
         entry.1.record(duration_ns);
         rows.cpu_operations.push(CpuOperationRow {
+            step: None,
             timestamp_ns,
             operation: name.clone(),
             duration_ns,

@@ -52,7 +52,14 @@ impl Profiler for CudaGraphProfiler {
                 self.max_eager = self.max_eager.max(batch_size);
             }
         }
-        rows.cuda_graph.push(CudaGraphRow { timestamp_ns, event, batch_size, padded_batch_size, duration_ns });
+        rows.cuda_graph.push(CudaGraphRow {
+            timestamp_ns,
+            event,
+            batch_size,
+            padded_batch_size,
+            duration_ns,
+            step: None,
+        });
     }
 
     fn summarize(&self, out: &mut Summaries) {

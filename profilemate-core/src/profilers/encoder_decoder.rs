@@ -35,7 +35,13 @@ impl Profiler for EncoderDecoderProfiler {
             return;
         };
         self.components[component as usize].record(duration_ns);
-        rows.encoder_decoder.push(ComponentRow { timestamp_ns, component, duration_ns, context: context.to_string() });
+        rows.encoder_decoder.push(ComponentRow {
+            timestamp_ns,
+            component,
+            duration_ns,
+            context: context.to_string(),
+            step: None,
+        });
     }
 
     fn summarize(&self, out: &mut Summaries) {

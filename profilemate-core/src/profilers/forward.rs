@@ -44,7 +44,8 @@ impl Profiler for ForwardPassProfiler {
         let Event::ForwardPass { timestamp_ns, phase, batch_size, num_tokens, duration_ns } = *event else {
             return;
         };
-        let row = ForwardPassRow { timestamp_ns, phase, batch_size, num_tokens, forward_time_ns: duration_ns };
+        let row =
+            ForwardPassRow { timestamp_ns, phase, batch_size, num_tokens, forward_time_ns: duration_ns, step: None };
         let agg = &mut self.phases[phase.index()];
         agg.stats.record(duration_ns);
         agg.tokens += u64::from(num_tokens);

@@ -32,6 +32,7 @@ impl Profiler for KvCacheProfiler {
     fn observe(&mut self, event: &Event<'_>, rows: &mut Rows) {
         let Event::KvCache { timestamp_ns, sample } = *event else { return };
         let row = KvCacheRow {
+            step: None,
             timestamp_ns,
             used_blocks: sample.used_blocks,
             total_blocks: sample.total_blocks,

@@ -6,16 +6,127 @@ use crate::types::ProfilerKind;
 use std::collections::BTreeMap;
 
 /// Tokens per expert per MoE layer, and how unevenly each layer spreads them.
+///
+/// Fed events ([`Event::MoeRouting`], one per layer and step), it sums them and writes one row
+/// per expert per event. In a session, the collector feeds it the recording threads' running
+/// totals instead and it writes one row per expert per window of steps.
 #[derive(Debug, Default, Clone)]
 pub struct MoeExpertProfiler {
     layers: BTreeMap<u32, Vec<u64>>,
     records: u64,
+    /// Per layer: routing calls seen, and the calls and totals at the start of the open window.
+    windows: BTreeMap<u32, Window>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Window {
+    calls: u64,
+    start_calls: u64,
+    start_tokens: Vec<u64>,
 }
 
 impl MoeExpertProfiler {
     /// An empty tracker.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Takes a layer's running totals over the whole run (every recording thread's together):
+    /// `calls` routing calls, the latest at `timestamp_ns`, and `tokens` per expert. The summary
+    /// then holds exactly these totals. With `window` set, once the layer has at least `window`
+    /// calls since its open window started (or at `close`, any), appends the window's rows: the
+    /// tokens each expert received in it.
+    #[allow(clippy::too_many_arguments)] // the collector's one call site names each figure
+    pub(crate) fn observe_totals(
+        &mut self,
+        layer: u32,
+        calls: u64,
+        timestamp_ns: u64,
+        tokens: &[u64],
+        window: Option<u64>,
+        close: bool,
+        rows: &mut Rows,
+    ) {
+        let totals = self.layers.entry(layer).or_default();
+        let w = self.windows.entry(layer).or_default();
+        self.records += calls - w.calls.min(calls);
+        w.calls = calls;
+        totals.clear();
+        totals.extend_from_slice(tokens);
+        let Some(window) = window else { return };
+        let steps = calls.saturating_sub(w.start_calls);
+        if steps == 0 || (steps < window && !close) {
+            return;
+        }
+        w.start_tokens.resize(tokens.len(), 0);
+        for (expert_id, (&now, start)) in tokens.iter().zip(&mut w.start_tokens).enumerate() {
+            let n = now - (*start).min(now);
+            if n > 0 {
+                rows.moe_routing.push(MoeRoutingRow {
+                    timestamp_ns,
+                    layer,
+                    expert_id: expert_id as u32,
+                    // A window's count per expert stays far below 2^32 tokens in practice.
+                    num_tokens: u32::try_from(n).unwrap_or(u32::MAX),
+                    window_first_step: w.start_calls,
+                    window_steps: steps,
+                    // A window spans steps: its rows belong to none of them.
+                    step: None,
+                });
+            }
+            *start = now;
+        }
+        w.start_calls = calls;
+    }
+
+    /// Adds tokens per expert of `layer` summed over `records` routing calls (one per step), as
+    /// read back from windowed `moe_expert_routing.csv` rows; no rows are written.
+    ///
+    /// ```
+    /// use profilemate_core::{MoeExpertProfiler, Profiler, Summaries};
+    /// let mut moe = MoeExpertProfiler::new();
+    /// moe.add_totals(3, &[40, 0, 10], 100);
+    /// let mut s = Summaries::default();
+    /// moe.summarize(&mut s);
+    /// let s = s.moe_expert.unwrap();
+    /// assert_eq!((s.records, s.layers["3"].total_tokens), (100, 50));
+    /// ```
+    pub fn add_totals(&mut self, layer: u32, tokens_per_expert: &[u64], records: u64) {
+        let totals = self.layers.entry(layer).or_default();
+        if totals.len() < tokens_per_expert.len() {
+            totals.resize(tokens_per_expert.len(), 0);
+        }
+        for (total, n) in totals.iter_mut().zip(tokens_per_expert) {
+            *total += n;
+        }
+        self.records += records;
+    }
+
+    /// One step's rows of `layer` (per-step detail): the layer's call `call` (counted from 0,
+    /// the rows' `window_first_step`), made in engine step `step` (`None` outside any step); the
+    /// totals come from [`observe_totals`](Self::observe_totals).
+    pub(crate) fn detail(
+        &mut self,
+        timestamp_ns: u64,
+        layer: u32,
+        call: u64,
+        step: Option<u64>,
+        tokens_per_expert: &[u32],
+        rows: &mut Rows,
+    ) {
+        for (expert_id, &num_tokens) in tokens_per_expert.iter().enumerate() {
+            if num_tokens > 0 {
+                rows.moe_routing.push(MoeRoutingRow {
+                    timestamp_ns,
+                    layer,
+                    expert_id: expert_id as u32,
+                    num_tokens,
+                    window_first_step: call,
+                    window_steps: 1,
+                    step,
+                });
+            }
+        }
     }
 
     fn layer_stats(tokens: &[u64]) -> MoeLayerStats {
@@ -54,10 +165,12 @@ impl Profiler for MoeExpertProfiler {
         }
         for (expert_id, &num_tokens) in tokens_per_expert.iter().enumerate() {
             totals[expert_id] += u64::from(num_tokens);
-            if num_tokens > 0 {
-                rows.moe_routing.push(MoeRoutingRow { timestamp_ns, layer, expert_id: expert_id as u32, num_tokens });
-            }
         }
+        let w = self.windows.entry(layer).or_default();
+        let step = w.calls;
+        w.calls += 1;
+        w.start_calls = w.calls;
+        self.detail(timestamp_ns, layer, step, None, tokens_per_expert, rows);
     }
 
     fn summarize(&self, out: &mut Summaries) {

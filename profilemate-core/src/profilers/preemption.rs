@@ -99,7 +99,9 @@ impl Profiler for PreemptionProfiler {
                 let first = st.preemptions == 0;
                 st.preemptions += 1;
                 st.first_preempted.get_or_insert(t);
-                st.preempted_at = Some(t);
+                // Preempted again without a resume in between: the delay still runs from the
+                // first preemption.
+                st.preempted_at.get_or_insert(t);
                 st.running_since = None;
                 if first {
                     self.requests_preempted += 1;
@@ -141,6 +143,7 @@ impl Profiler for PreemptionProfiler {
             _ => String::new(),
         };
         rows.preemption_events.push(PreemptionEventRow {
+            step: None,
             timestamp_ns: t,
             request_id: request_id.to_string(),
             event,
@@ -177,5 +180,37 @@ impl Profiler for PreemptionProfiler {
             requests_evicted: self.evicted,
             requests_in_flight: self.live.len() as u64,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(p: &mut PreemptionProfiler, rows: &mut Rows, t_sec: u64, event: LifecycleEvent) {
+        let reason = if event == LifecycleEvent::Preempted { "RECOMPUTE" } else { "" };
+        p.observe(
+            &Event::Lifecycle { timestamp_ns: t_sec * 1_000_000_000, request_id: "r1", event, reason, extra_info: "" },
+            rows,
+        );
+    }
+
+    /// Preempted at 2 s, preempted again at 5 s without a resume, resumed at 9 s: the request
+    /// waited 7 s, from its first preemption.
+    #[test]
+    fn a_second_preemption_before_a_resume_keeps_the_first_ones_time() {
+        let (mut p, mut rows) = (PreemptionProfiler::new(), Rows::default());
+        ev(&mut p, &mut rows, 1, LifecycleEvent::Started);
+        ev(&mut p, &mut rows, 2, LifecycleEvent::Preempted);
+        ev(&mut p, &mut rows, 5, LifecycleEvent::Preempted);
+        ev(&mut p, &mut rows, 9, LifecycleEvent::Resumed);
+        ev(&mut p, &mut rows, 10, LifecycleEvent::Finished);
+        let r = &rows.request_lifecycle[0];
+        assert_eq!(r.num_preemptions, 2);
+        assert_eq!(r.preemption_delay_ns, Some(7_000_000_000));
+        let mut s = Summaries::default();
+        p.summarize(&mut s);
+        let s = s.preemption.unwrap();
+        assert_eq!((s.mean_resume_delay, s.max_resume_delay), (7.0, 7.0));
     }
 }

@@ -26,6 +26,7 @@ pub fn rows(b: u64) -> Rows {
             .enumerate()
     {
         rows.forward_pass.push(ForwardPassRow {
+            step: Some(i as u64 + 1),
             timestamp_ns: t0 + 20 * MS * i as u64 + 499,
             phase,
             batch_size: batch,
@@ -34,6 +35,7 @@ pub fn rows(b: u64) -> Rows {
         });
     }
     let cpu = |at: u64, op: &str, dur: u64, context: &str| CpuOperationRow {
+        step: None,
         timestamp_ns: t0 + at,
         operation: Arc::from(op),
         duration_ns: dur,
@@ -48,6 +50,7 @@ pub fn rows(b: u64) -> Rows {
         cpu(40 * MS, "sampling", 0, ""),
     ]);
     rows.batch_utilization.push(BatchUtilizationRow {
+        step: None,
         timestamp_ns: t0 + 1,
         num_seqs: 3,
         max_num_seqs: 256,
@@ -60,6 +63,7 @@ pub fn rows(b: u64) -> Rows {
         waiting_queue_len: 7,
     });
     rows.batch_utilization.push(BatchUtilizationRow {
+        step: None,
         timestamp_ns: t0 + 50 * MS,
         num_seqs: 0,
         max_num_seqs: 0,
@@ -73,6 +77,7 @@ pub fn rows(b: u64) -> Rows {
     });
     let id = format!("req-{b},\"x\"");
     let event = |at: u64, event: LifecycleEvent, reason: &str, running: Option<u64>, extra: &str| PreemptionEventRow {
+        step: None,
         timestamp_ns: t0 + at,
         request_id: id.clone(),
         event,
@@ -117,18 +122,21 @@ pub fn rows(b: u64) -> Rows {
     });
     rows.encoder_decoder.extend([
         ComponentRow {
+            step: None,
             timestamp_ns: t0 + 2 * MS,
             component: Component::Encoder,
             duration_ns: 3 * MS,
             context: "vision_encoder".into(),
         },
         ComponentRow {
+            step: None,
             timestamp_ns: t0 + 5 * MS,
             component: Component::Decoder,
             duration_ns: 9 * MS,
             context: String::new(),
         },
         ComponentRow {
+            step: None,
             timestamp_ns: t0 + 6 * MS,
             component: Component::CrossAttention,
             duration_ns: MS,
@@ -136,6 +144,7 @@ pub fn rows(b: u64) -> Rows {
         },
     ]);
     rows.kv_cache.push(KvCacheRow {
+        step: None,
         timestamp_ns: t0 + 1,
         used_blocks: 100,
         total_blocks: 300,
@@ -143,6 +152,7 @@ pub fn rows(b: u64) -> Rows {
         prefix_cache_hits: 3,
     });
     rows.kv_cache.push(KvCacheRow {
+        step: None,
         timestamp_ns: t0 + 2,
         used_blocks: 0,
         total_blocks: 0,
@@ -151,6 +161,7 @@ pub fn rows(b: u64) -> Rows {
     });
     rows.cuda_graph.extend([
         CudaGraphRow {
+            step: None,
             timestamp_ns: t0,
             event: GraphEvent::Capture,
             batch_size: 8,
@@ -158,6 +169,7 @@ pub fn rows(b: u64) -> Rows {
             duration_ns: Some(40 * MS),
         },
         CudaGraphRow {
+            step: None,
             timestamp_ns: t0 + 41 * MS,
             event: GraphEvent::Replay,
             batch_size: 5,
@@ -165,6 +177,7 @@ pub fn rows(b: u64) -> Rows {
             duration_ns: None,
         },
         CudaGraphRow {
+            step: None,
             timestamp_ns: t0 + 42 * MS,
             event: GraphEvent::Eager,
             batch_size: 300,
@@ -174,11 +187,45 @@ pub fn rows(b: u64) -> Rows {
     ]);
     for expert in 0..4 {
         rows.moe_routing.push(MoeRoutingRow {
+            step: None,
             timestamp_ns: t0 + 5 * MS,
             layer: 1,
             expert_id: expert,
             num_tokens: 10 * expert + 1,
+            window_first_step: 0,
+            window_steps: 1,
         });
     }
+    // A step with every figure, and one with only a wall time (empty fields).
+    rows.step_timeline.push(StepTimelineRow {
+        step: 7 + b,
+        start_ns: t0 + 500,
+        phase: Some(Phase::Decode),
+        batch_size: Some(8),
+        num_tokens: Some(8),
+        forward_passes: 1,
+        forward_time_ns: Some(2_000_123),
+        scheduling_ns: Some(51_000),
+        batch_preparation_ns: Some(12_345),
+        sampling_ns: Some(40_001),
+        other_cpu_ns: None,
+        wall_ns: 2_400_000,
+        host_gap_before_ns: Some(3_000),
+        unclaimed_ns: 296_531,
+        seq_utilization_pct: Some(25.0),
+        token_utilization_pct: Some(100.0 / 3.0),
+        running_queue_len: Some(8),
+        waiting_queue_len: Some(0),
+        kv_cache_usage_pct: Some(61.25),
+        cuda_graph: Some(GraphEvent::Replay),
+        padded_batch_size: Some(8),
+        padding_pct: Some(0.0),
+        preemptions: Some(0),
+        resumes: Some(1),
+        encoder_time_ns: Some(0),
+        decoder_time_ns: Some(2_000_000),
+        moe_max_over_mean: Some(2.5),
+    });
+    rows.step_timeline.push(StepTimelineRow { step: 100 + b, wall_ns: 5, ..Default::default() });
     rows
 }

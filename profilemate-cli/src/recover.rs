@@ -1,0 +1,422 @@
+//! `profilemate recover DIR`: completes the files of a run whose process was killed.
+//!
+//! A killed process leaves CSV files whose last line may be torn, a Perfetto trace without its
+//! closing `]`, summaries up to one summary period old and a manifest that says
+//! `finished: false`. Recovery drops the torn last lines (truncating each file to its last
+//! complete row), closes the traces, rewrites every summary from the rows on disk (through the
+//! core's own profilers, so they equal a recomputation), and records in the manifest what it did
+//! (`finished_cleanly: false`, `recovery`). It is idempotent: a second run changes nothing. A
+//! run that finished cleanly is left as it is.
+//!
+//! The step timeline: `step_timeline.csv` keeps the rows on disk (a torn last line dropped, as in
+//! every table) and `step_timeline_summary.json` is rebuilt from them. Steps the collector still
+//! held open at the kill (it writes a step once two later steps began, so the last two or so)
+//! have their rows, with their `step`, in the other tables but no timeline row: recovery does
+//! not join them, since the step guard's bounds that set a step's wall time lived only in the
+//! process.
+//!
+//! What it cannot do (yet): events still in the dead process's memory (recorded since the
+//! collector's last pass, at most about one collector period) are gone with the process, and
+//! Parquet files left as `<table>.parquet.partial` lack their footer; both are reported in the
+//! manifest's `recovery` object, not recovered.
+
+use crate::contract::*;
+use crate::data::RunData;
+use crate::error::ReportError;
+use profilemate_core::{
+    BatchSample, BatchUtilizationProfiler, CpuTimingProfiler, CudaGraphProfiler, EncoderDecoderProfiler, Event,
+    ForwardPassProfiler, KvCacheProfiler, KvCacheSample, MoeExpertProfiler, PreemptionProfiler, Profiler, Rows,
+    StepTimelineRow, StepTimelineSummary, Summaries,
+};
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// What [`recover`] did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Recovery {
+    /// `false` when the run had finished cleanly and nothing was touched.
+    pub needed: bool,
+    /// Bytes of torn last lines dropped, per CSV file.
+    pub torn_bytes_dropped: BTreeMap<String, u64>,
+    /// Trace files whose closing `]` was added.
+    pub traces_closed: Vec<String>,
+    /// Summary files rewritten from the rows.
+    pub summaries_rebuilt: Vec<String>,
+    /// Parquet files left incomplete by the killed process (not recovered).
+    pub parquet_partial: Vec<String>,
+}
+
+fn io(path: &Path, e: std::io::Error) -> ReportError {
+    ReportError::io(path, e)
+}
+
+/// Completes the files of the run in `dir` after its process was killed (see the module docs).
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// std::fs::write(dir.path().join("forward_pass_timing.csv"),
+///     "timestamp_sec,phase,batch_size,num_tokens,forward_time_ms,throughput_tokens_per_sec\n\
+///      0.100000,decode,4,4,2.000000,2000.000\n0.2000")?;
+/// std::fs::write(dir.path().join("profilemate_run.json"), r#"{"finished": false, "steps": 1}"#)?;
+/// let r = profilemate_cli::recover(dir.path())?;
+/// assert_eq!(r.torn_bytes_dropped["forward_pass_timing.csv"], 6);
+/// assert!(r.summaries_rebuilt.contains(&"forward_pass_summary.json".to_string()));
+/// assert_eq!(profilemate_cli::recover(dir.path())?.torn_bytes_dropped.len(), 0, "idempotent");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+///
+/// [`ReportError::Io`] naming the file when one cannot be read or written (a read-only
+/// directory, a full disk): the files are left as they were, for a later try;
+/// [`ReportError::MalformedJson`] for a manifest that is not JSON.
+pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
+    let dir = dir.as_ref();
+    let manifest_path = dir.join(MANIFEST_JSON);
+    let mut manifest: serde_json::Value = match std::fs::read(&manifest_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ReportError::MalformedJson {
+            file: MANIFEST_JSON.to_string(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })?,
+        Err(e) => return Err(io(&manifest_path, e)),
+    };
+    let mut report = Recovery::default();
+    if manifest.get("finished").and_then(|v| v.as_bool()) == Some(true) {
+        return Ok(report);
+    }
+    report.needed = true;
+
+    // 1. Torn last lines: each table file (and its rolled-over files) ends at its last complete row.
+    for table in TABLE_FILES {
+        let mut files = crate::input::rolled_files(dir, table).map_err(|e| io(dir, e))?;
+        files.push(table.to_string());
+        for name in files {
+            let path = dir.join(&name);
+            if let Some(dropped) = drop_torn_line(&path)? {
+                report.torn_bytes_dropped.insert(name, dropped);
+            }
+        }
+    }
+    // 2. Traces: whole events only (the sink writes them so); the array is closed.
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let entry = entry.map_err(|e| io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("profilemate_trace") && name.ends_with(".json") && close_trace(&entry.path())? {
+            report.traces_closed.push(name);
+        } else if name.ends_with(".parquet.partial") {
+            report.parquet_partial.push(name);
+        }
+    }
+    report.traces_closed.sort();
+    report.parquet_partial.sort();
+    // 3. Summaries from the rows now on disk.
+    let data = RunData::load(dir)?;
+    let threshold =
+        manifest.pointer("/config/underutilization_threshold_pct").and_then(serde_json::Value::as_f64).unwrap_or(50.0);
+    // Rows alone cannot tell which arrived after their step was written: the count last written.
+    let late_rows = std::fs::read(dir.join(STEP_TIMELINE_JSON))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("late_rows").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0);
+    let summaries = summaries_from_rows(&data, threshold, late_rows);
+    let files = summaries.to_json_files().map_err(|e| io(dir, std::io::Error::other(e)))?;
+    for (file, value) in files {
+        let path = dir.join(file.file_name());
+        let bytes = serde_json::to_vec_pretty(&value).map_err(|e| io(&path, std::io::Error::other(e)))?;
+        profilemate_core::write_atomic(&path, &bytes).map_err(|e| io(&path, e))?;
+        report.summaries_rebuilt.push(file.file_name().to_string());
+    }
+    // 4. The manifest says what happened; rows are counted again from the files.
+    if let Some(obj) = manifest.as_object_mut() {
+        obj.insert("finished_cleanly".into(), false.into());
+        let mut rows = serde_json::Map::new();
+        let counts = [
+            (FORWARD_PASS_CSV, data.forward_pass.as_ref().map(Vec::len)),
+            (CPU_CSV, data.cpu_operations.as_ref().map(Vec::len)),
+            (BATCH_CSV, data.batch.as_ref().map(Vec::len)),
+            (PREEMPTION_EVENTS_CSV, data.preemption_events.as_ref().map(Vec::len)),
+            (LIFECYCLE_CSV, data.request_lifecycle.as_ref().map(Vec::len)),
+            (ENCODER_DECODER_CSV, data.components.as_ref().map(Vec::len)),
+            (KV_CACHE_CSV, data.kv_cache.as_ref().map(Vec::len)),
+            (CUDA_GRAPH_CSV, data.cuda_graph.as_ref().map(Vec::len)),
+            (MOE_CSV, data.moe_routing.as_ref().map(|m| m.rows as usize)),
+            (STEP_TIMELINE_CSV, data.step_timeline.as_ref().map(Vec::len)),
+        ];
+        for (file, n) in counts {
+            if let Some(n) = n {
+                rows.insert(file.to_string(), n.into());
+            }
+        }
+        obj.insert("rows_on_disk".into(), rows.into());
+        if let Some(n) = &data.forward_pass {
+            obj.insert("steps".into(), n.len().into());
+        }
+        let earlier = obj.get("recovery").cloned();
+        let mut torn: BTreeMap<String, u64> = earlier
+            .as_ref()
+            .and_then(|r| r.get("torn_bytes_dropped"))
+            .and_then(|t| serde_json::from_value(t.clone()).ok())
+            .unwrap_or_default();
+        torn.extend(report.torn_bytes_dropped.clone());
+        let recovery = serde_json::json!({
+            "torn_bytes_dropped": torn,
+            "traces_closed": report.traces_closed,
+            "summaries_rebuilt": report.summaries_rebuilt,
+            "parquet_partial_not_recovered": report.parquet_partial,
+            "events_recovered": 0,
+            "events_lost_in_flight": "unknown: events recorded since the collector's last pass (about one \
+                                      collector period) were in the killed process's memory",
+        });
+        let mut recovery = recovery;
+        if data.step_timeline.is_some() {
+            recovery["step_timeline"] = "summary rebuilt from step_timeline.csv; steps the collector still held \
+                                         open at the kill (the last two or so) have no timeline row, their rows \
+                                         keep their step in the other tables"
+                .into();
+        }
+        obj.insert("recovery".into(), recovery);
+    }
+    let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| io(&manifest_path, std::io::Error::other(e)))?;
+    profilemate_core::write_atomic(&manifest_path, &bytes).map_err(|e| io(&manifest_path, e))?;
+    Ok(report)
+}
+
+const TABLE_FILES: [&str; 10] = [
+    FORWARD_PASS_CSV,
+    CPU_CSV,
+    BATCH_CSV,
+    PREEMPTION_EVENTS_CSV,
+    LIFECYCLE_CSV,
+    ENCODER_DECODER_CSV,
+    KV_CACHE_CSV,
+    CUDA_GRAPH_CSV,
+    MOE_CSV,
+    STEP_TIMELINE_CSV,
+];
+
+/// Truncates `path` after its last complete CSV row; the bytes dropped, `None` when the file is
+/// whole (or absent).
+fn drop_torn_line(path: &Path) -> Result<Option<u64>, ReportError> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(path, e)),
+    };
+    let len = file.metadata().map_err(|e| io(path, e))?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::End(-1)).and_then(|_| file.read_exact(&mut last)).map_err(|e| io(path, e))?;
+    file.seek(SeekFrom::Start(0)).map_err(|e| io(path, e))?;
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(file);
+    let mut record = csv::ByteRecord::new();
+    let mut fields = None;
+    let mut good_end = 0u64;
+    loop {
+        let start = reader.position().byte();
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            // A row cut inside a quoted field reads as an error or as a short row: cut there.
+            Err(_) => {
+                good_end = start;
+                break;
+            }
+        }
+        let end = reader.position().byte();
+        let width = *fields.get_or_insert(record.len());
+        let at_end = end >= len;
+        if record.len() < width || (at_end && last[0] != b'\n') {
+            good_end = start;
+            break;
+        }
+        good_end = end;
+    }
+    if good_end >= len {
+        return Ok(None);
+    }
+    let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| io(path, e))?;
+    file.set_len(good_end).map_err(|e| io(path, e))?;
+    Ok(Some(len - good_end))
+}
+
+/// Adds the closing `]` to a trace that lacks it; `true` when it did.
+fn close_trace(path: &PathBuf) -> Result<bool, ReportError> {
+    let text = std::fs::read(path).map_err(|e| io(path, e))?;
+    let trimmed = text.trim_ascii_end();
+    if trimmed.ends_with(b"]") {
+        return Ok(false);
+    }
+    if trimmed.is_empty() {
+        // Created, killed before anything reached it.
+        profilemate_core::write_atomic(path, b"[]\n").map_err(|e| io(path, e))?;
+        return Ok(true);
+    }
+    let body = trimmed.strip_suffix(b",").unwrap_or(trimmed);
+    let mut closed = body.to_vec();
+    closed.extend_from_slice(b"\n]\n");
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&closed) {
+        return Err(io(path, std::io::Error::other(format!("the trace does not end with a whole event: {e}"))));
+    }
+    profilemate_core::write_atomic(path, &closed).map_err(|e| io(path, e))?;
+    Ok(true)
+}
+
+fn ns(sec: f64) -> u64 {
+    (sec * 1e9).round().max(0.0) as u64
+}
+
+fn ms_ns(ms: f64) -> u64 {
+    (ms * 1e6).round().max(0.0) as u64
+}
+
+fn count(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+/// Every summary the rows of `data` support, computed by the core's profilers as a session
+/// would have.
+fn summaries_from_rows(data: &RunData, threshold: f64, late_rows: u64) -> Summaries {
+    let mut s = Summaries::default();
+    let mut rows = Rows::default();
+    if let Some(r) = &data.forward_pass {
+        let mut p = ForwardPassProfiler::new();
+        for r in r {
+            let ev = Event::ForwardPass {
+                timestamp_ns: ns(r.timestamp_sec),
+                phase: r.phase,
+                batch_size: count(r.batch_size),
+                num_tokens: count(r.num_tokens),
+                duration_ns: ms_ns(r.forward_time_ms),
+            };
+            p.observe(&ev, &mut rows);
+        }
+        p.summarize(&mut s);
+    }
+    if let Some(r) = &data.cpu_operations {
+        let mut p = CpuTimingProfiler::new();
+        let mut ids: BTreeMap<&str, (u16, std::sync::Arc<str>)> = BTreeMap::new();
+        for r in r {
+            let next = ids.len() as u16;
+            let (id, name) = ids.entry(r.operation.as_str()).or_insert_with(|| (next, r.operation.as_str().into()));
+            let ev = Event::CpuOperation {
+                timestamp_ns: ns(r.timestamp_sec),
+                operation: *id,
+                name,
+                duration_ns: ms_ns(r.duration_ms),
+                context: "",
+            };
+            p.observe(&ev, &mut rows);
+        }
+        p.summarize(&mut s);
+    }
+    if let Some(r) = &data.batch {
+        let mut p = BatchUtilizationProfiler::new(threshold);
+        for r in r {
+            let sample = BatchSample {
+                num_seqs: count(r.num_seqs),
+                max_num_seqs: count(r.max_num_seqs),
+                num_tokens: count(r.num_tokens),
+                max_tokens: count(r.max_tokens),
+                phase: r.phase,
+                running_queue_len: count(r.running_queue_len),
+                waiting_queue_len: count(r.waiting_queue_len),
+            };
+            p.observe(&Event::Batch { timestamp_ns: ns(r.timestamp_sec), sample }, &mut rows);
+        }
+        p.summarize(&mut s);
+    }
+    if let Some(r) = &data.preemption_events {
+        let mut p = PreemptionProfiler::new();
+        for r in r {
+            let ev = Event::Lifecycle {
+                timestamp_ns: ns(r.timestamp_sec),
+                request_id: &r.request_id,
+                event: r.event,
+                reason: &r.reason,
+                extra_info: "",
+            };
+            p.observe(&ev, &mut rows);
+        }
+        p.summarize(&mut s);
+    }
+    if let Some(r) = &data.components {
+        let mut p = EncoderDecoderProfiler::new();
+        for r in r {
+            let ev = Event::Component {
+                timestamp_ns: ns(r.timestamp_sec),
+                component: r.component,
+                duration_ns: ms_ns(r.duration_ms),
+                context: &r.context,
+            };
+            p.observe(&ev, &mut rows);
+        }
+        p.summarize(&mut s);
+    }
+    if let Some(r) = &data.kv_cache {
+        let mut p = KvCacheProfiler::new();
+        for r in r {
+            let sample = KvCacheSample {
+                used_blocks: count(r.used_blocks),
+                total_blocks: count(r.total_blocks),
+                prefix_cache_queries: r.prefix_cache_queries,
+                prefix_cache_hits: r.prefix_cache_hits,
+            };
+            p.observe(&Event::KvCache { timestamp_ns: ns(r.timestamp_sec), sample }, &mut rows);
+        }
+        p.summarize(&mut s);
+    }
+    if let Some(r) = &data.cuda_graph {
+        let mut p = CudaGraphProfiler::new();
+        for r in r {
+            let ev = Event::CudaGraph {
+                timestamp_ns: ns(r.timestamp_sec),
+                event: r.event,
+                batch_size: count(r.batch_size),
+                padded_batch_size: r.padded_batch_size.map(count),
+                duration_ns: r.duration_ms.map(ms_ns),
+            };
+            p.observe(&ev, &mut rows);
+        }
+        p.summarize(&mut s);
+    }
+    if let Some(m) = &data.moe_routing {
+        let mut p = MoeExpertProfiler::new();
+        let mut records = m.records;
+        for (layer, tokens) in &m.tokens {
+            p.add_totals(u32::try_from(*layer).unwrap_or(u32::MAX), tokens, std::mem::take(&mut records));
+        }
+        p.summarize(&mut s);
+    }
+    if let Some(steps) = &data.step_timeline {
+        let rows: Vec<StepTimelineRow> = steps
+            .iter()
+            .map(|r| {
+                let opt = |ms: Option<f64>| ms.map(ms_ns);
+                StepTimelineRow {
+                    step: r.step,
+                    start_ns: ns(r.start_sec),
+                    phase: r.phase,
+                    forward_time_ns: opt(r.forward_time_ms),
+                    scheduling_ns: opt(r.scheduling_ms),
+                    batch_preparation_ns: opt(r.batch_preparation_ms),
+                    sampling_ns: opt(r.sampling_ms),
+                    other_cpu_ns: opt(r.other_cpu_ms),
+                    wall_ns: ms_ns(r.step_wall_ms),
+                    host_gap_before_ns: opt(r.host_gap_before_ms),
+                    unclaimed_ns: ms_ns(r.unclaimed_ms),
+                    preemptions: r.preemptions.map(count),
+                    encoder_time_ns: opt(r.encoder_time_ms),
+                    ..StepTimelineRow::default()
+                }
+            })
+            .collect();
+        s.step_timeline = Some(StepTimelineSummary::from_rows(&rows, late_rows));
+    }
+    s
+}
