@@ -79,7 +79,8 @@ class Server:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if profiling:
             env["VLLM_PROFILING_DIR"] = str(self.out)
-        cmd = [sys.executable, "-c", VLLM_CLI, "serve", model, "--host", "127.0.0.1", "--port", str(self.port), *SERVE_ARGS]
+        cmd = [sys.executable, "-c", VLLM_CLI, "serve", model, "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += SERVE_ARGS
         self.log_path = tmp / "serve.log"
         self.log = open(self.log_path, "w")
         self.p = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)
@@ -269,6 +270,7 @@ def test_prometheus_series_of_vllm_serve_equal_the_merged_files(served):
 def test_vllm_own_series_unchanged_and_none_of_ours_when_off(served):
     on, off = served["families_on"], served["families_off"]
     assert served["rc"][1] == 0, served["off"].text()[-4000:]
+    assert served["tokens"][1] == served["tokens"][0] == [MAX_TOKENS] * len(PROMPTS)
     vllm_on = {n: t for n, t in on.items() if n.startswith("vllm:")}
     vllm_off = {n: t for n, t in off.items() if n.startswith("vllm:")}
     assert vllm_on and vllm_on == vllm_off, (sorted(set(vllm_on) ^ set(vllm_off)))
