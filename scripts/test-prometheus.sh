@@ -8,55 +8,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v prometheus >/dev/null 2>&1; then
-  echo "test-prometheus: installing Debian's prometheus package"
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-fi
-prometheus --version 2>&1 | head -n 1
+bash scripts/prometheus.sh install
 
 cargo build --release --quiet --example simulated_engine -p profilemate
 engine=target/release/examples/simulated_engine
 
 work="$(mktemp -d)"
-prom_pid=""
 engine_pid=""
 cleanup() {
   [ -n "$engine_pid" ] && kill "$engine_pid" 2>/dev/null || true
-  if [ -n "$prom_pid" ]; then
-    kill "$prom_pid" 2>/dev/null || true
-    wait "$prom_pid" 2>/dev/null || true
-  fi
+  bash scripts/prometheus.sh stop "$work"
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 engine_port="$(free_port)"
-prom_port="$(free_port)"
-cat >"$work/prometheus.yml" <<EOF
-global:
-  scrape_interval: 1s
-  scrape_timeout: 900ms
-  evaluation_interval: 1s
-scrape_configs:
-  - job_name: simulated_engine
-    static_configs:
-      - targets: ["127.0.0.1:$engine_port"]
-EOF
-prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/data" \
-  --web.listen-address="127.0.0.1:$prom_port" --log.level=warn >"$work/prometheus.log" 2>&1 &
-prom_pid=$!
-ready() { python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-  "http://127.0.0.1:$prom_port/-/ready" >/dev/null 2>&1; }
-for _ in $(seq 1 60); do
-  ready && break
-  kill -0 "$prom_pid" 2>/dev/null || { cat "$work/prometheus.log" >&2; echo "test-prometheus: prometheus did not start" >&2; exit 1; }
-  sleep 0.5
-done
-ready || { cat "$work/prometheus.log" >&2; echo "test-prometheus: prometheus is not ready" >&2; exit 1; }
+prom_port="$(bash scripts/prometheus.sh start "$work" "127.0.0.1:$engine_port" simulated_engine)"
 
 # The run: long enough for several scrapes while it goes on, then 4 s (4 scrape intervals) of
 # serving the final counts after its last step.

@@ -266,11 +266,11 @@ def test_switching_the_trackers_off_wraps_nothing_for_them(tmp_path):
         import vllm.model_executor.layers.fused_moe.runner.moe_runner
         import profilemate_vllm._plugin as P
         from profilemate_vllm._state import STATE as S
-        from profilemate_vllm._hooks import SPECS, WRAPPED_ATTR
+        from profilemate_vllm._hooks import SPECS, WRAPPED_ATTR, owner
         wrapped = {}
         for s in SPECS:
             if s.module in sys.modules:  # None: its module is not loaded here
-                func = getattr(sys.modules[s.module], s.cls).__dict__[s.method]
+                func = owner(s, sys.modules[s.module]).__dict__[s.method]
                 wrapped[s.key] = hasattr(func, WRAPPED_ATTR)
             else:
                 wrapped[s.key] = None

@@ -57,7 +57,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for spec in SPECS:
         _, status = check(spec)
         bad += status != "ok"
-        print(f"{'ok  ' if status == 'ok' else 'FAIL'} {spec.module}.{spec.cls}.{spec.method}: {status}")
+        where = ".".join(n for n in (spec.module, spec.cls, spec.method) if n)
+        print(f"{'ok  ' if status == 'ok' else 'FAIL'} {where}: {status}")
     return 1 if bad else 0
 
 

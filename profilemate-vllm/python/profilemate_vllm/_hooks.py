@@ -22,14 +22,15 @@ from ._imports import PostImportHooks
 from ._phase import forget_finished
 from ._state import ENCODER, OP_BATCH_PREPARATION, OP_SAMPLING, WRAPPED_ATTR, pc
 from ._state import STATE as S
+from ._state import logger
 from ._trackers import _AOT_LOAD, _AOT_MODULE, COUNTS_ATTR
 
-__all__ = ["SPECS", "Spec", "WRAPPED_ATTR", "check", "install", "uninstall"]
+__all__ = ["SPECS", "Spec", "WRAPPED_ATTR", "check", "install", "owner", "uninstall"]
 
 
 class Spec(NamedTuple):
     module: str
-    cls: str
+    cls: str  # "": ``method`` is a function of the module itself
     method: str
     params: Tuple[str, ...]
     make: Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -616,6 +617,25 @@ def _moe_runner_init(orig):
     return __init__
 
 
+# --- wrapper: the API server's /metrics (front end) ---------------------------------------------
+
+
+def _prometheus_registry(orig):
+    """vLLM's ``get_prometheus_registry`` as the module that builds the ``/metrics`` app imported
+    it: the registry it returns (the default one, or a fresh one with a ``MultiProcessCollector``
+    under ``PROMETHEUS_MULTIPROC_DIR``) gets profilemate's series, once per registry."""
+
+    def get_prometheus_registry(*args, **kwargs):
+        registry = orig(*args, **kwargs)
+        try:
+            P.add_live_series(registry)
+        except Exception as e:
+            S.fail("get_prometheus_registry", e)
+        return registry
+
+    return get_prometheus_registry
+
+
 def _is_compiling() -> Callable[[], bool]:
     try:
         import torch
@@ -732,6 +752,15 @@ SPECS: Tuple[Spec, ...] = (
     Spec(_WORKER, "Worker", "execute_model", ("self", "scheduler_output"), _worker_execute_model, "Worker"),
     Spec(_WORKER, "Worker", "shutdown", ("self",), _finalize_first(False), "Worker"),
     Spec("vllm.v1.engine.core", "EngineCore", "shutdown", ("self",), _finalize_first(True), "EngineCore"),
+    # The API server: profilemate's series on vLLM's own /metrics endpoint.
+    Spec(
+        "vllm.entrypoints.serve.instrumentator.metrics",
+        "",
+        "get_prometheus_registry",
+        (),
+        _prometheus_registry,
+        "instrumentator.metrics",
+    ),
     Spec(
         "vllm.v1.engine.utils",
         "CoreEngineProcManager",
@@ -835,6 +864,17 @@ def switched_off(spec: Spec) -> bool:
 # --- checking and patching ---------------------------------------------------------------------
 
 
+def owner(spec: Spec, module: Optional[ModuleType]) -> Any:
+    """What holds ``spec.method``: its class, or the module itself for a module function; None
+    when the module is not loaded or has no such class."""
+    if module is None:
+        return None
+    if not spec.cls:
+        return module
+    cls = getattr(module, spec.cls, None)
+    return cls if isinstance(cls, type) else None
+
+
 def check(spec: Spec, module: Optional[ModuleType] = None) -> Tuple[Optional[Callable[..., Any]], str]:
     """``(function, "ok")`` when ``spec`` can be wrapped, else ``(None, why not)``."""
     if module is None:
@@ -842,21 +882,22 @@ def check(spec: Spec, module: Optional[ModuleType] = None) -> Tuple[Optional[Cal
             module = importlib.import_module(spec.module)
         except Exception as e:
             return None, f"module {spec.module} does not import ({type(e).__name__}: {e})"
-    cls = getattr(module, spec.cls, None)
-    if not isinstance(cls, type):
+    holder = owner(spec, module)
+    if holder is None:
         return None, f"no class {spec.module}.{spec.cls}"
-    func = cls.__dict__.get(spec.method)
+    name = f"{spec.cls}.{spec.method}" if spec.cls else f"{spec.module}.{spec.method}"
+    func = holder.__dict__.get(spec.method)
     if func is None:
-        return None, f"{spec.cls} has no method {spec.method}"
+        return None, f"{spec.cls or spec.module} has no {'method' if spec.cls else 'function'} {spec.method}"
     if not callable(func):
-        return None, f"{spec.cls}.{spec.method} is not a plain method"
+        return None, f"{name} is not a plain {'method' if spec.cls else 'function'}"
     original = getattr(func, WRAPPED_ATTR, func)
     try:
         params = tuple(inspect.signature(original).parameters)
     except (TypeError, ValueError) as e:
-        return None, f"signature of {spec.cls}.{spec.method} unreadable ({e})"
+        return None, f"signature of {name} unreadable ({e})"
     if params != spec.params:
-        return None, f"unexpected signature {spec.cls}.{spec.method}({', '.join(params)})"
+        return None, f"unexpected signature {name}({', '.join(params)})"
     return func, "ok"
 
 
@@ -868,11 +909,13 @@ def _apply(spec: Spec, module: ModuleType) -> None:
                 wrapper = spec.make(func)
                 functools.update_wrapper(wrapper, func)
                 setattr(wrapper, WRAPPED_ATTR, func)
-                setattr(getattr(module, spec.cls), spec.method, wrapper)
+                setattr(owner(spec, module), spec.method, wrapper)
             status = "ok"
     except Exception as e:
         status = f"patching failed ({type(e).__name__}: {e})"
     S.hook_status[spec.key] = status
+    if spec.make is _prometheus_registry and status != "ok":
+        logger.warning("profilemate: no profilemate_* series on vLLM's /metrics: %s not hooked (%s)", spec.key, status)
 
 
 _post_import = PostImportHooks()
@@ -895,12 +938,11 @@ def uninstall() -> None:
     import sys
 
     for spec in SPECS:
-        module = sys.modules.get(spec.module)
-        cls = getattr(module, spec.cls, None) if module is not None else None
-        func = cls.__dict__.get(spec.method) if isinstance(cls, type) else None
+        holder = owner(spec, sys.modules.get(spec.module))
+        func = holder.__dict__.get(spec.method) if holder is not None else None
         original = getattr(func, WRAPPED_ATTR, None)
         if original is not None:
-            setattr(cls, spec.method, original)
+            setattr(holder, spec.method, original)
     aot = sys.modules.get(_AOT_MODULE)
     original = getattr(getattr(aot, _AOT_LOAD, None), WRAPPED_ATTR, None)
     if original is not None:

@@ -85,3 +85,19 @@ class Recorder:
     def flush(self) -> None: ...
     def shutdown(self) -> Optional[str]:
         """Final rows, summaries and manifest; the manifest as JSON (None if already shut down)."""
+
+class PartsSeries:
+    """profilemate's live series of every part of one run (``dir/parts/<run>/*``), as Prometheus
+    text: what the plugin adds to vLLM's ``/metrics`` in the API server.
+
+    Each :meth:`render` reads the rows the parts completed since the previous call (parts that
+    appear later are picked up) and returns every series in the Prometheus text format 0.0.4:
+    counters and histograms summed over the parts, gauges from the part that records them.
+    Reads files only; unreadable files are tried again at the next call."""
+
+    def __init__(self, dir: Union[str, PathLike[str]], run: str) -> None: ...
+    def render(self) -> str:
+        """The series now, as Prometheus text (``prometheus_client.parser`` reads it)."""
+    @property
+    def parts(self) -> int:
+        """The parts found so far."""

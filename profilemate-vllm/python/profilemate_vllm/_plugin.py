@@ -215,6 +215,54 @@ def finalize_process() -> None:
         logger.warning("profilemate: could not finish this process's files: %s", e)
 
 
+# --- the API server's /metrics ------------------------------------------------------------------
+
+#: On a prometheus_client registry that has profilemate's collector (no second registration).
+LIVE_ATTR = "__profilemate_series__"
+
+
+class PartsCollector:
+    """A prometheus_client custom collector: at each scrape, the series of every part of this run
+    (``_native.PartsSeries.render``, which reads the rows the engine-core and worker processes
+    wrote since the previous scrape) parsed back into metric families. ``describe`` returns no
+    names, so registering it neither collects nor clashes with vLLM's names. A failure yields
+    nothing for that scrape (counted and reported once); vLLM's own series are served as usual."""
+
+    def __init__(self, series: Any) -> None:
+        self.series = series
+
+    def describe(self) -> List[Any]:
+        return []
+
+    def collect(self) -> Any:
+        try:
+            from prometheus_client.parser import text_string_to_metric_families
+
+            return list(text_string_to_metric_families(self.series.render()))
+        except Exception as e:
+            S.fail("PartsSeries.render (/metrics)", e)
+            return []
+
+
+def add_live_series(registry: Any) -> None:
+    """Registers :class:`PartsCollector` on ``registry`` (vLLM's /metrics registry), once per
+    registry; all registries share this process's one ``PartsSeries``."""
+    if not S.active or registry is None or getattr(registry, LIVE_ATTR, False):
+        return
+    if S.live is None:
+        S.live = S.native.PartsSeries(S.out_dir, S.run)
+    registry.register(PartsCollector(S.live))
+    setattr(registry, LIVE_ATTR, True)
+    S.live_registries += 1
+    logger.info(
+        "profilemate: API server pid %d: hooked vLLM's /metrics (get_prometheus_registry): profilemate_* series "
+        "of run %s, read from %s at each scrape",
+        os.getpid(),
+        S.run,
+        os.path.join(S.out_dir, "parts", S.run),
+    )
+
+
 def merge_run(quiet_if_incomplete: bool = False) -> Optional[Dict[str, Any]]:
     """Front end only: merges this run's parts into the top-level files of ``S.out_dir``.
 

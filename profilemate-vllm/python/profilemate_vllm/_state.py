@@ -68,6 +68,10 @@ class Profiling:
         self.hook_status: Dict[str, str] = {}  # key -> ok / pending / off / why not
         self.hook_labels: Dict[str, Tuple[str, str]] = {}  # key -> (class label, method), in order
         self.errors: Dict[str, int] = {}
+        # -- the API server's /metrics: the parts' series (native PartsSeries), read at scrape
+        # time; created when vLLM builds its /metrics registry, never when profiling is off.
+        self.live: Any = None
+        self.live_registries = 0  # registries given profilemate's collector
         # -- per step ---------------------------------------------------------------------
         # The scheduler's last output (in-process, the worker reuses its phase).
         self.last_so: Any = None
@@ -122,6 +126,8 @@ class Profiling:
         self.is_frontend = False
         self.recompute.clear()
         self.kv_reader = None
+        self.live = None
+        self.live_registries = 0
         self.part_seq = 0
         self.logged_line = False
         self.open_failed = False
