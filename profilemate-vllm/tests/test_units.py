@@ -517,3 +517,102 @@ def test_gpu_check_harness_skips_without_a_gpu_and_runs_its_cpu_side():
     if not torch.cuda.is_available():
         p = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and "SKIPPED: no CUDA device" in p.stdout, p.stdout + p.stderr
+
+
+def test_the_front_ends_merge_waits_for_a_live_process_still_writing_its_part(tmp_path, monkeypatch):
+    """vLLM returns from its shutdown once the engine-core process is gone, while the worker it
+    started may still write its files: the merge waits for that part, not for a dead one."""
+    import threading
+    import time
+
+    from profilemate_vllm import _plugin
+
+    run = tmp_path / "parts" / "run"
+    live, dead = run / "worker-live", run / "worker-dead"
+    live.mkdir(parents=True)
+    dead.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        (live / "part.json").write_text(json.dumps({"pid": writer.pid, "finished": False}))
+        (dead / "part.json").write_text(json.dumps({"pid": gone.pid, "finished": False}))
+        assert _plugin._unfinished_live_parts(str(run)) == [("worker-live", writer.pid)]
+
+        # The live process finishes its part: the wait ends then, with the part finished.
+        monkeypatch.setenv("PROFILEMATE_MERGE_WAIT_S", "60")
+        finished_at = []
+
+        def finish():
+            time.sleep(0.3)
+            (live / "part.json.tmp").write_text(json.dumps({"pid": writer.pid, "finished": True}))
+            os.replace(live / "part.json.tmp", live / "part.json")
+            finished_at.append(time.monotonic())
+
+        t = threading.Thread(target=finish)
+        t.start()
+        _plugin._wait_for_parts(str(run))
+        returned_at = time.monotonic()
+        t.join()
+        assert finished_at and returned_at >= finished_at[0]
+        assert _plugin._unfinished_live_parts(str(run)) == []
+
+        # A live process that never finishes: the wait is bounded by the setting.
+        (live / "part.json").write_text(json.dumps({"pid": writer.pid, "finished": False}))
+        monkeypatch.setenv("PROFILEMATE_MERGE_WAIT_S", "0.2")
+        t0 = time.monotonic()
+        _plugin._wait_for_parts(str(run))
+        assert time.monotonic() - t0 >= 0.2
+        assert _plugin._unfinished_live_parts(str(run)) == [("worker-live", writer.pid)]
+    finally:
+        writer.kill()
+        writer.wait()
+    # Gone (reaped) and a zombie both count as not writing.
+    assert _plugin._unfinished_live_parts(str(run)) == []
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    for _ in range(200):
+        if not _plugin._process_alive(zombie.pid):
+            break
+        time.sleep(0.02)
+    assert not _plugin._process_alive(zombie.pid)
+    assert zombie.poll() is not None  # reaped only now: it was a zombie above
+    assert _plugin._process_alive(os.getpid())
+
+
+def test_part_json_follows_the_counters_while_the_process_runs(tmp_path, monkeypatch):
+    """A process that vLLM kills without a shutdown keeps counters at most one refresh old."""
+    import time
+
+    from profilemate_vllm import _plugin
+
+    monkeypatch.setattr(_plugin, "PART_JSON_REFRESH_S", 0.05)
+    rec = object()
+    monkeypatch.setattr(S, "part_dir", str(tmp_path))
+    monkeypatch.setattr(S, "rec", rec)
+    monkeypatch.setattr(S, "errors", {})
+    part = tmp_path / "part.json"
+
+    def read():
+        for _ in range(200):
+            try:
+                return json.loads(part.read_text())
+            except (OSError, ValueError):
+                time.sleep(0.01)
+        raise AssertionError("no part.json")
+
+    _plugin._write_part_json()
+    _plugin._start_part_json_refresher(rec)
+    assert read()["hook_errors"] == {} and read()["finished"] is False
+    S.errors["execute_model"] = 3  # what a caught fault does while the engine runs
+    for _ in range(200):
+        if read()["hook_errors"] == {"execute_model": 3}:
+            break
+        time.sleep(0.02)
+    assert read()["hook_errors"] == {"execute_model": 3}
+
+    # Finished: the refresher never overwrites the final file.
+    monkeypatch.setattr(S, "rec", None)
+    _plugin._write_part_json(final=True)
+    S.errors["execute_model"] = 4
+    time.sleep(0.3)
+    assert read()["finished"] is True and read()["hook_errors"] == {"execute_model": 3}

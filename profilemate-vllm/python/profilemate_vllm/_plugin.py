@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import threading
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._phase import classify, forget_finished
@@ -73,6 +75,7 @@ def _open() -> Any:
             S.part_dir = part_dir
             S.rec = r
             _write_part_json()
+            _start_part_json_refresher(r)
         except Exception as e:
             S.open_failed = True
             logger.warning("profilemate: cannot record in this process: %s", e)
@@ -158,7 +161,67 @@ def moe_status() -> str:
     return _hook_prefix("FusedMoERouter.select_experts") + body
 
 
-def _write_part_json(final: bool = False) -> None:
+#: How often the refresher thread rewrites part.json while its counters change (seconds): the
+#: binding's collector period, so a process killed without a shutdown (vLLM's force kill) leaves
+#: counters at most this old beside rows at most this old.
+PART_JSON_REFRESH_S = 1.0
+
+
+def _part_counters() -> Tuple[Any, ...]:
+    """What part.json reports that changes while the process runs (cheap to compare)."""
+    moe = S.moe
+    return (
+        S.rank,
+        len(S.hook_status),
+        sum(S.errors.values()),
+        tuple(S.graph_counts.values()),
+        None
+        if moe is None
+        else (
+            moe.steps_routed,
+            moe.steps_without_routing,
+            moe.out_of_range_ids,
+            moe.dropped_copies,
+            moe.unrecorded_calls,
+            moe.refused_artifacts,
+            moe.compiled,
+        ),
+    )
+
+
+def _start_part_json_refresher(rec: Any) -> None:
+    """A daemon thread that rewrites this part's part.json once a :data:`PART_JSON_REFRESH_S`
+    while its counters change, until the part is finished (off the step path: the steps only
+    bump counters; the thread holds the GIL for one small JSON write per second at most)."""
+
+    def refresh() -> None:
+        last = _part_counters()
+        while True:
+            time.sleep(PART_JSON_REFRESH_S)
+            if S.rec is not rec:
+                return
+            now = _part_counters()
+            if now == last:
+                continue
+            try:
+                _write_part_json(only_while_open=rec)
+                last = now
+            except Exception as e:
+                S.fail("part.json", e)
+
+    threading.Thread(target=refresh, name="profilemate-part-json", daemon=True).start()
+
+
+def _write_part_json(final: bool = False, only_while_open: Any = None) -> None:
+    """Writes part.json (atomically: a reader sees the old or the new file). ``only_while_open``:
+    the recorder the refresher saw; nothing is written once the part was finished or reopened."""
+    with S.part_json_lock:
+        if only_while_open is not None and S.rec is not only_while_open:
+            return
+        _write_part_json_locked(final)
+
+
+def _write_part_json_locked(final: bool) -> None:
     if S.part_dir is None:
         return
     info = {
@@ -204,6 +267,8 @@ def finalize_process() -> None:
             S.cuda.drain(r)
         if S.moe is not None:
             S.moe.drain(r if S.rec_moe else None)
+        # The counters first (a kill during the shutdown below keeps them), then the last rows.
+        _write_part_json()
         r.shutdown()
         _write_part_json(final=True)
         if S.errors:
@@ -277,6 +342,7 @@ def merge_run(quiet_if_incomplete: bool = False) -> Optional[Dict[str, Any]]:
     run_dir = os.path.join(S.out_dir, "parts", S.run)
     if not os.path.isdir(run_dir):
         return None
+    _wait_for_parts(run_dir)
     signature = _parts_signature(run_dir)
     if signature == S.merged_signature:
         return None  # nothing was written since the last merge
@@ -301,6 +367,95 @@ def merge_run(quiet_if_incomplete: bool = False) -> Optional[Dict[str, Any]]:
 
 
 S.merged_signature: Any = None
+
+#: How long the front end's merge waits for an engine-core or worker process that is still alive
+#: and still writing its part (seconds; ``PROFILEMATE_MERGE_WAIT_S``). vLLM returns from its
+#: shutdown once the engine-core process is gone, while a worker that process started may still be
+#: finishing its files; merging before it has would merge a part cut short.
+MERGE_WAIT_ENV = "PROFILEMATE_MERGE_WAIT_S"
+MERGE_WAIT_DEFAULT_S = 30.0
+
+
+def _merge_wait_s() -> float:
+    raw = os.environ.get(MERGE_WAIT_ENV, "").strip()
+    if not raw:
+        return MERGE_WAIT_DEFAULT_S
+    try:
+        value = float(raw)
+        if value >= 0:
+            return value
+    except ValueError:
+        pass
+    if not S.warned_merge_wait:
+        S.warned_merge_wait = True
+        logger.warning(
+            "profilemate: %s=%r is not a number of seconds >= 0; waiting the default %g s",
+            MERGE_WAIT_ENV,
+            raw,
+            MERGE_WAIT_DEFAULT_S,
+        )
+    return MERGE_WAIT_DEFAULT_S
+
+
+
+def _process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The state follows the parenthesised command name, which may itself hold ") ".
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _unfinished_live_parts(run_dir: str) -> List[Tuple[str, int]]:
+    """Parts of other processes that are still alive and have not written their last files."""
+    out = []
+    for name in sorted(os.listdir(run_dir)):
+        try:
+            with open(os.path.join(run_dir, name, "part.json")) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue  # no part.json yet (nothing recorded) or being replaced: the merge reports it
+        pid = info.get("pid")
+        if info.get("finished") or not isinstance(pid, int) or pid == os.getpid():
+            continue
+        if _process_alive(pid):
+            out.append((name, pid))
+    return out
+
+
+def _wait_for_parts(run_dir: str) -> None:
+    """Waits (bounded by :data:`MERGE_WAIT_ENV`) until every other process of the run has finished
+    its part or is gone; a part whose process died unfinished is merged from what it flushed."""
+    pending = _unfinished_live_parts(run_dir)
+    if not pending:
+        return
+    limit = _merge_wait_s()
+    t0 = time.monotonic()
+    logger.info(
+        "profilemate: waiting up to %g s for %s to finish writing (%s)",
+        limit,
+        ", ".join(f"pid {pid}" for _, pid in pending),
+        MERGE_WAIT_ENV,
+    )
+    while pending and time.monotonic() - t0 < limit:
+        time.sleep(0.05)
+        pending = _unfinished_live_parts(run_dir)
+    if pending:
+        logger.warning(
+            "profilemate: after %g s, %s still writing: merging what they flushed (run "
+            "`python -m profilemate_vllm merge %s` once they are gone)",
+            limit,
+            ", ".join(f"{name} (pid {pid})" for name, pid in pending),
+            S.out_dir,
+        )
 
 
 def _parts_signature(run_dir: str) -> Any:

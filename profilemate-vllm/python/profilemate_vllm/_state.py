@@ -54,6 +54,8 @@ class Profiling:
         # -- the native recorder of this process, opened at the first record ----------------
         self.rec: Any = None
         self.lock = threading.RLock()
+        # part.json is rewritten by the refresher thread and by finalisation: one writer at a time.
+        self.part_json_lock = threading.Lock()
         self.open_failed = False
         self.exiting = False
         self.logged_line = False
@@ -61,6 +63,7 @@ class Profiling:
         self.part_dir: Optional[str] = None
         self.leaked: List[Any] = []  # recorders inherited through fork: never shut down
         self.merged_signature: Any = None
+        self.warned_merge_wait = False  # a malformed PROFILEMATE_MERGE_WAIT_S, reported once
         self.model_type: Optional[str] = None
         self.timing = "host"
         self.cuda: Any = None  # the CUDA event timer, on a GPU
@@ -117,6 +120,7 @@ class Profiling:
         if self.rec is not None:
             self.leaked.append(self.rec)
         self.rec = None
+        self.part_json_lock = threading.Lock()  # the parent's refresher may have held it
         self.moe = None
         self.model_seen = self.graphs_on = False
         self.graph_mode = ""
