@@ -17,6 +17,9 @@ mkdir -p "$cache"
 echo "== (a) vLLM environment"
 env_dir=$("$python" profilemate-vllm/tests/vllm_env.py)
 py="$env_dir/bin/python"
+# pyarrow reads the merged Parquet tables back (test_shutdown.py): added to the environment when
+# missing, not part of its hash (so an existing environment is kept, not rebuilt).
+"$py" -c 'import pyarrow' 2>/dev/null || "$py" -m pip install --quiet --disable-pip-version-check 'pyarrow>=14,<25'
 
 echo "== (b) tiny model"
 model="${PROFILEMATE_VLLM_MODEL:-$cache/tiny-llama-v1}"

@@ -261,6 +261,28 @@ impl PerfettoSink {
             Some(rank) => format!("profilemate {host} pid {pid} rank {rank}"),
             None => format!("profilemate {host} pid {pid}"),
         };
+        PerfettoSink::create_for_process(dir, pid, &process_name)
+    }
+
+    /// Starts `profilemate_trace.json` in `dir` (removing the trace files of an earlier run
+    /// there) whose first events belong to process `pid`, named `process_name` in the trace:
+    /// for a trace written on behalf of another process (the merge of a multi-process run, which
+    /// names each part's process; see [`begin_process`](Self::begin_process)).
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let sink = profilemate_sinks::PerfettoSink::create_for_process(dir.path(), 4242, "vLLM engine pid 4242")?;
+    /// # drop(sink);
+    /// let start = std::fs::read_to_string(dir.path().join("profilemate_trace.json"))?;
+    /// assert!(start.contains(r#""pid":4242"#) && start.contains("vLLM engine pid 4242"));
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be created, or an earlier trace file there cannot be removed.
+    pub fn create_for_process(dir: &Path, pid: u32, process_name: &str) -> Result<PerfettoSink, SinkError> {
+        let process_name = process_name.to_string();
         let mut index = 0;
         loop {
             let path = dir.join(trace_file_name(index));
@@ -323,6 +345,59 @@ impl PerfettoSink {
     /// Complete events left out because they overlapped events on every track of their kind.
     pub fn left_out(&self) -> u64 {
         self.left_out
+    }
+
+    /// The rows written from here on belong to process `pid`, named `process_name`: one trace of
+    /// many processes on one timeline (the rows' timestamps must share one time base), each
+    /// process a track group of its own with its own `forward_pass`, `cpu_operations`, ...
+    /// tracks and counters. The merge of a multi-process vLLM run writes each part's rows after
+    /// a `begin_process` for that part's process.
+    ///
+    /// ```
+    /// use profilemate_core::{ForwardPassRow, Phase, Rows, Sink};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let mut sink = profilemate_sinks::PerfettoSink::create_for_process(dir.path(), 10, "engine")?;
+    /// let mut rows = Rows::default();
+    /// let pass = ForwardPassRow { timestamp_ns: 1_000, phase: Phase::Decode, batch_size: 1, num_tokens: 1, forward_time_ns: 500, step: None };
+    /// rows.forward_pass.push(pass);
+    /// sink.write_rows(&rows)?;
+    /// sink.begin_process(11, "worker rank 0")?;
+    /// sink.write_rows(&rows)?;
+    /// let manifest = profilemate_core::Session::builder().in_memory_only().build()?.shutdown()?;
+    /// sink.finish(&manifest)?;
+    ///
+    /// let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("profilemate_trace.json"))?)?;
+    /// let slices: Vec<_> = trace.as_array().unwrap().iter().filter(|e| e["ph"] == "X").map(|e| e["pid"].clone()).collect();
+    /// assert_eq!(slices, [10, 11]);
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The trace is already finished, or the file cannot be written.
+    pub fn begin_process(&mut self, pid: u32, process_name: &str) -> Result<(), SinkError> {
+        if self.finished {
+            return Err("the trace is already finished".into());
+        }
+        self.pid = pid;
+        self.process_name = process_name.to_string();
+        self.tracks.clear();
+        self.lanes = Default::default();
+        self.requests_track = false;
+        if let Some(out) = self.out.as_mut() {
+            let result = (|| {
+                write!(
+                    out,
+                    ",\n{{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":{pid},\"tid\":0,\"args\":{{\"name\":"
+                )?;
+                json_string(out, process_name)?;
+                out.write_all(b"}}")?;
+                out.mark()
+            })();
+            result.map_err(|e| format!("{}: {e}", trace_file_name(self.file_index)))?;
+        }
+        Ok(())
     }
 
     fn open(&mut self) -> std::io::Result<()> {

@@ -24,6 +24,7 @@ use profilemate::{
     KvCacheProfiler, KvCacheSample, LifecycleEvent, ModelType, MoeExpertProfiler, Phase, PreemptionProfiler, Profiler,
     ProfilerKind, Rows, RunManifest, Sink, Summaries, Table, MANIFEST_FILE,
 };
+use profilemate::{ParquetSink, PerfettoSink, SinkKind};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -193,6 +194,7 @@ pub fn merge(dir: &Path, run: Option<&str>) -> Result<MergeReport, MergeError> {
 
     let (rows, ranks, summaries) = timeline.replay(&parts, &config, declared, end_ns);
     write_outputs(dir, &config, &rows, &ranks, &summaries)?;
+    write_trace_and_tables(dir, &parts, &config, declared, end_ns, &rows, &ranks)?;
 
     let mut counts = BTreeMap::new();
     for t in MERGED.into_iter().chain([Table::RequestLifecycle]) {
@@ -783,6 +785,83 @@ fn write_manifest(
     write_atomic(&path, &bytes).map_err(|e| MergeError::Io(path, e))
 }
 
+// -- The merged Perfetto trace and Parquet tables (when the run's sinks include them) ----------
+
+/// Writes `profilemate_trace.json` (sink `perfetto`) and the `<table>.parquet` files (sink
+/// `parquet`) of the merged run into `dir`, through the same sinks a single session writes
+/// them with.
+///
+/// - **Trace**: all processes on one timeline (the run's time base), one track group per part
+///   named after its process (`vLLM worker pid 4321 rank 0`), whose pid is the process's.
+///   Each part's rows are replayed on their own (its CSV files are read a second time), so a
+///   part's events are exactly its rows in the merged tables. Rows come from whole CSV lines
+///   only, so a part cut by a kill still gives a trace of whole events.
+/// - **Parquet**: the merged tables, row for row the merged CSV files; the `rank` column is the
+///   worker rank for forward rows (as the CSV's `rank` column) and null in the other tables,
+///   `host` is the host the run's first part recorded.
+fn write_trace_and_tables(
+    dir: &Path,
+    parts: &[Part],
+    config: &Config,
+    declared: Option<ModelType>,
+    end_ns: u64,
+    rows: &Rows,
+    ranks: &[Option<u32>],
+) -> Result<(), MergeError> {
+    let w = |e: &dyn std::fmt::Display| MergeError::Write(e.to_string());
+    // The sinks read nothing from the manifest they are finished with.
+    let finish_with = &parts[0].manifest;
+    if config.sinks.contains(&SinkKind::Perfetto) {
+        let mut trace = None;
+        for (i, p) in parts.iter().enumerate() {
+            let mut timeline = Timeline::default();
+            let mut report = p.report.clone();
+            timeline.read_part(i, &p.path, p.report.offset_ns, &mut report)?;
+            let (part_rows, _, _) = timeline.replay(parts, config, declared, end_ns);
+            let name = process_name(&p.report);
+            let sink = match trace.as_mut() {
+                None => trace.insert(PerfettoSink::create_for_process(dir, p.report.pid, &name).map_err(|e| w(&e))?),
+                Some(sink) => {
+                    sink.begin_process(p.report.pid, &name).map_err(|e| w(&e))?;
+                    sink
+                }
+            };
+            sink.write_rows(&part_rows).map_err(|e| w(&e))?;
+        }
+        if let Some(mut sink) = trace {
+            sink.finish(finish_with).map_err(|e| w(&e))?;
+        }
+    }
+    if config.sinks.contains(&SinkKind::Parquet) {
+        let host = parts[0].manifest.host.as_str();
+        let mut sink = ParquetSink::create(dir, config).map_err(|e| w(&e))?.with_host(host).with_rank(None);
+        let mut rest = rows.clone();
+        rest.forward_pass.clear();
+        sink.write_rows(&rest).map_err(|e| w(&e))?;
+        // Forward rows in runs of one rank, each written with that rank.
+        let mut at = 0;
+        while at < rows.forward_pass.len() {
+            let rank = ranks.get(at).copied().flatten();
+            let len = ranks[at..].iter().take_while(|r| **r == rank).count().max(1);
+            let end = (at + len).min(rows.forward_pass.len());
+            let run = Rows { forward_pass: rows.forward_pass[at..end].to_vec(), ..Rows::default() };
+            sink = sink.with_rank(rank.map(i64::from));
+            sink.write_rows(&run).map_err(|e| w(&e))?;
+            at = end;
+        }
+        sink.finish(finish_with).map_err(|e| w(&e))?;
+    }
+    Ok(())
+}
+
+/// The name of a part's process in the merged trace: `vLLM <role> pid <pid>[ rank <rank>]`.
+fn process_name(part: &PartReport) -> String {
+    match part.rank {
+        Some(rank) => format!("vLLM {} pid {} rank {rank}", part.role, part.pid),
+        None => format!("vLLM {} pid {}", part.role, part.pid),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1011,6 +1090,115 @@ mod tests {
         {
             assert!(!out.path().join(name).exists(), "{name}");
         }
+    }
+
+    /// Gives a part's manifest another process id (the parts of one test share the test's).
+    fn set_pid(part: &Path, pid: u32) {
+        let path = part.join(MANIFEST_FILE);
+        let mut manifest = json(&path);
+        manifest["pid"] = pid.into();
+        std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    }
+
+    fn parquet_rows(path: &Path) -> Vec<parquet::record::Row> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let reader = SerializedFileReader::new(std::fs::File::open(path).unwrap()).unwrap();
+        reader.get_row_iter(None).unwrap().map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn the_merge_writes_one_trace_of_all_processes_and_the_parquet_tables() {
+        let out = tempfile::tempdir().unwrap();
+        let run = out.path().join(PARTS_DIR).join("20250101T000000Z-1");
+        let sinks = [SinkKind::Csv, SinkKind::Json, SinkKind::Parquet, SinkKind::Perfetto];
+        let part = |name: &str, rank: Option<u32>, pid: u32, f: &dyn Fn(&profilemate::Session)| {
+            let dir = run.join(name);
+            let session = profilemate::builder().dir(&dir).sinks(&sinks).build().unwrap();
+            f(&session);
+            session.shutdown().unwrap();
+            let info = serde_json::json!({"role": name.split('-').next(), "rank": rank, "pid": pid});
+            std::fs::write(dir.join(PART_FILE), info.to_string()).unwrap();
+            set_pid(&dir, pid);
+        };
+        part("engine-101", None, 101, &|s| {
+            let r = s.requests();
+            r.started("a");
+            r.preempted("a", "RECOMPUTE", "");
+            r.resumed("a");
+            r.finished("a", "");
+            s.cpu_timing().record_ms(CpuOp::SCHEDULING, 0.25, "");
+        });
+        for (pid, rank) in [(102, 0), (103, 1)] {
+            part(&format!("worker-{pid}"), Some(rank), pid, &|s| {
+                s.forward_pass().record_ms(Phase::Prefill, 1, 5, 2.5);
+                s.forward_pass().record_ms(Phase::Decode, 1, 1, 1.0);
+                s.forward_pass().record_ms(Phase::Decode, 1, 1, 1.0);
+            });
+        }
+        // Worker 103 was killed in the middle of a line: its part ends with a torn row.
+        let fwd = run.join("worker-103").join("forward_pass_timing.csv");
+        let mut text = std::fs::read_to_string(&fwd).unwrap();
+        text.push_str("9.0,dec");
+        std::fs::write(&fwd, text).unwrap();
+
+        let report = merge(out.path(), None).unwrap();
+        assert_eq!(report.rows["forward_pass_timing.csv"], 6);
+
+        // The trace: valid JSON, one named track group per process, one slice per forward row.
+        let trace = json(&out.path().join("profilemate_trace.json"));
+        let events = trace.as_array().unwrap();
+        let names: BTreeMap<u64, &str> = events
+            .iter()
+            .filter(|e| e["name"] == "process_name")
+            .map(|e| (e["pid"].as_u64().unwrap(), e["args"]["name"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            [(101, "vLLM engine pid 101"), (102, "vLLM worker pid 102 rank 0"), (103, "vLLM worker pid 103 rank 1")]
+        );
+        let slices = |pid: u64, cat: &str| {
+            events.iter().filter(|e| e["ph"] == "X" && e["pid"] == pid && e["cat"] == cat).count()
+        };
+        assert_eq!((slices(102, "forward_pass"), slices(103, "forward_pass")), (3, 3));
+        assert_eq!(slices(101, "forward_pass"), 0);
+        assert_eq!(slices(101, "cpu_operation"), 1);
+        let instants: Vec<_> =
+            events.iter().filter(|e| e["ph"] == "i").map(|e| (e["pid"].clone(), e["name"].clone())).collect();
+        assert_eq!(instants, [(101.into(), "preempted".into()), (101.into(), "resumed".into())]);
+        // Every forward slice sits at its merged row's time.
+        let merged = rows(&out.path().join("forward_pass_timing.csv"));
+        let mut starts: Vec<u64> = events
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["cat"] == "forward_pass")
+            .map(|e| (e["ts"].as_f64().unwrap() * 1000.0).round() as u64)
+            .collect();
+        starts.sort_unstable();
+        let mut expected: Vec<u64> = merged.iter().map(|r| sec(&r[0])).collect();
+        expected.sort_unstable();
+        assert_eq!(starts.len(), expected.len());
+        // The CSV's seconds have 6 decimals, the trace's microseconds 3.
+        assert!(starts.iter().zip(&expected).all(|(a, b)| a.abs_diff(*b) <= 1_000), "{starts:?} vs {expected:?}");
+
+        // The Parquet tables: row for row the merged CSV files, forward rows with their rank.
+        for table in Table::ALL {
+            let csv = out.path().join(table.file_name());
+            let parquet = out.path().join(table.file_name().replace(".csv", ".parquet"));
+            if !csv.exists() {
+                assert!(!parquet.exists(), "{}", parquet.display());
+                continue;
+            }
+            assert_eq!(parquet_rows(&parquet).len(), rows(&csv).len(), "{table:?}");
+        }
+        use parquet::record::RowAccessor;
+        let fwd = parquet_rows(&out.path().join("forward_pass_timing.parquet"));
+        let rank_col = fwd[0].len() - 1;
+        let parquet_ranks: Vec<i64> = fwd.iter().map(|r| r.get_long(rank_col).unwrap()).collect();
+        let csv_ranks: Vec<i64> = merged.iter().map(|r| r[r.len() - 1].parse().unwrap()).collect();
+        assert_eq!(parquet_ranks, csv_ranks);
+        assert!(!std::fs::read_dir(out.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.path().to_string_lossy().ends_with(".partial")));
     }
 
     #[test]
