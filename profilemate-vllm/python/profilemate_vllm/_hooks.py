@@ -400,6 +400,11 @@ def _merge_when_engines_stopped(orig):
 
     def shutdown(self, *args, **kwargs):
         try:
+            # Before vLLM SIGTERMs and force-kills them: the engine processes write their rows.
+            P.wait_for_idle_parts()
+        except Exception as e:
+            S.fail("CoreEngineProcManager.shutdown", e)
+        try:
             return orig(self, *args, **kwargs)
         finally:
             try:

@@ -237,6 +237,8 @@ def _write_part_json_locked(final: bool) -> None:
         "cuda_graph": {"mode": S.graph_mode or None, "on": S.graphs_on, **S.graph_counts},
         "moe_expert": S.moe.report() if S.moe is not None else None,
         "finished": final,
+        # False while the process steps and its last records may not be in the files yet.
+        "idle": S.idle_flushed,
     }
     tmp = os.path.join(S.part_dir, "part.json.tmp")
     with open(tmp, "w") as f:
@@ -278,6 +280,154 @@ def finalize_process() -> None:
             )
     except Exception as e:
         logger.warning("profilemate: could not finish this process's files: %s", e)
+
+
+# --- the idle flush: rows reach the files as soon as the engine stops stepping ------------------
+
+#: How long a process that recorded steps must see no new record before its rows are flushed to
+#: its files (milliseconds; ``PROFILEMATE_IDLE_FLUSH_MS``, 0 turns the idle flush off). vLLM's
+#: default shutdown force-kills the engine core and its workers (SIGKILL, no shutdown hook), and
+#: the collector writes once a second (:data:`DEFAULT_FLUSH_MS` in the native config): without this
+#: the steps of the last second before a kill, often the whole tail of a run, never reach the
+#: files. With it, once the engine goes idle (its requests done) for this long, the rows are
+#: written; a kill after that loses nothing.
+IDLE_FLUSH_ENV = "PROFILEMATE_IDLE_FLUSH_MS"
+IDLE_FLUSH_DEFAULT_MS = 20.0
+
+
+def _idle_flush_s() -> float:
+    raw = os.environ.get(IDLE_FLUSH_ENV, "").strip()
+    if not raw:
+        return IDLE_FLUSH_DEFAULT_MS / 1000
+    try:
+        value = float(raw)
+        if value >= 0:
+            return value / 1000
+    except ValueError:
+        pass
+    if not S.warned_idle_flush:
+        S.warned_idle_flush = True
+        logger.warning(
+            "profilemate: %s=%r is not a number of milliseconds >= 0; using the default %g ms",
+            IDLE_FLUSH_ENV,
+            raw,
+            IDLE_FLUSH_DEFAULT_MS,
+        )
+    return IDLE_FLUSH_DEFAULT_MS / 1000
+
+
+def note_activity() -> None:
+    """On the step path, after a record: a counter, and once per burst of steps an Event that
+    wakes the idle flusher (no I/O, no wait; the flush runs on the flusher's thread)."""
+    S.idle_activity += 1
+    if not S.idle_armed:
+        S.idle_armed = True
+        _arm_idle_flush()
+
+
+def _arm_idle_flush() -> None:
+    if S.idle_thread is None:
+        window = _idle_flush_s()
+        if window <= 0:
+            S.idle_thread = False
+            return
+        t = threading.Thread(
+            target=_idle_flusher, args=(S.idle_event, window), name="profilemate-idle-flush", daemon=True
+        )
+        S.idle_thread = t
+        t.start()
+    if S.idle_thread is not False:
+        S.idle_event.set()
+
+
+def _idle_flusher(event: threading.Event, window: float) -> None:
+    """Waits for a burst of records, then for ``window`` seconds without a new one, then has the
+    collector write everything recorded so far (``Recorder.flush``, the GIL released)."""
+    while True:
+        event.wait()
+        event.clear()
+        r = S.rec
+        if r is not None and S.idle_flushed:
+            # part.json says the process is stepping: the front end's shutdown waits for it.
+            S.idle_flushed = False
+            _write_part_json_quietly(r)
+        while True:
+            seen = S.idle_activity
+            time.sleep(window)
+            if S.idle_activity == seen:
+                break
+        S.idle_armed = False  # the next record arms it again (and is in this flush or the next)
+        r = S.rec
+        if r is None or S.exiting or S.idle_event is not event:
+            continue
+        try:
+            r.flush()
+            S.idle_flushed = True
+            _write_part_json_quietly(r)
+        except Exception as e:
+            S.fail("idle flush", e)
+
+
+def _write_part_json_quietly(r: Any) -> None:
+    try:
+        _write_part_json(only_while_open=r)
+    except Exception as e:
+        S.fail("part.json", e)
+
+
+#: How long the front end's shutdown waits, before vLLM SIGTERMs and then force-kills the engine
+#: core and its workers, for those processes to have written everything they recorded (their
+#: part.json says ``idle``: their idle flush is done). Seconds; ``PROFILEMATE_SHUTDOWN_WAIT_S``.
+#: An engine still stepping at shutdown (requests in flight) is waited for this long, then killed
+#: as vLLM would; an idle one has flushed within :data:`IDLE_FLUSH_DEFAULT_MS` of its last step.
+SHUTDOWN_WAIT_ENV = "PROFILEMATE_SHUTDOWN_WAIT_S"
+SHUTDOWN_WAIT_DEFAULT_S = 2.0
+
+
+def _busy_parts(run_dir: str) -> List[Tuple[str, int]]:
+    """Live, unfinished parts of other processes whose part.json says they are not idle."""
+    out = []
+    for name in sorted(os.listdir(run_dir)):
+        try:
+            with open(os.path.join(run_dir, name, "part.json")) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue
+        pid = info.get("pid")
+        if info.get("finished") or info.get("idle") is not False or not isinstance(pid, int) or pid == os.getpid():
+            continue
+        if _process_alive(pid):
+            out.append((name, pid))
+    return out
+
+
+def wait_for_idle_parts() -> None:
+    """Front end, before vLLM stops its engine processes: waits (bounded by
+    :data:`SHUTDOWN_WAIT_ENV`) until each has written what it recorded."""
+    if not S.active or not S.out_dir or not S.run:
+        return
+    run_dir = os.path.join(S.out_dir, "parts", S.run)
+    if not os.path.isdir(run_dir):
+        return
+    raw = os.environ.get(SHUTDOWN_WAIT_ENV, "").strip()
+    try:
+        limit = float(raw) if raw else SHUTDOWN_WAIT_DEFAULT_S
+    except ValueError:
+        logger.warning("profilemate: %s=%r is not a number of seconds; waiting the default %g s",
+                       SHUTDOWN_WAIT_ENV, raw, SHUTDOWN_WAIT_DEFAULT_S)
+        limit = SHUTDOWN_WAIT_DEFAULT_S
+    t0 = time.monotonic()
+    busy = _busy_parts(run_dir)
+    while busy and time.monotonic() - t0 < limit:
+        time.sleep(0.005)
+        busy = _busy_parts(run_dir)
+    if busy:
+        logger.warning(
+            "profilemate: %s still stepping after %g s (%s): vLLM stops them now, their last rows may be lost",
+            ", ".join(f"{name} (pid {pid})" for name, pid in busy),
+            limit,
+            SHUTDOWN_WAIT_ENV,
+        )
 
 
 # --- the API server's /metrics ------------------------------------------------------------------
@@ -535,6 +685,7 @@ def after_schedule(sched: Any, out: Any, dt: int) -> None:
         q,
         h,
     )
+    note_activity()
 
 
 def before_preempt(sched: Any, request: Any) -> Any:
@@ -578,6 +729,7 @@ def after_free(request: Any) -> None:
         r.finished(rid, extra)
     else:
         r.evicted(rid, reason, extra)
+    note_activity()
 
 
 def detect_model(runner: Any) -> None:
@@ -640,6 +792,7 @@ def end_step(step: Any, dt: int, v2: bool) -> None:
         else:
             # One call records model_execution, the forward pass and the language model's time.
             r.executed(phase, nseq, ntok, dt if S.f_cpu else -1, S.fwd_ns or dt)
+        note_activity()
     # The trackers (a dense model on a CPU: two checks).
     if S.graph_watch is not None:
         try:

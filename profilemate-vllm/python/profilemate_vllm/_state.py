@@ -64,6 +64,13 @@ class Profiling:
         self.leaked: List[Any] = []  # recorders inherited through fork: never shut down
         self.merged_signature: Any = None
         self.warned_merge_wait = False  # a malformed PROFILEMATE_MERGE_WAIT_S, reported once
+        # -- the idle flush (_plugin.note_activity): records since start, armed, the thread -----
+        self.idle_activity = 0
+        self.idle_armed = False
+        self.idle_event = threading.Event()
+        self.idle_thread: Any = None  # None: not started; False: disabled
+        self.warned_idle_flush = False
+        self.idle_flushed = True  # part.json's `idle`: everything recorded is in the files
         self.model_type: Optional[str] = None
         self.timing = "host"
         self.cuda: Any = None  # the CUDA event timer, on a GPU
@@ -121,6 +128,10 @@ class Profiling:
             self.leaked.append(self.rec)
         self.rec = None
         self.part_json_lock = threading.Lock()  # the parent's refresher may have held it
+        self.idle_armed = False  # the parent's idle flusher is not in this process
+        self.idle_event = threading.Event()
+        self.idle_thread = None
+        self.idle_flushed = True
         self.moe = None
         self.model_seen = self.graphs_on = False
         self.graph_mode = ""
