@@ -616,3 +616,87 @@ def test_part_json_follows_the_counters_while_the_process_runs(tmp_path, monkeyp
     S.errors["execute_model"] = 4
     time.sleep(0.3)
     assert read()["finished"] is True and read()["hook_errors"] == {"execute_model": 3}
+
+
+def test_the_idle_flush_writes_the_rows_once_the_steps_stop_and_the_shutdown_waits_for_it(tmp_path, monkeypatch):
+    """A burst of records arms the idle flusher once; the recorder is flushed only after no
+    record came for the window, part.json says `idle` false meanwhile and true after; the front
+    end's shutdown wait returns once every live part is idle (and is bounded otherwise)."""
+    import threading
+    import time
+
+    from profilemate_vllm import _plugin
+
+    class Rec:
+        def __init__(self):
+            self.flushes = []
+
+        def flush(self):
+            self.flushes.append((time.monotonic(), S.idle_activity))
+
+    rec = Rec()
+    run = tmp_path / "parts" / "run"
+    part = run / "worker-1"
+    part.mkdir(parents=True)
+    monkeypatch.setenv("PROFILEMATE_IDLE_FLUSH_MS", "200")
+    for name, value in [
+        ("part_dir", str(part)), ("rec", rec), ("errors", {}), ("idle_activity", 0), ("idle_armed", False),
+        ("idle_event", threading.Event()), ("idle_thread", None), ("idle_flushed", True), ("exiting", False),
+    ]:
+        monkeypatch.setattr(S, name, value)
+    _plugin._write_part_json()
+
+    def part_json():
+        for _ in range(200):
+            try:
+                return json.loads((part / "part.json").read_text())
+            except (OSError, ValueError):
+                time.sleep(0.01)
+        raise AssertionError("no part.json")
+
+    # 10 records 10 ms apart (far shorter than the window): no flush until 200 ms after the last.
+    for _ in range(10):
+        _plugin.note_activity()
+        last = time.monotonic()
+        time.sleep(0.01)
+    assert rec.flushes == [] and S.idle_armed
+    for _ in range(300):
+        if rec.flushes and part_json()["idle"]:
+            break
+        time.sleep(0.01)
+    assert len(rec.flushes) == 1, rec.flushes
+    at, seen = rec.flushes[0]
+    assert seen == 10 and at - last >= 0.2
+    assert part_json()["idle"] is True and not S.idle_armed
+
+    # The front end's wait: a live part that says it is stepping is waited for...
+    monkeypatch.setattr(S, "active", True)
+    monkeypatch.setattr(S, "out_dir", str(tmp_path))
+    monkeypatch.setattr(S, "run", "run")
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        info = part_json()
+        info.update(pid=writer.pid, idle=False)
+        (part / "part.json").write_text(json.dumps(info))
+        monkeypatch.setenv("PROFILEMATE_SHUTDOWN_WAIT_S", "0.2")
+        t0 = time.monotonic()
+        _plugin.wait_for_idle_parts()
+        assert time.monotonic() - t0 >= 0.2  # ...at most this long when it never becomes idle
+        assert _plugin._busy_parts(str(run)) == [("worker-1", writer.pid)]
+        monkeypatch.setenv("PROFILEMATE_SHUTDOWN_WAIT_S", "60")
+
+        def idle():
+            time.sleep(0.3)
+            (part / "part.json.tmp").write_text(json.dumps(dict(info, idle=True)))
+            os.replace(part / "part.json.tmp", part / "part.json")
+
+        t = threading.Thread(target=idle)
+        t.start()
+        t0 = time.monotonic()
+        _plugin.wait_for_idle_parts()
+        waited = time.monotonic() - t0
+        t.join()
+        assert 0.25 <= waited < 30 and _plugin._busy_parts(str(run)) == []
+    finally:
+        writer.kill()
+        writer.wait()
