@@ -642,6 +642,7 @@ def test_the_idle_flush_writes_the_rows_once_the_steps_stop_and_the_shutdown_wai
     for name, value in [
         ("part_dir", str(part)), ("rec", rec), ("errors", {}), ("idle_activity", 0), ("idle_armed", False),
         ("idle_event", threading.Event()), ("idle_thread", None), ("idle_flushed", True), ("exiting", False),
+        ("in_step", False), ("idle_sched", None),
     ]:
         monkeypatch.setattr(S, name, value)
     _plugin._write_part_json()
@@ -668,6 +669,33 @@ def test_the_idle_flush_writes_the_rows_once_the_steps_stop_and_the_shutdown_wai
     at, seen = rec.flushes[0]
     assert seen == 10 and at - last >= 0.2
     assert part_json()["idle"] is True and not S.idle_armed
+
+    # Not idle while a step runs longer than the window, nor while the scheduler holds requests.
+    class Sched:
+        unfinished = True
+
+        def has_unfinished_requests(self):
+            return self.unfinished
+
+    sched = Sched()
+    for busy in ("in_step", "idle_sched"):
+        if busy == "in_step":
+            S.in_step = True
+        else:
+            S.idle_sched = sched
+        _plugin.note_activity()
+        time.sleep(0.6)
+        assert len(rec.flushes) == 1 and part_json()["idle"] is False, busy
+        S.in_step = False
+        sched.unfinished = False
+        for _ in range(300):
+            if len(rec.flushes) == 2 and part_json()["idle"]:
+                break
+            time.sleep(0.01)
+        assert len(rec.flushes) == 2 and part_json()["idle"] is True, busy
+        rec.flushes.pop()
+        sched.unfinished = True
+    S.idle_sched = None
 
     # The front end's wait: a live part that says it is stepping is waited for...
     monkeypatch.setattr(S, "active", True)

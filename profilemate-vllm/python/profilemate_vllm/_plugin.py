@@ -289,8 +289,9 @@ def finalize_process() -> None:
 #: default shutdown force-kills the engine core and its workers (SIGKILL, no shutdown hook), and
 #: the collector writes once a second (:data:`DEFAULT_FLUSH_MS` in the native config): without this
 #: the steps of the last second before a kill, often the whole tail of a run, never reach the
-#: files. With it, once the engine goes idle (its requests done) for this long, the rows are
-#: written; a kill after that loses nothing.
+#: files. With it, once the engine goes idle for this long (no step under way, no request left in
+#: the scheduler of this process, if it has one), the rows are written; a kill after that loses
+#: nothing. A busy engine is left to the collector's period: no flush per step.
 IDLE_FLUSH_ENV = "PROFILEMATE_IDLE_FLUSH_MS"
 IDLE_FLUSH_DEFAULT_MS = 20.0
 
@@ -354,7 +355,7 @@ def _idle_flusher(event: threading.Event, window: float) -> None:
         while True:
             seen = S.idle_activity
             time.sleep(window)
-            if S.idle_activity == seen:
+            if S.idle_activity == seen and _engine_idle():
                 break
         S.idle_armed = False  # the next record arms it again (and is in this flush or the next)
         r = S.rec
@@ -366,6 +367,21 @@ def _idle_flusher(event: threading.Event, window: float) -> None:
             _write_part_json_quietly(r)
         except Exception as e:
             S.fail("idle flush", e)
+
+
+def _engine_idle() -> bool:
+    """Whether this process's part of the engine has stopped: no forward pass under way (a step
+    longer than the window is not a pause) and no request left in its scheduler (the engine core
+    waiting for its worker's step is not idle either)."""
+    if S.in_step:
+        return False
+    sched = S.idle_sched
+    if sched is None:
+        return True
+    try:
+        return not sched.has_unfinished_requests()
+    except Exception:
+        return True
 
 
 def _write_part_json_quietly(r: Any) -> None:
@@ -638,6 +654,7 @@ def after_schedule(sched: Any, out: Any, dt: int) -> None:
         return
     phase, nseq = classify(out, S.recompute)
     S.last_so, S.last_phase, S.last_nseq = out, phase, nseq
+    S.idle_sched = sched
     if S.f_pre:
         pending = S.preempted
         for new in out.scheduled_new_reqs:

@@ -71,6 +71,7 @@ class Profiling:
         self.idle_thread: Any = None  # None: not started; False: disabled
         self.warned_idle_flush = False
         self.idle_flushed = True  # part.json's `idle`: everything recorded is in the files
+        self.idle_sched: Any = None  # the scheduler this process steps (engine core), if any
         self.model_type: Optional[str] = None
         self.timing = "host"
         self.cuda: Any = None  # the CUDA event timer, on a GPU
@@ -132,6 +133,7 @@ class Profiling:
         self.idle_event = threading.Event()
         self.idle_thread = None
         self.idle_flushed = True
+        self.idle_sched = None
         self.moe = None
         self.model_seen = self.graphs_on = False
         self.graph_mode = ""
