@@ -779,6 +779,7 @@ fn write_manifest(
         obj.insert("run".into(), serde_json::Value::String(report.run.clone()));
         let parts = serde_json::to_value(&report.parts).map_err(|e| MergeError::Write(e.to_string()))?;
         obj.insert("merged_from".into(), parts);
+        obj.insert("recovered".into(), recovered(&report.parts));
     }
     let bytes = serde_json::to_vec_pretty(&value).map_err(|e| MergeError::Write(e.to_string()))?;
     let path = dir.join(MANIFEST_FILE);
@@ -852,6 +853,25 @@ fn write_trace_and_tables(
         sink.finish(finish_with).map_err(|e| w(&e))?;
     }
     Ok(())
+}
+
+/// The manifest's `recovered`: what the merge took from the parts of processes that were not shut
+/// down cleanly (killed: vLLM's force kill, the OOM killer), from the files they had flushed:
+/// `{"parts": [dir, ...], "rows": {file: rows, ...}, "skipped_lines": n}` (torn or malformed lines
+/// left out). Each part's own figures are in `merged_from`.
+fn recovered(parts: &[PartReport]) -> serde_json::Value {
+    let killed: Vec<&PartReport> = parts.iter().filter(|p| !p.finished).collect();
+    let mut rows: BTreeMap<&str, u64> = BTreeMap::new();
+    for p in &killed {
+        for (file, n) in &p.rows {
+            *rows.entry(file.as_str()).or_insert(0) += n;
+        }
+    }
+    serde_json::json!({
+        "parts": killed.iter().map(|p| p.dir.as_str()).collect::<Vec<_>>(),
+        "rows": rows,
+        "skipped_lines": killed.iter().map(|p| p.skipped_lines).sum::<u64>(),
+    })
 }
 
 /// The name of a part's process in the merged trace: `vLLM <role> pid <pid>[ rank <rank>]`.
@@ -970,6 +990,7 @@ mod tests {
             serde_json::from_slice(&std::fs::read(out.path().join(MANIFEST_FILE)).unwrap()).unwrap();
         assert_eq!(manifest["steps"], 2);
         assert_eq!(manifest["merged_from"].as_array().unwrap().len(), 2);
+        assert_eq!(manifest["recovered"], serde_json::json!({"parts": [], "rows": {}, "skipped_lines": 0}));
     }
 
     fn json(path: &Path) -> serde_json::Value {
@@ -1135,14 +1156,24 @@ mod tests {
                 s.forward_pass().record_ms(Phase::Decode, 1, 1, 1.0);
             });
         }
-        // Worker 103 was killed in the middle of a line: its part ends with a torn row.
+        // Worker 103 was killed in the middle of a line: its part ends with a torn row, and its
+        // manifest is the one of a session that never shut down.
         let fwd = run.join("worker-103").join("forward_pass_timing.csv");
         let mut text = std::fs::read_to_string(&fwd).unwrap();
         text.push_str("9.0,dec");
         std::fs::write(&fwd, text).unwrap();
+        let manifest_path = run.join("worker-103").join(MANIFEST_FILE);
+        let mut m = json(&manifest_path);
+        m["finished"] = false.into();
+        std::fs::write(&manifest_path, serde_json::to_vec(&m).unwrap()).unwrap();
 
         let report = merge(out.path(), None).unwrap();
         assert_eq!(report.rows["forward_pass_timing.csv"], 6);
+        assert!(!report.complete);
+        let recovered = &json(&out.path().join(MANIFEST_FILE))["recovered"];
+        assert_eq!(recovered["parts"], serde_json::json!([format!("parts/20250101T000000Z-1/worker-103")]));
+        assert_eq!(recovered["rows"]["forward_pass_timing.csv"], 3);
+        assert_eq!(recovered["skipped_lines"], 1);
 
         // The trace: valid JSON, one named track group per process, one slice per forward row.
         let trace = json(&out.path().join("profilemate_trace.json"));

@@ -94,6 +94,11 @@ def test_a_part_cut_by_a_kill_still_merges_into_a_loadable_trace(mp_all_sinks: R
     assert manifest["finished"] is False
     part = next(p for p in manifest["merged_from"] if p["role"] == "worker")
     assert part["rows"]["forward_pass_timing.csv"] == rows and part["skipped_lines"] == 1
+    # The manifest and the command say what came from the killed part.
+    assert manifest["recovered"]["parts"] == [part["dir"]]
+    assert manifest["recovered"]["rows"] == part["rows"] and manifest["recovered"]["skipped_lines"] == 1
+    line = next(l for l in p.stdout.splitlines() if l.strip().startswith(part["dir"]))
+    assert f"{sum(part['rows'].values())} rows recovered, 1 torn line(s) skipped" in line, p.stdout
     _check_trace_and_tables(copy, manifest["merged_from"])
 
 

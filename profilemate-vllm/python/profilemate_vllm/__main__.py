@@ -41,7 +41,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 state = "finished" if p["finished"] else "NOT shut down cleanly (killed?)"
                 rank = "" if p["rank"] is None else f" rank {p['rank']}"
                 skipped = f", {p['skipped_lines']} torn line(s) skipped" if p["skipped_lines"] else ""
-                print(f"  {p['dir']}: {p['role']}{rank} pid {p['pid']}, {state}{skipped}")
+                got = "recovered" if not p["finished"] else "read"
+                rows = f", {sum(p['rows'].values())} rows {got}"
+                print(f"  {p['dir']}: {p['role']}{rank} pid {p['pid']}, {state}{rows}{skipped}")
             for name, n in report["rows"].items():
                 print(f"  {name}: {n} rows")
         return 0
