@@ -170,7 +170,9 @@ impl fmt::Display for Fixed {
 /// [Perfetto](https://ui.perfetto.dev) and `chrome://tracing` open.
 ///
 /// What it shows, on one process (the recording process's id, named after the host, pid and
-/// rank):
+/// rank; a trace of several processes on one timeline, such as the merge of a multi-process vLLM
+/// run, names each with [`create_for_process`](Self::create_for_process) and
+/// [`begin_process`](Self::begin_process)):
 ///
 /// | rows | trace events | track |
 /// | --- | --- | --- |
