@@ -336,11 +336,14 @@ class FakeRecorder:
         self.forward_rows = []
         self.components = []
 
-    def forward(self, phase, nseq, ntok, ns):
-        self.forward_rows.append((phase, nseq, ntok, ns))
+        self.steps = []
 
-    def component(self, component, ns, context):
-        self.components.append((component, ns, context))
+    def forward_of_step(self, step, phase, nseq, ntok, ns):
+        from profilemate_vllm._state import DECODER
+
+        self.steps.append(step)
+        self.forward_rows.append((phase, nseq, ntok, ns))
+        self.components.append((DECODER, ns, "language_model"))
 
 
 def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
@@ -361,7 +364,7 @@ def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
 
     for step in range(3):
         timer.start()
-        timer.stop((DECODE, 4, 4 + step))
+        timer.stop((DECODE, 4, 4 + step, 10 + step))
     timer.poll(rec)
     assert rec.forward_rows == []  # the device has not finished any step
     device.done = 2  # the first step's start and end events
@@ -371,12 +374,14 @@ def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
     device.done = 6
     timer.poll(rec)
     assert [r[2] for r in rec.forward_rows] == [4, 5, 6]
+    # Each row is recorded in the step its pass ran in, not the one open when it resolved.
+    assert rec.steps == [10, 11, 12]
     assert device.created == 6  # three pairs so far
 
     # Finished pairs are reused: three more steps create no new event.
     for step in range(3):
         timer.start()
-        timer.stop((MIXED, 2, 64))
+        timer.stop((MIXED, 2, 64, 0))
     assert device.created == 6
     device.done = len(device.recorded)
     timer.poll(rec)
@@ -385,7 +390,7 @@ def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
     # The device falls behind: more than 8 steps pending drops the oldest, counted.
     for _ in range(10):
         timer.start()
-        timer.stop((PREFILL, 1, 512))
+        timer.stop((PREFILL, 1, 512, 0))
     assert timer.dropped == 2 and len(timer._pending) == 8
     # Shutdown with the device still behind: what it has not reached is dropped and counted.
     device.done = len(device.recorded) - 4  # the last two steps are not finished

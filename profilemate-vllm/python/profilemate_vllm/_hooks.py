@@ -71,14 +71,22 @@ def _schedule(orig):
     if _exact(orig, ("self", "throttle_prefills")):
 
         def schedule_exact(self, throttle_prefills):
+            if S.rec is not None:
+                try:
+                    P.step_opens()
+                except Exception as e:
+                    S.fail("Scheduler.schedule", e)
             t0 = pc()
             out = orig(self, throttle_prefills)
             dt = pc() - t0
             try:
                 if out.total_num_scheduled_tokens:
                     P.after_schedule(self, out, dt)
-                elif S.recompute:
-                    forget_finished(out, S.recompute)
+                else:
+                    if S.engine_step:
+                        P.step_empty()
+                    if S.recompute:
+                        forget_finished(out, S.recompute)
             except Exception as e:
                 S.fail("Scheduler.schedule", e)
             return out
@@ -86,14 +94,22 @@ def _schedule(orig):
         return _defaults_of(orig, schedule_exact)
 
     def schedule(self, *args, **kwargs):
+        if S.rec is not None:
+            try:
+                P.step_opens()
+            except Exception as e:
+                S.fail("Scheduler.schedule", e)
         t0 = pc()
         out = orig(self, *args, **kwargs)
         dt = pc() - t0
         try:
             if out.total_num_scheduled_tokens:
                 P.after_schedule(self, out, dt)
-            elif S.recompute:
-                forget_finished(out, S.recompute)
+            else:
+                if S.engine_step:
+                    P.step_empty()
+                if S.recompute:
+                    forget_finished(out, S.recompute)
         except Exception as e:
             S.fail("Scheduler.schedule", e)
         return out
@@ -133,6 +149,34 @@ def _free_request(orig):
     return _free_request
 
 
+def _update_from_output(orig):
+    """``Scheduler.update_from_output``: the end of the engine core's step (its output's
+    bookkeeping: finished requests, stop checks) closes the step its ``SchedulerOutput`` carries."""
+    if _exact(orig, ("self", "scheduler_output", "model_runner_output")):
+
+        def update_from_output_exact(self, scheduler_output, model_runner_output):
+            out = orig(self, scheduler_output, model_runner_output)
+            if S.engine_step:
+                try:
+                    P.step_ends(scheduler_output)
+                except Exception as e:
+                    S.fail("Scheduler.update_from_output", e)
+            return out
+
+        return update_from_output_exact
+
+    def update_from_output(self, scheduler_output, *args, **kwargs):
+        out = orig(self, scheduler_output, *args, **kwargs)
+        if S.engine_step:
+            try:
+                P.step_ends(scheduler_output)
+            except Exception as e:
+                S.fail("Scheduler.update_from_output", e)
+        return out
+
+    return update_from_output
+
+
 # --- wrappers: model runners and worker (worker process) ---------------------------------------
 
 
@@ -166,6 +210,8 @@ def _execute_model(v2: bool):
                 if step is not None:
                     try:
                         P.end_step(step, dt, False)
+                        if out is not None and S.worker_step:
+                            P.worker_step_ends()  # no sample_tokens call follows
                     except Exception as e:
                         S.fail(where, e)
                 return out
@@ -198,6 +244,8 @@ def _execute_model(v2: bool):
             if step is not None:
                 try:
                     P.end_step(step, dt, v2)
+                    if out is not None and S.worker_step:
+                        P.worker_step_ends()  # no sample_tokens call follows
                 except Exception as e:
                     S.fail(where, e)
             return out
@@ -276,6 +324,11 @@ def _sample_tokens(where: str):
                             r.cpu(OP_SAMPLING, dt, S.step_phase)
                     except Exception as e:
                         S.fail(where, e)
+                if S.worker_step:
+                    try:
+                        P.worker_step_ends()
+                    except Exception as e:
+                        S.fail(where, e)
                 return out
 
             return _defaults_of(orig, sample_tokens_exact)
@@ -292,6 +345,11 @@ def _sample_tokens(where: str):
                     r = S.rec if S.rec is not None else P._open()
                     if r is not None:
                         r.cpu(OP_SAMPLING, dt, S.step_phase)
+                except Exception as e:
+                    S.fail(where, e)
+            if S.worker_step:
+                try:
+                    P.worker_step_ends()
                 except Exception as e:
                     S.fail(where, e)
             return out
@@ -667,6 +725,14 @@ SPECS: Tuple[Spec, ...] = (
         "Scheduler",
     ),
     Spec(_SCHED, "Scheduler", "_free_request", ("self", "request", "delay_free_blocks"), _free_request, "Scheduler"),
+    Spec(
+        _SCHED,
+        "Scheduler",
+        "update_from_output",
+        ("self", "scheduler_output", "model_runner_output"),
+        _update_from_output,
+        "Scheduler",
+    ),
     Spec(
         _V1,
         "GPUModelRunner",
