@@ -513,6 +513,12 @@ impl Timeline {
 
         let mut rows = Rows::default();
         let mut summaries = Summaries::default();
+        // The rows the step timeline joins: every part's but those of workers other than the
+        // lowest rank (tensor-parallel ranks run the same step: their passes would count it
+        // once per rank; their rows stay in their tables).
+        let first_rank = parts.iter().filter_map(|p| p.report.rank).min();
+        let feeds: Vec<bool> = parts.iter().map(|p| p.report.rank.is_none() || p.report.rank == first_rank).collect();
+        let mut joined = Rows::default();
 
         let mut forward = ForwardPassProfiler::new();
         let mut ranks = Vec::with_capacity(self.forward.len());
@@ -522,6 +528,9 @@ impl Timeline {
             let before = rows.forward_pass.len();
             forward.observe(&ev, &mut rows);
             rows.forward_pass[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.forward_pass.extend_from_slice(&rows.forward_pass[before..]);
+            }
             ranks.push(parts[k.part].report.rank);
         }
 
@@ -540,6 +549,9 @@ impl Timeline {
             let before = rows.cpu_operations.len();
             cpu.observe(&ev, &mut rows);
             rows.cpu_operations[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.cpu_operations.extend_from_slice(&rows.cpu_operations[before..]);
+            }
         }
 
         let mut batch = BatchUtilizationProfiler::new(config.underutilization_threshold_pct);
@@ -547,6 +559,9 @@ impl Timeline {
             let before = rows.batch_utilization.len();
             batch.observe(&Event::Batch { timestamp_ns: k.t, sample: k.row }, &mut rows);
             rows.batch_utilization[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.batch_utilization.extend_from_slice(&rows.batch_utilization[before..]);
+            }
         }
 
         let mut preemption = PreemptionProfiler::new();
@@ -561,6 +576,9 @@ impl Timeline {
             let before = rows.preemption_events.len();
             preemption.observe(&ev, &mut rows);
             rows.preemption_events[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.preemption_events.extend_from_slice(&rows.preemption_events[before..]);
+            }
         }
         preemption.finish(end_ns, &mut rows);
 
@@ -572,6 +590,9 @@ impl Timeline {
             let before = rows.encoder_decoder.len();
             components.observe(&ev, &mut rows);
             rows.encoder_decoder[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.encoder_decoder.extend_from_slice(&rows.encoder_decoder[before..]);
+            }
         }
 
         let mut kv_cache = KvCacheProfiler::new();
@@ -579,6 +600,9 @@ impl Timeline {
             let before = rows.kv_cache.len();
             kv_cache.observe(&Event::KvCache { timestamp_ns: k.t, sample: k.row }, &mut rows);
             rows.kv_cache[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.kv_cache.extend_from_slice(&rows.kv_cache[before..]);
+            }
         }
 
         let mut cuda_graph = CudaGraphProfiler::new();
@@ -594,6 +618,9 @@ impl Timeline {
             let before = rows.cuda_graph.len();
             cuda_graph.observe(&ev, &mut rows);
             rows.cuda_graph[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.cuda_graph.extend_from_slice(&rows.cuda_graph[before..]);
+            }
         }
 
         let mut moe = MoeExpertProfiler::new();
@@ -621,9 +648,9 @@ impl Timeline {
         // forward pass profiler's table, as in a session.
         if config.is_enabled(ProfilerKind::ForwardPass) {
             let mut timeline = StepTimelineBuilder::new(config.is_enabled(ProfilerKind::Preemption));
-            timeline.add_rows(&rows);
+            timeline.add_rows(&joined);
             for k in &self.moe {
-                if let Some(step) = k.step {
+                if let (Some(step), true) = (k.step, feeds[k.part]) {
                     timeline.add_moe(step, k.t, &k.row.tokens_per_expert);
                 }
             }
@@ -1061,9 +1088,12 @@ mod tests {
         use std::time::Duration;
         let out = tempfile::tempdir().unwrap();
         let run = out.path().join(PARTS_DIR).join("20250101T000000Z-1");
-        let (e_dir, w_dir) = (run.join("engine-1"), run.join("worker-2"));
+        let (e_dir, w_dir, w1_dir) = (run.join("engine-1"), run.join("worker-2"), run.join("worker-3"));
         let engine = profilemate::builder().dir(&e_dir).moe_window_steps(0).build().unwrap();
         let worker = profilemate::builder().dir(&w_dir).moe_window_steps(0).build().unwrap();
+        // A second tensor-parallel rank runs the same steps: its rows stay in their tables but
+        // do not count each step twice in the timeline.
+        let worker1 = profilemate::builder().dir(&w1_dir).moe_window_steps(0).build().unwrap();
         let pause = || std::thread::sleep(Duration::from_millis(2));
         let sample = |phase| BatchSample {
             num_seqs: 2,
@@ -1090,18 +1120,25 @@ mod tests {
             worker.forward_pass().record_ms(phase, 2, 2, 1.5 * step as f64);
             worker.cpu_timing().record_ms(CpuOp::SAMPLING, 0.125, "");
             ws.close();
+            let ws1 = worker1.steps();
+            assert!(ws1.open(step));
+            worker1.forward_pass().record_ms(phase, 2, 2, 1.0);
+            worker1.cpu_timing().record_ms(CpuOp::SAMPLING, 0.5, "");
+            ws1.close();
             pause();
             es.close();
         }
         engine.shutdown().unwrap();
         worker.shutdown().unwrap();
-        for (dir, role, rank) in [(&e_dir, "engine", None), (&w_dir, "worker", Some(0))] {
+        worker1.shutdown().unwrap();
+        for (dir, role, rank) in [(&e_dir, "engine", None), (&w_dir, "worker", Some(0)), (&w1_dir, "worker", Some(1))] {
             let info = serde_json::json!({"role": role, "rank": rank, "pid": 1});
             std::fs::write(dir.join(PART_FILE), info.to_string()).unwrap();
         }
 
         let report = merge(out.path(), None).unwrap();
         assert_eq!(report.rows["step_timeline.csv"], 3);
+        assert_eq!(report.rows["forward_pass_timing.csv"], 6, "both ranks' rows are in the table");
         let mut reader = csv::Reader::from_path(out.path().join("step_timeline.csv")).unwrap();
         let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
         assert_eq!(header, profilemate::STEP_TIMELINE_COLUMNS);
@@ -1112,6 +1149,7 @@ mod tests {
         let engine_steps = rows(&e_dir.join("step_timeline.csv"));
         let offset = report.parts.iter().find(|p| p.role == "engine").unwrap().offset_ns;
         for (i, r) in steps.iter().enumerate() {
+            // Rank 0's pass and sampling only.
             let step = i as f64 + 1.0;
             assert_eq!(&r[col("phase")], if i == 0 { "prefill" } else { "decode" });
             assert_eq!(r[col("forward_time_ms")].parse::<f64>().unwrap(), 1.5 * step);

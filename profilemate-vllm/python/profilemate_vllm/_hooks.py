@@ -20,7 +20,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 from . import _plugin as P
 from ._imports import PostImportHooks
 from ._phase import forget_finished
-from ._state import ENCODER, OP_BATCH_PREPARATION, OP_SAMPLING, WRAPPED_ATTR, pc
+from ._state import ENCODER, OP_BATCH_PREPARATION, OP_SAMPLING, STEP_ATTR, WRAPPED_ATTR, pc
 from ._state import STATE as S
 from ._state import logger
 from ._trackers import _AOT_LOAD, _AOT_MODULE, COUNTS_ATTR
@@ -71,9 +71,14 @@ def _schedule(orig):
     if _exact(orig, ("self", "throttle_prefills")):
 
         def schedule_exact(self, throttle_prefills):
-            if S.rec is not None:
+            r = S.rec
+            if r is not None:
+                # Opens the next step id (inlined: this runs every step).
                 try:
-                    P.step_opens()
+                    if S.engine_step:
+                        r.end_step()  # scheduled ahead of its bookkeeping (batch queue), or that raised
+                    S.engine_step = n = S.step_seq + 1
+                    r.begin_step(n)
                 except Exception as e:
                     S.fail("Scheduler.schedule", e)
             t0 = pc()
@@ -156,9 +161,13 @@ def _update_from_output(orig):
 
         def update_from_output_exact(self, scheduler_output, model_runner_output):
             out = orig(self, scheduler_output, model_runner_output)
-            if S.engine_step:
+            n = S.engine_step
+            if n:
+                # Closes the step (inlined: this runs every step).
                 try:
-                    P.step_ends(scheduler_output)
+                    if getattr(scheduler_output, STEP_ATTR, 0) == n:
+                        S.engine_step = 0
+                        S.rec.end_step()
                 except Exception as e:
                     S.fail("Scheduler.update_from_output", e)
             return out

@@ -337,7 +337,8 @@ def at_exit() -> None:
 
 
 def step_opens() -> None:
-    """Before ``Scheduler.schedule`` (with a recorder open): opens the next step id."""
+    """Before ``Scheduler.schedule`` (with a recorder open): opens the next step id. (The exact
+    wrapper of ``Scheduler.schedule`` does the same inline.)"""
     r = S.rec
     if S.engine_step:
         r.end_step()  # scheduled ahead of its bookkeeping (batch queue), or that raised
@@ -354,7 +355,8 @@ def step_empty() -> None:
 
 
 def step_ends(so: Any) -> None:
-    """After ``update_from_output(so)``: closes the step ``so`` carries if it is the open one."""
+    """After ``update_from_output(so)``: closes the step ``so`` carries if it is the open one.
+    (The exact wrapper of ``update_from_output`` does the same inline.)"""
     if getattr(so, STEP_ATTR, 0) == S.engine_step:
         S.engine_step = 0
         if S.rec is not None:
@@ -381,7 +383,7 @@ def after_schedule(sched: Any, out: Any, dt: int) -> None:
             r.end_step()
         r.begin_step(n)
         S.engine_step = n
-    setattr(out, STEP_ATTR, n)
+    out.profilemate_step = n  # STEP_ATTR
     phase, nseq = classify(out, S.recompute)
     S.last_so, S.last_phase, S.last_nseq = out, phase, nseq
     if S.f_pre:
