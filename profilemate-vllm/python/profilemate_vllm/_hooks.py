@@ -334,8 +334,10 @@ def _sample_tokens(where: str):
                     except Exception as e:
                         S.fail(where, e)
                 if S.worker_step:
+                    # A worker process closes the step it opened (inlined: this runs every step).
+                    S.worker_step = 0
                     try:
-                        P.worker_step_ends()
+                        S.rec.end_step()
                     except Exception as e:
                         S.fail(where, e)
                 return out
