@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -522,3 +523,48 @@ def test_gpu_check_harness_skips_without_a_gpu_and_runs_its_cpu_side():
     if not torch.cuda.is_available():
         p = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and "SKIPPED: no CUDA device" in p.stdout, p.stdout + p.stderr
+
+
+def test_native_step_methods_give_rows_their_step(tmp_path, monkeypatch):
+    """``Recorder.begin_step`` / ``end_step`` / ``cancel_step`` / ``forward_of_step`` on the real
+    native module: rows carry the open step, a cancelled step writes no timeline row, a late
+    forward row goes to the step it names, rows outside any step have none."""
+    from profilemate_vllm import _native
+
+    for k in list(os.environ):
+        if k.startswith(("VLLM_PROFILING_", "PROFILEMATE_")):
+            monkeypatch.delenv(k)
+    rec = _native.Recorder(str(tmp_path / "part"))
+    rec.cpu(0, 100_000, 1)  # scheduling outside any step
+    rec.begin_step(1)
+    rec.cpu(0, 200_000, 1)
+    rec.executed(1, 2, 2, 900_000, 800_000)
+    rec.end_step()
+    rec.begin_step(2)  # opened, then the scheduler had nothing to run
+    rec.cancel_step()
+    rec.begin_step(2)
+    rec.cpu(0, 300_000, 1)
+    rec.forward_of_step(1, 1, 2, 2, 500_000)  # resolved late: step 1's pass
+    rec.executed(1, 2, 2, 700_000, 600_000)
+    rec.end_step()
+    try:
+        rec.begin_step(0)
+        raise AssertionError("step id 0 accepted")
+    except ValueError as e:
+        assert "step id 0" in str(e)
+    rec.shutdown()
+
+    def read(name):
+        with open(tmp_path / "part" / name) as f:
+            return list(csv.DictReader(f))
+
+    assert [(r["duration_ms"], r["step"]) for r in read("cpu_operations_timing.csv") if r["operation"] == "scheduling"] == [
+        ("0.100000", ""), ("0.200000", "1"), ("0.300000", "2")
+    ]
+    assert [(r["forward_time_ms"], r["step"]) for r in read("forward_pass_timing.csv")] == [
+        ("0.800000", "1"), ("0.500000", "1"), ("0.600000", "2")
+    ]
+    timeline = read("step_timeline.csv")
+    assert [(r["step"], r["forward_passes"], r["forward_time_ms"]) for r in timeline] == [
+        ("1", "2", "1.300000"), ("2", "1", "0.600000")
+    ]
