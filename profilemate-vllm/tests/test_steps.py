@@ -78,8 +78,11 @@ def test_step_timeline_has_one_row_per_step_joining_the_processes(basic: Run):
     fwd = {step_of(r): r for r in rows_of(basic, "forward_pass_timing.csv")}
     batch = {step_of(r): r for r in rows_of(basic, "batch_utilization.csv")}
     cpu = defaultdict(dict)
+    scheduled_at = {}
     for r in rows_of(basic, "cpu_operations_timing.csv"):
         cpu[step_of(r)][r["operation"]] = float(r["duration_ms"])
+        if r["operation"] == "scheduling":
+            scheduled_at[step_of(r)] = float(r["timestamp_sec"])
     kv = {step_of(r): r for r in rows_of(basic, "kv_cache_usage.csv")}
     for t in timeline:
         s = int(t["step"])
@@ -101,6 +104,8 @@ def test_step_timeline_has_one_row_per_step_joining_the_processes(basic: Run):
         claimed = sum(float(t[c]) for c in ("forward_time_ms", "scheduling_ms", "batch_preparation_ms", "sampling_ms"))
         assert wall >= claimed - 1e-3, t
         start = float(t["start_sec"])
+        # The step opens before its scheduling starts (the first one too).
+        assert start <= scheduled_at[s] + 2e-6, (s, start, scheduled_at[s])
         assert start <= float(b["timestamp_sec"]) and start <= float(f["timestamp_sec"])
         assert start + wall / 1000 >= float(f["timestamp_sec"]) + float(f["forward_time_ms"]) / 1000 - 2e-6
     summary = json.load(open(os.path.join(basic.dir, "step_timeline_summary.json")))

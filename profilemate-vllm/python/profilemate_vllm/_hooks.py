@@ -71,16 +71,17 @@ def _schedule(orig):
     if _exact(orig, ("self", "throttle_prefills")):
 
         def schedule_exact(self, throttle_prefills):
-            r = S.rec
-            if r is not None:
-                # Opens the next step id (inlined: this runs every step).
-                try:
+            # Opens the next step id (inlined: this runs every step; the first opens the
+            # recorder, so that the first step's scheduling is inside it too).
+            try:
+                r = S.rec if S.rec is not None else P._open()
+                if r is not None:
                     if S.engine_step:
                         r.end_step()  # scheduled ahead of its bookkeeping (batch queue), or that raised
                     S.engine_step = n = S.step_seq + 1
                     r.begin_step(n)
-                except Exception as e:
-                    S.fail("Scheduler.schedule", e)
+            except Exception as e:
+                S.fail("Scheduler.schedule", e)
             t0 = pc()
             out = orig(self, throttle_prefills)
             dt = pc() - t0
@@ -99,11 +100,10 @@ def _schedule(orig):
         return _defaults_of(orig, schedule_exact)
 
     def schedule(self, *args, **kwargs):
-        if S.rec is not None:
-            try:
-                P.step_opens()
-            except Exception as e:
-                S.fail("Scheduler.schedule", e)
+        try:
+            P.step_opens()
+        except Exception as e:
+            S.fail("Scheduler.schedule", e)
         t0 = pc()
         out = orig(self, *args, **kwargs)
         dt = pc() - t0

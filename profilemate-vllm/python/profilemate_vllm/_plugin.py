@@ -337,9 +337,12 @@ def at_exit() -> None:
 
 
 def step_opens() -> None:
-    """Before ``Scheduler.schedule`` (with a recorder open): opens the next step id. (The exact
-    wrapper of ``Scheduler.schedule`` does the same inline.)"""
-    r = S.rec
+    """Before ``Scheduler.schedule``: opens the next step id (the first call opens this process's
+    recorder, so that the first step's scheduling is inside it too). The exact wrapper of
+    ``Scheduler.schedule`` does the same inline."""
+    r = S.rec if S.rec is not None else _open()
+    if r is None:
+        return
     if S.engine_step:
         r.end_step()  # scheduled ahead of its bookkeeping (batch queue), or that raised
     n = S.step_seq + 1
