@@ -104,7 +104,7 @@ pub use rows::{
 pub use session::{BackendFactory, Session, SessionBuilder, SinkFactory};
 pub use sink::{write_atomic, MemorySink, OutputFiles, Sink, SinkError};
 pub use stats::{DurationStats, Mean};
-pub use step_timeline::{StepPhaseStats, StepTimelineSummary, ENCLOSING_OPERATIONS};
+pub use step_timeline::{StepPhaseStats, StepTimelineBuilder, StepTimelineSummary, ENCLOSING_OPERATIONS};
 pub use steps::{StepGuard, Steps, MAX_STEP};
 pub use summary::{
     component_shares, BatchUtilizationSummary, ComponentStats, CpuTimingSummary, CudaGraphSummary,

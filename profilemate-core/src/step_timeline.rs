@@ -370,3 +370,109 @@ impl StepTimeline {
         }
     }
 }
+
+/// Builds `step_timeline.csv`'s rows and `step_timeline_summary.json` from rows that already
+/// carry their `step`, with the same joins as a session's collector: for outputs assembled after
+/// the fact from several recordings of one run (the vLLM binding's merge of the engine-core and
+/// worker processes' parts, whose rows of one step share its id).
+///
+/// Rows without a step are left out, as a session leaves them out. A step's beginning and end
+/// are its bounds ([`add_bounds`](Self::add_bounds): a guard's, or each recording's own
+/// timeline row), joined with the span of its rows. Times are nanoseconds on one time base.
+///
+/// ```
+/// use profilemate_core::{ForwardPassRow, Phase, Rows, StepTimelineBuilder};
+/// let mut rows = Rows::default();
+/// let pass = |t, step| ForwardPassRow {
+///     timestamp_ns: t, phase: Phase::Decode, batch_size: 4, num_tokens: 4, forward_time_ns: 1_000_000, step,
+/// };
+/// rows.forward_pass = vec![pass(10_000_000, Some(1)), pass(20_000_000, Some(2)), pass(30_000_000, None)];
+/// let mut timeline = StepTimelineBuilder::new(true);
+/// timeline.add_rows(&rows);
+/// // Step 1 as the scheduler's process saw it: from 9 ms to 12 ms.
+/// timeline.add_bounds(1, 9_000_000, 12_000_000);
+/// let (steps, summary) = timeline.finish();
+/// assert_eq!(steps.len(), 2);
+/// assert_eq!((steps[0].start_ns, steps[0].wall_ns, steps[0].forward_time_ns), (9_000_000, 3_000_000, Some(1_000_000)));
+/// assert_eq!(steps[1].host_gap_before_ns, Some(8_000_000));
+/// assert_eq!(summary.decode.count, 2);
+/// ```
+#[derive(Debug)]
+pub struct StepTimelineBuilder {
+    timeline: StepTimeline,
+}
+
+impl StepTimelineBuilder {
+    /// An empty timeline; `preemption_on`: whether the preemption profiler recorded (otherwise
+    /// the `preemptions` and `resumes` fields stay empty, as a session leaves them).
+    pub fn new(preemption_on: bool) -> Self {
+        StepTimelineBuilder { timeline: StepTimeline::new(preemption_on) }
+    }
+
+    /// Joins every row of `rows` that carries a step (forward passes, CPU operations, batch
+    /// utilization, lifecycle events, components, KV-cache readings, CUDA graph replays and eager
+    /// steps). MoE routing rows are not read here: one routing record spans several rows (one
+    /// per expert); add them with [`add_moe`](Self::add_moe).
+    pub fn add_rows(&mut self, rows: &Rows) {
+        let tl = &mut self.timeline;
+        for r in &rows.forward_pass {
+            if let Some(step) = r.step {
+                tl.forward(step, r.timestamp_ns, r.forward_time_ns, r.phase, r.batch_size, r.num_tokens);
+            }
+        }
+        for r in &rows.cpu_operations {
+            if let Some(step) = r.step {
+                tl.cpu(step, r.timestamp_ns, r.duration_ns, &r.operation);
+            }
+        }
+        for r in &rows.batch_utilization {
+            if let Some(step) = r.step {
+                tl.batch(step, r.timestamp_ns, r);
+            }
+        }
+        for r in &rows.preemption_events {
+            if let Some(step) = r.step {
+                tl.lifecycle(step, r.timestamp_ns, r.event);
+            }
+        }
+        for r in &rows.encoder_decoder {
+            if let Some(step) = r.step {
+                tl.component(step, r.timestamp_ns, r.duration_ns, r.component);
+            }
+        }
+        for r in &rows.kv_cache {
+            if let Some(step) = r.step {
+                tl.kv(step, r.timestamp_ns, r.usage_pct());
+            }
+        }
+        for r in &rows.cuda_graph {
+            if let Some(step) = r.step {
+                tl.graph(step, r.timestamp_ns, r.event, r.batch_size, r.padded_batch_size);
+            }
+        }
+    }
+
+    /// One MoE layer's tokens per expert (indexed by expert id, every expert of the layer) in
+    /// step `step`, at `at_ns`.
+    pub fn add_moe(&mut self, step: u64, at_ns: u64, tokens_per_expert: &[u32]) {
+        self.timeline.moe(step, at_ns, tokens_per_expert);
+    }
+
+    /// Bounds of step `step` seen by one recording (a step guard's, or a recording's own
+    /// timeline row: its start and start plus wall time). Several bounds of one step are joined:
+    /// the earliest start and the latest end.
+    pub fn add_bounds(&mut self, step: u64, start_ns: u64, end_ns: u64) {
+        if let Some(a) = self.timeline.acc(step) {
+            let (s, e) = a.guard.map_or((start_ns, end_ns), |(s, e)| (s.min(start_ns), e.max(end_ns)));
+            a.guard = Some((s, e));
+            a.span(start_ns, end_ns);
+        }
+    }
+
+    /// The timeline rows, by step, and their summary.
+    pub fn finish(mut self) -> (Vec<StepTimelineRow>, StepTimelineSummary) {
+        let mut rows = Rows::default();
+        self.timeline.emit(&mut rows, true, None);
+        (rows.step_timeline, self.timeline.summary())
+    }
+}

@@ -154,6 +154,64 @@ impl Steps {
         }
     }
 
+    /// Closes the step [`open`](Self::open) opened without recording it: for a step the engine
+    /// opened before knowing whether it would run (the vLLM binding opens the next id before
+    /// scheduling, so that preemptions made while scheduling belong to the step, and cancels it
+    /// when the scheduler returns nothing to run). Rows recorded while it was open keep its id;
+    /// the engine opens the same id again for its next step, so they join that one.
+    ///
+    /// ```
+    /// use profilemate_core::{MemorySink, Session};
+    /// let memory = MemorySink::new();
+    /// let session = Session::builder().in_memory_only().sink(memory.clone()).build()?;
+    /// let steps = session.steps();
+    /// steps.open(7);
+    /// steps.cancel();
+    /// assert_eq!(steps.current(), None);
+    /// session.shutdown()?;
+    /// assert!(memory.rows().step_timeline.is_empty());
+    /// # Ok::<(), profilemate_core::Error>(())
+    /// ```
+    pub fn cancel(&self) {
+        if let Some(s) = &self.shared {
+            s.step.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `f` with step `id` (0: no step) in place of the open one, then restores the open
+    /// step as it was (its start unchanged): for rows measured late, such as forward passes
+    /// timed by device events that resolve a step or two after their pass ran, so that they
+    /// carry the step they belong to. A forward pass recorded inside opens no step of its own.
+    /// Events other threads record meanwhile also get `id`: call it on the engine's thread. An
+    /// id above [`MAX_STEP`] runs `f` outside any step.
+    ///
+    /// ```
+    /// use profilemate_core::{MemorySink, Phase, Session};
+    /// let memory = MemorySink::new();
+    /// let session = Session::builder().in_memory_only().sink(memory.clone()).build()?;
+    /// let (steps, forward) = (session.steps(), session.forward_pass());
+    /// steps.open(5);
+    /// steps.within(4, || forward.record_ms(Phase::Decode, 2, 2, 1.5));
+    /// assert_eq!(steps.current(), Some(5));
+    /// steps.close();
+    /// session.shutdown()?;
+    /// assert_eq!(memory.rows().forward_pass[0].step, Some(4));
+    /// # Ok::<(), profilemate_core::Error>(())
+    /// ```
+    pub fn within<R>(&self, id: u64, f: impl FnOnce() -> R) -> R {
+        match &self.shared {
+            Some(s) => {
+                let id = if id > MAX_STEP_ID { 0 } else { id };
+                // Marked as held by a guard, so that a forward pass inside opens no step.
+                let previous = s.step.swap(id << 1 | 1, Ordering::Relaxed);
+                let out = f();
+                s.step.store(previous, Ordering::Relaxed);
+                out
+            }
+            None => f(),
+        }
+    }
+
     /// The open step's id, if any.
     pub fn current(&self) -> Option<u64> {
         self.shared.as_ref().map(|s| s.current_step()).filter(|&id| id != 0)

@@ -244,6 +244,9 @@ def hook_cost(llm, prompts) -> float:
     def sample_stub(self, grammar_output):
         return None
 
+    def update_stub(self, scheduler_output, model_runner_output):
+        return None
+
     schedule = _hooks._schedule(schedule_stub)
     prepare = _hooks._cpu_op(_plugin.OP_BATCH_PREPARATION, "bench")(prepare_stub)
     forward = _hooks._model_forward(noop)
@@ -259,6 +262,10 @@ def hook_cost(llm, prompts) -> float:
 
     worker_execute = _hooks._worker_execute_model(worker_stub)
     sample = _hooks._sample_tokens("bench")(sample_stub)
+    # The end of the engine core's step (wrapped since the step ids; a baseline without the
+    # wrapper calls vLLM's method bare).
+    update_wrapper = getattr(_hooks, "_update_from_output", None)
+    update = update_wrapper(update_stub) if update_wrapper is not None else update_stub
 
     try:
         from profilemate_vllm._state import STATE
@@ -273,18 +280,27 @@ def hook_cost(llm, prompts) -> float:
 
     def step(reuse_phase: bool):
         schedule(sched)
+        held = 0
         if not reuse_phase:
             forget_last()  # a worker process classifies the step itself
+            # ... and opens the step id itself (the engine core's step is not open there)
+            held = getattr(STATE, "engine_step", 0)
+            if held:
+                STATE.engine_step = 0
         worker_execute(worker, so)
         sample(runner, None)
+        if held:
+            STATE.engine_step = held
+        update(sched, so, None)
 
-    def plain():  # vLLM's six methods, without the plugin
+    def plain():  # vLLM's seven methods, without the plugin
         schedule_stub(sched)
         noop(worker, so)
         noop(runner, so)
         prepare_stub(runner, so, None)
         noop(runner)
         sample_stub(runner, None)
+        update_stub(sched, so, None)
 
     def per_call(f, n=20000):
         for _ in range(2000):

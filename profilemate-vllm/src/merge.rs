@@ -22,7 +22,7 @@ use profilemate::{
     write_atomic, BatchSample, BatchUtilizationProfiler, Component, Config, CpuTimingProfiler, CsvSink,
     CudaGraphProfiler, EncoderDecoderProfiler, Event, ForwardPassProfiler, GraphEvent, JsonSummarySink,
     KvCacheProfiler, KvCacheSample, LifecycleEvent, ModelType, MoeExpertProfiler, Phase, PreemptionProfiler, Profiler,
-    ProfilerKind, Rows, RunManifest, Sink, Summaries, Table, MANIFEST_FILE,
+    ProfilerKind, Rows, RunManifest, Sink, StepTimelineBuilder, Summaries, Table, MANIFEST_FILE,
 };
 use profilemate::{ParquetSink, PerfettoSink, SinkKind};
 use serde::Serialize;
@@ -197,7 +197,7 @@ pub fn merge(dir: &Path, run: Option<&str>) -> Result<MergeReport, MergeError> {
     write_trace_and_tables(dir, &parts, &config, declared, end_ns, &rows, &ranks)?;
 
     let mut counts = BTreeMap::new();
-    for t in MERGED.into_iter().chain([Table::RequestLifecycle]) {
+    for t in MERGED.into_iter().chain([Table::RequestLifecycle, Table::StepTimeline]) {
         if config.is_enabled(t.profiler()) {
             counts.insert(t.file_name().to_string(), rows.len(t) as u64);
         }
@@ -299,6 +299,8 @@ struct Timeline {
     kv_cache: Vec<Keyed<KvCacheSample>>,
     cuda_graph: Vec<Keyed<GraphRow>>,
     moe: Vec<Keyed<MoeRecord>>,
+    /// Each part's bounds of its steps, from its own `step_timeline.csv`: step, start, end.
+    step_bounds: Vec<(u64, u64, u64)>,
     last_ns: u64,
 }
 
@@ -322,6 +324,26 @@ impl Timeline {
                     self.last_ns = self.last_ns.max(t);
                 } else {
                     report.skipped_lines += 1;
+                }
+            }
+        }
+        // The part's own step timeline: where each step began and ended in this process (the
+        // engine core's step guard spans scheduling to the output's bookkeeping, a worker's its
+        // forward pass and sampling). Its other figures are recomputed from the merged rows.
+        let file = path.join(Table::StepTimeline.file_name());
+        if let Some((records, skipped)) = read_csv(&file)? {
+            report.skipped_lines += skipped;
+            report.rows.insert(Table::StepTimeline.file_name().to_string(), records.len() as u64);
+            for r in &records {
+                let bounds = (|| {
+                    let step: u64 = r.get("step")?.parse().ok()?;
+                    let start = offset + parse_fixed_ns(r.get("start_sec")?, 1_000_000_000)?;
+                    let wall = parse_fixed_ns(r.get("step_wall_ms")?, 1_000_000)?;
+                    Some((step, start, start + wall))
+                })();
+                match bounds {
+                    Some(b) => self.step_bounds.push(b),
+                    None => report.skipped_lines += 1,
                 }
             }
         }
@@ -493,6 +515,12 @@ impl Timeline {
 
         let mut rows = Rows::default();
         let mut summaries = Summaries::default();
+        // The rows the step timeline joins: every part's but those of workers other than the
+        // lowest rank (tensor-parallel ranks run the same step: their passes would count it
+        // once per rank; their rows stay in their tables).
+        let first_rank = parts.iter().filter_map(|p| p.report.rank).min();
+        let feeds: Vec<bool> = parts.iter().map(|p| p.report.rank.is_none() || p.report.rank == first_rank).collect();
+        let mut joined = Rows::default();
 
         let mut forward = ForwardPassProfiler::new();
         let mut ranks = Vec::with_capacity(self.forward.len());
@@ -502,6 +530,9 @@ impl Timeline {
             let before = rows.forward_pass.len();
             forward.observe(&ev, &mut rows);
             rows.forward_pass[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.forward_pass.extend_from_slice(&rows.forward_pass[before..]);
+            }
             ranks.push(parts[k.part].report.rank);
         }
 
@@ -520,6 +551,9 @@ impl Timeline {
             let before = rows.cpu_operations.len();
             cpu.observe(&ev, &mut rows);
             rows.cpu_operations[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.cpu_operations.extend_from_slice(&rows.cpu_operations[before..]);
+            }
         }
 
         let mut batch = BatchUtilizationProfiler::new(config.underutilization_threshold_pct);
@@ -527,6 +561,9 @@ impl Timeline {
             let before = rows.batch_utilization.len();
             batch.observe(&Event::Batch { timestamp_ns: k.t, sample: k.row }, &mut rows);
             rows.batch_utilization[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.batch_utilization.extend_from_slice(&rows.batch_utilization[before..]);
+            }
         }
 
         let mut preemption = PreemptionProfiler::new();
@@ -541,6 +578,9 @@ impl Timeline {
             let before = rows.preemption_events.len();
             preemption.observe(&ev, &mut rows);
             rows.preemption_events[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.preemption_events.extend_from_slice(&rows.preemption_events[before..]);
+            }
         }
         preemption.finish(end_ns, &mut rows);
 
@@ -552,6 +592,9 @@ impl Timeline {
             let before = rows.encoder_decoder.len();
             components.observe(&ev, &mut rows);
             rows.encoder_decoder[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.encoder_decoder.extend_from_slice(&rows.encoder_decoder[before..]);
+            }
         }
 
         let mut kv_cache = KvCacheProfiler::new();
@@ -559,6 +602,9 @@ impl Timeline {
             let before = rows.kv_cache.len();
             kv_cache.observe(&Event::KvCache { timestamp_ns: k.t, sample: k.row }, &mut rows);
             rows.kv_cache[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.kv_cache.extend_from_slice(&rows.kv_cache[before..]);
+            }
         }
 
         let mut cuda_graph = CudaGraphProfiler::new();
@@ -574,6 +620,9 @@ impl Timeline {
             let before = rows.cuda_graph.len();
             cuda_graph.observe(&ev, &mut rows);
             rows.cuda_graph[before..].iter_mut().for_each(|r| r.step = k.step);
+            if feeds[k.part] {
+                joined.cuda_graph.extend_from_slice(&rows.cuda_graph[before..]);
+            }
         }
 
         let mut moe = MoeExpertProfiler::new();
@@ -594,6 +643,25 @@ impl Timeline {
             if config.is_enabled(p.kind()) {
                 p.summarize(&mut summaries);
             }
+        }
+
+        // The step timeline, joined across the parts by the rows' `step` (the engine core numbers
+        // the steps and the workers record the same ids), by the core's own join. It is the
+        // forward pass profiler's table, as in a session.
+        if config.is_enabled(ProfilerKind::ForwardPass) {
+            let mut timeline = StepTimelineBuilder::new(config.is_enabled(ProfilerKind::Preemption));
+            timeline.add_rows(&joined);
+            for k in &self.moe {
+                if let (Some(step), true) = (k.step, feeds[k.part]) {
+                    timeline.add_moe(step, k.t, &k.row.tokens_per_expert);
+                }
+            }
+            for &(step, start, end) in &self.step_bounds {
+                timeline.add_bounds(step, start, end);
+            }
+            let (steps, summary) = timeline.finish();
+            rows.step_timeline = steps;
+            summaries.step_timeline = Some(summary);
         }
         (rows, ranks, summaries)
     }
@@ -1230,6 +1298,109 @@ mod tests {
             .unwrap()
             .flatten()
             .any(|e| e.path().to_string_lossy().ends_with(".partial")));
+    /// The engine core numbers the steps and the worker opens the same ids: the merged step
+    /// timeline joins both processes' rows by step, with the engine core's step bounds.
+    #[test]
+    fn step_timeline_joins_the_engine_core_and_worker_rows_by_step() {
+        use std::time::Duration;
+        let out = tempfile::tempdir().unwrap();
+        let run = out.path().join(PARTS_DIR).join("20250101T000000Z-1");
+        let (e_dir, w_dir, w1_dir) = (run.join("engine-1"), run.join("worker-2"), run.join("worker-3"));
+        let engine = profilemate::builder().dir(&e_dir).moe_window_steps(0).build().unwrap();
+        let worker = profilemate::builder().dir(&w_dir).moe_window_steps(0).build().unwrap();
+        // A second tensor-parallel rank runs the same steps: its rows stay in their tables but
+        // do not count each step twice in the timeline.
+        let worker1 = profilemate::builder().dir(&w1_dir).moe_window_steps(0).build().unwrap();
+        let pause = || std::thread::sleep(Duration::from_millis(2));
+        let sample = |phase| BatchSample {
+            num_seqs: 2,
+            max_num_seqs: 4,
+            num_tokens: 2,
+            max_tokens: 64,
+            phase,
+            running_queue_len: 2,
+            waiting_queue_len: 1,
+        };
+        // A request added between steps: its row has no step.
+        engine.requests().started("r0");
+        for (step, phase) in [(1, Phase::Prefill), (2, Phase::Decode), (3, Phase::Decode)] {
+            pause();
+            let (es, ws) = (engine.steps(), worker.steps());
+            assert!(es.open(step));
+            if step == 2 {
+                engine.requests().preempted("r0", "RECOMPUTE", "");
+            }
+            engine.cpu_timing().record_ms(CpuOp::SCHEDULING, 0.25, "");
+            engine.batch_utilization().record(&sample(phase));
+            pause(); // the worker receives the scheduler's output
+            assert!(ws.open(step));
+            worker.forward_pass().record_ms(phase, 2, 2, 1.5 * step as f64);
+            worker.cpu_timing().record_ms(CpuOp::SAMPLING, 0.125, "");
+            ws.close();
+            let ws1 = worker1.steps();
+            assert!(ws1.open(step));
+            worker1.forward_pass().record_ms(phase, 2, 2, 1.0);
+            worker1.cpu_timing().record_ms(CpuOp::SAMPLING, 0.5, "");
+            ws1.close();
+            pause();
+            es.close();
+        }
+        engine.shutdown().unwrap();
+        worker.shutdown().unwrap();
+        worker1.shutdown().unwrap();
+        for (dir, role, rank) in [(&e_dir, "engine", None), (&w_dir, "worker", Some(0)), (&w1_dir, "worker", Some(1))] {
+            let info = serde_json::json!({"role": role, "rank": rank, "pid": 1});
+            std::fs::write(dir.join(PART_FILE), info.to_string()).unwrap();
+        }
+
+        let report = merge(out.path(), None).unwrap();
+        assert_eq!(report.rows["step_timeline.csv"], 3);
+        assert_eq!(report.rows["forward_pass_timing.csv"], 6, "both ranks' rows are in the table");
+        let mut reader = csv::Reader::from_path(out.path().join("step_timeline.csv")).unwrap();
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        assert_eq!(header, profilemate::STEP_TIMELINE_COLUMNS);
+        let col = |name: &str| header.iter().position(|c| c == name).unwrap();
+        let steps: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        assert_eq!(steps.iter().map(|r| r[col("step")].to_string()).collect::<Vec<_>>(), ["1", "2", "3"]);
+        // The merged engine-core part's own timeline: its bounds, rebased onto the run's start.
+        let engine_steps = rows(&e_dir.join("step_timeline.csv"));
+        let offset = report.parts.iter().find(|p| p.role == "engine").unwrap().offset_ns;
+        for (i, r) in steps.iter().enumerate() {
+            // Rank 0's pass and sampling only.
+            let step = i as f64 + 1.0;
+            assert_eq!(&r[col("phase")], if i == 0 { "prefill" } else { "decode" });
+            assert_eq!(r[col("forward_time_ms")].parse::<f64>().unwrap(), 1.5 * step);
+            assert_eq!(&r[col("forward_passes")], "1");
+            assert_eq!(r[col("scheduling_ms")].parse::<f64>().unwrap(), 0.25);
+            assert_eq!(r[col("sampling_ms")].parse::<f64>().unwrap(), 0.125);
+            assert_eq!(r[col("running_queue_len")].parse::<u32>().unwrap(), 2);
+            assert_eq!(&r[col("preemptions")], if i == 1 { "1" } else { "0" });
+            // The engine core's step encloses the worker's: its start, and a wall time at least
+            // its own (the part's rows end no later than its close).
+            let e = &engine_steps[i];
+            // (Each part's time base is its manifest's `monotonic_start_ns`, read within
+            // microseconds of its session's own clock origin.)
+            assert!(sec(&r[col("start_sec")]).abs_diff(sec(&e[1]) + offset) <= 5_000);
+            let wall = parse_fixed_ns(&r[col("step_wall_ms")], 1_000_000).unwrap();
+            let e_wall = parse_fixed_ns(&e[engine_header_wall(&e_dir)], 1_000_000).unwrap();
+            assert!(wall >= e_wall && wall >= 2_000_000, "{wall} vs {e_wall}");
+            if i > 0 {
+                assert!(r[col("host_gap_before_ms")].parse::<f64>().unwrap() > 0.0);
+            }
+        }
+        // The row outside any step stays out; the step column of the merged tables is kept.
+        let lifecycle = rows(&out.path().join("preemption_events.csv"));
+        assert_eq!(lifecycle.iter().map(|r| r[r.len() - 1].to_string()).collect::<Vec<_>>(), ["", "2"]);
+        let summary = json(&out.path().join("step_timeline_summary.json"));
+        assert_eq!((summary["steps"].as_u64(), summary["decode"]["count"].as_u64()), (Some(3), Some(2)));
+        assert_eq!(summary["decode"]["total_forward_ms"], 7.5);
+        assert_eq!(summary["decode"]["preemptions"], 1);
+        assert_eq!(json(&out.path().join(MANIFEST_FILE))["rows"]["step_timeline.csv"], 3);
+    }
+
+    fn engine_header_wall(part: &Path) -> usize {
+        let mut r = csv::Reader::from_path(part.join("step_timeline.csv")).unwrap();
+        r.headers().unwrap().iter().position(|c| c == "step_wall_ms").unwrap()
     }
 
     #[test]

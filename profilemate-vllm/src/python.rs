@@ -202,6 +202,25 @@ impl Recorder {
         self.steps.close();
     }
 
+    /// Closes the step `begin_step` opened without recording it: the engine core opens the
+    /// next id before scheduling (so that preemptions made while scheduling belong to the step)
+    /// and cancels it when the scheduler returns nothing to run.
+    fn cancel_step(&self) {
+        self.steps.cancel();
+    }
+
+    /// The forward pass of step `step` (0: outside any step), measured late: the forward row
+    /// and the language model's (decoder) time, recorded now in `step` whatever step is open
+    /// (CUDA events resolve a step or two after their pass ran). A negative `forward_ns` is
+    /// dropped and counted.
+    fn forward_of_step(&self, step: u64, phase: usize, num_seqs: u32, num_tokens: u32, forward_ns: i64) {
+        let Some(&p) = PHASES.get(phase) else { return };
+        self.steps.within(step, || {
+            self.forward.record_ms(p, num_seqs, num_tokens, ns_to_ms(forward_ns));
+            self.components.record_ms(Component::Decoder, "language_model", ns_to_ms(forward_ns));
+        });
+    }
+
     /// One forward pass (engine step) that ended now: phase 0 prefill, 1 decode, 2 mixed. A
     /// negative `duration_ns` is dropped and counted (`invalid_value`), as the Rust API does.
     fn forward(&self, phase: usize, batch_size: u32, num_tokens: u32, duration_ns: i64) {

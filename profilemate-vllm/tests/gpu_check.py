@@ -134,7 +134,7 @@ def main() -> int:
                 for _ in range(1 + i % 3):  # steps of different lengths
                     torch.mm(a, b)
                 r1.record()
-                timer.stop((1, 8, 8))  # decode, 8 sequences, 8 tokens
+                timer.stop((1, 8, 8, i + 1))  # decode, 8 sequences, 8 tokens, step i + 1
                 timer.poll(rec)
                 ref_events.append((r0, r1))
 
@@ -169,7 +169,7 @@ def main() -> int:
                 r0.record()
                 graph.replay()
                 r1.record()
-                timer.stop((1, 4, 4))
+                timer.stop((1, 4, 4, 0))  # outside any step
                 timer.poll(rec)
                 graph_events.append((r0, r1))
 

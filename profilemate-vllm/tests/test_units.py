@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -336,11 +337,14 @@ class FakeRecorder:
         self.forward_rows = []
         self.components = []
 
-    def forward(self, phase, nseq, ntok, ns):
-        self.forward_rows.append((phase, nseq, ntok, ns))
+        self.steps = []
 
-    def component(self, component, ns, context):
-        self.components.append((component, ns, context))
+    def forward_of_step(self, step, phase, nseq, ntok, ns):
+        from profilemate_vllm._state import DECODER
+
+        self.steps.append(step)
+        self.forward_rows.append((phase, nseq, ntok, ns))
+        self.components.append((DECODER, ns, "language_model"))
 
 
 def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
@@ -361,7 +365,7 @@ def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
 
     for step in range(3):
         timer.start()
-        timer.stop((DECODE, 4, 4 + step))
+        timer.stop((DECODE, 4, 4 + step, 10 + step))
     timer.poll(rec)
     assert rec.forward_rows == []  # the device has not finished any step
     device.done = 2  # the first step's start and end events
@@ -371,12 +375,14 @@ def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
     device.done = 6
     timer.poll(rec)
     assert [r[2] for r in rec.forward_rows] == [4, 5, 6]
+    # Each row is recorded in the step its pass ran in, not the one open when it resolved.
+    assert rec.steps == [10, 11, 12]
     assert device.created == 6  # three pairs so far
 
     # Finished pairs are reused: three more steps create no new event.
     for step in range(3):
         timer.start()
-        timer.stop((MIXED, 2, 64))
+        timer.stop((MIXED, 2, 64, 0))
     assert device.created == 6
     device.done = len(device.recorded)
     timer.poll(rec)
@@ -385,7 +391,7 @@ def test_cuda_timer_resolves_steps_in_order_without_waiting(monkeypatch):
     # The device falls behind: more than 8 steps pending drops the oldest, counted.
     for _ in range(10):
         timer.start()
-        timer.stop((PREFILL, 1, 512))
+        timer.stop((PREFILL, 1, 512, 0))
     assert timer.dropped == 2 and len(timer._pending) == 8
     # Shutdown with the device still behind: what it has not reached is dropped and counted.
     device.done = len(device.recorded) - 4  # the last two steps are not finished
@@ -728,3 +734,48 @@ def test_the_idle_flush_writes_the_rows_once_the_steps_stop_and_the_shutdown_wai
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_native_step_methods_give_rows_their_step(tmp_path, monkeypatch):
+    """``Recorder.begin_step`` / ``end_step`` / ``cancel_step`` / ``forward_of_step`` on the real
+    native module: rows carry the open step, a cancelled step writes no timeline row, a late
+    forward row goes to the step it names, rows outside any step have none."""
+    from profilemate_vllm import _native
+
+    for k in list(os.environ):
+        if k.startswith(("VLLM_PROFILING_", "PROFILEMATE_")):
+            monkeypatch.delenv(k)
+    rec = _native.Recorder(str(tmp_path / "part"))
+    rec.cpu(0, 100_000, 1)  # scheduling outside any step
+    rec.begin_step(1)
+    rec.cpu(0, 200_000, 1)
+    rec.executed(1, 2, 2, 900_000, 800_000)
+    rec.end_step()
+    rec.begin_step(2)  # opened, then the scheduler had nothing to run
+    rec.cancel_step()
+    rec.begin_step(2)
+    rec.cpu(0, 300_000, 1)
+    rec.forward_of_step(1, 1, 2, 2, 500_000)  # resolved late: step 1's pass
+    rec.executed(1, 2, 2, 700_000, 600_000)
+    rec.end_step()
+    try:
+        rec.begin_step(0)
+        raise AssertionError("step id 0 accepted")
+    except ValueError as e:
+        assert "step id 0" in str(e)
+    rec.shutdown()
+
+    def read(name):
+        with open(tmp_path / "part" / name) as f:
+            return list(csv.DictReader(f))
+
+    assert [(r["duration_ms"], r["step"]) for r in read("cpu_operations_timing.csv") if r["operation"] == "scheduling"] == [
+        ("0.100000", ""), ("0.200000", "1"), ("0.300000", "2")
+    ]
+    assert [(r["forward_time_ms"], r["step"]) for r in read("forward_pass_timing.csv")] == [
+        ("0.800000", "1"), ("0.500000", "1"), ("0.600000", "2")
+    ]
+    timeline = read("step_timeline.csv")
+    assert [(r["step"], r["forward_passes"], r["forward_time_ms"]) for r in timeline] == [
+        ("1", "2", "1.300000"), ("2", "1", "0.600000")
+    ]

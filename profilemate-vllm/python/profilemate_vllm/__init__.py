@@ -16,6 +16,8 @@ native module ``profilemate_vllm._native``), the output contract's files:
 - ``cuda_graph_events.csv`` (captures timed, each step's replay or eager run) where a model runner
   uses CUDA graphs, and ``moe_expert_routing.csv`` (tokens per expert per MoE layer per step)
   where the model has MoE layers routed through ``FusedMoERouter.select_experts``,
+- ``step_timeline.csv`` (one row per non-empty engine step, joining the tables above by their
+  ``step`` column: the engine core numbers the steps and the workers record the same ids),
 - and the summaries and ``profilemate_run.json``.
 
 Every process writes its own part under ``DIR/parts/<run>/``; the front end merges them into

@@ -3,7 +3,8 @@
 Each step records a start and an end event (from a reused pool) around ``execute_model``. Events
 are resolved later, oldest first, with ``Event.query()`` (which does not block): a resolved pair
 becomes a forward row with the device time between the events. A row is therefore recorded a
-step or two after its pass ran; its ``timestamp_sec`` is the resolution time minus the duration.
+step or two after its pass ran; its ``timestamp_sec`` is the resolution time minus the duration,
+and its ``step`` the engine step its pass ran in (``Recorder.forward_of_step``).
 At shutdown, pairs the device has not reached yet are dropped (counted in part.json).
 
 Real CUDA is not exercised by the test suite (the test machines have no GPU); the logic is, on a
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Deque, List, Tuple
 
-from ._state import DECODER, Profiling
+from ._state import Profiling
 
 
 class CudaTimer:
@@ -57,13 +58,12 @@ class CudaTimer:
         f_fwd, f_enc = self._state.f_fwd, self._state.f_enc
         pending = self._pending
         while pending and pending[0][1].query():
-            s, e, (phase, nseq, ntok) = pending.popleft()
+            s, e, (phase, nseq, ntok, step) = pending.popleft()
             ns = int(s.elapsed_time(e) * 1e6)
             self._free.append((s, e))
-            if f_fwd:
-                rec.forward(phase, nseq, ntok, ns)
-            if f_enc:
-                rec.component(DECODER, ns, "language_model")
+            if f_fwd or f_enc:
+                # Recorded in the step its pass ran in (a later step is open by now).
+                rec.forward_of_step(step, phase, nseq, ntok, ns)
 
     def drain(self, rec: Any) -> None:
         self.poll(rec)

@@ -20,7 +20,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 from . import _plugin as P
 from ._imports import PostImportHooks
 from ._phase import forget_finished
-from ._state import ENCODER, OP_BATCH_PREPARATION, OP_SAMPLING, WRAPPED_ATTR, pc
+from ._state import ENCODER, OP_BATCH_PREPARATION, OP_SAMPLING, STEP_ATTR, WRAPPED_ATTR, pc
 from ._state import STATE as S
 from ._state import logger
 from ._trackers import _AOT_LOAD, _AOT_MODULE, COUNTS_ATTR
@@ -71,14 +71,28 @@ def _schedule(orig):
     if _exact(orig, ("self", "throttle_prefills")):
 
         def schedule_exact(self, throttle_prefills):
+            # Opens the next step id (inlined: this runs every step; the first opens the
+            # recorder, so that the first step's scheduling is inside it too).
+            try:
+                r = S.rec if S.rec is not None else P._open()
+                if r is not None:
+                    if S.engine_step:
+                        r.end_step()  # scheduled ahead of its bookkeeping (batch queue), or that raised
+                    S.engine_step = n = S.step_seq + 1
+                    r.begin_step(n)
+            except Exception as e:
+                S.fail("Scheduler.schedule", e)
             t0 = pc()
             out = orig(self, throttle_prefills)
             dt = pc() - t0
             try:
                 if out.total_num_scheduled_tokens:
                     P.after_schedule(self, out, dt)
-                elif S.recompute:
-                    forget_finished(out, S.recompute)
+                else:
+                    if S.engine_step:
+                        P.step_empty()
+                    if S.recompute:
+                        forget_finished(out, S.recompute)
             except Exception as e:
                 S.fail("Scheduler.schedule", e)
             return out
@@ -86,14 +100,21 @@ def _schedule(orig):
         return _defaults_of(orig, schedule_exact)
 
     def schedule(self, *args, **kwargs):
+        try:
+            P.step_opens()
+        except Exception as e:
+            S.fail("Scheduler.schedule", e)
         t0 = pc()
         out = orig(self, *args, **kwargs)
         dt = pc() - t0
         try:
             if out.total_num_scheduled_tokens:
                 P.after_schedule(self, out, dt)
-            elif S.recompute:
-                forget_finished(out, S.recompute)
+            else:
+                if S.engine_step:
+                    P.step_empty()
+                if S.recompute:
+                    forget_finished(out, S.recompute)
         except Exception as e:
             S.fail("Scheduler.schedule", e)
         return out
@@ -133,6 +154,38 @@ def _free_request(orig):
     return _free_request
 
 
+def _update_from_output(orig):
+    """``Scheduler.update_from_output``: the end of the engine core's step (its output's
+    bookkeeping: finished requests, stop checks) closes the step its ``SchedulerOutput`` carries."""
+    if _exact(orig, ("self", "scheduler_output", "model_runner_output")):
+
+        def update_from_output_exact(self, scheduler_output, model_runner_output):
+            out = orig(self, scheduler_output, model_runner_output)
+            n = S.engine_step
+            if n:
+                # Closes the step (inlined: this runs every step).
+                try:
+                    if getattr(scheduler_output, STEP_ATTR, 0) == n:
+                        S.engine_step = 0
+                        S.rec.end_step()
+                except Exception as e:
+                    S.fail("Scheduler.update_from_output", e)
+            return out
+
+        return update_from_output_exact
+
+    def update_from_output(self, scheduler_output, *args, **kwargs):
+        out = orig(self, scheduler_output, *args, **kwargs)
+        if S.engine_step:
+            try:
+                P.step_ends(scheduler_output)
+            except Exception as e:
+                S.fail("Scheduler.update_from_output", e)
+        return out
+
+    return update_from_output
+
+
 # --- wrappers: model runners and worker (worker process) ---------------------------------------
 
 
@@ -166,6 +219,8 @@ def _execute_model(v2: bool):
                 if step is not None:
                     try:
                         P.end_step(step, dt, False)
+                        if out is not None and S.worker_step:
+                            P.worker_step_ends()  # no sample_tokens call follows
                     except Exception as e:
                         S.fail(where, e)
                 return out
@@ -198,6 +253,8 @@ def _execute_model(v2: bool):
             if step is not None:
                 try:
                     P.end_step(step, dt, v2)
+                    if out is not None and S.worker_step:
+                        P.worker_step_ends()  # no sample_tokens call follows
                 except Exception as e:
                     S.fail(where, e)
             return out
@@ -276,6 +333,13 @@ def _sample_tokens(where: str):
                             r.cpu(OP_SAMPLING, dt, S.step_phase)
                     except Exception as e:
                         S.fail(where, e)
+                if S.worker_step:
+                    # A worker process closes the step it opened (inlined: this runs every step).
+                    S.worker_step = 0
+                    try:
+                        S.rec.end_step()
+                    except Exception as e:
+                        S.fail(where, e)
                 return out
 
             return _defaults_of(orig, sample_tokens_exact)
@@ -292,6 +356,11 @@ def _sample_tokens(where: str):
                     r = S.rec if S.rec is not None else P._open()
                     if r is not None:
                         r.cpu(OP_SAMPLING, dt, S.step_phase)
+                except Exception as e:
+                    S.fail(where, e)
+            if S.worker_step:
+                try:
+                    P.worker_step_ends()
                 except Exception as e:
                     S.fail(where, e)
             return out
@@ -672,6 +741,14 @@ SPECS: Tuple[Spec, ...] = (
         "Scheduler",
     ),
     Spec(_SCHED, "Scheduler", "_free_request", ("self", "request", "delay_free_blocks"), _free_request, "Scheduler"),
+    Spec(
+        _SCHED,
+        "Scheduler",
+        "update_from_output",
+        ("self", "scheduler_output", "model_runner_output"),
+        _update_from_output,
+        "Scheduler",
+    ),
     Spec(
         _V1,
         "GPUModelRunner",

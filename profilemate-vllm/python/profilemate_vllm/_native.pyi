@@ -32,6 +32,27 @@ class Recorder:
     @property
     def trackers(self) -> list[str]:
         """The trackers this session records (named and not disabled by the environment)."""
+    def begin_step(self, step: int) -> None:
+        """Opens engine step ``step`` (1 to 2**40 - 1): every row this process records until
+        :meth:`end_step` carries it in its ``step`` column (one step open at a time; opening
+        another replaces it). The engine-core process numbers vLLM's non-empty steps and opens
+        each around scheduling and its output's bookkeeping; a worker process opens the same id
+        around its forward pass and sampling, so that the rows of one step join across
+        processes. Raises ValueError for an id out of range.
+
+        >>> rec.begin_step(12); rec.cpu(0, 250_000, 1); rec.end_step()  # a scheduling row of step 12
+        """
+    def end_step(self) -> None:
+        """Closes the open step and records its bounds (its start and now: the step's wall time in
+        ``step_timeline.csv``); nothing when none is open."""
+    def cancel_step(self) -> None:
+        """Closes the open step without recording it: the engine core opens the next id before
+        scheduling and cancels it when the scheduler returns nothing to run (rows recorded
+        meanwhile keep the id, which the next non-empty step reuses)."""
+    def forward_of_step(self, step: int, phase: int, num_seqs: int, num_tokens: int, forward_ns: int) -> None:
+        """A forward pass of step ``step`` (0: outside any step) measured late (CUDA events that
+        resolve a step or two after their pass): its forward row and language-model (decoder)
+        time, recorded now in ``step`` whatever step is open."""
     def forward(self, phase: int, batch_size: int, num_tokens: int, duration_ns: int) -> None:
         """A forward pass that ended now; phase 0 prefill, 1 decode, 2 mixed."""
     def cpu(self, op: int, duration_ns: int, phase: int = -1) -> None:

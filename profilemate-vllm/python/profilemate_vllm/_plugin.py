@@ -27,8 +27,8 @@ from ._state import (
     OP_SAMPLING,
     OP_SCHEDULING,
     STATE as S,
+    STEP_ATTR,
     logger,
-
 )
 
 __all__ = ["OP_SCHEDULING", "OP_BATCH_PREPARATION", "OP_MODEL_EXECUTION", "OP_SAMPLING", "DECODER", "forget_finished"]
@@ -264,6 +264,7 @@ def finalize_process() -> None:
         if r is None:
             return
         S.part_seq += 1
+    S.engine_step = S.worker_step = 0  # a later record opens a new part, with no step open
     try:
         if S.cuda is not None:
             S.cuda.drain(r)
@@ -645,13 +646,68 @@ def at_exit() -> None:
 
 
 # --- what the hooks call ---------------------------------------------------------------------------
+#
+# Step ids. The engine core opens the next id before ``Scheduler.schedule`` (so that preemptions
+# made while scheduling belong to the step), keeps it when the output is non-empty (the id goes
+# with the ``SchedulerOutput`` as ``STEP_ATTR``) and cancels it when the output is empty (vLLM's
+# empty steps are not steps: the next non-empty one reuses the id). ``update_from_output`` for
+# that output closes it. A worker process opens the output's id around its forward pass and
+# sampling; in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the engine core's open step
+# already covers the worker's rows. A scheduler that schedules ahead (vLLM's batch queue) closes
+# the previous step when it schedules the next.
 
 
-def after_schedule(sched: Any, out: Any, dt: int) -> None:
-    """A non-empty ``SchedulerOutput``: phase, scheduling time, batch, lifecycle, KV cache."""
+def step_opens() -> None:
+    """Before ``Scheduler.schedule``: opens the next step id (the first call opens this process's
+    recorder, so that the first step's scheduling is inside it too). The exact wrapper of
+    ``Scheduler.schedule`` does the same inline."""
     r = S.rec if S.rec is not None else _open()
     if r is None:
         return
+    if S.engine_step:
+        r.end_step()  # scheduled ahead of its bookkeeping (batch queue), or that raised
+    n = S.step_seq + 1
+    r.begin_step(n)
+    S.engine_step = n
+
+
+def step_empty() -> None:
+    """``Scheduler.schedule`` returned nothing to run: the step opened for it is not one."""
+    S.engine_step = 0
+    if S.rec is not None:
+        S.rec.cancel_step()
+
+
+def step_ends(so: Any) -> None:
+    """After ``update_from_output(so)``: closes the step ``so`` carries if it is the open one.
+    (The exact wrapper of ``update_from_output`` does the same inline.)"""
+    if getattr(so, STEP_ATTR, 0) == S.engine_step:
+        S.engine_step = 0
+        if S.rec is not None:
+            S.rec.end_step()
+
+
+def worker_step_ends() -> None:
+    """After a worker process's sampling: closes the step it opened for the forward pass."""
+    S.worker_step = 0
+    if S.rec is not None:
+        S.rec.end_step()
+
+
+def after_schedule(sched: Any, out: Any, dt: int) -> None:
+    """A non-empty ``SchedulerOutput``: its step id, phase, scheduling time, batch, lifecycle,
+    KV cache."""
+    r = S.rec if S.rec is not None else _open()
+    if r is None:
+        return
+    n = S.step_seq + 1
+    S.step_seq = n
+    if S.engine_step != n:  # the recorder opened just now (the first step)
+        if S.engine_step:
+            r.end_step()
+        r.begin_step(n)
+        S.engine_step = n
+    out.profilemate_step = n  # STEP_ATTR
     phase, nseq = classify(out, S.recompute)
     S.last_so, S.last_phase, S.last_nseq = out, phase, nseq
     S.idle_sched = sched
@@ -775,6 +831,16 @@ def begin_step(runner: Any, so: Any, v2: bool) -> Any:
     """Before a non-empty ``execute_model``: the step's phase and size."""
     if S.model_type is None:
         detect_model(runner)
+    # The step id the engine core gave this output: opened here in a worker process (in one
+    # process the engine core's side holds it open already).
+    sid = getattr(so, STEP_ATTR, 0)
+    if sid and sid != S.engine_step:
+        r = S.rec if S.rec is not None else _open()
+        if r is not None:
+            if S.worker_step:
+                r.end_step()
+            r.begin_step(sid)
+            S.worker_step = sid
     if so is S.last_so:
         phase, nseq = S.last_phase, S.last_nseq
     else:
@@ -792,14 +858,14 @@ def begin_step(runner: Any, so: Any, v2: bool) -> Any:
             S.fail("MoE routing tracker", e)
     if S.cuda is not None:
         S.cuda.start()
-    return (phase, nseq, ntok)
+    return (phase, nseq, ntok, sid)
 
 
 def end_step(step: Any, dt: int, v2: bool) -> None:
     S.in_step = False
     r = S.rec if S.rec is not None else _open()
     if r is not None:
-        phase, nseq, ntok = step
+        phase, nseq, ntok, _ = step
         S.sample_pending = True
         if S.cuda is not None:
             if S.f_cpu:

@@ -26,6 +26,9 @@ from typing import Any, Dict, List, Optional, Tuple
 logger = logging.getLogger("vllm.profilemate")
 
 RUN_ENV = "PROFILEMATE_VLLM_RUN"
+# The engine step id the engine core gives a non-empty ``SchedulerOutput``, an attribute that
+# travels with it to the workers (vLLM pickles the object for worker processes).
+STEP_ATTR = "profilemate_step"
 pc = time.perf_counter_ns
 
 # Operation and component codes of the native module.
@@ -91,6 +94,11 @@ class Profiling:
         self.preempted: set = set()
         self.recompute: Dict[str, int] = {}  # requests recomputing after a preemption (_phase)
         self.kv_reader: Any = None  # (scheduler, its KV cache manager, free-block count, blocks)
+        # Step ids: the engine core numbers the non-empty steps (1, 2, ...) and ships the id with
+        # the SchedulerOutput (STEP_ATTR); a worker process opens the same id for its part.
+        self.step_seq = 0  # engine core: the last id given to a non-empty step
+        self.engine_step = 0  # the id the engine core's side holds open in this process (0: none)
+        self.worker_step = 0  # the id a worker process opened for its forward pass (0: none)
         # Worker side.
         self.in_step = False
         self.fwd_ns = 0
@@ -142,6 +150,7 @@ class Profiling:
             self.graph_counts[k] = 0
         self.is_frontend = False
         self.recompute.clear()
+        self.step_seq = self.engine_step = self.worker_step = 0
         self.kv_reader = None
         self.live = None
         self.live_registries = 0
