@@ -1298,6 +1298,8 @@ mod tests {
             .unwrap()
             .flatten()
             .any(|e| e.path().to_string_lossy().ends_with(".partial")));
+    }
+
     /// The engine core numbers the steps and the worker opens the same ids: the merged step
     /// timeline joins both processes' rows by step, with the engine core's step bounds.
     #[test]
