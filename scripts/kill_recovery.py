@@ -1,11 +1,15 @@
 """SIGKILL of the simulated engine at random instants, then `profilemate recover` on its files.
 
-For each instant: the engine runs with every sink on and prints its own count of completed steps;
-it is killed (SIGKILL) at a random instant (some during its shutdown); `profilemate recover DIR`
-runs; then every CSV must parse, the forward rows must be at most the engine's steps (the
-difference is what was lost in flight), the summaries (the step timeline's too) must equal a
-recomputation from the rows,
-and every trace file must load as JSON. Prints the loss per kill (steps and seconds) and a summary.
+For each instant: the engine runs with every sink on and prints, right after each forward pass's
+recording call returns, its own count of forward passes recorded; it is killed (SIGKILL) at a
+random instant (some during its shutdown); `profilemate recover DIR` runs (replaying the thread
+buffers the killed process left in the directory); then every CSV must parse, the forward rows
+must be exactly the passes the engine had recorded (or one more: a pass whose recording call
+returned in the microseconds before the engine printed it), each step id at most once and none
+missing, the events lost in flight (counted in the manifest) at most one per thread buffer, the
+summaries (the step timeline's too) must equal a recomputation from the rows, and every trace
+file must load as JSON. A second `recover` must change no file. Prints the loss per kill (steps
+and seconds) and a summary.
 """
 
 import argparse
@@ -105,8 +109,21 @@ def run_once(engine, args, d, kill_after, during_shutdown):
     p.send_signal(signal.SIGKILL)
     p.wait()
     t.join()
-    steps = max((int(l[1]) for l in lines if l and l[0] in ("step", "shutdown")), default=0)
+    steps = max((int(l[1]) for l in lines if l and l[0] in ("forward", "shutdown")), default=0)
     return steps, killed_at, p.returncode
+
+
+def snapshot(d):
+    """Every file's bytes, to compare two recoveries; of the manifest, what it says of the run
+    (its `recovery` object lists what each recovery did, so only its totals are compared)."""
+    out = {}
+    for p in sorted(glob.glob(os.path.join(d, "*"))):
+        with open(p, "rb") as f:
+            out[os.path.basename(p)] = f.read()
+    m = json.loads(out.pop("profilemate_run.json"))
+    rec = m.pop("recovery", {})
+    out["manifest"] = (m, rec.get("events_recovered"), rec.get("events_lost_in_flight"))
+    return out
 
 
 def main():
@@ -124,6 +141,7 @@ def main():
         full = time.monotonic() - started
     print(f"a whole run takes {full:.1f} s; killing {a.runs} runs at random instants")
     lost_steps, lost_sec, unparseable_before = [], [], 0
+    recovered_total, in_flight_total, one_more = [], [], 0
     for i in range(a.runs):
         during_shutdown = i % 5 == 4
         kill_after = rng.uniform(0.0, 0.05) if during_shutdown else rng.uniform(0.2, full)
@@ -139,24 +157,44 @@ def main():
                 print(r.stderr)
                 return 1
             rows, end = check(d)
+            after_first = snapshot(d)
+            r2 = subprocess.run([a.cli, "recover", d], capture_output=True, text=True)
+            assert r2.returncode == 0, r2.stderr
+            assert snapshot(d) == after_first, "a second recovery changed the files"
+            assert not glob.glob(os.path.join(d, ".profilemate_buffers.*")), "buffers left after recovery"
             manifest = json.load(open(os.path.join(d, "profilemate_run.json")))
+            recovered = manifest.get("events_recovered", 0)
+            in_flight = manifest.get("events_lost_in_flight", 0)
             if rc == -signal.SIGKILL and not manifest.get("finished"):
                 assert manifest["finished_cleanly"] is False
-            assert rows <= steps, (rows, steps)
+            fwd_steps = [int(r["step"]) for r in table_rows(d, "forward_pass_timing.csv") if r.get("step")]
+            assert len(fwd_steps) == len(set(fwd_steps)), "a forward row written twice"
+            assert sorted(fwd_steps) == list(range(1, len(fwd_steps) + 1)), "a forward row missing"
+            assert steps <= rows <= steps + 1, f"{rows} forward rows, the engine recorded {steps}"
+            # One record per thread buffer at most (the engine thread's, its MoE detail buffer's).
+            assert in_flight <= 2, in_flight
+            recovered_total.append(recovered)
+            in_flight_total.append(in_flight)
+            one_more += rows == steps + 1
             kill_sec = (killed_at - manifest["monotonic_start_ns"]) / 1e9
-            lost_steps.append(steps - rows)
+            lost_steps.append(max(0, steps - rows))
             # A run that finished before the kill lost nothing; its gap is idle time.
             lost_sec.append(0.0 if manifest.get("finished") else max(0.0, kill_sec - end))
             where = "during shutdown" if during_shutdown else f"at {kill_after:.2f} s"
             state = "finished" if manifest.get("finished") else "killed"
             print(
                 f"kill {i + 1:2} {where:>16} ({state}): engine completed {steps} steps, {rows} forward rows after recovery, "
-                f"{steps - rows} lost ({lost_sec[-1]:.3f} s before the kill){'' if check_before else '; files did not check before recovery'}"
+                f"{max(0, steps - rows)} lost ({lost_sec[-1]:.3f} s before the kill); {recovered} events replayed "
+                f"from the buffers, {in_flight} in flight"
+                f"{'' if check_before else '; files did not check before recovery'}"
             )
     print(
         f"{a.runs} kills: steps lost median {statistics.median(lost_steps)}, max {max(lost_steps)}; "
         f"seconds lost median {statistics.median(lost_sec):.3f}, max {max(lost_sec):.3f}; "
-        f"{unparseable_before} of {a.runs} directories failed the checks before recovery, 0 after"
+        f"{unparseable_before} of {a.runs} directories failed the checks before recovery, 0 after; "
+        f"events replayed from the buffers median {statistics.median(recovered_total)}, "
+        f"lost in flight total {sum(in_flight_total)}; "
+        f"{one_more} kills fell between a pass's recording and the engine's print of it"
     )
     return 0
 

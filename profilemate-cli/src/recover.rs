@@ -29,7 +29,6 @@ use profilemate_core::{
     StepTimelineRow, StepTimelineSummary, Summaries,
 };
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// What [`recover`] did.
@@ -45,6 +44,13 @@ pub struct Recovery {
     pub summaries_rebuilt: Vec<String>,
     /// Parquet files left incomplete by the killed process (not recovered).
     pub parquet_partial: Vec<String>,
+    /// Records still in the dead process's thread buffers, turned into rows by this run.
+    pub events_recovered: u64,
+    /// Records lost because they were being written at the instant of the kill (or waited
+    /// for their device time in the collector), found by this run.
+    pub events_lost_in_flight: u64,
+    /// The dead sessions whose buffers this run replayed.
+    pub buffers_replayed: Vec<profilemate_core::ReplayedSession>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> ReportError {
@@ -73,6 +79,11 @@ fn io(path: &Path, e: std::io::Error) -> ReportError {
 /// [`ReportError::MalformedJson`] for a manifest that is not JSON.
 pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     let dir = dir.as_ref();
+    // 0. The dead sessions' thread buffers become rows first (torn lines dropped before).
+    let replay = profilemate_sinks::recover_buffers(dir).map_err(|e| match e {
+        profilemate_core::Error::Recovery { dir, source } => io(&dir, source),
+        other => io(dir, std::io::Error::other(other.to_string())),
+    })?;
     let manifest_path = dir.join(MANIFEST_JSON);
     let mut manifest: serde_json::Value = match std::fs::read(&manifest_path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ReportError::MalformedJson {
@@ -83,8 +94,14 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
         })?,
         Err(e) => return Err(io(&manifest_path, e)),
     };
-    let mut report = Recovery::default();
-    if manifest.get("finished").and_then(|v| v.as_bool()) == Some(true) {
+    let mut report = Recovery {
+        events_recovered: replay.replay.events_recovered(),
+        events_lost_in_flight: replay.replay.events_lost_in_flight(),
+        buffers_replayed: replay.replay.sessions.clone(),
+        torn_bytes_dropped: replay.torn_bytes_dropped,
+        ..Recovery::default()
+    };
+    if manifest.get("finished").and_then(|v| v.as_bool()) == Some(true) && report.buffers_replayed.is_empty() {
         return Ok(report);
     }
     report.needed = true;
@@ -95,7 +112,7 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
         files.push(table.to_string());
         for name in files {
             let path = dir.join(&name);
-            if let Some(dropped) = drop_torn_line(&path)? {
+            if let Some(dropped) = profilemate_sinks::drop_torn_line(&path).map_err(|e| io(&path, e))? {
                 report.torn_bytes_dropped.insert(name, dropped);
             }
         }
@@ -162,15 +179,30 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
             .and_then(|t| serde_json::from_value(t.clone()).ok())
             .unwrap_or_default();
         torn.extend(report.torn_bytes_dropped.clone());
+        // Counted once, by the run that replayed the buffers: a second run adds 0.
+        let earlier_count =
+            |key: &str| earlier.as_ref().and_then(|r| r.get(key)).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let events_recovered = earlier_count("events_recovered") + report.events_recovered;
+        let events_lost_in_flight = earlier_count("events_lost_in_flight") + report.events_lost_in_flight;
+        let mut sessions: Vec<serde_json::Value> = earlier
+            .as_ref()
+            .and_then(|r| r.get("buffers_replayed"))
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        for s in &report.buffers_replayed {
+            sessions.push(serde_json::to_value(s).map_err(|e| io(&manifest_path, std::io::Error::other(e)))?);
+        }
         let recovery = serde_json::json!({
             "torn_bytes_dropped": torn,
             "traces_closed": report.traces_closed,
             "summaries_rebuilt": report.summaries_rebuilt,
             "parquet_partial_not_recovered": report.parquet_partial,
-            "events_recovered": 0,
-            "events_lost_in_flight": "unknown: events recorded since the collector's last pass (about one \
-                                      collector period) were in the killed process's memory",
+            "events_recovered": events_recovered,
+            "events_lost_in_flight": events_lost_in_flight,
+            "buffers_replayed": sessions,
         });
+        obj.insert("events_recovered".into(), events_recovered.into());
+        obj.insert("events_lost_in_flight".into(), events_lost_in_flight.into());
         let mut recovery = recovery;
         if data.step_timeline.is_some() {
             recovery["step_timeline"] = "summary rebuilt from step_timeline.csv; steps the collector still held \
@@ -197,53 +229,6 @@ const TABLE_FILES: [&str; 10] = [
     MOE_CSV,
     STEP_TIMELINE_CSV,
 ];
-
-/// Truncates `path` after its last complete CSV row; the bytes dropped, `None` when the file is
-/// whole (or absent).
-fn drop_torn_line(path: &Path) -> Result<Option<u64>, ReportError> {
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(path, e)),
-    };
-    let len = file.metadata().map_err(|e| io(path, e))?.len();
-    if len == 0 {
-        return Ok(None);
-    }
-    let mut last = [0u8; 1];
-    file.seek(SeekFrom::End(-1)).and_then(|_| file.read_exact(&mut last)).map_err(|e| io(path, e))?;
-    file.seek(SeekFrom::Start(0)).map_err(|e| io(path, e))?;
-    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(file);
-    let mut record = csv::ByteRecord::new();
-    let mut fields = None;
-    let mut good_end = 0u64;
-    loop {
-        let start = reader.position().byte();
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            // A row cut inside a quoted field reads as an error or as a short row: cut there.
-            Err(_) => {
-                good_end = start;
-                break;
-            }
-        }
-        let end = reader.position().byte();
-        let width = *fields.get_or_insert(record.len());
-        let at_end = end >= len;
-        if record.len() < width || (at_end && last[0] != b'\n') {
-            good_end = start;
-            break;
-        }
-        good_end = end;
-    }
-    if good_end >= len {
-        return Ok(None);
-    }
-    let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| io(path, e))?;
-    file.set_len(good_end).map_err(|e| io(path, e))?;
-    Ok(Some(len - good_end))
-}
 
 /// Adds the closing `]` to a trace that lacks it; `true` when it did.
 fn close_trace(path: &PathBuf) -> Result<bool, ReportError> {

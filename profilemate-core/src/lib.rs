@@ -72,6 +72,8 @@ mod moe_counts;
 mod profilers;
 mod record;
 mod recorder;
+mod replay;
+mod ring;
 mod rows;
 mod session;
 mod sink;
@@ -96,6 +98,7 @@ pub use profilers::{
     KvCacheProfiler, MoeExpertProfiler, PreemptionProfiler, Profiler,
 };
 pub use record::MAX_TEXT_BYTES;
+pub use replay::{replay_dead_buffers, BufferReplay, ReplaySinkFactory, ReplayedSession};
 pub use rows::{
     ns_to_ms, ns_to_sec, BatchUtilizationRow, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, KvCacheRow,
     MoeRoutingRow, Outcome, PreemptionEventRow, RequestLifecycleRow, Rows, StepTimelineRow, Table,

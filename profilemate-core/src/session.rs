@@ -260,6 +260,23 @@ impl SessionBuilder {
         let enabled = ProfilerKind::ALL.map(|k| config.is_enabled(k));
         let mut shared = Shared::new(HostClock::new(), timing, enabled, config.buffer_events);
         shared.moe_detail = config.moe_window_steps == 0;
+        if let Some(dir) = &manifest_dir {
+            let mask = crate::ring::enabled_mask(&enabled, shared.moe_detail);
+            match crate::ring::BufferFile::create(
+                dir,
+                config.buffer_events,
+                mask,
+                shared.start_raw,
+                &CpuOp::BUILTIN_NAMES,
+            ) {
+                Ok(file) => shared.buffer_file = Some(Arc::new(file)),
+                Err(e) => eprintln!(
+                    "profilemate: cannot map the thread buffers into {} ({e}): recording goes on into memory, \
+                     which a kill of the process loses",
+                    dir.display()
+                ),
+            }
+        }
         let shared = Arc::new(shared);
         let info = RunInfo {
             manifest_dir: manifest_dir.clone(),
@@ -458,6 +475,9 @@ impl Session {
             return Err(bad("at most 1024 operations per session"));
         }
         ops.push(Arc::from(name));
+        if let Some(file) = &shared.buffer_file {
+            file.set_op(ops.len() - 1, name);
+        }
         Ok(CpuOp((ops.len() - 1) as u16))
     }
 
