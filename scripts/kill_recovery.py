@@ -6,7 +6,7 @@ random instant (some during its shutdown); `profilemate recover DIR` runs (repla
 buffers the killed process left in the directory); then every CSV must parse, the forward rows
 must be exactly the passes the engine had recorded (or one more: a pass whose recording call
 returned in the microseconds before the engine printed it), each step id at most once and none
-missing, the events lost in flight (counted in the manifest) at most one per thread buffer, the
+missing (also where a first `recover` was itself killed part-way, every other run), the events lost in flight (counted in the manifest) at most one per thread buffer, the
 summaries (the step timeline's too) must equal a recomputation from the rows, and every trace
 file must load as JSON. A second `recover` must change no file. Prints the loss per kill (steps
 and seconds) and a summary.
@@ -141,7 +141,7 @@ def main():
         full = time.monotonic() - started
     print(f"a whole run takes {full:.1f} s; killing {a.runs} runs at random instants")
     lost_steps, lost_sec, unparseable_before = [], [], 0
-    recovered_total, in_flight_total, one_more = [], [], 0
+    recovered_total, in_flight_total, one_more, killed_recoveries = [], [], 0, []
     for i in range(a.runs):
         during_shutdown = i % 5 == 4
         kill_after = rng.uniform(0.0, 0.05) if during_shutdown else rng.uniform(0.2, full)
@@ -152,6 +152,13 @@ def main():
             except Exception:
                 check_before = None
                 unparseable_before += 1
+            if i % 2 == 1:
+                # A recovery killed part-way: the next one completes it, no row lost or doubled.
+                rp = subprocess.Popen([a.cli, "recover", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(rng.uniform(0.0, 0.02))
+                rp.send_signal(signal.SIGKILL)
+                rp.wait()
+                killed_recoveries.append(rp.returncode == -signal.SIGKILL)
             r = subprocess.run([a.cli, "recover", d], capture_output=True, text=True)
             if r.returncode != 0:
                 print(r.stderr)
@@ -194,7 +201,8 @@ def main():
         f"{unparseable_before} of {a.runs} directories failed the checks before recovery, 0 after; "
         f"events replayed from the buffers median {statistics.median(recovered_total)}, "
         f"lost in flight total {sum(in_flight_total)}; "
-        f"{one_more} kills fell between a pass's recording and the engine's print of it"
+        f"{one_more} kills fell between a pass's recording and the engine's print of it; "
+        f"{sum(killed_recoveries)} recoveries killed part-way (of {len(killed_recoveries)} tried) and completed by the next"
     )
     return 0
 

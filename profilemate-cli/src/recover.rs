@@ -1,12 +1,15 @@
 //! `profilemate recover DIR`: completes the files of a run whose process was killed.
 //!
 //! A killed process leaves CSV files whose last line may be torn, a Perfetto trace without its
-//! closing `]`, summaries up to one summary period old and a manifest that says
-//! `finished: false`. Recovery drops the torn last lines (truncating each file to its last
-//! complete row), closes the traces, rewrites every summary from the rows on disk (through the
-//! core's own profilers, so they equal a recomputation), and records in the manifest what it did
-//! (`finished_cleanly: false`, `recovery`). It is idempotent: a second run changes nothing. A
-//! run that finished cleanly is left as it is.
+//! closing `]`, summaries up to one summary period old, a manifest that says `finished: false`,
+//! and its thread buffers (a file mapping the kernel kept, see `profilemate-core`'s `ring`
+//! module). Recovery first replays the buffers of every dead session in the directory into the
+//! CSV tables ([`profilemate_sinks::recover_buffers`]: exactly once, torn last lines dropped
+//! first), then drops the torn last lines of the other files, closes the traces, rewrites every
+//! summary from the rows on disk (through the core's own profilers, so they equal a
+//! recomputation), and records in the manifest what it did (`finished_cleanly: false`,
+//! `events_recovered`, `events_lost_in_flight`, `recovery`). It is idempotent: a second run
+//! changes no row. A run that finished cleanly is left as it is.
 //!
 //! The step timeline: `step_timeline.csv` keeps the rows on disk (a torn last line dropped, as in
 //! every table) and `step_timeline_summary.json` is rebuilt from them. Steps the collector still
@@ -15,10 +18,9 @@
 //! not join them, since the step guard's bounds that set a step's wall time lived only in the
 //! process.
 //!
-//! What it cannot do (yet): events still in the dead process's memory (recorded since the
-//! collector's last pass, at most about one collector period) are gone with the process, and
-//! Parquet files left as `<table>.parquet.partial` lack their footer; both are reported in the
-//! manifest's `recovery` object, not recovered.
+//! What it cannot do (yet): Parquet files left as `<table>.parquet.partial` lack their footer
+//! (reported in the manifest's `recovery` object, not recovered), and the replayed rows reach
+//! the CSV tables only, not the trace or the Parquet tables.
 
 use crate::contract::*;
 use crate::data::RunData;
@@ -57,7 +59,10 @@ fn io(path: &Path, e: std::io::Error) -> ReportError {
     ReportError::io(path, e)
 }
 
-/// Completes the files of the run in `dir` after its process was killed (see the module docs).
+/// Completes the files of the run in `dir` after its process was killed (see the module docs):
+/// the dead session's thread buffers replayed, torn lines dropped, traces closed, summaries
+/// and manifest rebuilt. This is the call for any tool that completes a killed run's directory
+/// (the vLLM binding's merge, for each part).
 ///
 /// ```
 /// let dir = tempfile::tempdir()?;

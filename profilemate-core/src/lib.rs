@@ -104,7 +104,7 @@ pub use rows::{
     MoeRoutingRow, Outcome, PreemptionEventRow, RequestLifecycleRow, Rows, StepTimelineRow, Table,
     STEP_TIMELINE_COLUMNS,
 };
-pub use session::{BackendFactory, Session, SessionBuilder, SinkFactory};
+pub use session::{BackendFactory, RecoveryHook, Session, SessionBuilder, SinkFactory};
 pub use sink::{write_atomic, MemorySink, OutputFiles, Sink, SinkError};
 pub use stats::{DurationStats, Mean};
 pub use step_timeline::{StepPhaseStats, StepTimelineSummary, ENCLOSING_OPERATIONS};

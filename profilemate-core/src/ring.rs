@@ -18,8 +18,8 @@
 //! enabled, a clock anchor (a raw clock reading and its session time, rewritten every pass), the
 //! pass state and journal (below), and the CPU operation names by id. Then one region per
 //! recording thread (and per MoE per-step detail buffer), appended as threads register: a 4 KiB
-//! ring header (`write` and `claim`, written by the producer; `read` and `pass_start`, written
-//! by the collector, on separate cache lines) and the slots. Regions are reserved with
+//! ring header (`write`, written by the producer; `read` and `pass_start`, written by the
+//! collector, on separate cache lines) and the slots. Regions are reserved with
 //! `posix_fallocate` before they are mapped, so a full disk refuses the mapping at registration
 //! (the thread then gets a heap buffer, with a warning) instead of raising SIGBUS on the
 //! engine's thread at the first write into a page with no block behind it. The mapping is made
@@ -55,10 +55,13 @@
 //!
 //! # What is still lost
 //!
-//! - A record being written at the instant of the kill: the producer stores `claim` (the end of
-//!   the slots it is about to write) before writing them and `write` after, so `claim > write`
-//!   marks one record in flight. It is counted (`events_lost_in_flight`), not recovered: its
-//!   slots may be half-written.
+//! - A record being written at the instant of the kill. Every slot the collector hands back is
+//!   zeroed first (collector side, off the hot path), and a record's head slot is written
+//!   before its continuation slots and before `write` is published; so a non-zero slot at
+//!   `write` is a record whose recording call had not returned. It is counted
+//!   (`events_lost_in_flight`), not recovered: its slots may be half-written. This per-slot
+//!   marker costs the hot path nothing (a separate "claim" store would cost one store per
+//!   record).
 //! - Records the collector had drained but still held: device-timed events waiting for their
 //!   GPU time (counted in the header every pass as `held`, reported as lost in flight: the GPU
 //!   context died with the process), MoE routing totals (added in place on the recording
@@ -107,7 +110,6 @@ const R_MAGIC: usize = 0;
 const R_CAP: usize = 8;
 const R_KIND: usize = 16;
 const R_WRITE: usize = 64;
-const R_CLAIM: usize = 72;
 const R_READ: usize = 128;
 const R_PASS_START: usize = 192;
 
@@ -180,14 +182,17 @@ fn split(mem: Arc<RingMem>, persistent: bool) -> (RingProducer, RingConsumer) {
     let cap = mem.cap;
     let write = mem.field(R_WRITE).load(Ordering::Acquire);
     let read = mem.field(R_READ).load(Ordering::Acquire);
-    let producer = RingProducer { mem: mem.clone(), write, index: write % cap.max(1), read_cache: read, cap };
+    let producer =
+        RingProducer { base: mem.base, _mem: mem.clone(), write, index: write % cap.max(1), read_cache: read, cap };
     let consumer = RingConsumer { mem, drained: read, index: read % cap.max(1), cap, persistent };
     (producer, consumer)
 }
 
 /// The recording thread's end of a ring.
 pub(crate) struct RingProducer {
-    mem: Arc<RingMem>,
+    /// Keeps the memory alive; the hot path uses `base` (one load less per record).
+    _mem: Arc<RingMem>,
+    base: *mut u8,
     /// Next position to write (never wraps).
     write: u64,
     /// `write % cap`, kept alongside so the hot path never divides.
@@ -197,14 +202,30 @@ pub(crate) struct RingProducer {
     cap: u64,
 }
 
+// SAFETY: the producer is used by one thread at a time (it is moved, never shared); `base`
+// points into memory that `_mem` keeps alive.
+unsafe impl Send for RingProducer {}
+
 impl RingProducer {
+    #[inline(always)]
+    fn field(&self, at: usize) -> &AtomicU64 {
+        // SAFETY: as `RingMem::field`, through the cached base pointer.
+        unsafe { &*self.base.add(at).cast::<AtomicU64>() }
+    }
+
+    #[inline(always)]
+    fn slot_ptr(&self, index: u64) -> *mut Slot {
+        // SAFETY: callers pass `index < cap`; the slots follow the header.
+        unsafe { self.base.add(RING_HEADER).cast::<Slot>().add(index as usize) }
+    }
+
     /// Room for `n` slots, reloading the consumer's position only when the cached one says no.
     #[inline(always)]
     fn has_room(&mut self, n: u64) -> bool {
         if self.write + n - self.read_cache <= self.cap {
             return true;
         }
-        self.read_cache = self.mem.field(R_READ).load(Ordering::Acquire);
+        self.read_cache = self.field(R_READ).load(Ordering::Acquire);
         self.write + n - self.read_cache <= self.cap
     }
 
@@ -215,16 +236,15 @@ impl RingProducer {
             return Err(());
         }
         let end = self.write + 1;
-        self.mem.field(R_CLAIM).store(end, Ordering::Relaxed);
         // SAFETY: `index < cap`, and the slot is free: the consumer's committed position is at
         // most `cap` slots behind.
-        unsafe { self.mem.slot_ptr(self.index).write(slot) };
+        unsafe { self.slot_ptr(self.index).write(slot) };
         self.index += 1;
         if self.index == self.cap {
             self.index = 0;
         }
         self.write = end;
-        self.mem.field(R_WRITE).store(end, Ordering::Release);
+        self.field(R_WRITE).store(end, Ordering::Release);
         Ok(())
     }
 
@@ -236,19 +256,19 @@ impl RingProducer {
             return Err(());
         }
         let end = self.write + n;
-        self.mem.field(R_CLAIM).store(end, Ordering::Relaxed);
+        // The head slot first: a kill part-way leaves it non-zero at `write` (in flight).
         for i in 0..n {
             let mut s = Slot::ZERO;
             fill(i, &mut s);
             // SAFETY: as in `push`, for each of the `n` free slots.
-            unsafe { self.mem.slot_ptr(self.index).write(s) };
+            unsafe { self.slot_ptr(self.index).write(s) };
             self.index += 1;
             if self.index == self.cap {
                 self.index = 0;
             }
         }
         self.write = end;
-        self.mem.field(R_WRITE).store(end, Ordering::Release);
+        self.field(R_WRITE).store(end, Ordering::Release);
         Ok(())
     }
 }
@@ -320,6 +340,15 @@ impl RingConsumer {
     /// Hands the drained slots back to the producer (for a persistent ring: once their rows are
     /// in the files).
     pub(crate) fn commit(&self) {
+        if self.persistent {
+            // Slots handed back are zero: a record half-written at a kill shows as a non-zero
+            // slot at `write` (see the module docs).
+            let read = self.mem.field(R_READ).load(Ordering::Relaxed);
+            for pos in read..self.drained {
+                // SAFETY: drained, not yet handed back: the producer does not touch it.
+                unsafe { self.mem.slot_ptr(pos % self.cap).write(Slot::ZERO) };
+            }
+        }
         self.mem.field(R_READ).store(self.drained, Ordering::Release);
     }
 
@@ -485,8 +514,13 @@ impl BufferFile {
         let len = ring_bytes(self.cap);
         let offset = HEADER_BYTES as u64 + rings.len() as u64 * len;
         reserve(&self.file, offset, len)?;
-        let map = map_region(&self.file, offset, len as usize)?;
-        let mut map = map;
+        let mut map = map_region(&self.file, offset, len as usize)?;
+        // A shared file mapping's page is mapped read-only until first written (the kernel
+        // tracks which pages are dirty): write every page now, so that the engine thread's
+        // first record into each does not take that fault.
+        for page in map.chunks_mut(PAGE) {
+            page[0] = 0;
+        }
         let base = map.as_mut_ptr();
         let mem = Arc::new(RingMem { base, cap: self.cap, _backing: Backing::Map(map) });
         mem.init(kind);
@@ -668,7 +702,11 @@ impl DeadBuffers {
         let claimed = self
             .mems
             .iter()
-            .filter(|m| m.field(R_CLAIM).load(Ordering::Relaxed) > m.field(R_WRITE).load(Ordering::Relaxed))
+            .filter(|m| {
+                let (w, r) = (m.field(R_WRITE).load(Ordering::Relaxed), m.field(R_READ).load(Ordering::Relaxed));
+                // SAFETY: `w % cap < cap`.
+                w - r < m.cap && unsafe { (*m.slot_ptr(w % m.cap)).kind() } != 0
+            })
             .count() as u64;
         claimed + self.held
     }
@@ -689,7 +727,9 @@ impl DeadBuffers {
         for m in &self.mems {
             let w = m.field(R_WRITE).load(Ordering::Acquire);
             m.field(R_READ).store(w, Ordering::Relaxed);
-            m.field(R_CLAIM).store(w, Ordering::Relaxed);
+            // The record in flight, counted once: its slot is cleared.
+            // SAFETY: `w % cap < cap`.
+            unsafe { m.slot_ptr(w % m.cap).write(Slot::ZERO) };
         }
         header_field(&self.header, H_HELD).store(0, Ordering::Relaxed);
         header_field(&self.header, H_STATE).store(STATE_IDLE, Ordering::Release);
@@ -697,4 +737,47 @@ impl DeadBuffers {
         drop(self.file);
         Ok(())
     }
+}
+
+/// Whether `name` is one of the files a session writes in its output directory.
+fn is_run_file(name: &str) -> bool {
+    let table = crate::rows::Table::ALL.iter().any(|t| name.starts_with(t.name()) && name.ends_with(".csv"));
+    table
+        || name.ends_with("_summary.json")
+        || name.starts_with("profilemate_")
+        || name.contains(".parquet")
+        || name.starts_with(BUFFER_FILE_PREFIX)
+}
+
+/// A new session is starting in `dir`: when it holds the thread buffers of a dead session, that
+/// run's files (which the new session's sinks would truncate) move to `dir/killed-run-<pid>/`,
+/// buffers included, for recovery there. Returns that directory and the dead pids.
+pub(crate) fn set_aside_dead_run(dir: &Path) -> std::io::Result<Option<(PathBuf, Vec<u32>)>> {
+    let mut locked = Vec::new();
+    for path in buffer_files(dir)? {
+        let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&path) else { continue };
+        if !try_lock(&file)? {
+            continue;
+        }
+        let mut pid = [0u8; 4];
+        let _ = std::io::Read::read_exact(&mut (&file), &mut [0u8; H_PID])
+            .and_then(|()| std::io::Read::read_exact(&mut (&file), &mut pid));
+        locked.push((file, u32::from_le_bytes(pid)));
+    }
+    let Some(&(_, first)) = locked.first() else { return Ok(None) };
+    let mut aside = dir.join(format!("killed-run-{first}"));
+    let mut k = 1;
+    while aside.exists() {
+        k += 1;
+        aside = dir.join(format!("killed-run-{first}-{k}"));
+    }
+    std::fs::create_dir(&aside)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type()?.is_file() && is_run_file(&name) {
+            std::fs::rename(entry.path(), aside.join(&name))?;
+        }
+    }
+    Ok(Some((aside, locked.into_iter().map(|(_, pid)| pid).collect())))
 }
