@@ -227,7 +227,7 @@ fn a_full_disk_keeps_the_buffers_for_a_later_try() {
         assert_eq!(buffer_files(&mnt).len(), 1, "the buffers are kept");
         std::fs::remove_file(&filler).unwrap();
         let done = profilemate_sinks::recover_buffers(&mnt).unwrap();
-        assert_eq!(done.replay.sessions.len(), 1);
+        assert_eq!(done.replay.sessions.len(), 1, "{err}; {done:?}");
         assert_forward_exactly(&mnt, 3100);
     });
     let _ = Command::new("umount").arg(&mnt).status();

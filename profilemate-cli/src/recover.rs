@@ -85,10 +85,11 @@ fn io(path: &Path, e: std::io::Error) -> ReportError {
 pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     let dir = dir.as_ref();
     // 0. The dead sessions' thread buffers become rows first (torn lines dropped before).
-    let replay = profilemate_sinks::recover_buffers(dir).map_err(|e| match e {
+    let core_error = |e: profilemate_core::Error| match e {
         profilemate_core::Error::Recovery { dir, source } => io(&dir, source),
         other => io(dir, std::io::Error::other(other.to_string())),
-    })?;
+    };
+    let replay = profilemate_sinks::replay_buffers(dir).map_err(core_error)?;
     let manifest_path = dir.join(MANIFEST_JSON);
     let mut manifest: serde_json::Value = match std::fs::read(&manifest_path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ReportError::MalformedJson {
@@ -99,14 +100,24 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
         })?,
         Err(e) => return Err(io(&manifest_path, e)),
     };
+    // A buffer file an interrupted recovery replayed and already counted in the manifest is
+    // not counted again.
+    let counted: Vec<String> = manifest
+        .pointer("/recovery/buffers_replayed")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|s| s.get("file").and_then(|f| f.as_str()).map(String::from)).collect())
+        .unwrap_or_default();
+    let sessions: Vec<_> =
+        replay.replay.sessions.into_iter().filter(|s| !(s.already_replayed && counted.contains(&s.file))).collect();
     let mut report = Recovery {
-        events_recovered: replay.replay.events_recovered(),
-        events_lost_in_flight: replay.replay.events_lost_in_flight(),
-        buffers_replayed: replay.replay.sessions.clone(),
+        events_recovered: sessions.iter().map(|s| s.events_recovered).sum(),
+        events_lost_in_flight: sessions.iter().map(|s| s.events_lost_in_flight).sum(),
+        buffers_replayed: sessions,
         torn_bytes_dropped: replay.torn_bytes_dropped,
         ..Recovery::default()
     };
     if manifest.get("finished").and_then(|v| v.as_bool()) == Some(true) && report.buffers_replayed.is_empty() {
+        profilemate_core::remove_replayed_buffers(dir).map_err(core_error)?;
         return Ok(report);
     }
     report.needed = true;
@@ -219,6 +230,8 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     }
     let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| io(&manifest_path, std::io::Error::other(e)))?;
     profilemate_core::write_atomic(&manifest_path, &bytes).map_err(|e| io(&manifest_path, e))?;
+    // The figures are recorded: the replayed buffers can go.
+    profilemate_core::remove_replayed_buffers(dir).map_err(core_error)?;
     Ok(report)
 }
 

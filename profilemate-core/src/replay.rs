@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::moe_counts::MoeCounts;
 use crate::recorder::{DropCounters, MoeSource, Shared, ThreadBuffer, Timing};
-use crate::ring::{buffer_files, DeadBuffers, Opened, RingKind};
+use crate::ring::{buffer_files, remove_if_replayed, DeadBuffers, Opened, RingKind};
 use crate::rows::Table;
 use crate::sink::Sink;
 use crate::types::ProfilerKind;
@@ -35,6 +35,10 @@ pub struct ReplayedSession {
     pub killed_in_pass: bool,
     /// Rows appended, per table file.
     pub rows: BTreeMap<String, u64>,
+    /// Replayed by an earlier recovery that stopped before its file was removed: no row was
+    /// written now, and the figures are the earlier recovery's (from the file), so a caller
+    /// that had recorded them already (the same `file` in its manifest) does not add them again.
+    pub already_replayed: bool,
 }
 
 /// What [`replay_dead_buffers`] did in a directory.
@@ -72,8 +76,10 @@ pub type ReplaySinkFactory<'a> = &'a mut dyn FnMut(&Config, &Path) -> Result<Vec
 /// their lengths at the pass's start. The replay runs the records through the same collector
 /// code as the live session (host-clock durations for device-timed records, whose GPU events
 /// died with the process). Once the sinks have flushed, the buffers are committed and the file
-/// removed: running it again replays nothing. Summaries and the manifest are left to the caller
-/// (`profilemate recover` rebuilds them from the rows).
+/// marked replayed, with its figures: running it again replays nothing (it reports the file
+/// as [`already_replayed`](ReplayedSession::already_replayed)). The caller records the figures
+/// and then removes the files with [`remove_replayed_buffers`]. Summaries and the manifest are
+/// left to the caller (`profilemate recover` rebuilds them from the rows).
 ///
 /// ```
 /// use profilemate_core::{replay_dead_buffers, Session};
@@ -105,9 +111,40 @@ pub fn replay_dead_buffers(dir: &Path, make_sinks: ReplaySinkFactory<'_>) -> Res
             }
             Opened::Dead(d) => d,
         };
+        if let Some((events_recovered, events_lost_in_flight)) = dead.replayed {
+            out.sessions.push(ReplayedSession {
+                file: name,
+                pid: dead.pid,
+                events_recovered,
+                events_lost_in_flight,
+                already_replayed: true,
+                ..ReplayedSession::default()
+            });
+            continue;
+        }
         out.sessions.push(replay_one(dir, *dead, name, make_sinks, &fail, &named)?);
     }
     Ok(out)
+}
+
+/// Removes the buffer files in `dir` that [`replay_dead_buffers`] replayed; returns how many.
+/// Call it once the replay's figures are recorded (in the manifest).
+///
+/// # Errors
+///
+/// [`Error::Recovery`] naming the file that cannot be removed (a read-only directory): it is
+/// removed by a later call, and its figures are not counted twice by a caller that checks
+/// [`ReplayedSession::already_replayed`].
+pub fn remove_replayed_buffers(dir: &Path) -> Result<usize> {
+    let fail = |path: &Path, e: std::io::Error| Error::Recovery {
+        dir: dir.to_path_buf(),
+        source: std::io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+    };
+    let mut removed = 0;
+    for path in buffer_files(dir).map_err(|e| fail(dir, e))? {
+        removed += usize::from(remove_if_replayed(&path).map_err(|e| fail(&path, e))?);
+    }
+    Ok(removed)
 }
 
 fn replay_one(
@@ -185,6 +222,14 @@ fn replay_one(
         ))));
     }
     let pid = dead.pid;
-    dead.finish().map_err(|e| fail(named(&dir.join(&name), e)))?;
-    Ok(ReplayedSession { file: name, pid, events_recovered: events, events_lost_in_flight: lost, killed_in_pass, rows })
+    dead.finish(events, lost);
+    Ok(ReplayedSession {
+        file: name,
+        pid,
+        events_recovered: events,
+        events_lost_in_flight: lost,
+        killed_in_pass,
+        rows,
+        already_replayed: false,
+    })
 }

@@ -101,6 +101,9 @@ const H_HELD: usize = 56;
 const H_OPS: usize = 64;
 const H_ENABLED: usize = 72;
 const H_START_RAW: usize = 80;
+/// A replayed file's figures: events recovered, events lost in flight.
+const H_RECOVERED: usize = 88;
+const H_LOST: usize = 96;
 /// Journal: per table, `1 + length` of its file at the pass start (0: no file).
 const H_JOURNAL: usize = 256;
 const JOURNAL_ENTRIES: usize = 32;
@@ -115,6 +118,8 @@ const R_PASS_START: usize = 192;
 
 const STATE_IDLE: u64 = 0;
 const STATE_IN_PASS: u64 = 1;
+/// Replayed into the files; kept (with its figures) until the caller recorded them.
+const STATE_REPLAYED: u64 = 2;
 
 /// What a ring carries.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -413,6 +418,20 @@ fn try_lock(_file: &File) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// Takes the lock, waiting up to 200 ms: a process forked to run another program holds the
+/// file's open description (and so the `flock`) until its `exec` closes it. A process forked
+/// without `exec` keeps it while it lives: the dead session's buffers then read as live until
+/// that process ends too.
+fn lock_soon(file: &File) -> std::io::Result<bool> {
+    for _ in 0..40 {
+        if try_lock(file)? {
+            return Ok(true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(false)
+}
+
 /// The header's record of the profilers enabled (bit per profiler) and of MoE per-step detail
 /// (bit 63).
 pub(crate) fn enabled_mask(enabled: &[bool], moe_detail: bool) -> u64 {
@@ -578,7 +597,6 @@ impl std::fmt::Debug for BufferFile {
 
 /// The buffer file of a session whose process died, opened and locked for recovery.
 pub(crate) struct DeadBuffers {
-    pub(crate) path: PathBuf,
     file: File,
     header: memmap2::MmapMut,
     pub(crate) pid: u32,
@@ -590,6 +608,9 @@ pub(crate) struct DeadBuffers {
     /// Per table, its file's length at the start of the pass the process died in (`None`: no
     /// file, or the process was between passes).
     pub(crate) journal: Option<Vec<Option<u64>>>,
+    /// Replayed already by a recovery that stopped before removing the file: its figures
+    /// (events recovered, lost in flight).
+    pub(crate) replayed: Option<(u64, u64)>,
     /// The rings' collector ends, for the replay to take.
     pub(crate) rings: Vec<(RingKind, RingConsumer)>,
     mems: Vec<Arc<RingMem>>,
@@ -619,7 +640,7 @@ impl DeadBuffers {
     /// Opens and locks `path`; `Locked` when its session lives or someone recovers it.
     pub(crate) fn open(path: &Path) -> std::io::Result<Opened> {
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-        if !try_lock(&file)? {
+        if !lock_soon(&file)? {
             return Ok(Opened::Locked);
         }
         let len = file.metadata()?.len();
@@ -644,12 +665,14 @@ impl DeadBuffers {
                 String::from_utf8_lossy(&e[1..1 + n]).into_owned()
             })
             .collect();
+        let replayed = (h(H_STATE) == STATE_REPLAYED).then(|| (h(H_RECOVERED), h(H_LOST)));
         let journal = (h(H_STATE) == STATE_IN_PASS)
             .then(|| (0..JOURNAL_ENTRIES).map(|i| h(H_JOURNAL + i * 8).checked_sub(1)).collect());
         let mut rings = Vec::new();
         let mut mems = Vec::new();
         let rlen = ring_bytes(cap);
-        let count = h(H_RINGS).min((len.saturating_sub(HEADER_BYTES as u64)) / rlen);
+        let count =
+            if replayed.is_some() { 0 } else { h(H_RINGS).min((len.saturating_sub(HEADER_BYTES as u64)) / rlen) };
         for i in 0..count {
             let mut map = map_region(&file, HEADER_BYTES as u64 + i * rlen, rlen as usize)?;
             let base = map.as_mut_ptr();
@@ -670,8 +693,8 @@ impl DeadBuffers {
                 let start = mem.field(R_PASS_START).load(Ordering::Relaxed);
                 mem.field(R_READ).store(start, Ordering::Release);
             }
-            // A write position ahead of `read` by more than the ring holds is corrupt: keep
-            // the newest `cap` slots' worth of positions would be guessing, so read none.
+            // A write position behind `read`, or ahead of it by more than the ring holds: the
+            // header is damaged, and replaying would be guessing.
             let (w, r) = (mem.field(R_WRITE).load(Ordering::Acquire), mem.field(R_READ).load(Ordering::Acquire));
             if w < r || w - r > cap {
                 return Err(bad("a ring's positions are inconsistent"));
@@ -681,7 +704,6 @@ impl DeadBuffers {
             rings.push((kind, c));
         }
         Ok(Opened::Dead(Box::new(DeadBuffers {
-            path: path.to_path_buf(),
             pid: h(H_PID) as u32,
             enabled: h(H_ENABLED),
             start_raw: h(H_START_RAW),
@@ -689,6 +711,7 @@ impl DeadBuffers {
             held: h(H_HELD),
             ops,
             journal,
+            replayed,
             file,
             header,
             rings,
@@ -722,8 +745,9 @@ impl DeadBuffers {
     }
 
     /// Commits everything replayed (the producer is dead: `write` no longer moves), forgets
-    /// what was in flight, and removes the file.
-    pub(crate) fn finish(self) -> std::io::Result<()> {
+    /// what was in flight, and marks the file replayed with its figures; the caller removes it
+    /// ([`remove_if_replayed`]) once it has recorded them.
+    pub(crate) fn finish(self, recovered: u64, lost: u64) {
         for m in &self.mems {
             let w = m.field(R_WRITE).load(Ordering::Acquire);
             m.field(R_READ).store(w, Ordering::Relaxed);
@@ -732,11 +756,27 @@ impl DeadBuffers {
             unsafe { m.slot_ptr(w % m.cap).write(Slot::ZERO) };
         }
         header_field(&self.header, H_HELD).store(0, Ordering::Relaxed);
-        header_field(&self.header, H_STATE).store(STATE_IDLE, Ordering::Release);
-        std::fs::remove_file(&self.path)?;
+        header_field(&self.header, H_RECOVERED).store(recovered, Ordering::Relaxed);
+        header_field(&self.header, H_LOST).store(lost, Ordering::Relaxed);
+        header_field(&self.header, H_STATE).store(STATE_REPLAYED, Ordering::Release);
         drop(self.file);
-        Ok(())
     }
+}
+
+/// Removes the buffer file at `path` if a recovery replayed it; `Ok(false)` when it is live,
+/// being recovered, or not replayed yet.
+pub(crate) fn remove_if_replayed(path: &Path) -> std::io::Result<bool> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    if !try_lock(&file)? || file.metadata()?.len() < HEADER_BYTES as u64 {
+        return Ok(false);
+    }
+    let header = map_region(&file, 0, HEADER_BYTES)?;
+    let replayed = header_field(&header, H_MAGIC).load(Ordering::Acquire) == MAGIC
+        && header_field(&header, H_STATE).load(Ordering::Acquire) == STATE_REPLAYED;
+    if replayed {
+        std::fs::remove_file(path)?;
+    }
+    Ok(replayed)
 }
 
 /// Whether `name` is one of the files a session writes in its output directory.

@@ -87,7 +87,8 @@ pub struct BufferRecovery {
 /// exactly once): each table's torn last line is dropped, then the records still in the
 /// buffers are appended as rows, and the buffer files removed. Summaries, the manifest, the
 /// Perfetto trace and Parquet tables are not touched (the replayed rows reach the CSV tables
-/// only); `profilemate recover DIR` calls this, then rebuilds summaries and manifest.
+/// only). `profilemate recover DIR` (`profilemate_cli::recover`) does this with
+/// [`replay_buffers`], records the figures in the manifest, then removes the files.
 ///
 /// ```
 /// let dir = tempfile::tempdir()?;
@@ -101,6 +102,20 @@ pub struct BufferRecovery {
 /// [`Error::Recovery`] naming the directory and the file that could not be read or written (a
 /// read-only directory, a full disk); the buffers are kept for a later try.
 pub fn recover_buffers(dir: &Path) -> Result<BufferRecovery, Error> {
+    let done = replay_buffers(dir)?;
+    profilemate_core::remove_replayed_buffers(dir)?;
+    Ok(done)
+}
+
+/// [`recover_buffers`] without removing the replayed buffer files: the caller records the
+/// figures (a killed caller's successor finds them in the files, marked
+/// [`already_replayed`](profilemate_core::ReplayedSession::already_replayed)), then calls
+/// [`profilemate_core::remove_replayed_buffers`].
+///
+/// # Errors
+///
+/// As [`recover_buffers`].
+pub fn replay_buffers(dir: &Path) -> Result<BufferRecovery, Error> {
     let fail = |source: std::io::Error| Error::Recovery { dir: dir.to_path_buf(), source };
     let mut torn = BTreeMap::new();
     let replay = profilemate_core::replay_dead_buffers(dir, &mut |config, dir| {
