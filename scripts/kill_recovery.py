@@ -141,7 +141,7 @@ def main():
         full = time.monotonic() - started
     print(f"a whole run takes {full:.1f} s; killing {a.runs} runs at random instants")
     lost_steps, lost_sec, unparseable_before = [], [], 0
-    recovered_total, in_flight_total, one_more, killed_recoveries = [], [], 0, []
+    recovered_total, in_flight_total, one_more, killed_recoveries, was_killed = [], [], 0, [], []
     for i in range(a.runs):
         during_shutdown = i % 5 == 4
         kill_after = rng.uniform(0.0, 0.05) if during_shutdown else rng.uniform(0.2, full)
@@ -189,12 +189,21 @@ def main():
             lost_sec.append(0.0 if manifest.get("finished") else max(0.0, kill_sec - end))
             where = "during shutdown" if during_shutdown else f"at {kill_after:.2f} s"
             state = "finished" if manifest.get("finished") else "killed"
+            was_killed.append(not manifest.get("finished"))
             print(
                 f"kill {i + 1:2} {where:>16} ({state}): engine completed {steps} steps, {rows} forward rows after recovery, "
                 f"{max(0, steps - rows)} lost ({lost_sec[-1]:.3f} s before the kill); {recovered} events replayed "
                 f"from the buffers, {in_flight} in flight"
                 f"{'' if check_before else '; files did not check before recovery'}"
             )
+    killed = [i for i, k in enumerate(was_killed) if k]
+    if killed:
+        print(
+            f"{len(killed)} runs really killed (not finished yet): steps lost median "
+            f"{statistics.median(lost_steps[i] for i in killed)}, max {max(lost_steps[i] for i in killed)}; "
+            f"seconds from the last forward pass on disk to the kill median "
+            f"{statistics.median(lost_sec[i] for i in killed):.3f}, max {max(lost_sec[i] for i in killed):.3f}"
+        )
     print(
         f"{a.runs} kills: steps lost median {statistics.median(lost_steps)}, max {max(lost_steps)}; "
         f"seconds lost median {statistics.median(lost_sec):.3f}, max {max(lost_sec):.3f}; "
