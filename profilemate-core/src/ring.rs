@@ -13,17 +13,25 @@
 //!
 //! One file per session, `DIR/.profilemate_buffers.<pid>.<n>`, locked with `flock` for the
 //! session's whole life (the kernel drops the lock when the process dies, so "the lock can be
-//! taken" means "its owner is dead, and nobody else is recovering it"). It starts with a
-//! header ([`HEADER_BYTES`]): magic, version, pid, slots per ring, ring count, the profilers
-//! enabled, a clock anchor (a raw clock reading and its session time, rewritten every pass), the
-//! pass state and journal (below), and the CPU operation names by id. Then one region per
+//! taken" means "its owner is dead, and nobody else is recovering it"; the pid in the header
+//! names the dead process in the recovery's report, and the lock, unlike a pid, cannot be
+//! mistaken for a new process that reused the number). It starts with a header
+//! ([`HEADER_BYTES`]): a magic number that carries the layout version, the pid, slots per
+//! ring, ring count, the profilers enabled, a clock anchor (a raw clock reading and its session
+//! time, rewritten every pass), the pass state and journal (below), the figures of a replay,
+//! and the CPU operation names by id. Then one region per
 //! recording thread (and per MoE per-step detail buffer), appended as threads register: a 4 KiB
 //! ring header (`write`, written by the producer; `read` and `pass_start`, written by the
 //! collector, on separate cache lines) and the slots. Regions are reserved with
 //! `posix_fallocate` before they are mapped, so a full disk refuses the mapping at registration
 //! (the thread then gets a heap buffer, with a warning) instead of raising SIGBUS on the
 //! engine's thread at the first write into a page with no block behind it. The mapping is made
-//! with `MAP_POPULATE`: the hot path never takes a page fault.
+//! with `MAP_POPULATE` and every page written once when the ring is made (a shared file
+//! mapping's clean page is mapped read-only until written, for the kernel's dirty tracking), so
+//! the hot path does not take a fault per page. The kernel writes the dirty pages back to disk
+//! in the background; after each write-back a page's next write takes one fault again (about
+//! one per page every few seconds, not per record). The file lives as long as the session: a
+//! normal shutdown removes it once every record is in the files.
 //!
 //! # Why our own ring (not `rtrb`)
 //!
@@ -51,7 +59,10 @@
 //! Recovery of a session found *in pass* truncates every table file to its journaled length
 //! (dropping the pass's rows, whole or torn) and replays from `pass_start`; found *idle*, it
 //! replays from `read`. Either way no row is lost or written twice. Recovery itself follows the
-//! same journal, so a recovery killed half-way is completed by the next one.
+//! same journal, so a recovery killed half-way is completed by the next one; once done it
+//! marks the file *replayed* with its figures (events recovered, lost in flight), and the
+//! caller removes the file only after recording them, so a recovery killed in between neither
+//! replays again nor loses the figures.
 //!
 //! # What is still lost
 //!
@@ -719,10 +730,11 @@ impl DeadBuffers {
         })))
     }
 
-    /// Records in flight at the kill: a ring whose producer had claimed slots it had not
-    /// published, plus what the collector held (device-timed events awaiting their time).
+    /// Records in flight at the kill: a ring whose slot at `write` is not zero (a record being
+    /// written, not yet published; see the module docs), plus what the collector held
+    /// (device-timed events awaiting their time).
     pub(crate) fn lost_in_flight(&self) -> u64 {
-        let claimed = self
+        let in_flight = self
             .mems
             .iter()
             .filter(|m| {
@@ -731,7 +743,7 @@ impl DeadBuffers {
                 w - r < m.cap && unsafe { (*m.slot_ptr(w % m.cap)).kind() } != 0
             })
             .count() as u64;
-        claimed + self.held
+        in_flight + self.held
     }
 
     /// Journal step 1 of the recovery's own pass.
