@@ -48,6 +48,12 @@ fn child_records_then_waits() {
     record(flushed);
     session.flush().unwrap();
     record(more);
+    if flushed >= 10 {
+        // A request started before the flush, preempted and finished after it.
+        requests.preempted("req-10", "RECOMPUTE", "num_blocks=4");
+        requests.resumed("req-10");
+        requests.finished("req-10", "");
+    }
     drop(cpu.start(CpuOp::SCHEDULING));
     println!("ready");
     std::thread::sleep(Duration::from_secs(600));
@@ -140,6 +146,13 @@ fn rows_flushed_before_the_kill_are_not_written_twice() {
     let done = profilemate_sinks::recover_buffers(dir.path()).unwrap();
     assert_eq!(done.replay.sessions[0].rows["forward_pass_timing.csv"], 250);
     assert_forward_exactly(dir.path(), 650);
+    // The request started before the flush and finished in the replayed records: its whole
+    // lifecycle row (the replay knew its start from preemption_events.csv).
+    let lifecycle = rows(dir.path(), "request_lifecycle.csv");
+    let req = lifecycle.iter().find(|r| &r[0] == "req-10").expect("req-10's lifecycle row");
+    assert!(!req[1].is_empty(), "started_sec: {req:?}");
+    assert!(!req[2].is_empty() && !req[4].is_empty(), "preempted and finished: {req:?}");
+    assert_eq!(&req[7], "1", "num_preemptions: {req:?}");
 }
 
 #[test]

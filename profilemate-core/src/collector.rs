@@ -298,6 +298,25 @@ impl Collector {
         self.shutdown()
     }
 
+    /// Feeds the lifecycle events already in the files to the preemption profiler, rows
+    /// discarded (they are in the files): the requests they started are then known when the
+    /// replayed records finish them.
+    pub(crate) fn seed_lifecycle(&mut self, events: &[crate::rows::PreemptionEventRow]) {
+        let Some(p) = &mut self.preemption else { return };
+        let mut discard = Rows::default();
+        for e in events {
+            let ev = Event::Lifecycle {
+                timestamp_ns: e.timestamp_ns,
+                request_id: &e.request_id,
+                event: e.event,
+                reason: &e.reason,
+                extra_info: &e.extra_info,
+            };
+            p.observe(&ev, &mut discard);
+            discard.clear();
+        }
+    }
+
     /// Replays a dead session's buffers (see [`crate::replay`]): drains them once, writes the
     /// rows and flushes. Returns the records read, the rows written per file and the sinks'
     /// errors.

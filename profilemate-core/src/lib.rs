@@ -103,7 +103,9 @@ pub use profilers::{
     KvCacheProfiler, MoeExpertProfiler, PreemptionProfiler, Profiler,
 };
 pub use record::MAX_TEXT_BYTES;
-pub use replay::{remove_replayed_buffers, replay_dead_buffers, BufferReplay, ReplaySinkFactory, ReplayedSession};
+pub use replay::{
+    remove_replayed_buffers, replay_dead_buffers, BufferReplay, ReplaySinkFactory, ReplayTarget, ReplayedSession,
+};
 pub use rows::{
     ns_to_ms, ns_to_sec, BatchUtilizationRow, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, KvCacheRow,
     MoeRoutingRow, Outcome, PreemptionEventRow, RequestLifecycleRow, Rows, StepTimelineRow, Table,

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::moe_counts::MoeCounts;
 use crate::recorder::{DropCounters, MoeSource, Shared, ThreadBuffer, Timing};
 use crate::ring::{buffer_files, remove_if_replayed, DeadBuffers, Opened, RingKind};
-use crate::rows::Table;
+use crate::rows::{PreemptionEventRow, Table};
 use crate::sink::Sink;
 use crate::types::ProfilerKind;
 use std::collections::BTreeMap;
@@ -62,10 +62,30 @@ impl BufferReplay {
     }
 }
 
-/// Builds the sinks a replay appends rows to, for the dead session's configuration and output
-/// directory (`profilemate-sinks`' `recover_buffers` passes one that opens the CSV tables for
-/// appending).
-pub type ReplaySinkFactory<'a> = &'a mut dyn FnMut(&Config, &Path) -> Result<Vec<Box<dyn Sink>>>;
+/// What a replay writes into, built for the dead session's configuration and output directory
+/// by a [`ReplaySinkFactory`].
+#[derive(Default)]
+pub struct ReplayTarget {
+    /// The sinks the replayed rows are appended to (`profilemate-sinks`' `recover_buffers`
+    /// opens the CSV tables for appending).
+    pub sinks: Vec<Box<dyn Sink>>,
+    /// The lifecycle events already in the files (`preemption_events.csv`), so that a request
+    /// started before the kill and finished in the replayed records gets its whole
+    /// `request_lifecycle.csv` row. Empty: such a request's row lacks its start.
+    pub lifecycle_before: Vec<PreemptionEventRow>,
+}
+
+impl std::fmt::Debug for ReplayTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayTarget")
+            .field("sinks", &self.sinks.iter().map(|s| s.name().to_string()).collect::<Vec<_>>())
+            .field("lifecycle_before", &self.lifecycle_before.len())
+            .finish()
+    }
+}
+
+/// Builds the [`ReplayTarget`] of a dead session, from its configuration and output directory.
+pub type ReplaySinkFactory<'a> = &'a mut dyn FnMut(&Config, &Path) -> Result<ReplayTarget>;
 
 /// Turns the records left in the thread buffers of every dead session in `dir` into rows,
 /// through the sinks `make_sinks` builds (appending to the run's files).
@@ -87,7 +107,7 @@ pub type ReplaySinkFactory<'a> = &'a mut dyn FnMut(&Config, &Path) -> Result<Vec
 /// // Nothing to replay in a directory whose sessions all shut down.
 /// let session = Session::builder().dir(dir.path()).sinks(&[]).build()?;
 /// session.shutdown()?;
-/// let done = replay_dead_buffers(dir.path(), &mut |_, _| Ok(Vec::new()))?;
+/// let done = replay_dead_buffers(dir.path(), &mut |_, _| Ok(Default::default()))?;
 /// assert_eq!(done.sessions.len(), 0);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -185,7 +205,7 @@ fn replay_one(
     let lost = dead.lost_in_flight();
     // 2. The sinks, before anything of the buffers changes: a directory that refuses them
     //    leaves the buffers as they were.
-    let sinks = make_sinks(&config, dir)?;
+    let target = make_sinks(&config, dir)?;
     // 3. The replay's own journal: killed from here on, the next recovery cuts back to these
     //    lengths and replays the same records.
     let lengths: Vec<Option<u64>> =
@@ -205,7 +225,8 @@ fn replay_one(
         host: String::new(),
         timing_backend: "host".into(),
     };
-    let collector = Collector::new(Arc::new(shared), info, sinks);
+    let mut collector = Collector::new(Arc::new(shared), info, target.sinks);
+    collector.seed_lifecycle(&target.lifecycle_before);
     let mut buffers = Vec::new();
     let mut moe = Vec::new();
     for (kind, consumer) in std::mem::take(&mut dead.rings) {

@@ -6,7 +6,7 @@
 //! binding's merge) can call them the same way.
 
 use crate::CsvSink;
-use profilemate_core::{BufferReplay, Error, Sink, Table};
+use profilemate_core::{BufferReplay, Error, ProfilerKind, ReplayTarget, Sink, Table};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -125,7 +125,12 @@ pub fn replay_buffers(dir: &Path) -> Result<BufferRecovery, Error> {
             }
         }
         let sink = CsvSink::append(dir, config).map_err(fail)?;
-        Ok(vec![Box::new(sink) as Box<dyn Sink>])
+        let lifecycle_before = if config.is_enabled(ProfilerKind::Preemption) {
+            crate::TableFollower::with_tables(dir, &[Table::PreemptionEvents]).poll().preemption_events
+        } else {
+            Vec::new()
+        };
+        Ok(ReplayTarget { sinks: vec![Box::new(sink) as Box<dyn Sink>], lifecycle_before })
     })?;
     Ok(BufferRecovery { replay, torn_bytes_dropped: torn })
 }
