@@ -76,8 +76,10 @@
 //! - Records the collector had drained but still held: device-timed events waiting for their
 //!   GPU time (counted in the header every pass as `held`, reported as lost in flight: the GPU
 //!   context died with the process), MoE routing totals (added in place on the recording
-//!   thread, in the heap), rows the step timeline and the request lifecycle build from several
-//!   records.
+//!   thread, in the heap), the step timeline rows the collector was assembling from several
+//!   records, and the lifecycle row of a request still in flight at the kill (a request
+//!   finished in the replayed records gets its whole row: the replay first reads the lifecycle
+//!   events already in `preemption_events.csv`).
 //! - With an output budget that rolls a table file over during the pass of the kill, that pass's
 //!   rows in the rolled file are not truncated.
 
