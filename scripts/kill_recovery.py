@@ -26,6 +26,12 @@ import tempfile
 import threading
 import time
 
+try:
+    import pyarrow.parquet as pq
+except ImportError:
+    pq = None
+parquet_checked = []
+
 
 def read_csv(path):
     with open(path, newline="", encoding="utf-8") as f:
@@ -82,6 +88,14 @@ def check(d):
     for p in glob.glob(os.path.join(d, "profilemate_trace*.json")):
         events = json.load(open(p))
         assert isinstance(events, list) and events, p
+    if pq is not None:
+        # Every Parquet table loads and holds its CSV table's rows; `.partial` files are left
+        # only for the tables recovery does not rebuild.
+        for p in glob.glob(os.path.join(d, "*.parquet")):
+            name = os.path.basename(p)[: -len(".parquet")] + ".csv"
+            n = pq.read_table(p).num_rows
+            assert n == len(table_rows(d, name)), (p, n, len(table_rows(d, name)))
+            parquet_checked.append(p)
     end = max((float(r["timestamp_sec"]) + float(r["forward_time_ms"]) / 1000 for r in fwd), default=0.0)
     return len(fwd), end
 
@@ -164,6 +178,8 @@ def main():
                 print(r.stderr)
                 return 1
             rows, end = check(d)
+            left = {os.path.basename(p) for p in glob.glob(os.path.join(d, "*.parquet.partial"))}
+            assert left <= {"request_lifecycle.parquet.partial", "step_timeline.parquet.partial"}, left
             after_first = snapshot(d)
             r2 = subprocess.run([a.cli, "recover", d], capture_output=True, text=True)
             assert r2.returncode == 0, r2.stderr
@@ -196,6 +212,10 @@ def main():
                 f"from the buffers, {in_flight} in flight"
                 f"{'' if check_before else '; files did not check before recovery'}"
             )
+    if pq is None:
+        print("pyarrow is not installed for this python: the Parquet tables were not checked")
+    else:
+        print(f"{len(parquet_checked)} Parquet tables loaded with pyarrow, each with its CSV table's rows")
     killed = [i for i, k in enumerate(was_killed) if k]
     if killed:
         print(

@@ -18,9 +18,10 @@
 //! not join them, since the step guard's bounds that set a step's wall time lived only in the
 //! process.
 //!
-//! What it cannot do (yet): Parquet files left as `<table>.parquet.partial` lack their footer
-//! (reported in the manifest's `recovery` object, not recovered), and the replayed rows reach
-//! the CSV tables only, not the trace or the Parquet tables.
+//! Parquet tables left as `<table>.parquet.partial` (no footer) are written again, complete,
+//! from their CSV tables ([`profilemate_sinks::ParquetSink::complete_partial`]), except
+//! `request_lifecycle` and `step_timeline` (reported in the manifest's `recovery` object, not
+//! recovered). The replayed events do not reach the Perfetto trace.
 
 use crate::contract::*;
 use crate::data::RunData;
@@ -44,8 +45,11 @@ pub struct Recovery {
     pub traces_closed: Vec<String>,
     /// Summary files rewritten from the rows.
     pub summaries_rebuilt: Vec<String>,
-    /// Parquet files left incomplete by the killed process (not recovered).
+    /// Parquet files left incomplete by the killed process and not completed (tables recovery
+    /// cannot rebuild from their CSV file: `request_lifecycle`, `step_timeline`).
     pub parquet_partial: Vec<String>,
+    /// Parquet tables completed: written again from their CSV table, whose rows they hold.
+    pub parquet_completed: Vec<String>,
     /// Records still in the dead process's thread buffers, turned into rows by this run.
     pub events_recovered: u64,
     /// Records lost because they were being written at the instant of the kill (or waited
@@ -133,7 +137,14 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
             }
         }
     }
-    // 2. Traces: whole events only (the sink writes them so); the array is closed.
+    // 2. Parquet tables left `.partial` (no footer) are written again from their CSV tables,
+    //    complete now. The killed process's rank is not recorded elsewhere: the rank column is
+    //    the one this process's environment gives (PROFILEMATE_RANK, RANK, ...).
+    let host = manifest.get("host").and_then(|h| h.as_str()).unwrap_or_default().to_string();
+    let rank = profilemate_sinks::rank_from_env().map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
+    report.parquet_completed = profilemate_sinks::ParquetSink::complete_partial(dir, &host, rank)
+        .map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
+    // Traces: whole events only (the sink writes them so); the array is closed.
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let entry = entry.map_err(|e| io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -213,6 +224,7 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
             "traces_closed": report.traces_closed,
             "summaries_rebuilt": report.summaries_rebuilt,
             "parquet_partial_not_recovered": report.parquet_partial,
+            "parquet_completed": report.parquet_completed,
             "events_recovered": events_recovered,
             "events_lost_in_flight": events_lost_in_flight,
             "buffers_replayed": sessions,
