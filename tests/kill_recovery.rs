@@ -270,3 +270,20 @@ fn a_new_session_sets_a_killed_run_aside_and_replays_it() {
     assert!(buffer_files(&aside[0]).is_empty(), "replayed");
     assert!(buffer_files(dir.path()).is_empty());
 }
+
+/// A process killed while it was making its buffer file (before the header was complete) left a
+/// file that never held a record: recovery removes it instead of failing on it.
+#[test]
+fn a_buffer_file_killed_while_being_made_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".profilemate_buffers.1.0"), b"").unwrap();
+    std::fs::write(dir.path().join(".profilemate_buffers.1.1"), vec![0u8; 200_000]).unwrap();
+    let done = profilemate_sinks::recover_buffers(dir.path()).unwrap();
+    assert_eq!((done.replay.sessions.len(), done.replay.live.len()), (0, 0));
+    assert!(buffer_files(dir.path()).is_empty());
+    // A file of another kind under the same name is an error naming it, left in place.
+    std::fs::write(dir.path().join(".profilemate_buffers.1.2"), vec![7u8; 200_000]).unwrap();
+    let err = profilemate_sinks::recover_buffers(dir.path()).unwrap_err().to_string();
+    assert!(err.contains(".profilemate_buffers.1.2"), "{err}");
+    assert_eq!(buffer_files(dir.path()).len(), 1);
+}

@@ -129,6 +129,7 @@ pub fn replay_dead_buffers(dir: &Path, make_sinks: ReplaySinkFactory<'_>) -> Res
                 out.live.push(name);
                 continue;
             }
+            Opened::Empty => continue,
             Opened::Dead(d) => d,
         };
         if let Some((events_recovered, events_lost_in_flight)) = dead.replayed {

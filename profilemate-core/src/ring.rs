@@ -633,6 +633,9 @@ pub(crate) struct DeadBuffers {
 pub(crate) enum Opened {
     /// Its session is alive, or another process is recovering it.
     Locked,
+    /// Killed while making the file, before its header was complete: it never held a record
+    /// (removed).
+    Empty,
     Dead(Box<DeadBuffers>),
 }
 
@@ -659,8 +662,15 @@ impl DeadBuffers {
         let len = file.metadata()?.len();
         let bad =
             |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {why}", path.display()));
-        if len < HEADER_BYTES as u64 {
-            return Err(bad("shorter than a buffer file's header (not a profilemate buffer file, or cut short)"));
+        let magic = if len < HEADER_BYTES as u64 {
+            0
+        } else {
+            header_field(&map_region(&file, 0, HEADER_BYTES)?, H_MAGIC).load(Ordering::Acquire)
+        };
+        if magic == 0 {
+            // The magic is written last when the file is made, before any ring exists.
+            std::fs::remove_file(path)?;
+            return Ok(Opened::Empty);
         }
         let header = map_region(&file, 0, HEADER_BYTES)?;
         let h = |at| header_field(&header, at).load(Ordering::Acquire);
