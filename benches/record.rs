@@ -24,9 +24,13 @@ use std::time::{Duration, Instant};
 
 const BATCH: u64 = 4096;
 
-fn session() -> Session {
+/// A session that writes files (no standard sinks: the rows go to [`Discard`]), so its thread
+/// buffers are the ones a file-writing engine gets (mapped into the output directory where the
+/// buffers outlive the process).
+fn session(dir: &std::path::Path) -> Session {
     profilemate::builder()
-        .in_memory_only()
+        .dir(dir)
+        .sinks(&[])
         .sink(Discard)
         .buffer_events(4 * BATCH as usize)
         .flush_interval(Duration::from_secs(60))
@@ -151,7 +155,8 @@ fn record(c: &mut Criterion) {
     });
 
     // ---- profilemate, enabled (host clock)
-    let on = session();
+    let out = tempfile::tempdir().expect("temporary directory");
+    let on = session(out.path());
     let drain = || on.flush().expect("flush");
     let (forward, cpu, batches, requests, components) =
         (on.forward_pass(), on.cpu_timing(), on.batch_utilization(), on.requests(), on.components());

@@ -1,11 +1,15 @@
 """SIGKILL of the simulated engine at random instants, then `profilemate recover` on its files.
 
-For each instant: the engine runs with every sink on and prints its own count of completed steps;
-it is killed (SIGKILL) at a random instant (some during its shutdown); `profilemate recover DIR`
-runs; then every CSV must parse, the forward rows must be at most the engine's steps (the
-difference is what was lost in flight), the summaries (the step timeline's too) must equal a
-recomputation from the rows,
-and every trace file must load as JSON. Prints the loss per kill (steps and seconds) and a summary.
+For each instant: the engine runs with every sink on and prints, right after each forward pass's
+recording call returns, its own count of forward passes recorded; it is killed (SIGKILL) at a
+random instant (some during its shutdown); `profilemate recover DIR` runs (replaying the thread
+buffers the killed process left in the directory); then every CSV must parse, the forward rows
+must be exactly the passes the engine had recorded (or one more: a pass whose recording call
+returned in the microseconds before the engine printed it), each step id at most once and none
+missing (also where a first `recover` was itself killed part-way, every other run), the events lost in flight (counted in the manifest) at most one per thread buffer, the
+summaries (the step timeline's too) must equal a recomputation from the rows, and every trace
+file must load as JSON. A second `recover` must change no file. Prints the loss per kill (steps
+and seconds) and a summary.
 """
 
 import argparse
@@ -21,6 +25,12 @@ import sys
 import tempfile
 import threading
 import time
+
+try:
+    import pyarrow.parquet as pq
+except ImportError:
+    pq = None
+parquet_checked = []
 
 
 def read_csv(path):
@@ -78,6 +88,14 @@ def check(d):
     for p in glob.glob(os.path.join(d, "profilemate_trace*.json")):
         events = json.load(open(p))
         assert isinstance(events, list) and events, p
+    if pq is not None:
+        # Every Parquet table loads and holds its CSV table's rows; `.partial` files are left
+        # only for the tables recovery does not rebuild.
+        for p in glob.glob(os.path.join(d, "*.parquet")):
+            name = os.path.basename(p)[: -len(".parquet")] + ".csv"
+            n = pq.read_table(p).num_rows
+            assert n == len(table_rows(d, name)), (p, n, len(table_rows(d, name)))
+            parquet_checked.append(p)
     end = max((float(r["timestamp_sec"]) + float(r["forward_time_ms"]) / 1000 for r in fwd), default=0.0)
     return len(fwd), end
 
@@ -105,8 +123,21 @@ def run_once(engine, args, d, kill_after, during_shutdown):
     p.send_signal(signal.SIGKILL)
     p.wait()
     t.join()
-    steps = max((int(l[1]) for l in lines if l and l[0] in ("step", "shutdown")), default=0)
+    steps = max((int(l[1]) for l in lines if l and l[0] in ("forward", "shutdown")), default=0)
     return steps, killed_at, p.returncode
+
+
+def snapshot(d):
+    """Every file's bytes, to compare two recoveries; of the manifest, what it says of the run
+    (its `recovery` object lists what each recovery did, so only its totals are compared)."""
+    out = {}
+    for p in sorted(glob.glob(os.path.join(d, "*"))):
+        with open(p, "rb") as f:
+            out[os.path.basename(p)] = f.read()
+    m = json.loads(out.pop("profilemate_run.json"))
+    rec = m.pop("recovery", {})
+    out["manifest"] = (m, rec.get("events_recovered"), rec.get("events_lost_in_flight"))
+    return out
 
 
 def main():
@@ -124,6 +155,7 @@ def main():
         full = time.monotonic() - started
     print(f"a whole run takes {full:.1f} s; killing {a.runs} runs at random instants")
     lost_steps, lost_sec, unparseable_before = [], [], 0
+    recovered_total, in_flight_total, one_more, killed_recoveries, was_killed = [], [], 0, [], []
     for i in range(a.runs):
         during_shutdown = i % 5 == 4
         kill_after = rng.uniform(0.0, 0.05) if during_shutdown else rng.uniform(0.2, full)
@@ -134,29 +166,72 @@ def main():
             except Exception:
                 check_before = None
                 unparseable_before += 1
+            if i % 2 == 1:
+                # A recovery killed part-way: the next one completes it, no row lost or doubled.
+                rp = subprocess.Popen([a.cli, "recover", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(rng.uniform(0.0, 0.02))
+                rp.send_signal(signal.SIGKILL)
+                rp.wait()
+                killed_recoveries.append(rp.returncode == -signal.SIGKILL)
             r = subprocess.run([a.cli, "recover", d], capture_output=True, text=True)
             if r.returncode != 0:
                 print(r.stderr)
                 return 1
             rows, end = check(d)
+            left = {os.path.basename(p) for p in glob.glob(os.path.join(d, "*.parquet.partial"))}
+            assert left <= {"request_lifecycle.parquet.partial", "step_timeline.parquet.partial"}, left
+            after_first = snapshot(d)
+            r2 = subprocess.run([a.cli, "recover", d], capture_output=True, text=True)
+            assert r2.returncode == 0, r2.stderr
+            assert snapshot(d) == after_first, "a second recovery changed the files"
+            assert not glob.glob(os.path.join(d, ".profilemate_buffers.*")), "buffers left after recovery"
             manifest = json.load(open(os.path.join(d, "profilemate_run.json")))
+            recovered = manifest.get("events_recovered", 0)
+            in_flight = manifest.get("events_lost_in_flight", 0)
             if rc == -signal.SIGKILL and not manifest.get("finished"):
                 assert manifest["finished_cleanly"] is False
-            assert rows <= steps, (rows, steps)
+            fwd_steps = [int(r["step"]) for r in table_rows(d, "forward_pass_timing.csv") if r.get("step")]
+            assert len(fwd_steps) == len(set(fwd_steps)), "a forward row written twice"
+            assert sorted(fwd_steps) == list(range(1, len(fwd_steps) + 1)), "a forward row missing"
+            assert steps <= rows <= steps + 1, f"{rows} forward rows, the engine recorded {steps}"
+            # One record per thread buffer at most (the engine thread's, its MoE detail buffer's).
+            assert in_flight <= 2, in_flight
+            recovered_total.append(recovered)
+            in_flight_total.append(in_flight)
+            one_more += rows == steps + 1
             kill_sec = (killed_at - manifest["monotonic_start_ns"]) / 1e9
-            lost_steps.append(steps - rows)
+            lost_steps.append(max(0, steps - rows))
             # A run that finished before the kill lost nothing; its gap is idle time.
             lost_sec.append(0.0 if manifest.get("finished") else max(0.0, kill_sec - end))
             where = "during shutdown" if during_shutdown else f"at {kill_after:.2f} s"
             state = "finished" if manifest.get("finished") else "killed"
+            was_killed.append(not manifest.get("finished"))
             print(
                 f"kill {i + 1:2} {where:>16} ({state}): engine completed {steps} steps, {rows} forward rows after recovery, "
-                f"{steps - rows} lost ({lost_sec[-1]:.3f} s before the kill){'' if check_before else '; files did not check before recovery'}"
+                f"{max(0, steps - rows)} lost ({lost_sec[-1]:.3f} s before the kill); {recovered} events replayed "
+                f"from the buffers, {in_flight} in flight"
+                f"{'' if check_before else '; files did not check before recovery'}"
             )
+    if pq is None:
+        print("pyarrow is not installed for this python: the Parquet tables were not checked")
+    else:
+        print(f"{len(parquet_checked)} Parquet tables loaded with pyarrow, each with its CSV table's rows")
+    killed = [i for i, k in enumerate(was_killed) if k]
+    if killed:
+        print(
+            f"{len(killed)} runs really killed (not finished yet): steps lost median "
+            f"{statistics.median(lost_steps[i] for i in killed)}, max {max(lost_steps[i] for i in killed)}; "
+            f"seconds from the last forward pass on disk to the kill median "
+            f"{statistics.median(lost_sec[i] for i in killed):.3f}, max {max(lost_sec[i] for i in killed):.3f}"
+        )
     print(
         f"{a.runs} kills: steps lost median {statistics.median(lost_steps)}, max {max(lost_steps)}; "
         f"seconds lost median {statistics.median(lost_sec):.3f}, max {max(lost_sec):.3f}; "
-        f"{unparseable_before} of {a.runs} directories failed the checks before recovery, 0 after"
+        f"{unparseable_before} of {a.runs} directories failed the checks before recovery, 0 after; "
+        f"events replayed from the buffers median {statistics.median(recovered_total)}, "
+        f"lost in flight total {sum(in_flight_total)}; "
+        f"{one_more} kills fell between a pass's recording and the engine's print of it; "
+        f"{sum(killed_recoveries)} recoveries killed part-way (of {len(killed_recoveries)} tried) and completed by the next"
     )
     return 0
 

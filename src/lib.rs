@@ -81,7 +81,9 @@ pub use profilemate_cuda as cuda;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn builder() -> SessionBuilder {
-    let builder = Session::builder().sink_factory(standard_sinks);
+    let builder = Session::builder()
+        .sink_factory(standard_sinks)
+        .recovery_hook(|dir| profilemate_sinks::recover_buffers(dir).map(|_| ()));
     // With the `cuda` feature, `auto` and `cuda` time on the GPU where one is usable.
     #[cfg(feature = "cuda")]
     let builder = builder.backend_factory(profilemate_cuda::backend_factory);

@@ -587,6 +587,10 @@ pub fn run(config: &SimConfig, session: &Session) -> Result<RunStats, String> {
             }
         }
         pass.stop();
+        if print_steps {
+            // Forward passes whose recording call returned: the kill-recovery check's bar.
+            println!("forward {}", stats.steps + 1);
+        }
         execution.stop();
         // Decode batches up to the largest captured size replay a graph, padded.
         match graph_sizes.iter().find(|&&g| g >= num_seqs) {

@@ -1,12 +1,15 @@
 //! `profilemate recover DIR`: completes the files of a run whose process was killed.
 //!
 //! A killed process leaves CSV files whose last line may be torn, a Perfetto trace without its
-//! closing `]`, summaries up to one summary period old and a manifest that says
-//! `finished: false`. Recovery drops the torn last lines (truncating each file to its last
-//! complete row), closes the traces, rewrites every summary from the rows on disk (through the
-//! core's own profilers, so they equal a recomputation), and records in the manifest what it did
-//! (`finished_cleanly: false`, `recovery`). It is idempotent: a second run changes nothing. A
-//! run that finished cleanly is left as it is.
+//! closing `]`, summaries up to one summary period old, a manifest that says `finished: false`,
+//! and its thread buffers (a file mapping the kernel kept, see `profilemate-core`'s `ring`
+//! module). Recovery first replays the buffers of every dead session in the directory into the
+//! CSV tables ([`profilemate_sinks::recover_buffers`]: exactly once, torn last lines dropped
+//! first), then drops the torn last lines of the other files, closes the traces, rewrites every
+//! summary from the rows on disk (through the core's own profilers, so they equal a
+//! recomputation), and records in the manifest what it did (`finished_cleanly: false`,
+//! `events_recovered`, `events_lost_in_flight`, `recovery`). It is idempotent: a second run
+//! changes no row. A run that finished cleanly is left as it is.
 //!
 //! The step timeline: `step_timeline.csv` keeps the rows on disk (a torn last line dropped, as in
 //! every table) and `step_timeline_summary.json` is rebuilt from them. Steps the collector still
@@ -15,10 +18,10 @@
 //! not join them, since the step guard's bounds that set a step's wall time lived only in the
 //! process.
 //!
-//! What it cannot do (yet): events still in the dead process's memory (recorded since the
-//! collector's last pass, at most about one collector period) are gone with the process, and
-//! Parquet files left as `<table>.parquet.partial` lack their footer; both are reported in the
-//! manifest's `recovery` object, not recovered.
+//! Parquet tables left as `<table>.parquet.partial` (no footer) are written again, complete,
+//! from their CSV tables ([`profilemate_sinks::ParquetSink::complete_partial`]), except
+//! `request_lifecycle` and `step_timeline` (reported in the manifest's `recovery` object, not
+//! recovered). The replayed events do not reach the Perfetto trace.
 
 use crate::contract::*;
 use crate::data::RunData;
@@ -29,7 +32,6 @@ use profilemate_core::{
     StepTimelineRow, StepTimelineSummary, Summaries,
 };
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// What [`recover`] did.
@@ -43,15 +45,28 @@ pub struct Recovery {
     pub traces_closed: Vec<String>,
     /// Summary files rewritten from the rows.
     pub summaries_rebuilt: Vec<String>,
-    /// Parquet files left incomplete by the killed process (not recovered).
+    /// Parquet files left incomplete by the killed process and not completed (tables recovery
+    /// cannot rebuild from their CSV file: `request_lifecycle`, `step_timeline`).
     pub parquet_partial: Vec<String>,
+    /// Parquet tables completed: written again from their CSV table, whose rows they hold.
+    pub parquet_completed: Vec<String>,
+    /// Records still in the dead process's thread buffers, turned into rows by this run.
+    pub events_recovered: u64,
+    /// Records lost because they were being written at the instant of the kill (or waited
+    /// for their device time in the collector), found by this run.
+    pub events_lost_in_flight: u64,
+    /// The dead sessions whose buffers this run replayed.
+    pub buffers_replayed: Vec<profilemate_core::ReplayedSession>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> ReportError {
     ReportError::io(path, e)
 }
 
-/// Completes the files of the run in `dir` after its process was killed (see the module docs).
+/// Completes the files of the run in `dir` after its process was killed (see the module docs):
+/// the dead session's thread buffers replayed, torn lines dropped, traces closed, summaries
+/// and manifest rebuilt. This is the call for any tool that completes a killed run's directory
+/// (the vLLM binding's merge, for each part).
 ///
 /// ```
 /// let dir = tempfile::tempdir()?;
@@ -73,6 +88,12 @@ fn io(path: &Path, e: std::io::Error) -> ReportError {
 /// [`ReportError::MalformedJson`] for a manifest that is not JSON.
 pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     let dir = dir.as_ref();
+    // 0. The dead sessions' thread buffers become rows first (torn lines dropped before).
+    let core_error = |e: profilemate_core::Error| match e {
+        profilemate_core::Error::Recovery { dir, source } => io(&dir, source),
+        other => io(dir, std::io::Error::other(other.to_string())),
+    };
+    let replay = profilemate_sinks::replay_buffers(dir).map_err(core_error)?;
     let manifest_path = dir.join(MANIFEST_JSON);
     let mut manifest: serde_json::Value = match std::fs::read(&manifest_path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ReportError::MalformedJson {
@@ -83,8 +104,24 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
         })?,
         Err(e) => return Err(io(&manifest_path, e)),
     };
-    let mut report = Recovery::default();
-    if manifest.get("finished").and_then(|v| v.as_bool()) == Some(true) {
+    // A buffer file an interrupted recovery replayed and already counted in the manifest is
+    // not counted again.
+    let counted: Vec<String> = manifest
+        .pointer("/recovery/buffers_replayed")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|s| s.get("file").and_then(|f| f.as_str()).map(String::from)).collect())
+        .unwrap_or_default();
+    let sessions: Vec<_> =
+        replay.replay.sessions.into_iter().filter(|s| !(s.already_replayed && counted.contains(&s.file))).collect();
+    let mut report = Recovery {
+        events_recovered: sessions.iter().map(|s| s.events_recovered).sum(),
+        events_lost_in_flight: sessions.iter().map(|s| s.events_lost_in_flight).sum(),
+        buffers_replayed: sessions,
+        torn_bytes_dropped: replay.torn_bytes_dropped,
+        ..Recovery::default()
+    };
+    if manifest.get("finished").and_then(|v| v.as_bool()) == Some(true) && report.buffers_replayed.is_empty() {
+        profilemate_core::remove_replayed_buffers(dir).map_err(core_error)?;
         return Ok(report);
     }
     report.needed = true;
@@ -95,12 +132,19 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
         files.push(table.to_string());
         for name in files {
             let path = dir.join(&name);
-            if let Some(dropped) = drop_torn_line(&path)? {
+            if let Some(dropped) = profilemate_sinks::drop_torn_line(&path).map_err(|e| io(&path, e))? {
                 report.torn_bytes_dropped.insert(name, dropped);
             }
         }
     }
-    // 2. Traces: whole events only (the sink writes them so); the array is closed.
+    // 2. Parquet tables left `.partial` (no footer) are written again from their CSV tables,
+    //    complete now. The killed process's rank is not recorded elsewhere: the rank column is
+    //    the one this process's environment gives (PROFILEMATE_RANK, RANK, ...).
+    let host = manifest.get("host").and_then(|h| h.as_str()).unwrap_or_default().to_string();
+    let rank = profilemate_sinks::rank_from_env().map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
+    report.parquet_completed = profilemate_sinks::ParquetSink::complete_partial(dir, &host, rank)
+        .map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
+    // Traces: whole events only (the sink writes them so); the array is closed.
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let entry = entry.map_err(|e| io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -162,15 +206,31 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
             .and_then(|t| serde_json::from_value(t.clone()).ok())
             .unwrap_or_default();
         torn.extend(report.torn_bytes_dropped.clone());
+        // Counted once, by the run that replayed the buffers: a second run adds 0.
+        let earlier_count =
+            |key: &str| earlier.as_ref().and_then(|r| r.get(key)).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let events_recovered = earlier_count("events_recovered") + report.events_recovered;
+        let events_lost_in_flight = earlier_count("events_lost_in_flight") + report.events_lost_in_flight;
+        let mut sessions: Vec<serde_json::Value> = earlier
+            .as_ref()
+            .and_then(|r| r.get("buffers_replayed"))
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        for s in &report.buffers_replayed {
+            sessions.push(serde_json::to_value(s).map_err(|e| io(&manifest_path, std::io::Error::other(e)))?);
+        }
         let recovery = serde_json::json!({
             "torn_bytes_dropped": torn,
             "traces_closed": report.traces_closed,
             "summaries_rebuilt": report.summaries_rebuilt,
             "parquet_partial_not_recovered": report.parquet_partial,
-            "events_recovered": 0,
-            "events_lost_in_flight": "unknown: events recorded since the collector's last pass (about one \
-                                      collector period) were in the killed process's memory",
+            "parquet_completed": report.parquet_completed,
+            "events_recovered": events_recovered,
+            "events_lost_in_flight": events_lost_in_flight,
+            "buffers_replayed": sessions,
         });
+        obj.insert("events_recovered".into(), events_recovered.into());
+        obj.insert("events_lost_in_flight".into(), events_lost_in_flight.into());
         let mut recovery = recovery;
         if data.step_timeline.is_some() {
             recovery["step_timeline"] = "summary rebuilt from step_timeline.csv; steps the collector still held \
@@ -182,6 +242,8 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     }
     let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| io(&manifest_path, std::io::Error::other(e)))?;
     profilemate_core::write_atomic(&manifest_path, &bytes).map_err(|e| io(&manifest_path, e))?;
+    // The figures are recorded: the replayed buffers can go.
+    profilemate_core::remove_replayed_buffers(dir).map_err(core_error)?;
     Ok(report)
 }
 
@@ -197,53 +259,6 @@ const TABLE_FILES: [&str; 10] = [
     MOE_CSV,
     STEP_TIMELINE_CSV,
 ];
-
-/// Truncates `path` after its last complete CSV row; the bytes dropped, `None` when the file is
-/// whole (or absent).
-fn drop_torn_line(path: &Path) -> Result<Option<u64>, ReportError> {
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(path, e)),
-    };
-    let len = file.metadata().map_err(|e| io(path, e))?.len();
-    if len == 0 {
-        return Ok(None);
-    }
-    let mut last = [0u8; 1];
-    file.seek(SeekFrom::End(-1)).and_then(|_| file.read_exact(&mut last)).map_err(|e| io(path, e))?;
-    file.seek(SeekFrom::Start(0)).map_err(|e| io(path, e))?;
-    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(file);
-    let mut record = csv::ByteRecord::new();
-    let mut fields = None;
-    let mut good_end = 0u64;
-    loop {
-        let start = reader.position().byte();
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            // A row cut inside a quoted field reads as an error or as a short row: cut there.
-            Err(_) => {
-                good_end = start;
-                break;
-            }
-        }
-        let end = reader.position().byte();
-        let width = *fields.get_or_insert(record.len());
-        let at_end = end >= len;
-        if record.len() < width || (at_end && last[0] != b'\n') {
-            good_end = start;
-            break;
-        }
-        good_end = end;
-    }
-    if good_end >= len {
-        return Ok(None);
-    }
-    let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| io(path, e))?;
-    file.set_len(good_end).map_err(|e| io(path, e))?;
-    Ok(Some(len - good_end))
-}
 
 /// Adds the closing `]` to a trace that lacks it; `true` when it did.
 fn close_trace(path: &PathBuf) -> Result<bool, ReportError> {

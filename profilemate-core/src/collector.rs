@@ -220,6 +220,8 @@ pub(crate) struct Collector {
     moe_tokens: Vec<u64>,
     moe_detail: Vec<(u64, u32, u64, u64, Vec<u32>)>,
     last_summary_step: u64,
+    /// Records drained (a replay reports them).
+    drained_events: u64,
     summaries_dirty: bool,
     last_file_flush: Instant,
     last_summary_time: Instant,
@@ -264,6 +266,7 @@ impl Collector {
             moe_tokens: Vec::new(),
             moe_detail: Vec::new(),
             last_summary_step: 0,
+            drained_events: 0,
             summaries_dirty: false,
             last_file_flush: Instant::now(),
             last_summary_time: Instant::now(),
@@ -274,11 +277,14 @@ impl Collector {
         let period = Duration::from_millis(self.info.config.flush_interval_ms);
         loop {
             let msg = rx.recv_timeout(period);
+            self.begin_pass();
             self.cycle();
             match msg {
                 Ok(Control::Flush(ack)) => {
                     self.write_summaries();
                     self.flush_sinks();
+                    // Flushed means committed too: a kill from here on replays none of it.
+                    self.end_pass();
                     let _ = ack.send(());
                 }
                 Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
@@ -286,9 +292,88 @@ impl Collector {
             }
             if self.last_file_flush.elapsed() >= FILE_FLUSH_EVERY {
                 self.flush_sinks();
+                self.end_pass();
             }
         }
         self.shutdown()
+    }
+
+    /// Feeds the lifecycle events already in the files to the preemption profiler, rows
+    /// discarded (they are in the files): the requests they started are then known when the
+    /// replayed records finish them.
+    pub(crate) fn seed_lifecycle(&mut self, events: &[crate::rows::PreemptionEventRow]) {
+        let Some(p) = &mut self.preemption else { return };
+        let mut discard = Rows::default();
+        for e in events {
+            let ev = Event::Lifecycle {
+                timestamp_ns: e.timestamp_ns,
+                request_id: &e.request_id,
+                event: e.event,
+                reason: &e.reason,
+                extra_info: &e.extra_info,
+            };
+            p.observe(&ev, &mut discard);
+            discard.clear();
+        }
+    }
+
+    /// Replays a dead session's buffers (see [`crate::replay`]): drains them once, writes the
+    /// rows and flushes. Returns the records read, the rows written per file and the sinks'
+    /// errors.
+    pub(crate) fn replay(
+        mut self,
+        buffers: Vec<ThreadBuffer>,
+        moe: Vec<MoeSource>,
+    ) -> (u64, BTreeMap<String, u64>, BTreeMap<String, u64>) {
+        self.buffers = buffers;
+        self.moe_sources = moe;
+        self.drain_buffers();
+        self.collect_moe(false);
+        self.resolve_pending(false);
+        self.write_rows();
+        self.flush_sinks();
+        let rows = Table::ALL
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.rows_written[*i] > 0)
+            .map(|(i, t)| (t.file_name().to_string(), self.rows_written[i]))
+            .collect();
+        (self.drained_events, rows, std::mem::take(&mut self.sink_errors))
+    }
+
+    /// The length of every enabled table's file, for the buffer file's journal.
+    fn table_lengths(&self) -> Vec<Option<u64>> {
+        let Some(dir) = &self.info.manifest_dir else { return Vec::new() };
+        Table::ALL
+            .iter()
+            .map(|t| {
+                self.shared
+                    .is_enabled(t.profiler())
+                    .then(|| std::fs::metadata(dir.join(t.file_name())).ok().map(|m| m.len()))
+                    .flatten()
+            })
+            .collect()
+    }
+
+    /// Journal step 1 (see [`crate::ring`]): the files are flushed; note their lengths and
+    /// where each ring's replay would start.
+    fn begin_pass(&mut self) {
+        let Some(file) = &self.shared.buffer_file else { return };
+        let now = self.shared.now();
+        let anchor = (now, self.shared.session_ns(now));
+        file.begin_pass(&self.table_lengths(), anchor);
+    }
+
+    /// Journal step 3: the rows of everything drained are in the files; hand the slots back.
+    fn end_pass(&mut self) {
+        let Some(file) = &self.shared.buffer_file else { return };
+        for b in &self.buffers {
+            b.consumer.commit();
+        }
+        for c in self.moe_sources.iter().filter_map(|m| m.detail.as_ref()) {
+            c.commit();
+        }
+        file.end_pass(self.pending.len() as u64);
     }
 
     /// One pass: drain, resolve, observe, write rows, and summaries when due.
@@ -329,12 +414,13 @@ impl Collector {
         // Buffers of threads that exited are empty now: retire them, keeping their drop counts.
         let retired = &mut self.retired_drops;
         self.buffers.retain(|b| {
-            let gone = b.consumer.is_abandoned() && b.consumer.is_empty();
+            let gone = b.consumer.is_abandoned() && b.consumer.is_empty() && b.consumer.is_committed();
             if gone {
                 retired.push(b.drops.clone());
             }
             !gone
         });
+        self.drained_events += events.len() as u64;
         // Threads are drained one after another: take this batch in time order. Each thread's
         // events already are, so with one recording thread there is nothing to sort; otherwise
         // sort small keys, not the events themselves.
@@ -369,8 +455,7 @@ impl Collector {
         }
         let Some(p) = &mut self.moe else { return };
         let mut rows = std::mem::take(&mut self.rows);
-        let clock = &self.shared.clock;
-        let start = self.shared.start_raw;
+        let shared = &self.shared;
         // Per-step detail first, so a step's rows come before a window that holds it.
         let detail = &mut self.moe_detail;
         for src in &mut self.moe_sources {
@@ -388,8 +473,9 @@ impl Collector {
         // The step timeline's MoE imbalance comes from these per-step rows only: windowed rows
         // span steps, so without per-step detail the timeline leaves it empty.
         let mut timeline = self.forward.is_some().then_some(&mut self.timeline);
+        self.drained_events += detail.len() as u64;
         for (raw, layer, call, step, counts) in detail.drain(..) {
-            let ts = clock.delta_ns(start, raw);
+            let ts = shared.session_ns(raw);
             p.detail(ts, layer, call, (step != 0).then_some(step), &counts, &mut rows);
             if let (Some(tl), true) = (timeline.as_deref_mut(), step != 0) {
                 tl.moe(step, ts, &counts);
@@ -419,7 +505,7 @@ impl Collector {
                 }
             }
             if seen {
-                let ts = clock.delta_ns(start, last_raw);
+                let ts = shared.session_ns(last_raw);
                 p.observe_totals(layer, calls, ts, &self.moe_tokens, window, close, &mut rows);
             }
         }
@@ -496,7 +582,7 @@ impl Collector {
     }
 
     fn ts(&self, raw: u64) -> u64 {
-        self.shared.clock.delta_ns(self.shared.start_raw, raw)
+        self.shared.session_ns(raw)
     }
 
     /// (timestamp, duration) of a timed record; `device_ns` overrides the host duration.
@@ -876,6 +962,11 @@ impl Collector {
                 self.sink_failed(i, "finish", &*e);
             }
         }
+        // Every record is in the files: the buffers go, before the manifest says `finished`.
+        self.end_pass();
+        if let Some(file) = &self.shared.buffer_file {
+            file.remove();
+        }
         // Sink errors at finish belong in the manifest too.
         let manifest = self.manifest(true);
         self.write_manifest(&manifest);
@@ -907,7 +998,7 @@ fn log_summaries(s: &Summaries, steps: u64) {
     eprintln!("{line}");
 }
 
-fn warn_once(msg: &str) {
+pub(crate) fn warn_once(msg: &str) {
     use std::sync::Mutex;
     static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());

@@ -79,6 +79,19 @@ pub enum Error {
         message: String,
     },
 
+    /// The thread buffers a dead session left in a directory could not be replayed into its
+    /// files (a read-only directory, a full disk, a damaged buffer file).
+    ///
+    /// Fix: make the directory writable or free space, and run the recovery again: the
+    /// buffers are kept until their records are in the files.
+    #[error("cannot recover the thread buffers in {dir}: {source} (the buffers are kept for a later try)")]
+    Recovery {
+        /// The output directory.
+        dir: PathBuf,
+        /// What went wrong, naming the file.
+        #[source]
+        source: std::io::Error,
+    },
     /// The collector thread could not be started, or it stopped abnormally.
     #[error("collector thread failed: {0}")]
     Collector(String),

@@ -40,6 +40,11 @@
 //!   collector drains every buffer about every 100 ms, resolves times through the
 //!   [`TimingBackend`], feeds the five [`Profiler`]s, and hands [`Rows`] and [`Summaries`] to
 //!   every [`Sink`].
+//! - A session that writes files keeps those buffers in a file mapping in its output directory
+//!   (`.profilemate_buffers.<pid>.<n>`), which the kernel keeps when the process is killed:
+//!   [`replay_dead_buffers`] (through `profilemate-sinks`' `recover_buffers`, or `profilemate
+//!   recover DIR`) turns a dead session's records into rows, exactly once. A normal shutdown
+//!   removes the file.
 //! - [`Steps`] opens engine steps (a guard per step, or the forward pass alone): every row
 //!   recorded in a step carries its id in a `step` column, and the collector joins them into
 //!   `step_timeline.csv`, one row per step ([`StepTimelineRow`]).
@@ -50,8 +55,8 @@
 //!
 //! Recording takes a clock reading (a TSC read, about 7 ns here) and a write into the thread's
 //! buffer. It never allocates, locks, performs I/O, waits for a device, or returns a `Result`.
-//! The first record of a thread into a session allocates that thread's buffer once. A full
-//! buffer drops the event and counts it; the counts reach the run manifest
+//! The first record of a thread into a session allocates (or maps) that thread's buffer once. A
+//! full buffer drops the event and counts it; the counts reach the run manifest
 //! (`profilemate_run.json`). A disabled session's handles test one pointer and return.
 //!
 //! ## Limits
@@ -72,6 +77,8 @@ mod moe_counts;
 mod profilers;
 mod record;
 mod recorder;
+mod replay;
+mod ring;
 mod rows;
 mod session;
 mod sink;
@@ -96,12 +103,15 @@ pub use profilers::{
     KvCacheProfiler, MoeExpertProfiler, PreemptionProfiler, Profiler,
 };
 pub use record::MAX_TEXT_BYTES;
+pub use replay::{
+    remove_replayed_buffers, replay_dead_buffers, BufferReplay, ReplaySinkFactory, ReplayTarget, ReplayedSession,
+};
 pub use rows::{
     ns_to_ms, ns_to_sec, BatchUtilizationRow, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, KvCacheRow,
     MoeRoutingRow, Outcome, PreemptionEventRow, RequestLifecycleRow, Rows, StepTimelineRow, Table,
     STEP_TIMELINE_COLUMNS,
 };
-pub use session::{BackendFactory, Session, SessionBuilder, SinkFactory};
+pub use session::{BackendFactory, RecoveryHook, Session, SessionBuilder, SinkFactory};
 pub use sink::{write_atomic, MemorySink, OutputFiles, Sink, SinkError};
 pub use stats::{DurationStats, Mean};
 pub use step_timeline::{StepPhaseStats, StepTimelineBuilder, StepTimelineSummary, ENCLOSING_OPERATIONS};

@@ -4,8 +4,8 @@
 //! in the slot's inline space continues in following slots, committed together with the head
 //! slot, so the collector never sees half an event.
 
+use crate::ring::{RingConsumer, RingProducer};
 use crate::types::DropReason;
-use rtrb::{Consumer, Producer};
 
 /// The longest text one event may carry, all its fields together, in bytes. Longer events are
 /// dropped and counted as [`DropReason::TextTooLong`].
@@ -132,14 +132,14 @@ impl<'a> TextCursor<'a> {
 
 /// Pushes a slot that carries no text.
 #[inline(always)]
-pub(crate) fn push_plain(p: &mut Producer<Slot>, slot: Slot) -> Result<(), DropReason> {
-    p.push(slot).map_err(|_| DropReason::BufferFull)
+pub(crate) fn push_plain(p: &mut RingProducer, slot: Slot) -> Result<(), DropReason> {
+    p.push(slot).map_err(|()| DropReason::BufferFull)
 }
 
 /// Pushes `head` followed by `texts`, starting inline at byte `inline_at` of the head slot.
 #[inline(always)]
 pub(crate) fn push_with_text(
-    p: &mut Producer<Slot>,
+    p: &mut RingProducer,
     mut head: Slot,
     inline_at: usize,
     texts: &[&[u8]],
@@ -164,7 +164,7 @@ pub(crate) fn push_with_text(
 /// Text that continues past the head slot: a chunk of slots committed at once.
 #[inline(never)]
 fn push_spilled(
-    p: &mut Producer<Slot>,
+    p: &mut RingProducer,
     mut head: Slot,
     inline_at: usize,
     texts: &[&[u8]],
@@ -173,24 +173,9 @@ fn push_spilled(
     let inline_cap = SLOT - inline_at;
     let mut cursor = TextCursor::new(texts);
     let extra = (total - inline_cap).div_ceil(SLOT);
-    let mut chunk = p.write_chunk_uninit(1 + extra).map_err(|_| DropReason::BufferFull)?;
     cursor.fill(&mut head.0[inline_at..]);
-    let (a, b) = chunk.as_mut_slices();
-    let mut first = true;
-    for dst in a.iter_mut().chain(b.iter_mut()) {
-        if first {
-            dst.write(head);
-            first = false;
-        } else {
-            let mut s = Slot::ZERO;
-            cursor.fill(&mut s.0);
-            dst.write(s);
-        }
-    }
-    // SAFETY: the loop above initialised every slot of the chunk (a and b together hold
-    // exactly `1 + extra` slots).
-    unsafe { chunk.commit_all() };
-    Ok(())
+    p.push_many(1 + extra as u64, |i, dst| if i == 0 { *dst = head } else { cursor.fill(&mut dst.0) })
+        .map_err(|()| DropReason::BufferFull)
 }
 
 /// Reads `total` bytes of text: the inline part of `head` from `inline_at`, then whole
@@ -215,22 +200,9 @@ pub(crate) fn read_text<'s>(
 
 /// Drains every complete event currently in `c`, calling `f` with each head slot and an
 /// iterator positioned at its continuation slots.
-pub(crate) fn drain<F>(c: &mut Consumer<Slot>, mut f: F) -> usize
+pub(crate) fn drain<F>(c: &mut RingConsumer, f: F) -> usize
 where
     F: for<'s> FnMut(&'s Slot, &mut dyn Iterator<Item = &'s Slot>),
 {
-    let n = c.slots();
-    if n == 0 {
-        return 0;
-    }
-    let Ok(chunk) = c.read_chunk(n) else { return 0 };
-    let (a, b) = chunk.as_slices();
-    let mut it = a.iter().chain(b.iter());
-    let mut events = 0;
-    while let Some(head) = it.next() {
-        f(head, &mut it);
-        events += 1;
-    }
-    chunk.commit_all();
-    events
+    c.drain(f)
 }

@@ -5,8 +5,8 @@
 use crate::backend::{HostClock, TimingBackend};
 use crate::moe_counts::MoeCounts;
 use crate::record::{push_plain, push_with_text, Slot, K_MOE, MAX_STEP_ID, MOE_DATA_AT};
+use crate::ring::{heap_ring, BufferFile, RingConsumer, RingKind, RingProducer};
 use crate::types::{DropReason, ModelType, ProfilerKind};
-use rtrb::{Consumer, Producer, RingBuffer};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -33,7 +33,7 @@ impl DropCounters {
 
 /// The collector's end of one thread's buffer.
 pub(crate) struct ThreadBuffer {
-    pub(crate) consumer: Consumer<Slot>,
+    pub(crate) consumer: RingConsumer,
     pub(crate) drops: Arc<DropCounters>,
 }
 
@@ -41,16 +41,16 @@ pub(crate) struct ThreadBuffer {
 /// when `moe_expert_routing.csv` holds one row per step.
 pub(crate) struct MoeSource {
     pub(crate) counts: Arc<MoeCounts>,
-    pub(crate) detail: Option<Consumer<Slot>>,
+    pub(crate) detail: Option<RingConsumer>,
 }
 
 struct LocalBuffer {
     session: u64,
-    producer: Producer<Slot>,
+    producer: RingProducer,
     drops: Arc<DropCounters>,
     shared: std::sync::Weak<Shared>,
     /// MoE routing totals, accumulated in place; made the first time the thread records one.
-    moe: Option<(Arc<MoeCounts>, Option<Producer<Slot>>)>,
+    moe: Option<(Arc<MoeCounts>, Option<RingProducer>)>,
 }
 
 thread_local! {
@@ -93,6 +93,12 @@ pub(crate) struct Shared {
     pub(crate) last_step: AtomicU64,
     /// When the step opened by `Steps::open` began (a raw clock reading).
     pub(crate) step_start: AtomicU64,
+    /// Where thread buffers live when the session writes files: a mapping that outlives the
+    /// process (see [`crate::ring`]). `None`: heap buffers.
+    pub(crate) buffer_file: Option<Arc<BufferFile>>,
+    /// Session time of a raw clock reading: `(raw, ns)`; `(start_raw, 0)` for a live session,
+    /// the dead collector's last anchor for a replay.
+    pub(crate) anchor: (u64, u64),
 }
 
 impl Shared {
@@ -115,7 +121,37 @@ impl Shared {
             step: AtomicU64::new(0),
             last_step: AtomicU64::new(0),
             step_start: AtomicU64::new(0),
+            buffer_file: None,
+            anchor: (start_raw, 0),
         }
+    }
+
+    /// Session time in ns of a raw clock reading.
+    #[inline]
+    pub(crate) fn session_ns(&self, raw: u64) -> u64 {
+        let (at, ns) = self.anchor;
+        if raw >= at {
+            ns + self.clock.delta_ns(at, raw)
+        } else {
+            ns.saturating_sub(self.clock.delta_ns(raw, at))
+        }
+    }
+
+    /// A new ring for this session: in the buffer file when there is one, else (or when the
+    /// file cannot take it) on the heap.
+    #[cold]
+    fn new_ring(&self, kind: RingKind) -> (RingProducer, RingConsumer) {
+        if let Some(file) = &self.buffer_file {
+            match file.new_ring(kind) {
+                Ok(ring) => return ring,
+                Err(e) => crate::collector::warn_once(&format!(
+                    "cannot add a thread buffer to {} ({e}): this thread records into memory, which a kill \
+                     of the process loses",
+                    file.path().display()
+                )),
+            }
+        }
+        heap_ring(self.buffer_events)
     }
 
     /// The step every event recorded now belongs to (0: none).
@@ -209,10 +245,10 @@ impl Shared {
     /// Creates this thread's MoE totals (and detail buffer): once per thread and session.
     #[cold]
     #[inline(never)]
-    fn register_moe(&self) -> (Arc<MoeCounts>, Option<Producer<Slot>>) {
+    fn register_moe(&self) -> (Arc<MoeCounts>, Option<RingProducer>) {
         let counts = Arc::new(MoeCounts::new());
         let (producer, consumer) = if self.moe_detail {
-            let (p, c) = RingBuffer::new(self.buffer_events);
+            let (p, c) = self.new_ring(RingKind::MoeDetail);
             (Some(p), Some(c))
         } else {
             (None, None)
@@ -227,7 +263,7 @@ impl Shared {
     fn with_local(
         self: &Arc<Self>,
         kind: ProfilerKind,
-        write: impl FnOnce(&mut Producer<Slot>) -> Result<(), DropReason>,
+        write: impl FnOnce(&mut RingProducer) -> Result<(), DropReason>,
     ) {
         self.with_thread(kind, |local| write(&mut local.producer));
     }
@@ -267,7 +303,7 @@ impl Shared {
         // Forget buffers of sessions that are gone, so a long-lived thread does not collect them.
         buffers.retain(|b| b.shared.upgrade().is_some_and(|s| !s.closed.load(Ordering::Relaxed)));
         let shared = Arc::downgrade(self);
-        let (producer, consumer) = RingBuffer::new(self.buffer_events);
+        let (producer, consumer) = self.new_ring(RingKind::Events);
         let drops = Arc::new(DropCounters::default());
         let mut incoming = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
         incoming.push(ThreadBuffer { consumer, drops: drops.clone() });

@@ -22,6 +22,11 @@ use std::time::Duration;
 /// directory. The `profilemate` facade installs the one from `profilemate-sinks`.
 pub type SinkFactory = fn(&Config, &Path) -> Result<Vec<Box<dyn Sink>>>;
 
+/// Replays the thread buffers of a dead session in a directory into its files; the
+/// `profilemate` facade installs `profilemate-sinks`' `recover_buffers` (see
+/// [`SessionBuilder::recovery_hook`]).
+pub type RecoveryHook = fn(&Path) -> Result<()>;
+
 /// Supplies a device timing backend when the configuration allows one (`PROFILEMATE_BACKEND`
 /// `auto` or `cuda`). `Ok(None)` means none is usable here: the session uses the host clock
 /// (with `auto`) or fails with [`Error::BackendUnavailable`] (with `cuda`). The `profilemate`
@@ -49,6 +54,7 @@ pub struct SessionBuilder {
     factory: Option<SinkFactory>,
     backend: Option<Arc<dyn TimingBackend>>,
     backend_factory: Option<BackendFactory>,
+    recovery: Option<RecoveryHook>,
     files: bool,
 }
 
@@ -60,6 +66,7 @@ impl Default for SessionBuilder {
             factory: None,
             backend: None,
             backend_factory: None,
+            recovery: None,
             files: true,
         }
     }
@@ -196,6 +203,20 @@ impl SessionBuilder {
         self
     }
 
+    /// Installs the hook that replays a dead session's buffers when this session starts in
+    /// its directory.
+    ///
+    /// A session starting in a directory that holds the thread buffers of a session whose
+    /// process died (killed before it could shut down) would truncate that run's files. It
+    /// moves them first, buffers included, to `DIR/killed-run-<pid>/` and calls `hook` there,
+    /// so the killed run's records become rows (`profilemate recover DIR/killed-run-<pid>` then
+    /// rebuilds its summaries); without a hook the buffers wait there for `profilemate
+    /// recover`. Either way it says so on stderr.
+    pub fn recovery_hook(mut self, hook: RecoveryHook) -> Self {
+        self.recovery = Some(hook);
+        self
+    }
+
     /// Validates the configuration, prepares the output directory, and starts the collector.
     ///
     /// A disabled configuration gives a [`Session::disabled`] session and touches nothing.
@@ -209,7 +230,7 @@ impl SessionBuilder {
     ///   written;
     /// - [`Error::Collector`] when the collector thread cannot start.
     pub fn build(self) -> Result<Session> {
-        let SessionBuilder { config, mut sinks, factory, backend, backend_factory, files } = self;
+        let SessionBuilder { config, mut sinks, factory, backend, backend_factory, recovery, files } = self;
         config.validate()?;
         if !config.enabled {
             return Ok(Session::disabled());
@@ -237,6 +258,7 @@ impl SessionBuilder {
         };
         let manifest_dir = if files {
             prepare_dir(&config.dir)?;
+            set_aside_dead_run(&config.dir, recovery);
             let standard = match factory {
                 Some(f) => f(&config, &config.dir)?,
                 None => match config.sinks.first() {
@@ -260,6 +282,23 @@ impl SessionBuilder {
         let enabled = ProfilerKind::ALL.map(|k| config.is_enabled(k));
         let mut shared = Shared::new(HostClock::new(), timing, enabled, config.buffer_events);
         shared.moe_detail = config.moe_window_steps == 0;
+        if let Some(dir) = &manifest_dir {
+            let mask = crate::ring::enabled_mask(&enabled, shared.moe_detail);
+            match crate::ring::BufferFile::create(
+                dir,
+                config.buffer_events,
+                mask,
+                shared.start_raw,
+                &CpuOp::BUILTIN_NAMES,
+            ) {
+                Ok(file) => shared.buffer_file = Some(Arc::new(file)),
+                Err(e) => eprintln!(
+                    "profilemate: cannot map the thread buffers into {} ({e}): recording goes on into memory, \
+                     which a kill of the process loses",
+                    dir.display()
+                ),
+            }
+        }
         let shared = Arc::new(shared);
         let info = RunInfo {
             manifest_dir: manifest_dir.clone(),
@@ -287,6 +326,32 @@ impl SessionBuilder {
             .spawn(move || collector.run(rx))
             .map_err(|e| Error::Collector(e.to_string()))?;
         Ok(Session { shared: Some(shared), tx: Some(tx), thread: Some(thread), dir: manifest_dir })
+    }
+}
+
+/// Moves a killed run's files out of the way of this session's and replays its buffers there.
+fn set_aside_dead_run(dir: &Path, hook: Option<RecoveryHook>) {
+    match crate::ring::set_aside_dead_run(dir) {
+        Ok(None) => {}
+        Ok(Some((aside, pids))) => {
+            let replayed = match hook.map(|h| h(&aside)) {
+                Some(Ok(())) => "its buffered records replayed into them".to_string(),
+                Some(Err(e)) => format!("its buffers kept there ({e})"),
+                None => "its buffers kept there".to_string(),
+            };
+            eprintln!(
+                "profilemate: {} held the files of a run killed before it finished (pid {pids:?}): moved to {}, \
+                 {replayed}; run `profilemate recover {}` to complete them",
+                dir.display(),
+                aside.display(),
+                aside.display()
+            );
+        }
+        Err(e) => eprintln!(
+            "profilemate: {} holds the buffers of a killed run that could not be set aside ({e}); this session's \
+             files replace that run's",
+            dir.display()
+        ),
     }
 }
 
@@ -458,6 +523,9 @@ impl Session {
             return Err(bad("at most 1024 operations per session"));
         }
         ops.push(Arc::from(name));
+        if let Some(file) = &shared.buffer_file {
+            file.set_op(ops.len() - 1, name);
+        }
         Ok(CpuOp((ops.len() - 1) as u16))
     }
 

@@ -161,6 +161,59 @@ impl CsvSink {
         Ok(CsvSink { dir: dir.to_path_buf(), tables, budget: None, chunk: BUFFER })
     }
 
+    /// Opens the CSV files of every profiler `config` enables in `dir` for appending (a replay
+    /// of a dead session's buffers, see [`crate::recover_buffers`]), creating with its header a
+    /// file that is missing or empty. The files must end with a whole line
+    /// ([`crate::drop_torn_line`] makes sure of it).
+    ///
+    /// ```
+    /// use profilemate_core::Sink;
+    /// let dir = tempfile::tempdir()?;
+    /// drop(profilemate_sinks::CsvSink::create(dir.path(), &Default::default())?);
+    /// let mut sink = profilemate_sinks::CsvSink::append(dir.path(), &Default::default())?;
+    /// sink.flush()?;
+    /// let text = std::fs::read_to_string(dir.path().join("forward_pass_timing.csv"))?;
+    /// assert_eq!(text.lines().count(), 1, "one header, not two");
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Any I/O error from opening a file or writing a header, naming the file.
+    pub fn append(dir: &Path, config: &Config) -> std::io::Result<CsvSink> {
+        let mut tables = Vec::new();
+        for table in Table::ALL {
+            if !config.is_enabled(table.profiler()) {
+                continue;
+            }
+            let path = dir.join(table.file_name());
+            let named =
+                |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot append to {}: {e}", path.display()));
+            let mut file = std::fs::OpenOptions::new().append(true).create(true).open(&path).map_err(named)?;
+            let mut header = Line::new(Vec::new());
+            for column in table.columns() {
+                header.field(column.as_bytes());
+            }
+            let header = header.end();
+            let mut size = file.metadata().map_err(named)?.len();
+            if size == 0 {
+                file.write_all(&header).map_err(named)?;
+                size = header.len() as u64;
+            }
+            tables.push(TableFile {
+                table,
+                file,
+                path,
+                header,
+                pending: Vec::with_capacity(BUFFER + 4096),
+                size,
+                written: 0,
+                segments: 0,
+            });
+        }
+        Ok(CsvSink { dir: dir.to_path_buf(), tables, budget: None, chunk: BUFFER })
+    }
+
     /// Keeps the files within `budget` (shared with the run's other table sinks), rolling
     /// them over as it says. The headers already written are accounted.
     ///

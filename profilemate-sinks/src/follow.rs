@@ -70,6 +70,23 @@ impl TableFollower {
         TableFollower { dir: dir.into(), files, skipped: 0 }
     }
 
+    /// Follows only `tables` of `dir` (those of [`FOLLOWED_TABLES`] among them), from their
+    /// beginning.
+    ///
+    /// ```
+    /// use profilemate_core::Table;
+    /// let mut follower = profilemate_sinks::TableFollower::with_tables("out", &[Table::PreemptionEvents]);
+    /// assert!(follower.poll().is_empty());
+    /// ```
+    pub fn with_tables(dir: impl Into<PathBuf>, tables: &[Table]) -> TableFollower {
+        let files = FOLLOWED_TABLES
+            .into_iter()
+            .filter(|t| tables.contains(t))
+            .map(|table| FollowedFile { table, offset: 0, columns: HashMap::new() })
+            .collect();
+        TableFollower { dir: dir.into(), files, skipped: 0 }
+    }
+
     /// The directory followed.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -40,6 +40,7 @@ mod numbers;
 #[cfg(feature = "parquet")]
 mod parquet_sink;
 mod perfetto_sink;
+mod recover;
 
 pub use budget::OutputBudget;
 pub use csv_sink::CsvSink;
@@ -54,6 +55,7 @@ pub use parquet_sink::{
     parquet_file_name, ParquetSink, DEFAULT_ROW_GROUP_BYTES, DEFAULT_ROW_GROUP_ROWS, PARTIAL_SUFFIX,
 };
 pub use perfetto_sink::{trace_file_name, PerfettoSink, DEFAULT_MAX_EVENTS_PER_FILE, MAX_TRACKS_PER_KIND, TRACE_FILE};
+pub use recover::{drop_torn_line, recover_buffers, replay_buffers, BufferRecovery};
 
 use profilemate_core::{Config, Error, Sink, SinkError, SinkKind, Table};
 use std::path::Path;

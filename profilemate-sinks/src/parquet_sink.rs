@@ -488,6 +488,67 @@ impl ParquetSink {
         })
     }
 
+    /// Completes the `<table>.parquet.partial` files a killed process left in `dir` (no
+    /// footer: no reader can open them): each is written again, as a complete
+    /// `<table>.parquet`, from the rows of its CSV table (complete after
+    /// [`recover_buffers`](crate::recover_buffers): the same rows), with `host` and `rank` as
+    /// given. Tables a [`TableFollower`](crate::TableFollower) does not read
+    /// (`request_lifecycle`, `step_timeline`) and tables without a CSV file keep their
+    /// `.partial` file. Returns the files completed.
+    ///
+    /// ```
+    /// use profilemate_core::{Phase, Session, SinkKind};
+    /// let dir = tempfile::tempdir()?;
+    /// let session = Session::builder()
+    ///     .dir(dir.path())
+    ///     .sinks(&[SinkKind::Csv, SinkKind::Parquet])
+    ///     .sink_factory(profilemate_sinks::standard_sinks)
+    ///     .build()?;
+    /// session.forward_pass().start(Phase::Decode, 4, 4).stop();
+    /// session.flush()?;
+    /// // As a killed process leaves it: a `.partial` file without its footer.
+    /// assert!(dir.path().join("forward_pass_timing.parquet.partial").exists());
+    /// std::mem::forget(session);
+    /// let done = profilemate_sinks::ParquetSink::complete_partial(dir.path(), "host-a", Some(0))?;
+    /// assert!(done.contains(&"forward_pass_timing.parquet".to_string()));
+    /// assert!(dir.path().join("forward_pass_timing.parquet").exists());
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A file cannot be read, written or renamed (the `.partial` files are then left).
+    pub fn complete_partial(dir: &Path, host: &str, rank: Option<i64>) -> Result<Vec<String>, SinkError> {
+        let tables: Vec<Table> = crate::FOLLOWED_TABLES
+            .into_iter()
+            .filter(|t| {
+                dir.join(format!("{}{PARTIAL_SUFFIX}", parquet_file_name(*t))).exists()
+                    && dir.join(t.file_name()).exists()
+            })
+            .collect();
+        if tables.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut follower = crate::TableFollower::with_tables(dir, &tables);
+        let rows = follower.poll();
+        let mut sink = ParquetSink {
+            dir: dir.to_path_buf(),
+            tables: tables.iter().map(|t| TableFile::create(dir, *t)).collect::<Result<_, _>>()?,
+            host: ByteArray::from(host),
+            host_text: host.to_string(),
+            rank,
+            row_group_rows: DEFAULT_ROW_GROUP_ROWS,
+            row_group_bytes: DEFAULT_ROW_GROUP_BYTES,
+            finished: false,
+        };
+        sink.write_rows(&rows)?;
+        sink.finished = true;
+        for t in &mut sink.tables {
+            t.close().map_err(|e| format!("{}: {e}", parquet_file_name(t.table)))?;
+        }
+        Ok(tables.iter().map(|t| parquet_file_name(*t)).collect())
+    }
+
     /// Keeps the tables within `budget` (shared with the run's other table sinks): each row
     /// group is then written as a complete file of its own, `<table>.1.parquet`,
     /// `<table>.2.parquet`, ... (the higher the number, the newer the rows; read them with a glob,
