@@ -56,7 +56,10 @@
 pub use profilemate_core::*;
 #[cfg(feature = "parquet")]
 pub use profilemate_sinks::ParquetSink;
-pub use profilemate_sinks::{standard_sinks, CsvSink, JsonSummarySink, PerfettoSink, TableFollower, FOLLOWED_TABLES};
+pub use profilemate_sinks::{
+    recover_buffers, standard_sinks, BufferRecovery, CsvSink, JsonSummarySink, PerfettoSink, TableFollower,
+    FOLLOWED_TABLES,
+};
 #[cfg(feature = "metrics")]
 pub use profilemate_sinks::{MetricsSink, DURATION_BUCKETS_SECONDS, METRICS_SERIES};
 

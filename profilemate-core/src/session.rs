@@ -281,6 +281,10 @@ impl SessionBuilder {
 
         let enabled = ProfilerKind::ALL.map(|k| config.is_enabled(k));
         let mut shared = Shared::new(HostClock::new(), timing, enabled, config.buffer_events);
+        // The session's time origin on CLOCK_MONOTONIC, read next to the clock's own origin
+        // (before the thread buffers are mapped, which writes every page of them): other
+        // processes' sessions are put on one time base by it.
+        let monotonic_start_ns = monotonic_ns();
         shared.moe_detail = config.moe_window_steps == 0;
         if let Some(dir) = &manifest_dir {
             let mask = crate::ring::enabled_mask(&enabled, shared.moe_detail);
@@ -303,7 +307,7 @@ impl SessionBuilder {
         let info = RunInfo {
             manifest_dir: manifest_dir.clone(),
             started_at: rfc3339_now(),
-            monotonic_start_ns: monotonic_ns(),
+            monotonic_start_ns,
             host: gethostname::gethostname().to_string_lossy().into_owned(),
             timing_backend: timing_name,
             config,

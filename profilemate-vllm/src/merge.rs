@@ -99,6 +99,15 @@ pub struct PartReport {
     pub rows: BTreeMap<String, u64>,
     /// Torn or malformed lines skipped.
     pub skipped_lines: u64,
+    /// Records a killed process had recorded but not yet written, replayed from its thread
+    /// buffers (the mapped `.profilemate_buffers.*` files it left) into its CSV tables before
+    /// they were read: see `profilemate::recover_buffers`.
+    pub events_recovered: u64,
+    /// Records the process was writing at the instant of the kill: counted, not replayable.
+    pub events_lost_in_flight: u64,
+    /// Why a killed process's buffers could not be replayed (a read-only or full directory; they
+    /// are kept for a later merge), if so.
+    pub recovery_error: Option<String>,
 }
 
 /// What [`merge`] did.
@@ -157,6 +166,18 @@ pub fn merge(dir: &Path, run: Option<&str>) -> Result<MergeReport, MergeError> {
     let mut parts = read_parts(dir, &run_dir)?;
     if parts.is_empty() {
         return Err(MergeError::NoParts(run_dir));
+    }
+    // A process that did not shut down may have been killed with records still in its thread
+    // buffers: those of a dead session become rows of its CSV tables first (a live session's are
+    // left alone, so merging while a process still runs changes nothing of its part).
+    for p in parts.iter_mut().filter(|p| !p.report.finished) {
+        match profilemate::recover_buffers(&p.path) {
+            Ok(done) => {
+                p.report.events_recovered = done.replay.events_recovered();
+                p.report.events_lost_in_flight = done.replay.events_lost_in_flight();
+            }
+            Err(e) => p.report.recovery_error = Some(e.to_string()),
+        }
     }
     let base = parts.iter().map(|p| p.manifest.monotonic_start_ns).min().unwrap_or(0);
     for p in &mut parts {
@@ -245,6 +266,9 @@ fn read_parts(dir: &Path, run_dir: &Path) -> Result<Vec<Part>, MergeError> {
                 offset_ns: 0,
                 rows: BTreeMap::new(),
                 skipped_lines: 0,
+                events_recovered: 0,
+                events_lost_in_flight: 0,
+                recovery_error: None,
             },
             manifest,
             model_type,
@@ -925,8 +949,10 @@ fn write_trace_and_tables(
 
 /// The manifest's `recovered`: what the merge took from the parts of processes that were not shut
 /// down cleanly (killed: vLLM's force kill, the OOM killer), from the files they had flushed:
-/// `{"parts": [dir, ...], "rows": {file: rows, ...}, "skipped_lines": n}` (torn or malformed lines
-/// left out). Each part's own figures are in `merged_from`.
+/// `{"parts": [dir, ...], "rows": {file: rows, ...}, "skipped_lines": n, "events_recovered": n,
+/// "events_lost_in_flight": n, "recovery_errors": {dir: error}}` (torn or malformed lines left
+/// out; records replayed from the killed processes' thread buffers; records being written at the
+/// kill). Each part's own figures are in `merged_from`.
 fn recovered(parts: &[PartReport]) -> serde_json::Value {
     let killed: Vec<&PartReport> = parts.iter().filter(|p| !p.finished).collect();
     let mut rows: BTreeMap<&str, u64> = BTreeMap::new();
@@ -939,6 +965,12 @@ fn recovered(parts: &[PartReport]) -> serde_json::Value {
         "parts": killed.iter().map(|p| p.dir.as_str()).collect::<Vec<_>>(),
         "rows": rows,
         "skipped_lines": killed.iter().map(|p| p.skipped_lines).sum::<u64>(),
+        "events_recovered": killed.iter().map(|p| p.events_recovered).sum::<u64>(),
+        "events_lost_in_flight": killed.iter().map(|p| p.events_lost_in_flight).sum::<u64>(),
+        "recovery_errors": killed
+            .iter()
+            .filter_map(|p| p.recovery_error.as_ref().map(|e| (p.dir.clone(), e.clone())))
+            .collect::<BTreeMap<_, _>>(),
     })
 }
 
@@ -1058,7 +1090,17 @@ mod tests {
             serde_json::from_slice(&std::fs::read(out.path().join(MANIFEST_FILE)).unwrap()).unwrap();
         assert_eq!(manifest["steps"], 2);
         assert_eq!(manifest["merged_from"].as_array().unwrap().len(), 2);
-        assert_eq!(manifest["recovered"], serde_json::json!({"parts": [], "rows": {}, "skipped_lines": 0}));
+        assert_eq!(
+            manifest["recovered"],
+            serde_json::json!({
+                "parts": [],
+                "rows": {},
+                "skipped_lines": 0,
+                "events_recovered": 0,
+                "events_lost_in_flight": 0,
+                "recovery_errors": {}
+            })
+        );
     }
 
     fn json(path: &Path) -> serde_json::Value {
