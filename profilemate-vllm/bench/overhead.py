@@ -247,13 +247,18 @@ def hook_cost(llm, prompts) -> float:
     def update_stub(self, scheduler_output, model_runner_output):
         return None
 
+    def forward_stub(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None,
+                     **model_kwargs):
+        return None
+
     schedule = _hooks._schedule(schedule_stub)
     prepare = _hooks._cpu_op(_plugin.OP_BATCH_PREPARATION, "bench")(prepare_stub)
-    forward = _hooks._model_forward(noop)
+    forward = _hooks._model_forward(forward_stub)
 
     def runner_execute(self, scheduler_output, intermediate_tensors=None):
         prepare(self, scheduler_output, None)
-        forward(self)
+        # As vLLM calls it: keywords.
+        forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None)
 
     execute = _hooks._execute_model(False)(runner_execute)
 
@@ -298,7 +303,7 @@ def hook_cost(llm, prompts) -> float:
         noop(worker, so)
         noop(runner, so)
         prepare_stub(runner, so, None)
-        noop(runner)
+        forward_stub(runner, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None)
         sample_stub(runner, None)
         update_stub(sched, so, None)
 

@@ -264,7 +264,41 @@ def _execute_model(v2: bool):
     return make
 
 
+_FORWARD_PARAMS = ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds")
+
+
+def _forward_exact(orig: Callable[..., Any]) -> bool:
+    """Whether ``orig`` takes exactly vLLM's ``_model_forward`` parameters: four
+    positional-or-keyword ones after ``self``, all defaulting to ``None``, then ``**model_kwargs``."""
+    try:
+        ps = list(inspect.signature(orig).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return (
+        tuple(p.name for p in ps[:-1]) == _FORWARD_PARAMS
+        and all(p.kind is p.POSITIONAL_OR_KEYWORD for p in ps[:-1])
+        and all(p.default is None for p in ps[1:-1])
+        and ps[-1].kind is ps[-1].VAR_KEYWORD
+    )
+
+
 def _model_forward(orig):
+    if _forward_exact(orig):
+        # vLLM calls it with keywords: named parameters pass them on without packing the four
+        # into a dict and unpacking it again (about 0.1 µs a step).
+
+        def _model_forward_exact(
+            self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **model_kwargs
+        ):
+            if not S.in_step:
+                return orig(self, input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
+            t0 = pc()
+            out = orig(self, input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
+            S.fwd_ns += pc() - t0
+            return out
+
+        return _model_forward_exact
+
     def _model_forward(self, *args, **kwargs):
         if not S.in_step:
             return orig(self, *args, **kwargs)

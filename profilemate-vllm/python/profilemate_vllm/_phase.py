@@ -46,11 +46,23 @@ def classify(scheduler_output: Any, recompute: Dict[str, int]) -> Tuple[int, int
     ``recompute`` is the caller's per-process record of requests that resumed after a
     preemption: request id -> the number of tokens it had when it resumed. This function adds
     resuming requests to it and removes them once they have caught up (or finished)."""
-    new_reqs = scheduler_output.scheduled_new_reqs
-    new = len(new_reqs)
     cached = scheduler_output.scheduled_cached_reqs
     ids = cached.req_ids
     n = len(ids)
+    new_reqs = scheduler_output.scheduled_new_reqs
+    if (
+        n
+        and not new_reqs
+        and not recompute
+        and scheduler_output.total_num_scheduled_tokens == n
+        and not cached.resumed_req_ids
+        and not scheduler_output.scheduled_spec_decode_tokens
+    ):
+        # The step that runs thousands of times: running requests only, one token each, no
+        # drafts, nothing recomputing (the same rule as below, without its loop).
+        prefill = cached.num_output_tokens.count(0)
+        return (DECODE if prefill == 0 else PREFILL if prefill == n else MIXED), n
+    new = len(new_reqs)
     if new:
         for r in new_reqs:
             # Model Runner V2: a resumed request is sent as a new one with all its tokens.
@@ -62,34 +74,31 @@ def classify(scheduler_output: Any, recompute: Dict[str, int]) -> Tuple[int, int
     resumed = cached.resumed_req_ids
     spec = scheduler_output.scheduled_spec_decode_tokens
     outputs = cached.num_output_tokens
-    if not new and not resumed and not spec and not recompute and scheduler_output.total_num_scheduled_tokens == n:
-        prefill = outputs.count(0)
-    else:
-        if resumed:
-            # Model Runner V1: a resumed request names all its tokens on its first step back.
-            all_tokens = cached.all_token_ids
-            for rid in resumed:
-                tokens = all_tokens.get(rid)
-                if tokens is not None:
-                    recompute[rid] = len(tokens)
-        if recompute:
-            forget_finished(scheduler_output, recompute)
-        prefill = 0
-        scheduled = scheduler_output.num_scheduled_tokens
-        computed = cached.num_computed_tokens
-        for i, rid in enumerate(ids):
-            k = scheduled[rid]
-            if outputs[i] == 0 or (k > 1 and (not spec or k > 1 + len(spec.get(rid, ())))):
+    if resumed:
+        # Model Runner V1: a resumed request names all its tokens on its first step back.
+        all_tokens = cached.all_token_ids
+        for rid in resumed:
+            tokens = all_tokens.get(rid)
+            if tokens is not None:
+                recompute[rid] = len(tokens)
+    if recompute:
+        forget_finished(scheduler_output, recompute)
+    prefill = 0
+    scheduled = scheduler_output.num_scheduled_tokens
+    computed = cached.num_computed_tokens
+    for i, rid in enumerate(ids):
+        k = scheduled[rid]
+        if outputs[i] == 0 or (k > 1 and (not spec or k > 1 + len(spec.get(rid, ())))):
+            prefill += 1
+            continue
+        target = recompute.get(rid) if recompute else None
+        if target is not None:
+            if computed[i] + 1 < target:
                 prefill += 1
-                continue
-            target = recompute.get(rid) if recompute else None
-            if target is not None:
-                if computed[i] + 1 < target:
-                    prefill += 1
-                else:
-                    del recompute[rid]  # caught up: it decodes from here on
-            elif resumed and rid in resumed:
-                prefill += 1  # resumed without its token list (not seen in vLLM V1): recomputes
+            else:
+                del recompute[rid]  # caught up: it decodes from here on
+        elif resumed and rid in resumed:
+            prefill += 1  # resumed without its token list (not seen in vLLM V1): recomputes
     prefill_total = prefill + new
     if prefill_total == 0:
         return DECODE, n

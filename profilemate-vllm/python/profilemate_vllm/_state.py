@@ -93,7 +93,7 @@ class Profiling:
         self.last_nseq = 0
         self.preempted: set = set()
         self.recompute: Dict[str, int] = {}  # requests recomputing after a preemption (_phase)
-        self.kv_reader: Any = None  # (scheduler, its KV cache manager, free-block count, blocks)
+        self.sched_reader: Any = None  # what a step reads of its scheduler (_plugin._sched_reader)
         # Step ids: the engine core numbers the non-empty steps (1, 2, ...) and ships the id with
         # the SchedulerOutput (STEP_ATTR); a worker process opens the same id for its part.
         self.step_seq = 0  # engine core: the last id given to a non-empty step
@@ -151,7 +151,7 @@ class Profiling:
         self.is_frontend = False
         self.recompute.clear()
         self.step_seq = self.engine_step = self.worker_step = 0
-        self.kv_reader = None
+        self.sched_reader = None
         self.live = None
         self.live_registries = 0
         self.part_seq = 0
