@@ -298,25 +298,26 @@ IDLE_FLUSH_ENV = "PROFILEMATE_IDLE_FLUSH_MS"
 IDLE_FLUSH_DEFAULT_MS = 20.0
 
 
-def _idle_flush_s() -> float:
-    raw = os.environ.get(IDLE_FLUSH_ENV, "").strip()
+def _setting(name: str, default: float, unit: str) -> float:
+    """A number >= 0 from the environment variable ``name`` (``default`` when unset); a malformed
+    value is reported once, naming the variable, and the default is used."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return IDLE_FLUSH_DEFAULT_MS / 1000
+        return default
     try:
         value = float(raw)
         if value >= 0:
-            return value / 1000
+            return value
     except ValueError:
         pass
-    if not S.warned_idle_flush:
-        S.warned_idle_flush = True
-        logger.warning(
-            "profilemate: %s=%r is not a number of milliseconds >= 0; using the default %g ms",
-            IDLE_FLUSH_ENV,
-            raw,
-            IDLE_FLUSH_DEFAULT_MS,
-        )
-    return IDLE_FLUSH_DEFAULT_MS / 1000
+    if name not in S.warned_settings:
+        S.warned_settings.add(name)
+        logger.warning("profilemate: %s=%r is not a number of %s >= 0; using the default %g", name, raw, unit, default)
+    return default
+
+
+def _idle_flush_s() -> float:
+    return _setting(IDLE_FLUSH_ENV, IDLE_FLUSH_DEFAULT_MS, "milliseconds") / 1000
 
 
 def note_activity() -> None:
@@ -404,19 +405,7 @@ SHUTDOWN_WAIT_DEFAULT_S = 2.0
 
 def _busy_parts(run_dir: str) -> List[Tuple[str, int]]:
     """Live, unfinished parts of other processes whose part.json says they are not idle."""
-    out = []
-    for name in sorted(os.listdir(run_dir)):
-        try:
-            with open(os.path.join(run_dir, name, "part.json")) as f:
-                info = json.load(f)
-        except (OSError, ValueError):
-            continue
-        pid = info.get("pid")
-        if info.get("finished") or info.get("idle") is not False or not isinstance(pid, int) or pid == os.getpid():
-            continue
-        if _process_alive(pid):
-            out.append((name, pid))
-    return out
+    return _live_parts(run_dir, stepping_only=True)
 
 
 def wait_for_idle_parts() -> None:
@@ -427,13 +416,7 @@ def wait_for_idle_parts() -> None:
     run_dir = os.path.join(S.out_dir, "parts", S.run)
     if not os.path.isdir(run_dir):
         return
-    raw = os.environ.get(SHUTDOWN_WAIT_ENV, "").strip()
-    try:
-        limit = float(raw) if raw else SHUTDOWN_WAIT_DEFAULT_S
-    except ValueError:
-        logger.warning("profilemate: %s=%r is not a number of seconds; waiting the default %g s",
-                       SHUTDOWN_WAIT_ENV, raw, SHUTDOWN_WAIT_DEFAULT_S)
-        limit = SHUTDOWN_WAIT_DEFAULT_S
+    limit = _setting(SHUTDOWN_WAIT_ENV, SHUTDOWN_WAIT_DEFAULT_S, "seconds")
     t0 = time.monotonic()
     busy = _busy_parts(run_dir)
     while busy and time.monotonic() - t0 < limit:
@@ -545,24 +528,7 @@ MERGE_WAIT_DEFAULT_S = 30.0
 
 
 def _merge_wait_s() -> float:
-    raw = os.environ.get(MERGE_WAIT_ENV, "").strip()
-    if not raw:
-        return MERGE_WAIT_DEFAULT_S
-    try:
-        value = float(raw)
-        if value >= 0:
-            return value
-    except ValueError:
-        pass
-    if not S.warned_merge_wait:
-        S.warned_merge_wait = True
-        logger.warning(
-            "profilemate: %s=%r is not a number of seconds >= 0; waiting the default %g s",
-            MERGE_WAIT_ENV,
-            raw,
-            MERGE_WAIT_DEFAULT_S,
-        )
-    return MERGE_WAIT_DEFAULT_S
+    return _setting(MERGE_WAIT_ENV, MERGE_WAIT_DEFAULT_S, "seconds")
 
 
 
@@ -584,6 +550,12 @@ def _process_alive(pid: int) -> bool:
 
 def _unfinished_live_parts(run_dir: str) -> List[Tuple[str, int]]:
     """Parts of other processes that are still alive and have not written their last files."""
+    return _live_parts(run_dir, stepping_only=False)
+
+
+def _live_parts(run_dir: str, stepping_only: bool) -> List[Tuple[str, int]]:
+    """``(part, pid)`` of the parts of other processes that are alive and unfinished (and, with
+    ``stepping_only``, whose part.json says ``"idle": false``)."""
     out = []
     for name in sorted(os.listdir(run_dir)):
         try:
@@ -593,6 +565,8 @@ def _unfinished_live_parts(run_dir: str) -> List[Tuple[str, int]]:
             continue  # no part.json yet (nothing recorded) or being replaced: the merge reports it
         pid = info.get("pid")
         if info.get("finished") or not isinstance(pid, int) or pid == os.getpid():
+            continue
+        if stepping_only and info.get("idle") is not False:
             continue
         if _process_alive(pid):
             out.append((name, pid))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 logger = logging.getLogger("vllm.profilemate")
 
@@ -66,13 +66,12 @@ class Profiling:
         self.part_dir: Optional[str] = None
         self.leaked: List[Any] = []  # recorders inherited through fork: never shut down
         self.merged_signature: Any = None
-        self.warned_merge_wait = False  # a malformed PROFILEMATE_MERGE_WAIT_S, reported once
+        self.warned_settings: Set[str] = set()  # malformed plugin settings, each reported once
         # -- the idle flush (_plugin.note_activity): records since start, armed, the thread -----
         self.idle_activity = 0
         self.idle_armed = False
         self.idle_event = threading.Event()
         self.idle_thread: Any = None  # None: not started; False: disabled
-        self.warned_idle_flush = False
         self.idle_flushed = True  # part.json's `idle`: everything recorded is in the files
         self.idle_sched: Any = None  # the scheduler this process steps (engine core), if any
         self.model_type: Optional[str] = None
