@@ -65,17 +65,9 @@ impl std::fmt::Display for MergeError {
 
 impl std::error::Error for MergeError {}
 
-/// The tables read from the parts (the lifecycle table is rebuilt from the events).
-const MERGED: [Table; 8] = [
-    Table::ForwardPass,
-    Table::CpuOperations,
-    Table::BatchUtilization,
-    Table::PreemptionEvents,
-    Table::EncoderDecoder,
-    Table::KvCacheUsage,
-    Table::CudaGraphEvents,
-    Table::MoeExpertRouting,
-];
+/// The tables read from the parts: the per-event tables, the ones the live follower reads too
+/// (the lifecycle table is rebuilt from the events, the step timeline from the others).
+const MERGED: [Table; 8] = profilemate::FOLLOWED_TABLES;
 
 /// The trackers a part turns on only when its process has something for them.
 const ON_DEMAND: [ProfilerKind; 2] = [ProfilerKind::CudaGraph, ProfilerKind::MoeExpert];

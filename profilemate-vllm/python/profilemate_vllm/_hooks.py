@@ -89,10 +89,7 @@ def _schedule(orig):
                 if out.total_num_scheduled_tokens:
                     P.after_schedule(self, out, dt)
                 else:
-                    if S.engine_step:
-                        P.step_empty()
-                    if S.recompute:
-                        forget_finished(out, S.recompute)
+                    P.after_empty_schedule(out)
             except Exception as e:
                 S.fail("Scheduler.schedule", e)
             return out
@@ -111,10 +108,7 @@ def _schedule(orig):
             if out.total_num_scheduled_tokens:
                 P.after_schedule(self, out, dt)
             else:
-                if S.engine_step:
-                    P.step_empty()
-                if S.recompute:
-                    forget_finished(out, S.recompute)
+                P.after_empty_schedule(out)
         except Exception as e:
             S.fail("Scheduler.schedule", e)
         return out

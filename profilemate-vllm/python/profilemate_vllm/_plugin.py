@@ -646,6 +646,15 @@ def step_opens() -> None:
     S.engine_step = n
 
 
+def after_empty_schedule(out: Any) -> None:
+    """``Scheduler.schedule`` returned an output with no tokens to run: the step opened for it is
+    cancelled, and requests it reports finished leave the recompute bookkeeping."""
+    if S.engine_step:
+        step_empty()
+    if S.recompute:
+        forget_finished(out, S.recompute)
+
+
 def step_empty() -> None:
     """``Scheduler.schedule`` returned nothing to run: the step opened for it is not one."""
     S.engine_step = 0
