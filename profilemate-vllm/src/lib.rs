@@ -36,6 +36,8 @@ mod config;
 mod live;
 mod merge;
 mod python;
+mod step_functions;
+mod step_path;
 
 pub use config::{
     binding_config, is_activated, DEFAULT_DIR, DEFAULT_FLUSH_MS, VLLM_ALIASES, VLLM_PROFILING_DIR,

@@ -7,6 +7,7 @@
 
 use crate::config::binding_config;
 use crate::merge::{merge as merge_run, runs as list_runs};
+use crate::step_path::StepPath;
 use profilemate::{
     BatchSample, BatchUtilization, Component, Components, CpuOp, CpuTiming, CudaGraphs, ForwardPass, GraphEvent,
     KvCacheSample, KvCacheUsage, Mark, ModelType, MoeRouting, Phase, ProfilerKind, Requests, Resolution, Session,
@@ -82,7 +83,7 @@ fn runs(dir: PathBuf) -> Vec<String> {
 
 /// One process's recording session, writing into its own part directory.
 #[pyclass(frozen, module = "profilemate_vllm._native")]
-struct Recorder {
+pub(crate) struct Recorder {
     session: Mutex<Option<Session>>,
     forward: ForwardPass,
     cpu: CpuTiming,
@@ -92,7 +93,8 @@ struct Recorder {
     kv_cache: KvCacheUsage,
     cuda_graphs: CudaGraphs,
     moe: MoeRouting,
-    steps: Steps,
+    pub(crate) steps: Steps,
+    pub(crate) step: StepPath,
     trackers: Vec<&'static str>,
     dir: String,
     timing: String,
@@ -159,6 +161,13 @@ impl Recorder {
             cuda_graphs: session.cuda_graphs(),
             moe: session.moe_experts(),
             steps: session.steps(),
+            step: StepPath::new(
+                session.forward_pass(),
+                session.cpu_timing(),
+                session.batch_utilization(),
+                session.components(),
+                session.kv_cache(),
+            ),
             trackers: enabled,
             session: Mutex::new(Some(session)),
             dir: part_dir.to_string_lossy().into_owned(),
@@ -264,46 +273,40 @@ impl Recorder {
         }
     }
 
-    /// A scheduled (non-empty) step, as the scheduler's process sees it, in one call: the
-    /// scheduling time (skipped when negative), the batch against the limits, and a KV cache
-    /// reading (skipped when `kv_total_blocks` is negative).
-    #[allow(clippy::too_many_arguments)]
-    fn scheduled(
-        &self,
-        phase: usize,
-        scheduling_ns: i64,
-        num_seqs: u32,
-        max_num_seqs: u32,
-        num_tokens: u32,
-        max_tokens: u32,
-        running_queue_len: u32,
-        waiting_queue_len: u32,
-        kv_used_blocks: i64,
-        kv_total_blocks: i64,
-        prefix_cache_queries: i64,
-        prefix_cache_hits: i64,
-    ) {
-        let Some(&p) = PHASES.get(phase) else { return };
-        if let Ok(ns) = u64::try_from(scheduling_ns) {
-            self.cpu.record(CpuOp::SCHEDULING, Duration::from_nanos(ns), PHASE_CONTEXT[phase]);
-        }
-        self.batch.record(&BatchSample {
-            num_seqs,
-            max_num_seqs,
-            num_tokens,
-            max_tokens,
-            phase: p,
-            running_queue_len,
-            waiting_queue_len,
-        });
-        if let (Ok(used_blocks), Ok(total_blocks)) = (u32::try_from(kv_used_blocks), u32::try_from(kv_total_blocks)) {
-            self.kv_cache.record(&KvCacheSample {
-                used_blocks,
-                total_blocks,
-                prefix_cache_queries: u64::try_from(prefix_cache_queries).unwrap_or(0),
-                prefix_cache_hits: u64::try_from(prefix_cache_hits).unwrap_or(0),
-            });
-        }
+    // --- the step path (see `step_path`): each timed region is a call without arguments when
+    // it begins and one when it ends; the clock is read here.
+
+    /// The scheduler's limits, once per scheduler: `max_num_seqs`, `max_num_batched_tokens`,
+    /// and the KV cache's blocks (negative: no KV cache reading per step).
+    fn set_limits(&self, max_num_seqs: u32, max_tokens: u32, kv_total_blocks: i64) {
+        self.step.set_limits(max_num_seqs, max_tokens, kv_total_blocks);
+    }
+
+    /// The step path of this recorder, a `StepPath` whose methods are: `schedule_begin(step)`,
+    /// `scheduled(phase, num_seqs, num_tokens, running, waiting, kv_free_blocks,
+    /// prefix_cache_queries, prefix_cache_hits)`, `execute_begin()`, `execute_begin_with(phase,
+    /// num_seqs, num_tokens)`, `execute_end(forward)`, `forward_begin()`, `forward_end()`,
+    /// `op_begin(op)`, `op_end(op)`, `sample_begin() -> bool`, `sample_end()`, `begin_step(step)`,
+    /// `end_step()`. Each timed region of the engine step is a call when it begins and one when it ends; the
+    /// clock is read natively (see `step_path` for what each records, and `step_functions` for
+    /// why this type is written against the C API).
+    fn step_path<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        crate::step_functions::step_path(slf)
+    }
+
+    /// Whether a model runner's step is under way in this process.
+    fn in_step(&self) -> bool {
+        self.step.in_step()
+    }
+
+    /// The phase code of the model runner's current (or last) step.
+    fn step_phase(&self) -> usize {
+        self.step.phase()
+    }
+
+    /// Steps recorded so far through the step path (the idle flusher watches it).
+    fn activity(&self) -> u64 {
+        self.step.activity()
     }
 
     /// A model runner step that ended now, in one call: `model_execution` (skipped when

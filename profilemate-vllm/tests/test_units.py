@@ -640,6 +640,12 @@ def test_the_idle_flush_writes_the_rows_once_the_steps_stop_and_the_shutdown_wai
         def flush(self):
             self.flushes.append((time.monotonic(), S.idle_activity))
 
+        def activity(self):  # the step path's records (none here: note_activity counts)
+            return 0
+
+        def in_step(self):  # the step path's view (S.in_step: the general path's)
+            return False
+
     rec = Rec()
     run = tmp_path / "parts" / "run"
     part = run / "worker-1"

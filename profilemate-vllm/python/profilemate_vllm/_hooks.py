@@ -20,7 +20,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 from . import _plugin as P
 from ._imports import PostImportHooks
 from ._phase import forget_finished
-from ._state import ENCODER, OP_BATCH_PREPARATION, OP_SAMPLING, STEP_ATTR, WRAPPED_ATTR, pc
+from ._state import ENCODER, OP_BATCH_PREPARATION, STEP_ATTR, WRAPPED_ATTR, pc
 from ._state import STATE as S
 from ._state import logger
 from ._trackers import _AOT_LOAD, _AOT_MODULE, COUNTS_ATTR
@@ -71,46 +71,48 @@ def _schedule(orig):
     if _exact(orig, ("self", "throttle_prefills")):
 
         def schedule_exact(self, throttle_prefills):
-            # Opens the next step id (inlined: this runs every step; the first opens the
-            # recorder, so that the first step's scheduling is inside it too).
+            # Opens the next step id and starts its scheduling time (inlined: this runs every
+            # step; the first opens the recorder, so that the first step's scheduling is inside
+            # it too).
+            p = S.path
             try:
-                r = S.rec if S.rec is not None else P._open()
-                if r is not None:
+                if p is None and P._open() is not None:
+                    p = S.path
+                if p is not None:
                     if S.engine_step:
-                        r.end_step()  # scheduled ahead of its bookkeeping (batch queue), or that raised
+                        p.end_step()  # scheduled ahead of its bookkeeping (batch queue), or that raised
                     S.engine_step = n = S.step_seq + 1
-                    r.begin_step(n)
+                    p.schedule_begin(n)
             except Exception as e:
                 S.fail("Scheduler.schedule", e)
-            t0 = pc()
             out = orig(self, throttle_prefills)
-            dt = pc() - t0
-            try:
-                if out.total_num_scheduled_tokens:
-                    P.after_schedule(self, out, dt)
-                else:
-                    P.after_empty_schedule(out)
-            except Exception as e:
-                S.fail("Scheduler.schedule", e)
+            if p is not None:
+                try:
+                    if out.total_num_scheduled_tokens:
+                        P.after_schedule(self, out, p)
+                    else:
+                        P.after_empty_schedule(out)
+                except Exception as e:
+                    S.fail("Scheduler.schedule", e)
             return out
 
         return _defaults_of(orig, schedule_exact)
 
     def schedule(self, *args, **kwargs):
+        p = None
         try:
-            P.step_opens()
+            p = P.step_opens()
         except Exception as e:
             S.fail("Scheduler.schedule", e)
-        t0 = pc()
         out = orig(self, *args, **kwargs)
-        dt = pc() - t0
-        try:
-            if out.total_num_scheduled_tokens:
-                P.after_schedule(self, out, dt)
-            else:
-                P.after_empty_schedule(out)
-        except Exception as e:
-            S.fail("Scheduler.schedule", e)
+        if p is not None:
+            try:
+                if out.total_num_scheduled_tokens:
+                    P.after_schedule(self, out, p)
+                else:
+                    P.after_empty_schedule(out)
+            except Exception as e:
+                S.fail("Scheduler.schedule", e)
         return out
 
     return schedule
@@ -159,11 +161,14 @@ def _update_from_output(orig):
             if n:
                 # Closes the step (inlined: this runs every step).
                 try:
-                    if getattr(scheduler_output, STEP_ATTR, 0) == n:
-                        S.engine_step = 0
-                        S.rec.end_step()
-                except Exception as e:
-                    S.fail("Scheduler.update_from_output", e)
+                    sid = scheduler_output.profilemate_step  # STEP_ATTR
+                except AttributeError:
+                    sid = 0  # an empty output: its step was cancelled
+                if sid == n:
+                    S.engine_step = 0
+                    p = S.path
+                    if p is not None:
+                        p.end_step()
             return out
 
         return update_from_output_exact
@@ -202,19 +207,37 @@ def _execute_model(v2: bool):
                         except Exception as e:
                             S.fail(where, e)
                     return orig(self, so, intermediate_tensors)
+                p = S.path
+                if (
+                    p is not None
+                    and S.model_type is not None
+                    and S.cuda is None
+                    and S.moe is None
+                    and not S.graphs_on
+                    and (so is S.last_so or P.worker_step_begins(p, so))
+                ):
+                    # A model on the host clock without trackers. One process: the scheduler's
+                    # own output, classified and counted natively when it was scheduled (else
+                    # worker_step_begins began the step).
+                    if so is S.last_so:
+                        p.execute_begin()
+                    out = orig(self, so, intermediate_tensors)
+                    p.execute_end(True)
+                    if S.moe is not None or not S.idle_armed or (out is not None and S.worker_step):
+                        try:
+                            P.step_ended_rarely(S.rec, so, out is not None)
+                        except Exception as e:
+                            S.fail(where, e)
+                    return out
                 try:
                     step = P.begin_step(self, so, False)
                 except Exception as e:
                     S.fail(where, e)
                     step = None
-                t0 = pc()
                 out = orig(self, so, intermediate_tensors)
-                dt = pc() - t0
                 if step is not None:
                     try:
-                        P.end_step(step, dt, False)
-                        if out is not None and S.worker_step:
-                            P.worker_step_ends()  # no sample_tokens call follows
+                        P.end_step(step, out is not None, False)
                     except Exception as e:
                         S.fail(where, e)
                 return out
@@ -241,14 +264,10 @@ def _execute_model(v2: bool):
             except Exception as e:
                 S.fail(where, e)
                 step = None
-            t0 = pc()
             out = orig(self, so, *args, **kwargs)
-            dt = pc() - t0
             if step is not None:
                 try:
-                    P.end_step(step, dt, v2)
-                    if out is not None and S.worker_step:
-                        P.worker_step_ends()  # no sample_tokens call follows
+                    P.end_step(step, out is not None, v2)
                 except Exception as e:
                     S.fail(where, e)
             return out
@@ -276,6 +295,16 @@ def _forward_exact(orig: Callable[..., Any]) -> bool:
     )
 
 
+def _model_forward_kw(p, orig, self, input_ids, positions, intermediate_tensors, inputs_embeds, model_kwargs):
+    """``_model_forward`` with extra keywords (a multimodal model's), or without a recorder."""
+    if p is None:
+        return orig(self, input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
+    p.forward_begin()
+    out = orig(self, input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
+    p.forward_end()
+    return out
+
+
 def _model_forward(orig):
     if _forward_exact(orig):
         # vLLM calls it with keywords: named parameters pass them on without packing the four
@@ -284,58 +313,56 @@ def _model_forward(orig):
         def _model_forward_exact(
             self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **model_kwargs
         ):
-            if not S.in_step:
-                return orig(self, input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
-            t0 = pc()
-            out = orig(self, input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
-            S.fwd_ns += pc() - t0
+            p = S.path
+            if p is None or model_kwargs:
+                return _model_forward_kw(p, orig, self, input_ids, positions, intermediate_tensors, inputs_embeds,
+                                         model_kwargs)
+            # No extra keywords (a text-only model): a positional call, which the interpreter
+            # inlines (a call through ``**`` costs about 0.1 µs more).
+            p.forward_begin()  # counted inside a model runner's step only
+            out = orig(self, input_ids, positions, intermediate_tensors, inputs_embeds)
+            p.forward_end()
             return out
 
         return _model_forward_exact
 
     def _model_forward(self, *args, **kwargs):
-        if not S.in_step:
+        p = S.path
+        if p is None:
             return orig(self, *args, **kwargs)
-        t0 = pc()
+        p.forward_begin()
         out = orig(self, *args, **kwargs)
-        S.fwd_ns += pc() - t0
+        p.forward_end()
         return out
 
     return _model_forward
 
 
 def _cpu_op(op: int, where: str):
+    """A CPU operation of the model runner's step (``op``: the native operation code), timed
+    natively inside a step, with the step's phase as context."""
+
     def make(orig):
         if _exact(orig, ("self", "scheduler_output", "num_scheduled_tokens")):
 
             def wrapper_exact(self, scheduler_output, num_scheduled_tokens):
-                if not (S.in_step and S.f_cpu):
+                p = S.path
+                if p is None:
                     return orig(self, scheduler_output, num_scheduled_tokens)
-                t0 = pc()
+                p.op_begin(op)
                 out = orig(self, scheduler_output, num_scheduled_tokens)
-                dt = pc() - t0
-                try:
-                    r = S.rec if S.rec is not None else P._open()
-                    if r is not None:
-                        r.cpu(op, dt, S.step_phase)
-                except Exception as e:
-                    S.fail(where, e)
+                p.op_end(op)
                 return out
 
             return _defaults_of(orig, wrapper_exact)
 
         def wrapper(self, *args, **kwargs):
-            if not (S.in_step and S.f_cpu):
+            p = S.path
+            if p is None:
                 return orig(self, *args, **kwargs)
-            t0 = pc()
+            p.op_begin(op)
             out = orig(self, *args, **kwargs)
-            dt = pc() - t0
-            try:
-                r = S.rec if S.rec is not None else P._open()
-                if r is not None:
-                    r.cpu(op, dt, S.step_phase)
-            except Exception as e:
-                S.fail(where, e)
+            p.op_end(op)
             return out
 
         return wrapper
@@ -348,24 +375,16 @@ def _sample_tokens(where: str):
         if _exact(orig, ("self", "grammar_output")):
 
             def sample_tokens_exact(self, grammar_output):
-                if not S.sample_pending:
+                p = S.path
+                if p is None or not p.sample_begin():  # not after a step's execute_model
                     return orig(self, grammar_output)
-                S.sample_pending = False
-                t0 = pc()
                 out = orig(self, grammar_output)
-                dt = pc() - t0
-                if S.f_cpu:
-                    try:
-                        r = S.rec if S.rec is not None else P._open()
-                        if r is not None:
-                            r.cpu(OP_SAMPLING, dt, S.step_phase)
-                    except Exception as e:
-                        S.fail(where, e)
+                p.sample_end()
                 if S.worker_step:
                     # A worker process closes the step it opened (inlined: this runs every step).
                     S.worker_step = 0
                     try:
-                        S.rec.end_step()
+                        p.end_step()
                     except Exception as e:
                         S.fail(where, e)
                 return out
@@ -373,19 +392,11 @@ def _sample_tokens(where: str):
             return _defaults_of(orig, sample_tokens_exact)
 
         def sample_tokens(self, *args, **kwargs):
-            if not S.sample_pending:
+            p = S.path
+            if p is None or not p.sample_begin():
                 return orig(self, *args, **kwargs)
-            S.sample_pending = False
-            t0 = pc()
             out = orig(self, *args, **kwargs)
-            dt = pc() - t0
-            if S.f_cpu:
-                try:
-                    r = S.rec if S.rec is not None else P._open()
-                    if r is not None:
-                        r.cpu(OP_SAMPLING, dt, S.step_phase)
-                except Exception as e:
-                    S.fail(where, e)
+            p.sample_end()
             if S.worker_step:
                 try:
                     P.worker_step_ends()
@@ -657,17 +668,12 @@ def _prepare_inputs_v2(orig):
                 S.graph_step = (desc.cg_mode, desc)
             except Exception as e:
                 S.fail("GPUModelRunner[V2].prepare_inputs", e)
-        if not (S.in_step and S.f_cpu):
+        p = S.path
+        if p is None:
             return orig(self, *args, **kwargs)
-        t0 = pc()
+        p.op_begin(OP_BATCH_PREPARATION)  # timed inside a model runner's step only
         out = orig(self, *args, **kwargs)
-        dt = pc() - t0
-        try:
-            r = S.rec if S.rec is not None else P._open()
-            if r is not None:
-                r.cpu(OP_BATCH_PREPARATION, dt, S.step_phase)
-        except Exception as e:
-            S.fail("GPUModelRunner[V2].prepare_inputs", e)
+        p.op_end(OP_BATCH_PREPARATION)
         return out
 
     return prepare_inputs

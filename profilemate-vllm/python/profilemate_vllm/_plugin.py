@@ -27,6 +27,7 @@ from ._state import (
     OP_MODEL_EXECUTION,
     OP_SAMPLING,
     OP_SCHEDULING,
+    PHASE_ATTR,
     STATE as S,
     STEP_ATTR,
     logger,
@@ -74,6 +75,7 @@ def _open() -> Any:
             if S.moe is not None:
                 S.moe.recording = S.rec_moe
             S.part_dir = part_dir
+            S.path = r.step_path()
             S.rec = r
             _write_part_json()
             _start_part_json_refresher(r)
@@ -262,6 +264,7 @@ def finalize_process() -> None:
     with S.lock:
         r = S.rec
         S.rec = None
+        S.path = None
         if r is None:
             return
         S.part_seq += 1
@@ -356,9 +359,9 @@ def _idle_flusher(event: threading.Event, window: float) -> None:
             S.idle_flushed = False
             _write_part_json_quietly(r)
         while True:
-            seen = S.idle_activity
+            seen = _activity()
             time.sleep(window)
-            if S.idle_activity == seen and _engine_idle():
+            if _activity() == seen and _engine_idle():
                 break
         S.idle_armed = False  # the next record arms it again (and is in this flush or the next)
         r = S.rec
@@ -372,11 +375,18 @@ def _idle_flusher(event: threading.Event, window: float) -> None:
             S.fail("idle flush", e)
 
 
+def _activity() -> int:
+    """Records so far: the step path's (counted natively) and the others' (``note_activity``)."""
+    r = S.rec
+    return S.idle_activity + (r.activity() if r is not None else 0)
+
+
 def _engine_idle() -> bool:
     """Whether this process's part of the engine has stopped: no forward pass under way (a step
     longer than the window is not a pause) and no request left in its scheduler (the engine core
     waiting for its worker's step is not idle either)."""
-    if S.in_step:
+    r = S.rec
+    if S.in_step or (r is not None and r.in_step()):
         return False
     sched = S.idle_sched
     if sched is None:
@@ -632,18 +642,21 @@ def at_exit() -> None:
 # the previous step when it schedules the next.
 
 
-def step_opens() -> None:
-    """Before ``Scheduler.schedule``: opens the next step id (the first call opens this process's
-    recorder, so that the first step's scheduling is inside it too). The exact wrapper of
+def step_opens() -> Any:
+    """Before ``Scheduler.schedule``: opens the next step id and starts its scheduling time (the
+    first call opens this process's recorder, so that the first step's scheduling is inside it
+    too). Returns the recorder's step path (None: it cannot record). The exact wrapper of
     ``Scheduler.schedule`` does the same inline."""
     r = S.rec if S.rec is not None else _open()
     if r is None:
-        return
+        return None
+    p = S.path
     if S.engine_step:
-        r.end_step()  # scheduled ahead of its bookkeeping (batch queue), or that raised
+        p.end_step()  # scheduled ahead of its bookkeeping (batch queue), or that raised
     n = S.step_seq + 1
-    r.begin_step(n)
     S.engine_step = n
+    p.schedule_begin(n)
+    return p
 
 
 def after_empty_schedule(out: Any) -> None:
@@ -681,17 +694,18 @@ def worker_step_ends() -> None:
 _deque_len = collections.deque.__len__
 
 
-def _sched_reader(sched: Any) -> Tuple[Any, bool, Any, Any, int]:
-    """What ``after_schedule`` reads of one scheduler, resolved once per scheduler:
-    ``(sched, fast_counts, kv_cache_manager, free_block_count, total_blocks)``.
+def _sched_reader(sched: Any, p: Any) -> Tuple[Any, Any, bool, Any, Any]:
+    """What ``after_schedule`` reads of one scheduler, resolved once per scheduler and recorder
+    (``p``: its step path): ``(sched, p, fast_counts, kv_cache_manager, free_block_count)``; the
+    scheduler's limits go to the recorder (``Recorder.set_limits``).
 
     ``fast_counts``: the scheduler is vLLM's own ``Scheduler`` (its ``get_request_counts``
     unchanged) with first-come-first-served queues (``FCFSRequestQueue``, a ``deque`` whose
     ``__len__`` only calls the deque's): the counts are then read as that method reads them,
     ``len(running)`` and the two waiting queues' lengths, without its three Python frames (about
     0.2 µs a step). Anything else (priority scheduling, another scheduler class) calls the
-    method. The KV cache part (when that profiler is on): its manager, the pool's free-block
-    count and size (one block is vLLM's null block, never free)."""
+    method. The KV cache part (when that profiler is on): its manager, and the pool's free-block
+    count; its size (one block is vLLM's null block, never free) is a limit."""
     fast = False
     try:
         from vllm.v1.core.sched.request_queue import FCFSRequestQueue
@@ -712,45 +726,35 @@ def _sched_reader(sched: Any) -> Tuple[Any, bool, Any, Any, int]:
         kvm = sched.kv_cache_manager
         pool = kvm.block_pool
         free_blocks, total = pool.get_num_free_blocks, pool.num_gpu_blocks - 1
-    return (sched, fast, kvm, free_blocks, total)
+    S.rec.set_limits(sched.max_num_running_reqs, sched.max_num_scheduled_tokens, total)
+    return (sched, p, fast, kvm, free_blocks)
 
 
-def after_schedule(sched: Any, out: Any, dt: int) -> None:
-    """A non-empty ``SchedulerOutput``: its step id, phase, scheduling time, batch, lifecycle,
-    KV cache."""
-    r = S.rec if S.rec is not None else _open()
-    if r is None:
-        return
+def after_schedule(sched: Any, out: Any, p: Any) -> None:
+    """A non-empty ``SchedulerOutput``, recorded through ``p`` (the recorder's step path): its
+    step id, phase, scheduling time, batch, lifecycle, KV cache."""
     n = S.step_seq + 1
     S.step_seq = n
-    if S.engine_step != n:  # the recorder opened just now (the first step)
+    if S.engine_step != n:  # not opened by the wrapper (a recorder opened in between)
         if S.engine_step:
-            r.end_step()
-        r.begin_step(n)
+            p.end_step()
+        S.rec.begin_step(n)
         S.engine_step = n
     out.profilemate_step = n  # STEP_ATTR
     phase, nseq = classify(out, S.recompute)
+    out.profilemate_phase = phase  # PHASE_ATTR
     S.last_so, S.last_phase, S.last_nseq = out, phase, nseq
     S.idle_sched = sched
     if S.f_pre:
-        pending = S.preempted
-        for new in out.scheduled_new_reqs:
-            rid = new.req_id
-            if rid in pending:
-                pending.discard(rid)
-                r.resumed(rid)
-            else:
-                r.started(rid)
+        news = out.scheduled_new_reqs
         resumed = out.scheduled_cached_reqs.resumed_req_ids
-        if resumed:
-            for rid in resumed:
-                pending.discard(rid)
-                r.resumed(rid)
+        if news or resumed:
+            _lifecycle(news, resumed)
     rd = S.sched_reader
-    if rd is None or rd[0] is not sched:
-        rd = S.sched_reader = _sched_reader(sched)
+    if rd is None or rd[0] is not sched or rd[1] is not p:
+        rd = S.sched_reader = _sched_reader(sched, p)
     if S.f_batch:
-        if rd[1]:
+        if rd[2]:
             # ``Scheduler.get_request_counts`` without its Python frames (see _sched_reader).
             running = len(sched.running)
             waiting = _deque_len(sched.waiting) + _deque_len(sched.kv_holding_waiting)
@@ -759,36 +763,36 @@ def after_schedule(sched: Any, out: Any, dt: int) -> None:
     else:
         running = waiting = 0
     if S.f_kv:
-        kvm = rd[2]
-        used = rd[4] - rd[3]()
-        stats = kvm.prefix_cache_stats  # reset by vLLM after every step when it logs stats
+        free = rd[4]()  # blocks used: the total (a limit) less these, natively
+        stats = rd[3].prefix_cache_stats  # reset by vLLM after every step when it logs stats
         if stats is not None:
             q, h = stats.queries, stats.hits
         else:
             q = h = 0
-        total = rd[4]
     else:
-        total = used = q = h = -1
+        free = q = h = -1
     # One call records the scheduling time, the batch and the KV cache reading.
-    r.scheduled(
-        phase,
-        dt if S.f_cpu else -1,
-        nseq,
-        sched.max_num_running_reqs,
-        out.total_num_scheduled_tokens,
-        sched.max_num_scheduled_tokens,
-        running,
-        waiting,
-        used,
-        total,
-        q,
-        h,
-    )
-    # note_activity(), inlined (this runs every step)
-    S.idle_activity += 1
+    p.scheduled(phase, nseq, out.total_num_scheduled_tokens, running, waiting, free, q, h)
     if not S.idle_armed:
         S.idle_armed = True
         _arm_idle_flush()
+
+
+def _lifecycle(news: Any, resumed: Any) -> None:
+    """Requests that start or resume running in a scheduled step."""
+    r = S.rec
+    pending = S.preempted
+    for new in news:
+        rid = new.req_id
+        if rid in pending:
+            pending.discard(rid)
+            r.resumed(rid)
+        else:
+            r.started(rid)
+    if resumed:
+        for rid in resumed:
+            pending.discard(rid)
+            r.resumed(rid)
 
 
 def before_preempt(sched: Any, request: Any) -> Any:
@@ -858,27 +862,35 @@ def detect_model(runner: Any) -> None:
 
 
 def begin_step(runner: Any, so: Any, v2: bool) -> Any:
-    """Before a non-empty ``execute_model``: the step's phase and size."""
+    """Before a non-empty ``execute_model`` (the general path: a worker process, CUDA events,
+    trackers): the step's id, phase and size; the native step path starts its time. Returns
+    ``(phase, nseq, ntok, step id)``, or None when this process cannot record."""
     if S.model_type is None:
         detect_model(runner)
+    r = S.rec if S.rec is not None else _open()
+    if r is None:
+        return None
     # The step id the engine core gave this output: opened here in a worker process (in one
     # process the engine core's side holds it open already).
     sid = getattr(so, STEP_ATTR, 0)
     if sid and sid != S.engine_step:
-        r = S.rec if S.rec is not None else _open()
-        if r is not None:
-            if S.worker_step:
-                r.end_step()
-            r.begin_step(sid)
-            S.worker_step = sid
+        if S.worker_step:
+            r.end_step()
+        r.begin_step(sid)
+        S.worker_step = sid
+    ntok = so.total_num_scheduled_tokens
     if so is S.last_so:
+        # In one process: what the scheduler's side recorded for this output.
+        S.path.execute_begin()
         phase, nseq = S.last_phase, S.last_nseq
     else:
-        phase, nseq = classify(so, S.recompute)
-    ntok = so.total_num_scheduled_tokens
-    S.fwd_ns = 0
+        phase = getattr(so, PHASE_ATTR, None)  # as the engine core classified it
+        if phase is None:
+            phase, nseq = classify(so, S.recompute)
+        else:
+            nseq = len(so.num_scheduled_tokens)
+        S.path.execute_begin_with(phase, nseq, ntok)
     S.in_step = True
-    S.step_phase = phase
     if S.graphs_on:
         _graph_begin(runner, v2)
     if S.moe is not None:
@@ -891,36 +903,68 @@ def begin_step(runner: Any, so: Any, v2: bool) -> Any:
     return (phase, nseq, ntok, sid)
 
 
-def end_step(step: Any, dt: int, v2: bool) -> None:
+def worker_step_begins(p: Any, so: Any) -> bool:
+    """The model runner's step in a worker process, on the host clock without trackers: the
+    engine core's step id opened, the step begun with the phase the engine core classified and
+    shipped (``PHASE_ATTR``). ``False`` when ``so`` does not carry them (the general path then
+    classifies it)."""
+    try:
+        sid = so.profilemate_step  # STEP_ATTR
+        phase = so.profilemate_phase  # PHASE_ATTR
+    except AttributeError:
+        return False
+    try:
+        if sid != S.engine_step:
+            if S.worker_step:
+                p.end_step()
+            S.worker_step = 0
+            p.begin_step(sid)
+            S.worker_step = sid
+        p.execute_begin_with(phase, len(so.num_scheduled_tokens), so.total_num_scheduled_tokens)
+    except Exception as e:
+        S.fail("GPUModelRunner.execute_model", e)
+        return False
+    return True
+
+
+def end_step(step: Any, returned: bool, v2: bool) -> None:
+    """After ``execute_model`` (the general path): the step's rows, its trackers; ``returned``:
+    it returned the model's output itself (no ``sample_tokens`` call follows)."""
     S.in_step = False
-    r = S.rec if S.rec is not None else _open()
+    r = S.rec
     if r is not None:
-        phase, nseq, ntok, _ = step
-        S.sample_pending = True
         if S.cuda is not None:
-            if S.f_cpu:
-                r.cpu(OP_MODEL_EXECUTION, dt, phase)
+            S.path.execute_end(False)  # model_execution; the forward pass when its events resolve
             S.cuda.stop(step)
             S.cuda.poll(r)
         else:
             # One call records model_execution, the forward pass and the language model's time.
-            r.executed(phase, nseq, ntok, dt if S.f_cpu else -1, S.fwd_ns or dt)
-        # note_activity(), inlined (this runs every step)
-        S.idle_activity += 1
-        if not S.idle_armed:
-            S.idle_armed = True
-            _arm_idle_flush()
-    # The trackers (a dense model on a CPU: two checks).
-    if S.graph_watch is not None:
-        try:
-            _graph_end(r, step[2])
-        except Exception as e:
-            S.fail("CUDA graph tracker", e)
-    if S.moe is not None:
-        try:
-            S.moe.end_step(r if S.rec_moe else None)
-        except Exception as e:
-            S.fail("MoE routing tracker", e)
+            S.path.execute_end(True)
+    step_ended_rarely(r, step[2], returned)
+
+
+def step_ended_rarely(r: Any, ntok: Any, returned: bool) -> None:
+    """What follows a model runner's step besides its rows: the trackers (a dense model on a CPU:
+    two checks), the idle flusher armed, and a worker process's step closed when no
+    ``sample_tokens`` call follows. ``ntok``: the step's tokens (or its ``SchedulerOutput``)."""
+    if not S.idle_armed and r is not None:
+        S.idle_armed = True
+        _arm_idle_flush()
+    if S.graph_watch is not None or S.moe is not None:
+        if not isinstance(ntok, int):
+            ntok = ntok.total_num_scheduled_tokens
+        if S.graph_watch is not None:
+            try:
+                _graph_end(r, ntok)
+            except Exception as e:
+                S.fail("CUDA graph tracker", e)
+        if S.moe is not None:
+            try:
+                S.moe.end_step(r if S.rec_moe else None)
+            except Exception as e:
+                S.fail("MoE routing tracker", e)
+    if returned and S.worker_step:
+        worker_step_ends()
 
 
 # --- trackers: CUDA graphs and MoE routing (see _trackers) -----------------------------------------
@@ -1006,7 +1050,8 @@ def moe_routed(router: Any, args: tuple, kwargs: dict, out: Any) -> None:
         S.moe = MoeRouting()
         if S.rec is not None:
             S.moe.recording = S.rec_moe
-    if S.in_step:
+    r = S.rec
+    if S.in_step or (r is not None and r.in_step()):
         S.moe.route(router, args, kwargs, out[1])
     elif id(router) not in S.moe.layers:
         S.moe.register(router, None, kwargs.get("router_logits", args[1] if len(args) > 1 else None))

@@ -29,6 +29,9 @@ RUN_ENV = "PROFILEMATE_VLLM_RUN"
 # The engine step id the engine core gives a non-empty ``SchedulerOutput``, an attribute that
 # travels with it to the workers (vLLM pickles the object for worker processes).
 STEP_ATTR = "profilemate_step"
+# The phase code the engine core classified that output as (``_phase.classify``), shipped the same
+# way: a worker process takes it instead of classifying the step again.
+PHASE_ATTR = "profilemate_phase"
 pc = time.perf_counter_ns
 
 # Operation and component codes of the native module.
@@ -56,6 +59,7 @@ class Profiling:
         self.vllm_tested: Optional[bool] = None
         # -- the native recorder of this process, opened at the first record ----------------
         self.rec: Any = None
+        self.path: Any = None  # its step path (``Recorder.step_path()``), while it is open
         self.lock = threading.RLock()
         # part.json is rewritten by the refresher thread and by finalisation: one writer at a time.
         self.part_json_lock = threading.Lock()
@@ -67,7 +71,8 @@ class Profiling:
         self.leaked: List[Any] = []  # recorders inherited through fork: never shut down
         self.merged_signature: Any = None
         self.warned_settings: Set[str] = set()  # malformed plugin settings, each reported once
-        # -- the idle flush (_plugin.note_activity): records since start, armed, the thread -----
+        # -- the idle flush (_plugin.note_activity): records since start besides the step path's
+        # (counted natively, ``Recorder.activity``), armed, the thread
         self.idle_activity = 0
         self.idle_armed = False
         self.idle_event = threading.Event()
@@ -98,11 +103,11 @@ class Profiling:
         self.step_seq = 0  # engine core: the last id given to a non-empty step
         self.engine_step = 0  # the id the engine core's side holds open in this process (0: none)
         self.worker_step = 0  # the id a worker process opened for its forward pass (0: none)
-        # Worker side.
+        # Worker side. A step's time, phase, batch, forward time and pending sampling live in
+        # the recorder (``Recorder.execute_begin`` ... ``sample_end``, the native step path);
+        # ``in_step`` is set by the general path (worker processes, CUDA events, trackers),
+        # for the trackers that count inside a step (``Recorder.in_step()`` covers both paths).
         self.in_step = False
-        self.fwd_ns = 0
-        self.step_phase = 0
-        self.sample_pending = False
         # -- trackers (worker side) -------------------------------------------------------
         self.model_seen = False
         self.graphs_on = False  # the runner's CUDA graph mode is not NONE (or vLLM captured graphs)
@@ -135,6 +140,7 @@ class Profiling:
         if self.rec is not None:
             self.leaked.append(self.rec)
         self.rec = None
+        self.path = None
         self.part_json_lock = threading.Lock()  # the parent's refresher may have held it
         self.idle_armed = False  # the parent's idle flusher is not in this process
         self.idle_event = threading.Event()

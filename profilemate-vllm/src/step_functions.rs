@@ -1,0 +1,377 @@
+//! The step path's Python type, `profilemate_vllm._native.StepPath`, written against CPython's C
+//! API directly.
+//!
+//! vLLM's engine step passes through the plugin's seven wrappers, and each timed region costs a
+//! call into this module when it begins and one when it ends: about a dozen calls a step. A
+//! method of a PyO3 class costs about 14 ns a call without arguments and 8 ns more per integer
+//! argument (its trampoline, and an argument parser that CPython's specialising interpreter
+//! cannot see through); a method of a C type with `METH_NOARGS`, `METH_O` or `METH_FASTCALL`
+//! costs about 6 ns, which the interpreter calls directly, and an integer read with
+//! `PyLong_AsLongLong` about 2. That difference, some 0.15 µs a step, is the reason this one type
+//! is written by hand (`PyType_FromSpec`, in the limited API since Python 3.10): an instance
+//! holds a reference to its `Recorder`, and each method converts its integers itself and calls
+//! [`StepPath`](crate::step_path::StepPath).
+//!
+//! The methods never unwind into Python: a panic would abort the process, so each body runs
+//! under `catch_unwind` and a panic becomes a `RuntimeError`. Wrong arguments raise `TypeError`
+//! (how many) or the integer conversion's own error (`OverflowError`, `TypeError`). Everything
+//! else of the recorder stays a PyO3 method.
+
+use crate::python::Recorder;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::Borrowed;
+use std::ffi::{c_int, CStr};
+use std::os::raw::c_char;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+use std::sync::OnceLock;
+
+/// An instance: the object header, then a strong reference to its `Recorder`.
+#[repr(C)]
+struct Instance {
+    header: ffi::PyObject,
+    recorder: *mut ffi::PyObject,
+}
+
+/// Runs `f` on the recorder of the instance `slf`: `NULL` (with a Python error set) when it
+/// panicked or failed, else a new reference.
+#[inline(always)]
+unsafe fn with_recorder(
+    slf: *mut ffi::PyObject,
+    f: impl FnOnce(&Recorder) -> Result<*mut ffi::PyObject, ()>,
+) -> *mut ffi::PyObject {
+    // SAFETY: CPython calls a method with the GIL held and `slf` an instance of the type
+    // (method descriptors check it); the instance holds its recorder for its whole life.
+    let py = unsafe { Python::assume_attached() };
+    let recorder = unsafe { Borrowed::from_ptr(py, (*slf.cast::<Instance>()).recorder) };
+    let recorder = unsafe { recorder.cast_unchecked::<Recorder>() };
+    match catch_unwind(AssertUnwindSafe(|| f(recorder.get()))) {
+        Ok(Ok(result)) => result,
+        Ok(Err(())) => ptr::null_mut(),
+        Err(_) => {
+            unsafe { ffi::PyErr_SetString(ffi::PyExc_RuntimeError, c"profilemate: panic in the step path".as_ptr()) };
+            ptr::null_mut()
+        }
+    }
+}
+
+#[inline(always)]
+fn none() -> Result<*mut ffi::PyObject, ()> {
+    // SAFETY: the GIL is held (we are called by CPython); `Py_None` is a valid object.
+    Ok(unsafe { ffi::Py_NewRef(ffi::Py_None()) })
+}
+
+#[inline(always)]
+fn boolean(b: bool) -> Result<*mut ffi::PyObject, ()> {
+    // SAFETY: as in `none`.
+    Ok(unsafe { ffi::Py_NewRef(if b { ffi::Py_True() } else { ffi::Py_False() }) })
+}
+
+/// A Python `int` as `i64`; `Err` with Python's conversion error set.
+#[inline(always)]
+unsafe fn int(obj: *mut ffi::PyObject) -> Result<i64, ()> {
+    // SAFETY: `obj` is a borrowed argument of the current call.
+    let v = unsafe { ffi::PyLong_AsLongLong(obj) };
+    if v == -1 && unsafe { !ffi::PyErr_Occurred().is_null() } {
+        return Err(());
+    }
+    Ok(v)
+}
+
+/// `nargs` arguments of a `METH_FASTCALL` call, checked against `expected`.
+#[inline(always)]
+unsafe fn ints<const N: usize>(
+    name: &CStr,
+    args: *mut *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+) -> Result<[i64; N], ()> {
+    if nargs != N as ffi::Py_ssize_t {
+        let msg = format!("{}() takes {N} integer arguments ({nargs} given)\0", name.to_string_lossy());
+        unsafe { ffi::PyErr_SetString(ffi::PyExc_TypeError, msg.as_ptr().cast::<c_char>()) };
+        return Err(());
+    }
+    let mut out = [0i64; N];
+    for (i, v) in out.iter_mut().enumerate() {
+        // SAFETY: CPython passes `nargs` valid arguments.
+        *v = unsafe { int(*args.add(i))? };
+    }
+    Ok(out)
+}
+
+fn clamp_u32(v: i64) -> u32 {
+    v.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+// --- the functions ------------------------------------------------------------------------------
+
+/// Opens engine step `step` (a Python `int`); `ValueError` for an id out of range.
+unsafe fn open_step(r: &Recorder, step: *mut ffi::PyObject) -> Result<*mut ffi::PyObject, ()> {
+    let step = unsafe { int(step)? };
+    if u64::try_from(step).is_ok_and(|s| r.steps.open(s)) || !r.steps.is_enabled() {
+        none()
+    } else {
+        let msg = format!("step id {step}: expected 1 to {}\0", profilemate::MAX_STEP);
+        unsafe { ffi::PyErr_SetString(ffi::PyExc_ValueError, msg.as_ptr().cast::<c_char>()) };
+        Err(())
+    }
+}
+
+unsafe extern "C" fn schedule_begin(slf: *mut ffi::PyObject, step: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            r.step.schedule_begin();
+            open_step(r, step)
+        })
+    }
+}
+
+unsafe extern "C" fn begin_step(slf: *mut ffi::PyObject, step: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe { with_recorder(slf, |r| open_step(r, step)) }
+}
+
+unsafe extern "C" fn scheduled(
+    slf: *mut ffi::PyObject,
+    args: *mut *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            let [phase, seqs, tokens, running, waiting, free, queries, hits] = ints::<8>(c"scheduled", args, nargs)?;
+            r.step.scheduled(
+                usize::try_from(phase).unwrap_or(usize::MAX),
+                clamp_u32(seqs),
+                clamp_u32(tokens),
+                clamp_u32(running),
+                clamp_u32(waiting),
+                free,
+                queries,
+                hits,
+            );
+            none()
+        })
+    }
+}
+
+unsafe extern "C" fn execute_begin(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            r.step.execute_begin();
+            none()
+        })
+    }
+}
+
+unsafe extern "C" fn execute_begin_with(
+    slf: *mut ffi::PyObject,
+    args: *mut *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            let [phase, seqs, tokens] = ints::<3>(c"execute_begin_with", args, nargs)?;
+            r.step.execute_begin_with(usize::try_from(phase).unwrap_or(2), clamp_u32(seqs), clamp_u32(tokens));
+            none()
+        })
+    }
+}
+
+unsafe extern "C" fn execute_end(slf: *mut ffi::PyObject, forward: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            let forward = match ffi::PyObject_IsTrue(forward) {
+                -1 => return Err(()),
+                v => v != 0,
+            };
+            r.step.execute_end(forward);
+            none()
+        })
+    }
+}
+
+unsafe extern "C" fn forward_begin(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            r.step.forward_begin();
+            none()
+        })
+    }
+}
+
+unsafe extern "C" fn forward_end(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            r.step.forward_end();
+            none()
+        })
+    }
+}
+
+unsafe extern "C" fn op_begin(slf: *mut ffi::PyObject, op: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            r.step.op_begin(usize::try_from(int(op)?).unwrap_or(usize::MAX));
+            none()
+        })
+    }
+}
+
+unsafe extern "C" fn op_end(slf: *mut ffi::PyObject, op: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            r.step.op_end(usize::try_from(int(op)?).unwrap_or(usize::MAX));
+            none()
+        })
+    }
+}
+
+unsafe extern "C" fn sample_begin(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe { with_recorder(slf, |r| boolean(r.step.sample_begin())) }
+}
+
+unsafe extern "C" fn sample_end(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            r.step.sample_end();
+            none()
+        })
+    }
+}
+
+unsafe extern "C" fn end_step(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    unsafe {
+        with_recorder(slf, |r| {
+            r.steps.close();
+            none()
+        })
+    }
+}
+
+// --- the table ----------------------------------------------------------------------------------
+
+type NoArgs = unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject) -> *mut ffi::PyObject;
+type Fast = unsafe extern "C" fn(*mut ffi::PyObject, *mut *mut ffi::PyObject, ffi::Py_ssize_t) -> *mut ffi::PyObject;
+
+enum Kind {
+    NoArgs(NoArgs),
+    One(NoArgs),
+    Fast(Fast),
+}
+
+/// Name, kind, and what the function does (its `__doc__`).
+const FUNCTIONS: [(&CStr, Kind, &CStr); 13] = [
+    (
+        c"schedule_begin",
+        Kind::One(schedule_begin),
+        c"schedule_begin(step): Scheduler.schedule begins: opens engine step `step` and starts its scheduling time.",
+    ),
+    (
+        c"scheduled",
+        Kind::Fast(scheduled),
+        c"scheduled(phase, num_seqs, num_tokens, running, waiting, kv_free_blocks, prefix_queries, prefix_hits): \
+the scheduling time, the batch against the limits, a KV cache reading; kept for execute_begin.",
+    ),
+    (c"execute_begin", Kind::NoArgs(execute_begin), c"The model runner's step begins, as scheduled last."),
+    (
+        c"execute_begin_with",
+        Kind::Fast(execute_begin_with),
+        c"execute_begin_with(phase, num_seqs, num_tokens): the model runner's step begins, classified by the caller.",
+    ),
+    (
+        c"execute_end",
+        Kind::One(execute_end),
+        c"execute_end(forward): model_execution, and with `forward` the forward pass and the decoder time.",
+    ),
+    (c"forward_begin", Kind::NoArgs(forward_begin), c"_model_forward begins (inside a step)."),
+    (c"forward_end", Kind::NoArgs(forward_end), c"_model_forward ended: adds to the step's forward time."),
+    (c"op_begin", Kind::One(op_begin), c"op_begin(op): CPU operation `op` begins (inside a step)."),
+    (c"op_end", Kind::One(op_end), c"op_end(op): CPU operation `op` ended, recorded with the step's phase."),
+    (
+        c"sample_begin",
+        Kind::NoArgs(sample_begin),
+        c"sample_tokens begins; True when it follows a step's execute_model.",
+    ),
+    (c"sample_end", Kind::NoArgs(sample_end), c"sample_tokens ended: its sampling time."),
+    (
+        c"begin_step",
+        Kind::One(begin_step),
+        c"begin_step(step): opens engine step `step` (a worker process opens the engine core's id).",
+    ),
+    (c"end_step", Kind::NoArgs(end_step), c"Closes the open step."),
+];
+
+/// The type, built once per process and never freed (CPython keeps pointers to its method
+/// table); stored as an address.
+fn step_path_type() -> PyResult<*mut ffi::PyTypeObject> {
+    static TYPE: OnceLock<usize> = OnceLock::new();
+    if let Some(&t) = TYPE.get() {
+        return Ok(t as *mut ffi::PyTypeObject);
+    }
+    let methods: Vec<ffi::PyMethodDef> = FUNCTIONS
+        .iter()
+        .map(|(name, kind, doc)| {
+            let (meth, flags): (ffi::PyMethodDefPointer, c_int) = match kind {
+                Kind::NoArgs(f) => (ffi::PyMethodDefPointer { PyCFunction: *f }, ffi::METH_NOARGS),
+                Kind::One(f) => (ffi::PyMethodDefPointer { PyCFunction: *f }, ffi::METH_O),
+                Kind::Fast(f) => (ffi::PyMethodDefPointer { PyCFunctionFast: *f }, ffi::METH_FASTCALL),
+            };
+            ffi::PyMethodDef { ml_name: name.as_ptr(), ml_meth: meth, ml_flags: flags, ml_doc: doc.as_ptr() }
+        })
+        .chain(std::iter::once(ffi::PyMethodDef::zeroed()))
+        .collect();
+    let methods = Box::leak(methods.into_boxed_slice());
+    let slots = Box::leak(Box::new([
+        ffi::PyType_Slot { slot: ffi::Py_tp_methods, pfunc: methods.as_mut_ptr().cast() },
+        ffi::PyType_Slot { slot: ffi::Py_tp_dealloc, pfunc: dealloc as *mut std::ffi::c_void },
+        ffi::PyType_Slot { slot: ffi::Py_tp_doc, pfunc: DOC.as_ptr().cast_mut().cast() },
+        ffi::PyType_Slot::default(),
+    ]));
+    let spec = Box::leak(Box::new(ffi::PyType_Spec {
+        name: c"profilemate_vllm._native.StepPath".as_ptr(),
+        basicsize: std::mem::size_of::<Instance>() as c_int,
+        itemsize: 0,
+        flags: ffi::Py_TPFLAGS_DEFAULT as std::ffi::c_uint,
+        slots: slots.as_mut_ptr(),
+    }));
+    // SAFETY: the spec and everything it points to live for the rest of the process.
+    let t = unsafe { ffi::PyType_FromSpec(spec) };
+    if t.is_null() {
+        // SAFETY: the GIL is held (we are called from a PyO3 method).
+        return Err(PyErr::fetch(unsafe { Python::assume_attached() }));
+    }
+    Ok(*TYPE.get_or_init(|| t as usize) as *mut ffi::PyTypeObject)
+}
+
+const DOC: &CStr = c"The step path of one Recorder (Recorder.step_path()): each timed region of vLLM's engine \
+step is a call when it begins and one when it ends; the clock is read natively.";
+
+unsafe extern "C" fn dealloc(slf: *mut ffi::PyObject) {
+    // SAFETY: CPython deallocates an instance of our heap type once: its recorder reference is
+    // released, its memory freed with the type's own `tp_free`, and the reference every instance
+    // of a heap type holds to its type released.
+    unsafe {
+        let instance = slf.cast::<Instance>();
+        let recorder = std::mem::replace(&mut (*instance).recorder, ptr::null_mut());
+        if !recorder.is_null() {
+            ffi::Py_DecRef(recorder);
+        }
+        let tp = ffi::Py_TYPE(slf);
+        let free: ffi::freefunc = std::mem::transmute(ffi::PyType_GetSlot(tp, ffi::Py_tp_free));
+        free(slf.cast());
+        ffi::Py_DecRef(tp.cast());
+    }
+}
+
+/// A new `StepPath` of `recorder`.
+pub(crate) fn step_path<'py>(recorder: &Bound<'py, Recorder>) -> PyResult<Bound<'py, PyAny>> {
+    let py = recorder.py();
+    let tp = step_path_type()?;
+    // SAFETY: `tp` is our type; `PyType_GenericAlloc` zeroes the instance and takes a reference
+    // to the type; the instance then takes one to the recorder.
+    unsafe {
+        let obj = ffi::PyType_GenericAlloc(tp, 0);
+        let obj = Bound::from_owned_ptr_or_err(py, obj)?;
+        (*obj.as_ptr().cast::<Instance>()).recorder = ffi::Py_NewRef(recorder.as_ptr());
+        Ok(obj)
+    }
+}
