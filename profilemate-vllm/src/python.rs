@@ -1,9 +1,13 @@
 //! The private extension module `profilemate_vllm._native`.
 //!
 //! The Python side observes vLLM and calls in with plain numbers (phase and operation codes,
-//! counts, durations in nanoseconds from `time.perf_counter_ns`, a list of per-expert token counts
-//! for a MoE layer); strings cross only for request lifecycle events. Every recording method is a
-//! handle call of the core: it never blocks or raises.
+//! counts, a list of per-expert token counts for a MoE layer); strings cross only for request
+//! lifecycle events. The engine step's regions are timed here, through the recorder's
+//! `StepPath` (`step_path` for what it records, `step_functions` for its C-API type): a call when
+//! a region begins and one when it ends, the clock read natively. The rarer records (encoder
+//! calls, CUDA graph captures, CUDA-event forward passes) come with durations in nanoseconds
+//! measured on the Python side. Every recording method is a handle call of the core: it never
+//! blocks; only malformed arguments raise.
 
 use crate::config::binding_config;
 use crate::merge::{merge as merge_run, runs as list_runs};

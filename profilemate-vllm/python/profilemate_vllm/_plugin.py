@@ -727,6 +727,7 @@ def _sched_reader(sched: Any, p: Any) -> Tuple[Any, Any, bool, Any, Any]:
         pool = kvm.block_pool
         free_blocks, total = pool.get_num_free_blocks, pool.num_gpu_blocks - 1
     S.rec.set_limits(sched.max_num_running_reqs, sched.max_num_scheduled_tokens, total)
+    S.idle_sched = sched  # the idle flusher asks it whether requests are left
     return (sched, p, fast, kvm, free_blocks)
 
 
@@ -743,8 +744,9 @@ def after_schedule(sched: Any, out: Any, p: Any) -> None:
     out.profilemate_step = n  # STEP_ATTR
     phase, nseq = classify(out, S.recompute)
     out.profilemate_phase = phase  # PHASE_ATTR
-    S.last_so, S.last_phase, S.last_nseq = out, phase, nseq
-    S.idle_sched = sched
+    S.last_so = out
+    S.last_phase = phase
+    S.last_nseq = nseq
     if S.f_pre:
         news = out.scheduled_new_reqs
         resumed = out.scheduled_cached_reqs.resumed_req_ids
