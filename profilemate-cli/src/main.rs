@@ -155,10 +155,11 @@ fn run(cli: Cli) -> Result<ExitCode, profilemate_cli::ReportError> {
             for file in &r.traces_closed {
                 eprintln!("profilemate: {file}: closed the trace");
             }
-            for file in &r.parquet_partial {
-                eprintln!(
-                    "profilemate: {file}: incomplete Parquet file (no footer), not recovered; the CSV has the rows"
-                );
+            for file in &r.parquet_completed {
+                eprintln!("profilemate: {file}: written complete from its CSV table");
+            }
+            for (file, why) in &r.parquet_not_completed {
+                eprintln!("profilemate: {file}: incomplete Parquet file (no footer) left as it is: {why}");
             }
             eprintln!(
                 "profilemate: rebuilt {} summaries from the rows; profilemate_run.json says finished_cleanly: false",

@@ -19,9 +19,9 @@
 //! process.
 //!
 //! Parquet tables left as `<table>.parquet.partial` (no footer) are written again, complete,
-//! from their CSV tables ([`profilemate_sinks::ParquetSink::complete_partial`]), except
-//! `request_lifecycle` and `step_timeline` (reported in the manifest's `recovery` object, not
-//! recovered). The replayed events do not reach the Perfetto trace.
+//! from their CSV tables ([`profilemate_sinks::ParquetSink::complete_partial`]), every table of
+//! the Parquet sink; one that cannot be (no CSV table to rebuild it from) stays `.partial` and
+//! is named, with the reason, in the manifest's `recovery.parquet_not_completed`.
 
 use crate::contract::*;
 use crate::data::RunData;
@@ -45,9 +45,10 @@ pub struct Recovery {
     pub traces_closed: Vec<String>,
     /// Summary files rewritten from the rows.
     pub summaries_rebuilt: Vec<String>,
-    /// Parquet files left incomplete by the killed process and not completed (tables recovery
-    /// cannot rebuild from their CSV file: `request_lifecycle`, `step_timeline`).
-    pub parquet_partial: Vec<String>,
+    /// Parquet files left incomplete (`.partial`, no footer) by the killed process that recovery
+    /// could not complete, each with the reason (no CSV table to rebuild it from, CSV lines that
+    /// do not parse). Empty when every table was completed.
+    pub parquet_not_completed: BTreeMap<String, String>,
     /// Parquet tables completed: written again from their CSV table, whose rows they hold.
     pub parquet_completed: Vec<String>,
     /// Records still in the dead process's thread buffers, turned into rows by this run.
@@ -142,20 +143,22 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     //    the one this process's environment gives (PROFILEMATE_RANK, RANK, ...).
     let host = manifest.get("host").and_then(|h| h.as_str()).unwrap_or_default().to_string();
     let rank = profilemate_sinks::rank_from_env().map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
-    report.parquet_completed = profilemate_sinks::ParquetSink::complete_partial(dir, &host, rank)
+    let parquet = profilemate_sinks::ParquetSink::complete_partial(dir, &host, rank)
         .map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
+    report.parquet_completed = parquet.completed;
+    report.parquet_not_completed = parquet.not_completed;
     // Traces: whole events only (the sink writes them so); the array is closed.
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let entry = entry.map_err(|e| io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("profilemate_trace") && name.ends_with(".json") && close_trace(&entry.path())? {
             report.traces_closed.push(name);
-        } else if name.ends_with(".parquet.partial") {
-            report.parquet_partial.push(name);
+        } else if name.ends_with(".parquet.partial") && !report.parquet_not_completed.contains_key(&name) {
+            // Not a contract table's (no CSV table can rebuild it).
+            report.parquet_not_completed.insert(name, "not a table of the Parquet sink".into());
         }
     }
     report.traces_closed.sort();
-    report.parquet_partial.sort();
     // 3. Summaries from the rows now on disk.
     let data = RunData::load(dir)?;
     let threshold =
@@ -223,7 +226,7 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
             "torn_bytes_dropped": torn,
             "traces_closed": report.traces_closed,
             "summaries_rebuilt": report.summaries_rebuilt,
-            "parquet_partial_not_recovered": report.parquet_partial,
+            "parquet_not_completed": report.parquet_not_completed,
             "parquet_completed": report.parquet_completed,
             "events_recovered": events_recovered,
             "events_lost_in_flight": events_lost_in_flight,
