@@ -7,8 +7,9 @@ buffers the killed process left in the directory); then every CSV must parse, th
 must be exactly the passes the engine had recorded (or one more: a pass whose recording call
 returned in the microseconds before the engine printed it), each step id at most once and none
 missing (also where a first `recover` was itself killed part-way, every other run), the events lost in flight (counted in the manifest) at most one per thread buffer, the
-summaries (the step timeline's too) must equal a recomputation from the rows, and every trace
-file must load as JSON. A second `recover` must change no file. Prints the loss per kill (steps
+summaries (the step timeline's too) must equal a recomputation from the rows, every trace
+file must load as JSON, and every Parquet table (request lifecycle and step timeline included)
+must load with pyarrow, none left `.partial`, each with its CSV table's rows. A second `recover` must change no file. Prints the loss per kill (steps
 and seconds) and a summary.
 """
 
@@ -89,13 +90,19 @@ def check(d):
         events = json.load(open(p))
         assert isinstance(events, list) and events, p
     if pq is not None:
-        # Every Parquet table loads and holds its CSV table's rows; `.partial` files are left
-        # only for the tables recovery does not rebuild.
-        for p in glob.glob(os.path.join(d, "*.parquet")):
+        # Every Parquet table loads and holds its CSV table's rows, the request lifecycle and
+        # the step timeline included; once a Parquet file exists, every CSV table has one.
+        parquet = glob.glob(os.path.join(d, "*.parquet"))
+        for p in parquet:
             name = os.path.basename(p)[: -len(".parquet")] + ".csv"
             n = pq.read_table(p).num_rows
             assert n == len(table_rows(d, name)), (p, n, len(table_rows(d, name)))
             parquet_checked.append(p)
+        if parquet:
+            # Rolled-over CSV files (`<table>.<n>.csv`) belong to their table.
+            tables = {os.path.basename(p)[: -len(".csv")].split(".")[0] for p in glob.glob(os.path.join(d, "*.csv"))}
+            have = {os.path.basename(p)[: -len(".parquet")] for p in parquet}
+            assert tables <= have, ("CSV tables without a Parquet table", tables - have)
     end = max((float(r["timestamp_sec"]) + float(r["forward_time_ms"]) / 1000 for r in fwd), default=0.0)
     return len(fwd), end
 
@@ -179,7 +186,10 @@ def main():
                 return 1
             rows, end = check(d)
             left = {os.path.basename(p) for p in glob.glob(os.path.join(d, "*.parquet.partial"))}
-            assert left <= {"request_lifecycle.parquet.partial", "step_timeline.parquet.partial"}, left
+            assert not left, ("Parquet tables left .partial after recovery", left)
+            assert not json.load(open(os.path.join(d, "profilemate_run.json"))).get("recovery", {}).get(
+                "parquet_not_completed"
+            ), "recovery could not complete a Parquet table"
             after_first = snapshot(d)
             r2 = subprocess.run([a.cli, "recover", d], capture_output=True, text=True)
             assert r2.returncode == 0, r2.stderr

@@ -152,6 +152,9 @@ fn run(cli: Cli) -> Result<ExitCode, profilemate_cli::ReportError> {
             for (file, bytes) in &r.torn_bytes_dropped {
                 eprintln!("profilemate: {file}: dropped a torn last line ({bytes} bytes)");
             }
+            if r.trace_events_added > 0 {
+                eprintln!("profilemate: added {} events the trace lacked, from the tables", r.trace_events_added);
+            }
             for file in &r.traces_closed {
                 eprintln!("profilemate: {file}: closed the trace");
             }

@@ -21,7 +21,10 @@
 //! Parquet tables left as `<table>.parquet.partial` (no footer) are written again, complete,
 //! from their CSV tables ([`profilemate_sinks::ParquetSink::complete_partial`]), every table of
 //! the Parquet sink; one that cannot be (no CSV table to rebuild it from) stays `.partial` and
-//! is named, with the reason, in the manifest's `recovery.parquet_not_completed`.
+//! is named, with the reason, in the manifest's `recovery.parquet_not_completed`. The killed
+//! process's Perfetto trace gets the events of the rows it lacks (replayed from the buffers, or
+//! of the pass the process died in) before it is closed
+//! ([`profilemate_sinks::PerfettoSink::complete_trace`]), so it shows what the tables hold.
 
 use crate::contract::*;
 use crate::data::RunData;
@@ -43,6 +46,9 @@ pub struct Recovery {
     pub torn_bytes_dropped: BTreeMap<String, u64>,
     /// Trace files whose closing `]` was added.
     pub traces_closed: Vec<String>,
+    /// Events appended to the killed process's trace before it was closed: the rows of the
+    /// tables it did not show (replayed from the buffers, or of the pass the process died in).
+    pub trace_events_added: u64,
     /// Summary files rewritten from the rows.
     pub summaries_rebuilt: Vec<String>,
     /// Parquet files left incomplete (`.partial`, no footer) by the killed process that recovery
@@ -147,7 +153,25 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
         .map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
     report.parquet_completed = parquet.completed;
     report.parquet_not_completed = parquet.not_completed;
-    // Traces: whole events only (the sink writes them so); the array is closed.
+    // Traces: whole events only (the sink writes them so). The rows the trace lacks (those
+    // replayed from the buffers, and those of the pass the process died in) are appended as
+    // whole events first, so the trace and the tables agree; then the array is closed.
+    let trace_rows = profilemate_sinks::TableFollower::with_tables(
+        dir,
+        &[
+            profilemate_core::Table::ForwardPass,
+            profilemate_core::Table::CpuOperations,
+            profilemate_core::Table::EncoderDecoder,
+            profilemate_core::Table::CudaGraphEvents,
+            profilemate_core::Table::PreemptionEvents,
+            profilemate_core::Table::BatchUtilization,
+            profilemate_core::Table::KvCacheUsage,
+        ],
+    )
+    .poll();
+    let trace = profilemate_sinks::PerfettoSink::complete_trace(dir, &trace_rows)
+        .map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
+    report.trace_events_added = trace.events_added;
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let entry = entry.map_err(|e| io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -225,6 +249,7 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
         let recovery = serde_json::json!({
             "torn_bytes_dropped": torn,
             "traces_closed": report.traces_closed,
+            "trace_events_added": report.trace_events_added,
             "summaries_rebuilt": report.summaries_rebuilt,
             "parquet_not_completed": report.parquet_not_completed,
             "parquet_completed": report.parquet_completed,
