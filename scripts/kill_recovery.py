@@ -8,7 +8,8 @@ must be exactly the passes the engine had recorded (or one more: a pass whose re
 returned in the microseconds before the engine printed it), each step id at most once and none
 missing (also where a first `recover` was itself killed part-way, every other run), the events lost in flight (counted in the manifest) at most one per thread buffer, the
 summaries (the step timeline's too) must equal a recomputation from the rows, every trace
-file must load as JSON, and every Parquet table (request lifecycle and step timeline included)
+file must load as JSON and show one forward-pass slice per forward row (recovery appends the
+replayed events to the killed process's trace), and every Parquet table (request lifecycle and step timeline included)
 must load with pyarrow, none left `.partial`, each with its CSV table's rows. A second `recover` must change no file. Prints the loss per kill (steps
 and seconds) and a summary.
 """
@@ -32,6 +33,7 @@ try:
 except ImportError:
     pq = None
 parquet_checked = []
+trace_checked = []
 
 
 def read_csv(path):
@@ -86,9 +88,16 @@ def check(d):
         assert tl[phase]["count"] == len(mine), ("step timeline", phase, tl[phase]["count"], len(mine))
         total = sum(float(r["step_wall_ms"]) for r in mine)
         assert abs(tl[phase]["total_wall_ms"] - total) <= 1e-6 * max(total, 1.0) + 1e-3, ("step timeline", phase)
-    for p in glob.glob(os.path.join(d, "profilemate_trace*.json")):
+    slices = 0
+    traces = glob.glob(os.path.join(d, "profilemate_trace*.json"))
+    for p in traces:
         events = json.load(open(p))
         assert isinstance(events, list) and events, p
+        slices += sum(1 for e in events if e.get("ph") == "X" and e.get("cat") == "forward_pass")
+    if traces:
+        # The trace shows what the tables hold: recovery appends the replayed events to it.
+        assert slices == len(fwd), ("trace forward-pass slices", slices, "forward rows", len(fwd))
+        trace_checked.append(slices)
     if pq is not None:
         # Every Parquet table loads and holds its CSV table's rows, the request lifecycle and
         # the step timeline included; once a Parquet file exists, every CSV table has one.
@@ -222,6 +231,7 @@ def main():
                 f"from the buffers, {in_flight} in flight"
                 f"{'' if check_before else '; files did not check before recovery'}"
             )
+    print(f"{len(trace_checked)} traces checked: forward-pass slices equal the forward rows")
     if pq is None:
         print("pyarrow is not installed for this python: the Parquet tables were not checked")
     else:
