@@ -260,6 +260,9 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
         obj.insert("events_recovered".into(), events_recovered.into());
         obj.insert("events_lost_in_flight".into(), events_lost_in_flight.into());
         let mut recovery = recovery;
+        if let Some(lost) = moe_window_lost(dir, &data, &manifest_config_window(obj))? {
+            recovery["moe_window_lost"] = lost;
+        }
         if data.step_timeline.is_some() {
             recovery["step_timeline"] = "summary rebuilt from step_timeline.csv; steps the collector still held \
                                          open at the kill (the last two or so) have no timeline row, their rows \
@@ -273,6 +276,65 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     // The figures are recorded: the replayed buffers can go.
     profilemate_core::remove_replayed_buffers(dir).map_err(core_error)?;
     Ok(report)
+}
+
+/// The manifest's `config.moe_window_steps` (0: per-step detail rows).
+fn manifest_config_window(manifest: &serde_json::Map<String, serde_json::Value>) -> Option<u64> {
+    manifest.get("config").and_then(|c| c.get("moe_window_steps")).and_then(serde_json::Value::as_u64)
+}
+
+/// The MoE routing of the window in progress at the kill: its totals are added in place on the
+/// recording thread, in the heap, and died with the process (per-step detail rows go through
+/// the thread buffers and are replayed). Rows alone cannot say how many routing calls that
+/// window held, so it is stated from the steps: with one routing call per layer per step (the
+/// windows' `window_first_step` counts them so), a layer whose rows cover `c` calls lost the
+/// calls of steps `c + 1` to the last forward row's step. `None` when nothing is lost or MoE
+/// was not recorded.
+fn moe_window_lost(
+    dir: &Path,
+    data: &RunData,
+    window_steps: &Option<u64>,
+) -> Result<Option<serde_json::Value>, ReportError> {
+    if *window_steps == Some(0) || data.moe_routing.is_none() {
+        return Ok(None);
+    }
+    let Some(last_step) = data.forward_pass.as_ref().and_then(|f| f.iter().filter_map(|r| r.step).max()) else {
+        return Ok(None);
+    };
+    let path = dir.join(MOE_CSV);
+    let mut reader = csv::Reader::from_path(&path).map_err(|e| io(&path, std::io::Error::other(e)))?;
+    let header = reader.headers().map_err(|e| io(&path, std::io::Error::other(e)))?.clone();
+    let column = |name: &str| header.iter().position(|h| h == name);
+    let (Some(layer_at), Some(first_at), Some(steps_at)) =
+        (column("layer"), column("window_first_step"), column("window_steps"))
+    else {
+        return Ok(None);
+    };
+    let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut record = csv::StringRecord::new();
+    while reader.read_record(&mut record).map_err(|e| io(&path, std::io::Error::other(e)))? {
+        let num = |i: usize| record.get(i).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(layer), Some(first), Some(steps)) = (num(layer_at), num(first_at), num(steps_at)) {
+            let c = covered.entry(layer).or_insert(0);
+            *c = (*c).max(first + steps);
+        }
+    }
+    let layers: serde_json::Map<String, serde_json::Value> = covered
+        .iter()
+        .filter(|(_, c)| **c < last_step)
+        .map(|(layer, c)| (layer.to_string(), serde_json::json!({"calls_in_rows": c, "steps_lost": last_step - c})))
+        .collect();
+    let least = covered.values().copied().min().unwrap_or(0);
+    if least >= last_step {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::json!({
+        "last_step": last_step,
+        "steps_lost_max": last_step - least,
+        "layers": layers,
+        "note": "MoE routing totals of the window in progress were held in the killed process's heap: lost. \
+                 Steps counted with one routing call per layer per step; layers with no row at all are not listed",
+    })))
 }
 
 const TABLE_FILES: [&str; 10] = [

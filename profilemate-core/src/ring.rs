@@ -75,8 +75,9 @@
 //!   record).
 //! - Records the collector had drained but still held: device-timed events waiting for their
 //!   GPU time (counted in the header every pass as `held`, reported as lost in flight: the GPU
-//!   context died with the process), MoE routing totals (added in place on the recording
-//!   thread, in the heap), the step timeline rows the collector was assembling from several
+//!   context died with the process), MoE routing totals of the window in progress (added in
+//!   place on the recording thread, in the heap; `profilemate recover` states the steps lost in
+//!   the manifest), the step timeline rows the collector was assembling from several
 //!   records, and the lifecycle row of a request still in flight at the kill (a request
 //!   finished in the replayed records gets its whole row: the replay first reads the lifecycle
 //!   events already in `preemption_events.csv`).

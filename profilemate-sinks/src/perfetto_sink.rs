@@ -653,7 +653,9 @@ pub struct TraceCompletion {
     /// The trace file the events were appended to (the run's last one); `None` when there was
     /// nothing to complete (no trace, or its last file already closed).
     pub file: Option<String>,
-    /// Events appended: rows of the tables that the trace did not show yet.
+    /// Events appended: rows of the tables that the trace did not show yet (less any left
+    /// out because they overlap events on every track of their kind, as the live sink leaves
+    /// them out).
     pub events_added: u64,
 }
 
@@ -863,7 +865,9 @@ impl PerfettoSink {
         };
         sink.write_rows(&missing)?;
         sink.flush()?;
-        Ok(TraceCompletion { file: Some(trace_file_name(sink.file_index)), events_added: added })
+        // Events that overlap others on every track of their kind are left out again, as the
+        // live sink left them out.
+        Ok(TraceCompletion { file: Some(trace_file_name(sink.file_index)), events_added: added - sink.left_out })
     }
 }
 
