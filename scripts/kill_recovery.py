@@ -172,6 +172,7 @@ def main():
     print(f"a whole run takes {full:.1f} s; killing {a.runs} runs at random instants")
     lost_steps, lost_sec, unparseable_before = [], [], 0
     recovered_total, in_flight_total, one_more, killed_recoveries, was_killed = [], [], 0, [], []
+    moe_lost = []
     for i in range(a.runs):
         during_shutdown = i % 5 == 4
         kill_after = rng.uniform(0.0, 0.05) if during_shutdown else rng.uniform(0.2, full)
@@ -218,6 +219,7 @@ def main():
             assert steps <= rows <= steps + 1, f"{rows} forward rows, the engine recorded {steps}"
             # One record per thread buffer at most (the engine thread's, its MoE detail buffer's).
             assert in_flight <= 2, in_flight
+            moe_lost.append(manifest.get("recovery", {}).get("moe_window_lost", {}).get("steps_lost_max", 0))
             recovered_total.append(recovered)
             in_flight_total.append(in_flight)
             one_more += rows == steps + 1
@@ -231,7 +233,7 @@ def main():
             print(
                 f"kill {i + 1:2} {where:>16} ({state}): engine completed {steps} steps, {rows} forward rows after recovery, "
                 f"{max(0, steps - rows)} lost ({lost_sec[-1]:.3f} s before the kill); {recovered} events replayed "
-                f"from the buffers, {in_flight} in flight"
+                f"from the buffers, {in_flight} in flight; MoE window lost: {moe_lost[-1]} steps"
                 f"{'' if check_before else '; files did not check before recovery'}"
             )
     print(f"{len(trace_checked)} traces checked after recovery: forward-pass slices equal the forward rows")
@@ -253,6 +255,8 @@ def main():
         f"{unparseable_before} of {a.runs} directories failed the checks before recovery, 0 after; "
         f"events replayed from the buffers median {statistics.median(recovered_total)}, "
         f"lost in flight total {sum(in_flight_total)}; "
+        f"MoE routing window lost with the heap (manifest's moe_window_lost) median {statistics.median(moe_lost)} steps, "
+        f"max {max(moe_lost)}; "
         f"{one_more} kills fell between a pass's recording and the engine's print of it; "
         f"{sum(killed_recoveries)} recoveries killed part-way (of {len(killed_recoveries)} tried) and completed by the next"
     )

@@ -180,7 +180,7 @@ fn a_killed_runs_trace_gets_the_replayed_events_and_every_parquet_table_is_compl
     let (forward, cpu, requests, moe) =
         (session.forward_pass(), session.cpu_timing(), session.requests(), session.moe_experts());
     // Timed for real, one after the other: no two slices overlap (the trace's tracks hold them all).
-    let mut step = |n: u32| {
+    let step = |n: u32| {
         for _ in 0..n {
             cpu.start(CpuOp::SCHEDULING).stop();
             forward.start(Phase::Decode, 4, 4).stop();
@@ -215,7 +215,8 @@ fn a_killed_runs_trace_gets_the_replayed_events_and_every_parquet_table_is_compl
     assert_eq!(count("forward_pass"), 370);
     assert_eq!(count("cpu_operation"), 370);
     assert_eq!(trace.as_array().unwrap().iter().filter(|e| e["name"] == "preempted").count(), 2);
-    assert!(r.trace_events_added >= 120 * 2 + 1, "{}", r.trace_events_added);
+    // 120 forward passes, 120 CPU operations, one preemption.
+    assert_eq!(r.trace_events_added, 120 * 2 + 1);
     // Every Parquet table, the request lifecycle and step timeline included, complete.
     assert!(r.parquet_not_completed.is_empty(), "{:?}", r.parquet_not_completed);
     for table in ["request_lifecycle", "step_timeline", "forward_pass_timing", "moe_expert_routing"] {
