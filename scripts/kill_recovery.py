@@ -7,8 +7,10 @@ buffers the killed process left in the directory); then every CSV must parse, th
 must be exactly the passes the engine had recorded (or one more: a pass whose recording call
 returned in the microseconds before the engine printed it), each step id at most once and none
 missing (also where a first `recover` was itself killed part-way, every other run), the events lost in flight (counted in the manifest) at most one per thread buffer, the
-summaries (the step timeline's too) must equal a recomputation from the rows, and every trace
-file must load as JSON. A second `recover` must change no file. Prints the loss per kill (steps
+summaries (the step timeline's too) must equal a recomputation from the rows, every trace
+file must load as JSON and show one forward-pass slice per forward row (recovery appends the
+replayed events to the killed process's trace), and every Parquet table (request lifecycle and step timeline included)
+must load with pyarrow, none left `.partial`, each with its CSV table's rows. A second `recover` must change no file. Prints the loss per kill (steps
 and seconds) and a summary.
 """
 
@@ -31,6 +33,7 @@ try:
 except ImportError:
     pq = None
 parquet_checked = []
+trace_checked = []
 
 
 def read_csv(path):
@@ -85,17 +88,30 @@ def check(d):
         assert tl[phase]["count"] == len(mine), ("step timeline", phase, tl[phase]["count"], len(mine))
         total = sum(float(r["step_wall_ms"]) for r in mine)
         assert abs(tl[phase]["total_wall_ms"] - total) <= 1e-6 * max(total, 1.0) + 1e-3, ("step timeline", phase)
-    for p in glob.glob(os.path.join(d, "profilemate_trace*.json")):
+    slices = 0
+    traces = glob.glob(os.path.join(d, "profilemate_trace*.json"))
+    for p in traces:
         events = json.load(open(p))
         assert isinstance(events, list) and events, p
+        slices += sum(1 for e in events if e.get("ph") == "X" and e.get("cat") == "forward_pass")
+    if traces:
+        # The trace shows what the tables hold: recovery appends the replayed events to it.
+        assert slices == len(fwd), ("trace forward-pass slices", slices, "forward rows", len(fwd))
+        trace_checked.append(slices)
     if pq is not None:
-        # Every Parquet table loads and holds its CSV table's rows; `.partial` files are left
-        # only for the tables recovery does not rebuild.
-        for p in glob.glob(os.path.join(d, "*.parquet")):
+        # Every Parquet table loads and holds its CSV table's rows, the request lifecycle and
+        # the step timeline included; once a Parquet file exists, every CSV table has one.
+        parquet = glob.glob(os.path.join(d, "*.parquet"))
+        for p in parquet:
             name = os.path.basename(p)[: -len(".parquet")] + ".csv"
             n = pq.read_table(p).num_rows
             assert n == len(table_rows(d, name)), (p, n, len(table_rows(d, name)))
             parquet_checked.append(p)
+        if parquet:
+            # Rolled-over CSV files (`<table>.<n>.csv`) belong to their table.
+            tables = {os.path.basename(p)[: -len(".csv")].split(".")[0] for p in glob.glob(os.path.join(d, "*.csv"))}
+            have = {os.path.basename(p)[: -len(".parquet")] for p in parquet}
+            assert tables <= have, ("CSV tables without a Parquet table", tables - have)
     end = max((float(r["timestamp_sec"]) + float(r["forward_time_ms"]) / 1000 for r in fwd), default=0.0)
     return len(fwd), end
 
@@ -156,16 +172,20 @@ def main():
     print(f"a whole run takes {full:.1f} s; killing {a.runs} runs at random instants")
     lost_steps, lost_sec, unparseable_before = [], [], 0
     recovered_total, in_flight_total, one_more, killed_recoveries, was_killed = [], [], 0, [], []
+    moe_lost = []
     for i in range(a.runs):
         during_shutdown = i % 5 == 4
         kill_after = rng.uniform(0.0, 0.05) if during_shutdown else rng.uniform(0.2, full)
         with tempfile.TemporaryDirectory() as d:
             steps, killed_at, rc = run_once(a.engine, args, d, kill_after, during_shutdown)
+            checked = (len(trace_checked), len(parquet_checked))
             try:
                 check_before = check(d)
             except Exception:
                 check_before = None
                 unparseable_before += 1
+            # Only the checks after recovery are counted.
+            del trace_checked[checked[0] :], parquet_checked[checked[1] :]
             if i % 2 == 1:
                 # A recovery killed part-way: the next one completes it, no row lost or doubled.
                 rp = subprocess.Popen([a.cli, "recover", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -179,7 +199,10 @@ def main():
                 return 1
             rows, end = check(d)
             left = {os.path.basename(p) for p in glob.glob(os.path.join(d, "*.parquet.partial"))}
-            assert left <= {"request_lifecycle.parquet.partial", "step_timeline.parquet.partial"}, left
+            assert not left, ("Parquet tables left .partial after recovery", left)
+            assert not json.load(open(os.path.join(d, "profilemate_run.json"))).get("recovery", {}).get(
+                "parquet_not_completed"
+            ), "recovery could not complete a Parquet table"
             after_first = snapshot(d)
             r2 = subprocess.run([a.cli, "recover", d], capture_output=True, text=True)
             assert r2.returncode == 0, r2.stderr
@@ -196,6 +219,7 @@ def main():
             assert steps <= rows <= steps + 1, f"{rows} forward rows, the engine recorded {steps}"
             # One record per thread buffer at most (the engine thread's, its MoE detail buffer's).
             assert in_flight <= 2, in_flight
+            moe_lost.append(manifest.get("recovery", {}).get("moe_window_lost", {}).get("steps_lost_max", 0))
             recovered_total.append(recovered)
             in_flight_total.append(in_flight)
             one_more += rows == steps + 1
@@ -209,13 +233,14 @@ def main():
             print(
                 f"kill {i + 1:2} {where:>16} ({state}): engine completed {steps} steps, {rows} forward rows after recovery, "
                 f"{max(0, steps - rows)} lost ({lost_sec[-1]:.3f} s before the kill); {recovered} events replayed "
-                f"from the buffers, {in_flight} in flight"
+                f"from the buffers, {in_flight} in flight; MoE window lost: {moe_lost[-1]} steps"
                 f"{'' if check_before else '; files did not check before recovery'}"
             )
+    print(f"{len(trace_checked)} traces checked after recovery: forward-pass slices equal the forward rows")
     if pq is None:
         print("pyarrow is not installed for this python: the Parquet tables were not checked")
     else:
-        print(f"{len(parquet_checked)} Parquet tables loaded with pyarrow, each with its CSV table's rows")
+        print(f"{len(parquet_checked)} Parquet tables loaded with pyarrow after recovery, each with its CSV table's rows")
     killed = [i for i, k in enumerate(was_killed) if k]
     if killed:
         print(
@@ -230,6 +255,8 @@ def main():
         f"{unparseable_before} of {a.runs} directories failed the checks before recovery, 0 after; "
         f"events replayed from the buffers median {statistics.median(recovered_total)}, "
         f"lost in flight total {sum(in_flight_total)}; "
+        f"MoE routing window lost with the heap (manifest's moe_window_lost) median {statistics.median(moe_lost)} steps, "
+        f"max {max(moe_lost)}; "
         f"{one_more} kills fell between a pass's recording and the engine's print of it; "
         f"{sum(killed_recoveries)} recoveries killed part-way (of {len(killed_recoveries)} tried) and completed by the next"
     )

@@ -54,14 +54,14 @@
 //!   operations are timed without profilemate calls in the engine's code.
 
 pub use profilemate_core::*;
-#[cfg(feature = "parquet")]
-pub use profilemate_sinks::ParquetSink;
 pub use profilemate_sinks::{
     recover_buffers, standard_sinks, BufferRecovery, CsvSink, JsonSummarySink, PerfettoSink, TableFollower,
     FOLLOWED_TABLES,
 };
 #[cfg(feature = "metrics")]
 pub use profilemate_sinks::{MetricsSink, DURATION_BUCKETS_SECONDS, METRICS_SERIES};
+#[cfg(feature = "parquet")]
+pub use profilemate_sinks::{ParquetCompletion, ParquetSink};
 
 #[cfg(feature = "tracing")]
 pub mod tracing_layer;

@@ -15,6 +15,9 @@ use std::time::Duration;
 const CHILD_DIR: &str = "PROFILEMATE_TEST_CHILD_DIR";
 /// `FLUSHED,MORE`: passes recorded then flushed (committed), then passes recorded after.
 const CHILD_PASSES: &str = "PROFILEMATE_TEST_CHILD_PASSES";
+/// Set: once ready, the child forks a process of its own without exec (that sleeps) and says
+/// `forked <pid>` before `ready`.
+const CHILD_FORKS: &str = "PROFILEMATE_TEST_CHILD_FORKS";
 
 /// The child: records, says `ready` on stdout, and waits to be killed. Its collector's period is
 /// a minute, so nothing recorded after the flush is drained before the kill.
@@ -55,28 +58,54 @@ fn child_records_then_waits() {
         requests.finished("req-10", "");
     }
     drop(cpu.start(CpuOp::SCHEDULING));
+    #[cfg(unix)]
+    if std::env::var_os(CHILD_FORKS).is_some() {
+        // SAFETY: the forked process only sleeps and exits (async-signal-safe calls).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            unsafe {
+                libc::sleep(600);
+                libc::_exit(0);
+            }
+        }
+        println!("forked {pid}");
+    }
     println!("ready");
     std::thread::sleep(Duration::from_secs(600));
 }
 
 fn spawn_child(dir: &Path, flushed: u32, more: u32) -> Child {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    spawn_child_forking(dir, flushed, more, false).0
+}
+
+/// [`spawn_child`]; with `fork`, the child also forks a sleeping process without exec, whose
+/// pid is returned.
+fn spawn_child_forking(dir: &Path, flushed: u32, more: u32, fork: bool) -> (Child, Option<i32>) {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args(["--exact", "child_records_then_waits", "--ignored", "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR, dir)
         .env(CHILD_PASSES, format!("{flushed},{more}"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stdout(Stdio::piped());
+    if fork {
+        command.env(CHILD_FORKS, "1");
+    }
+    let mut child = command.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut forked = None;
     loop {
         match lines.next() {
             // libtest prints the test's name first, on the same line.
             Some(Ok(l)) if l.trim_end().ends_with("ready") => break,
+            Some(Ok(l)) if l.contains("forked ") => {
+                forked = l.rsplit("forked ").next().and_then(|p| p.trim().parse().ok());
+            }
             Some(Ok(_)) => continue,
             other => panic!("the child ended before it was ready: {other:?}"),
         }
     }
-    child
+    (child, forked)
 }
 
 /// Runs a child that records `flushed` passes, flushes, records `more`, and SIGKILLs it.
@@ -165,6 +194,35 @@ fn a_live_session_and_a_recovery_under_way_are_left_alone() {
     session.shutdown().unwrap();
     assert!(buffer_files(dir.path()).is_empty(), "a normal shutdown removes the buffers");
     assert_eq!(rows(dir.path(), "forward_pass_timing.csv").len(), 1);
+}
+
+/// A process forked without exec inherits the session's buffer file descriptor; it lets go
+/// of the lock (a `pthread_atfork` handler), so the buffers read as live while the session's
+/// process lives, and are recovered once it is killed although the forked process still runs.
+#[cfg(unix)]
+#[test]
+fn a_process_forked_without_exec_does_not_keep_a_dead_sessions_buffers_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, forked) = spawn_child_forking(dir.path(), 100, 150, true);
+    let forked = forked.expect("the child said the pid it forked");
+    let alive = |pid: i32| unsafe { libc::kill(pid, 0) } == 0;
+    // The parent holds the lock: its buffers are live (the forked process's copy of the lock
+    // descriptor was let go of, not the lock itself).
+    let done = profilemate_sinks::recover_buffers(dir.path()).unwrap();
+    assert_eq!((done.replay.sessions.len(), done.replay.live.len()), (0, 1), "the live session's buffers");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(alive(forked), "the forked process still runs");
+    let done = profilemate_sinks::recover_buffers(dir.path()).unwrap();
+    let still_alive = alive(forked);
+    // SAFETY: a signal to the process this test's child forked.
+    unsafe { libc::kill(forked, libc::SIGKILL) };
+    assert!(still_alive, "the forked process ran during the recovery");
+    assert_eq!(done.replay.live.len(), 0, "the forked process does not keep the buffers live");
+    assert_eq!(done.replay.sessions.len(), 1);
+    assert_eq!(done.replay.sessions[0].rows["forward_pass_timing.csv"], 150);
+    assert_forward_exactly(dir.path(), 250);
+    assert!(buffer_files(dir.path()).is_empty());
 }
 
 /// Runs `mount` with `args`; false (and says why) where this process may not mount.

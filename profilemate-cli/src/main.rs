@@ -152,13 +152,17 @@ fn run(cli: Cli) -> Result<ExitCode, profilemate_cli::ReportError> {
             for (file, bytes) in &r.torn_bytes_dropped {
                 eprintln!("profilemate: {file}: dropped a torn last line ({bytes} bytes)");
             }
+            if r.trace_events_added > 0 {
+                eprintln!("profilemate: added {} events the trace lacked, from the tables", r.trace_events_added);
+            }
             for file in &r.traces_closed {
                 eprintln!("profilemate: {file}: closed the trace");
             }
-            for file in &r.parquet_partial {
-                eprintln!(
-                    "profilemate: {file}: incomplete Parquet file (no footer), not recovered; the CSV has the rows"
-                );
+            for file in &r.parquet_completed {
+                eprintln!("profilemate: {file}: written complete from its CSV table");
+            }
+            for (file, why) in &r.parquet_not_completed {
+                eprintln!("profilemate: {file}: incomplete Parquet file (no footer) left as it is: {why}");
             }
             eprintln!(
                 "profilemate: rebuilt {} summaries from the rows; profilemate_run.json says finished_cleanly: false",

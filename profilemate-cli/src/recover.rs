@@ -19,9 +19,12 @@
 //! process.
 //!
 //! Parquet tables left as `<table>.parquet.partial` (no footer) are written again, complete,
-//! from their CSV tables ([`profilemate_sinks::ParquetSink::complete_partial`]), except
-//! `request_lifecycle` and `step_timeline` (reported in the manifest's `recovery` object, not
-//! recovered). The replayed events do not reach the Perfetto trace.
+//! from their CSV tables ([`profilemate_sinks::ParquetSink::complete_partial`]), every table of
+//! the Parquet sink; one that cannot be (no CSV table to rebuild it from) stays `.partial` and
+//! is named, with the reason, in the manifest's `recovery.parquet_not_completed`. The killed
+//! process's Perfetto trace gets the events of the rows it lacks (replayed from the buffers, or
+//! of the pass the process died in) before it is closed
+//! ([`profilemate_sinks::PerfettoSink::complete_trace`]), so it shows what the tables hold.
 
 use crate::contract::*;
 use crate::data::RunData;
@@ -43,11 +46,15 @@ pub struct Recovery {
     pub torn_bytes_dropped: BTreeMap<String, u64>,
     /// Trace files whose closing `]` was added.
     pub traces_closed: Vec<String>,
+    /// Events appended to the killed process's trace before it was closed: the rows of the
+    /// tables it did not show (replayed from the buffers, or of the pass the process died in).
+    pub trace_events_added: u64,
     /// Summary files rewritten from the rows.
     pub summaries_rebuilt: Vec<String>,
-    /// Parquet files left incomplete by the killed process and not completed (tables recovery
-    /// cannot rebuild from their CSV file: `request_lifecycle`, `step_timeline`).
-    pub parquet_partial: Vec<String>,
+    /// Parquet files left incomplete (`.partial`, no footer) by the killed process that recovery
+    /// could not complete, each with the reason (no CSV table to rebuild it from, CSV lines that
+    /// do not parse). Empty when every table was completed.
+    pub parquet_not_completed: BTreeMap<String, String>,
     /// Parquet tables completed: written again from their CSV table, whose rows they hold.
     pub parquet_completed: Vec<String>,
     /// Records still in the dead process's thread buffers, turned into rows by this run.
@@ -142,20 +149,40 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     //    the one this process's environment gives (PROFILEMATE_RANK, RANK, ...).
     let host = manifest.get("host").and_then(|h| h.as_str()).unwrap_or_default().to_string();
     let rank = profilemate_sinks::rank_from_env().map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
-    report.parquet_completed = profilemate_sinks::ParquetSink::complete_partial(dir, &host, rank)
+    let parquet = profilemate_sinks::ParquetSink::complete_partial(dir, &host, rank)
         .map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
-    // Traces: whole events only (the sink writes them so); the array is closed.
+    report.parquet_completed = parquet.completed;
+    report.parquet_not_completed = parquet.not_completed;
+    // Traces: whole events only (the sink writes them so). The rows the trace lacks (those
+    // replayed from the buffers, and those of the pass the process died in) are appended as
+    // whole events first, so the trace and the tables agree; then the array is closed.
+    let trace_rows = profilemate_sinks::TableFollower::with_tables(
+        dir,
+        &[
+            profilemate_core::Table::ForwardPass,
+            profilemate_core::Table::CpuOperations,
+            profilemate_core::Table::EncoderDecoder,
+            profilemate_core::Table::CudaGraphEvents,
+            profilemate_core::Table::PreemptionEvents,
+            profilemate_core::Table::BatchUtilization,
+            profilemate_core::Table::KvCacheUsage,
+        ],
+    )
+    .poll();
+    let trace = profilemate_sinks::PerfettoSink::complete_trace(dir, &trace_rows)
+        .map_err(|e| io(dir, std::io::Error::other(e.to_string())))?;
+    report.trace_events_added = trace.events_added;
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let entry = entry.map_err(|e| io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("profilemate_trace") && name.ends_with(".json") && close_trace(&entry.path())? {
             report.traces_closed.push(name);
-        } else if name.ends_with(".parquet.partial") {
-            report.parquet_partial.push(name);
+        } else if name.ends_with(".parquet.partial") && !report.parquet_not_completed.contains_key(&name) {
+            // Not a contract table's (no CSV table can rebuild it).
+            report.parquet_not_completed.insert(name, "not a table of the Parquet sink".into());
         }
     }
     report.traces_closed.sort();
-    report.parquet_partial.sort();
     // 3. Summaries from the rows now on disk.
     let data = RunData::load(dir)?;
     let threshold =
@@ -222,8 +249,9 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
         let recovery = serde_json::json!({
             "torn_bytes_dropped": torn,
             "traces_closed": report.traces_closed,
+            "trace_events_added": report.trace_events_added,
             "summaries_rebuilt": report.summaries_rebuilt,
-            "parquet_partial_not_recovered": report.parquet_partial,
+            "parquet_not_completed": report.parquet_not_completed,
             "parquet_completed": report.parquet_completed,
             "events_recovered": events_recovered,
             "events_lost_in_flight": events_lost_in_flight,
@@ -232,6 +260,9 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
         obj.insert("events_recovered".into(), events_recovered.into());
         obj.insert("events_lost_in_flight".into(), events_lost_in_flight.into());
         let mut recovery = recovery;
+        if let Some(lost) = moe_window_lost(dir, &data, &manifest_config_window(obj))? {
+            recovery["moe_window_lost"] = lost;
+        }
         if data.step_timeline.is_some() {
             recovery["step_timeline"] = "summary rebuilt from step_timeline.csv; steps the collector still held \
                                          open at the kill (the last two or so) have no timeline row, their rows \
@@ -245,6 +276,65 @@ pub fn recover(dir: impl AsRef<Path>) -> Result<Recovery, ReportError> {
     // The figures are recorded: the replayed buffers can go.
     profilemate_core::remove_replayed_buffers(dir).map_err(core_error)?;
     Ok(report)
+}
+
+/// The manifest's `config.moe_window_steps` (0: per-step detail rows).
+fn manifest_config_window(manifest: &serde_json::Map<String, serde_json::Value>) -> Option<u64> {
+    manifest.get("config").and_then(|c| c.get("moe_window_steps")).and_then(serde_json::Value::as_u64)
+}
+
+/// The MoE routing of the window in progress at the kill: its totals are added in place on the
+/// recording thread, in the heap, and died with the process (per-step detail rows go through
+/// the thread buffers and are replayed). Rows alone cannot say how many routing calls that
+/// window held, so it is stated from the steps: with one routing call per layer per step (the
+/// windows' `window_first_step` counts them so), a layer whose rows cover `c` calls lost the
+/// calls of steps `c + 1` to the last forward row's step. `None` when nothing is lost or MoE
+/// was not recorded.
+fn moe_window_lost(
+    dir: &Path,
+    data: &RunData,
+    window_steps: &Option<u64>,
+) -> Result<Option<serde_json::Value>, ReportError> {
+    if *window_steps == Some(0) || data.moe_routing.is_none() {
+        return Ok(None);
+    }
+    let Some(last_step) = data.forward_pass.as_ref().and_then(|f| f.iter().filter_map(|r| r.step).max()) else {
+        return Ok(None);
+    };
+    let path = dir.join(MOE_CSV);
+    let mut reader = csv::Reader::from_path(&path).map_err(|e| io(&path, std::io::Error::other(e)))?;
+    let header = reader.headers().map_err(|e| io(&path, std::io::Error::other(e)))?.clone();
+    let column = |name: &str| header.iter().position(|h| h == name);
+    let (Some(layer_at), Some(first_at), Some(steps_at)) =
+        (column("layer"), column("window_first_step"), column("window_steps"))
+    else {
+        return Ok(None);
+    };
+    let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut record = csv::StringRecord::new();
+    while reader.read_record(&mut record).map_err(|e| io(&path, std::io::Error::other(e)))? {
+        let num = |i: usize| record.get(i).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(layer), Some(first), Some(steps)) = (num(layer_at), num(first_at), num(steps_at)) {
+            let c = covered.entry(layer).or_insert(0);
+            *c = (*c).max(first + steps);
+        }
+    }
+    let layers: serde_json::Map<String, serde_json::Value> = covered
+        .iter()
+        .filter(|(_, c)| **c < last_step)
+        .map(|(layer, c)| (layer.to_string(), serde_json::json!({"calls_in_rows": c, "steps_lost": last_step - c})))
+        .collect();
+    let least = covered.values().copied().min().unwrap_or(0);
+    if least >= last_step {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::json!({
+        "last_step": last_step,
+        "steps_lost_max": last_step - least,
+        "layers": layers,
+        "note": "MoE routing totals of the window in progress were held in the killed process's heap: lost. \
+                 Steps counted with one routing call per layer per step; layers with no row at all are not listed",
+    })))
 }
 
 const TABLE_FILES: [&str; 10] = [

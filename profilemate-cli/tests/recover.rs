@@ -160,3 +160,85 @@ fn a_failed_write_is_a_clear_error_and_a_later_try_completes() {
         serde_json::from_slice(&std::fs::read(dir.path().join("profilemate_run.json")).unwrap()).unwrap();
     assert_eq!((m["finished_cleanly"].as_bool(), m["steps"].as_u64()), (Some(false), Some(1)));
 }
+
+/// A process killed with records still in its thread buffers (the directory copied, buffers
+/// included, while the session runs: the copy's lock is free, as a dead process's is): after
+/// `recover`, the trace shows one forward-pass slice per forward row (the replayed passes
+/// appended to it), every Parquet table is complete with its CSV table's rows, and the MoE
+/// window in progress, held in the heap, is stated as lost in the manifest.
+#[test]
+fn a_killed_runs_trace_gets_the_replayed_events_and_every_parquet_table_is_completed() {
+    let live = tempfile::tempdir().unwrap();
+    let session = Session::builder()
+        .dir(live.path())
+        .sinks(&[SinkKind::Csv, SinkKind::Json, SinkKind::Perfetto, SinkKind::Parquet])
+        .sink_factory(profilemate_sinks::standard_sinks)
+        .flush_interval(Duration::from_secs(60))
+        .moe_window_steps(100)
+        .build()
+        .unwrap();
+    let (forward, cpu, requests, moe) =
+        (session.forward_pass(), session.cpu_timing(), session.requests(), session.moe_experts());
+    // Timed for real, one after the other: no two slices overlap (the trace's tracks hold them all).
+    let step = |n: u32| {
+        for _ in 0..n {
+            cpu.start(CpuOp::SCHEDULING).stop();
+            forward.start(Phase::Decode, 4, 4).stop();
+            for layer in 0..2 {
+                moe.record_layer(layer, &[3, 1, 0, 4]);
+            }
+        }
+    };
+    requests.started("req-1");
+    step(250);
+    requests.preempted("req-1", "RECOMPUTE", "");
+    requests.resumed("req-1");
+    requests.finished("req-1", "");
+    session.flush().unwrap();
+    // Recorded after the last collector pass: in the thread buffers only.
+    step(120);
+    requests.started("req-2");
+    requests.preempted("req-2", "RECOMPUTE", "num_blocks=4");
+    let killed = tempfile::tempdir().unwrap();
+    copy_dir(live.path(), killed.path());
+    drop(session);
+    let dir = killed.path();
+    assert_eq!(csv_rows(&dir.join("forward_pass_timing.csv")), 250);
+
+    let r = profilemate_cli::recover(dir).unwrap();
+    assert!(r.events_recovered >= 120 * 2 + 2, "{}", r.events_recovered);
+    assert_eq!(csv_rows(&dir.join("forward_pass_timing.csv")), 370);
+    // The trace: every forward row and CPU row has its slice, every preemption its instant.
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("profilemate_trace.json")).unwrap()).unwrap();
+    let count = |cat: &str| trace.as_array().unwrap().iter().filter(|e| e["cat"] == cat).count();
+    assert_eq!(count("forward_pass"), 370);
+    assert_eq!(count("cpu_operation"), 370);
+    assert_eq!(trace.as_array().unwrap().iter().filter(|e| e["name"] == "preempted").count(), 2);
+    // 120 forward passes, 120 CPU operations, one preemption.
+    assert_eq!(r.trace_events_added, 120 * 2 + 1);
+    // Every Parquet table, the request lifecycle and step timeline included, complete.
+    assert!(r.parquet_not_completed.is_empty(), "{:?}", r.parquet_not_completed);
+    for table in ["request_lifecycle", "step_timeline", "forward_pass_timing", "moe_expert_routing"] {
+        assert!(r.parquet_completed.contains(&format!("{table}.parquet")), "{table}: {:?}", r.parquet_completed);
+        assert!(dir.join(format!("{table}.parquet")).exists());
+        assert!(!dir.join(format!("{table}.parquet.partial")).exists());
+    }
+    // MoE: the flush wrote each layer's routing up to call 250 (windows of 100, then the 50 the
+    // flush closed); the totals of steps 251 to 370 lived in the heap.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("profilemate_run.json")).unwrap()).unwrap();
+    let lost = &manifest["recovery"]["moe_window_lost"];
+    assert_eq!(lost["last_step"], 370, "{lost}");
+    assert_eq!(lost["steps_lost_max"], 120, "{lost}");
+    assert_eq!(lost["layers"]["1"]["calls_in_rows"], 250, "{lost}");
+    assert_eq!(lost["layers"]["1"]["steps_lost"], 120, "{lost}");
+    assert_eq!(manifest["recovery"]["parquet_not_completed"], serde_json::json!({}));
+
+    // Again: the trace gets nothing twice.
+    let again = profilemate_cli::recover(dir).unwrap();
+    assert_eq!(again.trace_events_added, 0);
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("profilemate_trace.json")).unwrap()).unwrap();
+    assert_eq!(trace.as_array().unwrap().iter().filter(|e| e["cat"] == "forward_pass").count(), 370);
+}

@@ -140,7 +140,7 @@ pub(crate) fn push_plain(p: &mut RingProducer, slot: Slot) -> Result<(), DropRea
 #[inline(always)]
 pub(crate) fn push_with_text(
     p: &mut RingProducer,
-    mut head: Slot,
+    head: Slot,
     inline_at: usize,
     texts: &[&[u8]],
 ) -> Result<(), DropReason> {
@@ -150,13 +150,17 @@ pub(crate) fn push_with_text(
     }
     let inline_cap = SLOT - inline_at;
     if total <= inline_cap {
-        // The common case: everything fits in the head slot.
-        let mut at = inline_at;
-        for t in texts {
-            head.0[at..at + t.len()].copy_from_slice(t);
-            at += t.len();
-        }
-        return push_plain(p, head);
+        // The common case: everything fits in the head slot, written in place.
+        return p
+            .push_in_place(|dst| {
+                *dst = head;
+                let mut at = inline_at;
+                for t in texts {
+                    dst.0[at..at + t.len()].copy_from_slice(t);
+                    at += t.len();
+                }
+            })
+            .map_err(|()| DropReason::BufferFull);
     }
     push_spilled(p, head, inline_at, texts, total)
 }

@@ -75,8 +75,9 @@
 //!   record).
 //! - Records the collector had drained but still held: device-timed events waiting for their
 //!   GPU time (counted in the header every pass as `held`, reported as lost in flight: the GPU
-//!   context died with the process), MoE routing totals (added in place on the recording
-//!   thread, in the heap), the step timeline rows the collector was assembling from several
+//!   context died with the process), MoE routing totals of the window in progress (added in
+//!   place on the recording thread, in the heap; `profilemate recover` states the steps lost in
+//!   the manifest), the step timeline rows the collector was assembling from several
 //!   records, and the lifecycle row of a request still in flight at the kill (a request
 //!   finished in the replayed records gets its whole row: the replay first reads the lifecycle
 //!   events already in `preemption_events.csv`).
@@ -154,6 +155,15 @@ pub(crate) struct RingMem {
     base: *mut u8,
     cap: u64,
     _backing: Backing,
+}
+
+impl Drop for RingMem {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Backing::Map(map) = &self._backing {
+            fork_guard::untrack_map(map.as_ptr().cast_mut());
+        }
+    }
 }
 
 // SAFETY: the memory is only reached through `RingProducer` (one thread) and `RingConsumer`
@@ -257,6 +267,28 @@ impl RingProducer {
         // SAFETY: `index < cap`, and the slot is free: the consumer's committed position is at
         // most `cap` slots behind.
         unsafe { self.slot_ptr(self.index).write(slot) };
+        self.index += 1;
+        if self.index == self.cap {
+            self.index = 0;
+        }
+        self.write = end;
+        self.field(R_WRITE).store(end, Ordering::Release);
+        Ok(())
+    }
+
+    /// Fills the next free slot in place with `fill` and publishes it. `Err` when the ring is
+    /// full. `fill` must write the whole slot (a heap ring's free slot holds an old record).
+    /// Writing in place, rather than building the slot on the stack and copying it, spares the
+    /// hot path a 64-byte copy whose loads would wait on the text's byte-wise stores.
+    #[inline(always)]
+    pub(crate) fn push_in_place(&mut self, fill: impl FnOnce(&mut Slot)) -> Result<(), ()> {
+        if !self.has_room(1) {
+            return Err(());
+        }
+        let end = self.write + 1;
+        // SAFETY: `index < cap`, and the slot is free (as in `push`); nothing else refers to it
+        // until `write` is published below.
+        fill(unsafe { &mut *self.slot_ptr(self.index) });
         self.index += 1;
         if self.index == self.cap {
             self.index = 0;
@@ -433,8 +465,8 @@ fn try_lock(_file: &File) -> std::io::Result<bool> {
 
 /// Takes the lock, waiting up to 200 ms: a process forked to run another program holds the
 /// file's open description (and so the `flock`) until its `exec` closes it. A process forked
-/// without `exec` keeps it while it lives: the dead session's buffers then read as live until
-/// that process ends too.
+/// without `exec` lets go of it at once ([`fork_guard`]), unless more than
+/// [`fork_guard::SLOTS`] sessions were alive at the fork.
 fn lock_soon(file: &File) -> std::io::Result<bool> {
     for _ in 0..40 {
         if try_lock(file)? {
@@ -443,6 +475,128 @@ fn lock_soon(file: &File) -> std::io::Result<bool> {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     Ok(false)
+}
+
+/// A child forked without `exec` (a worker pool made with `os.fork`, `multiprocessing`'s
+/// default start method on Linux, a daemonising fork) inherits every open descriptor, the
+/// session buffer files' among them, and a `flock` is held by the open file description: as
+/// long as one descriptor of it is open, the lock stays, so the parent's buffers would read as
+/// live (never recovered) until the child ends too. A `pthread_atfork` child handler makes the
+/// child let go: each lock descriptor of the parent is replaced in the child by `/dev/null`
+/// (`dup3`, async-signal-safe, as a handler in the child of a threaded process must be), and
+/// each mapping of a buffer file (which references the open file description too) by private
+/// zeroed memory at the same address (`mmap` with `MAP_FIXED`). That drops only the child's
+/// references; the parent's descriptor still holds the lock. The descriptor number stays open
+/// (now `/dev/null`) and the addresses stay mapped, so a session the child drops later closes
+/// and unmaps those, never someone else's, and a child that records through the handles it
+/// inherited writes into its own memory, not into the parent's rings (its records are lost:
+/// no collector runs in it).
+#[cfg(unix)]
+pub(crate) mod fork_guard {
+    use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+
+    /// Lock descriptors tracked at once (sessions alive in the process); beyond that a forked
+    /// child keeps the lock of the sessions not tracked.
+    pub(crate) const SLOTS: usize = 64;
+    static LOCK_FDS: [AtomicI32; SLOTS] = [const { AtomicI32::new(-1) }; SLOTS];
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+
+    extern "C" fn in_child() {
+        // SAFETY: `open`, `dup3`/`dup2` and `close` are async-signal-safe; the path is a
+        // static C string.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if null < 0 {
+                return;
+            }
+            for slot in &LOCK_FDS {
+                let fd = slot.swap(-1, Ordering::Relaxed);
+                if fd >= 0 {
+                    #[cfg(any(target_os = "linux", target_os = "android"))]
+                    libc::dup3(null, fd, libc::O_CLOEXEC);
+                    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+                    libc::dup2(null, fd);
+                }
+            }
+            libc::close(null);
+            // `mmap` is a bare system call (no lock taken): safe here in practice, though POSIX
+            // does not list it.
+            for (a, l) in &MAPS {
+                let (addr, len) = (a.swap(0, Ordering::Relaxed), l.swap(0, Ordering::Relaxed));
+                if addr != 0 && len != 0 {
+                    libc::mmap(
+                        addr as *mut libc::c_void,
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Makes a child forked from now on let go of the lock held through `fd`.
+    pub(crate) fn track(fd: i32) {
+        REGISTER.call_once(|| {
+            // SAFETY: registers a handler that only makes async-signal-safe calls.
+            let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+            if rc != 0 {
+                eprintln!(
+                    "profilemate: pthread_atfork failed ({rc}): a child forked without exec keeps the thread \
+                     buffers' lock, so they read as live until it ends"
+                );
+            }
+        });
+        if !LOCK_FDS.iter().any(|slot| slot.compare_exchange(-1, fd, Ordering::Relaxed, Ordering::Relaxed).is_ok()) {
+            eprintln!(
+                "profilemate: more than {SLOTS} sessions alive: a child forked without exec keeps this session's \
+                 buffer lock until it ends"
+            );
+        }
+    }
+
+    /// `fd` is about to be closed: a later fork has nothing to let go of.
+    pub(crate) fn untrack(fd: i32) {
+        for slot in &LOCK_FDS {
+            let _ = slot.compare_exchange(fd, -1, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes a child forked from now on replace the mapping at `addr` (`len` bytes) with
+    /// private zeroed memory: a shared file mapping holds the open file description too (and so
+    /// the lock), and a child recording through the handles it inherited writes where the
+    /// parent's collector never reads, instead of into the parent's rings.
+    pub(crate) fn track_map(addr: *mut u8, len: usize) {
+        let addr = addr as usize;
+        for (a, l) in &MAPS {
+            if a.compare_exchange(0, addr, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                l.store(len, Ordering::Release);
+                return;
+            }
+        }
+        eprintln!(
+            "profilemate: more than {MAP_SLOTS} thread buffers alive: a child forked without exec keeps the \
+             buffers' lock until it ends"
+        );
+    }
+
+    /// The mapping at `addr` is about to be unmapped.
+    pub(crate) fn untrack_map(addr: *mut u8) {
+        let addr = addr as usize;
+        for (a, l) in &MAPS {
+            if a.load(Ordering::Relaxed) == addr {
+                l.store(0, Ordering::Relaxed);
+                a.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    const MAP_SLOTS: usize = 4096;
+    /// Mappings of the buffer files alive: `(address, length)`; 0 is a free entry.
+    static MAPS: [(AtomicUsize, AtomicUsize); MAP_SLOTS] =
+        [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; MAP_SLOTS];
 }
 
 /// The header's record of the profilers enabled (bit per profiler) and of MoE per-step detail
@@ -501,6 +655,12 @@ impl BufferFile {
             reserve(&file, 0, HEADER_BYTES as u64)?;
             let header = map_region(&file, 0, HEADER_BYTES)?;
             let b = BufferFile { path: path.clone(), file, header, cap: cap as u64, rings: Mutex::new(Vec::new()) };
+            // Tracked while `b` owns the descriptor and the mapping (its drop untracks them).
+            #[cfg(unix)]
+            {
+                fork_guard::track(std::os::fd::AsRawFd::as_raw_fd(&b.file));
+                fork_guard::track_map(b.header.as_ptr().cast_mut(), b.header.len());
+            }
             b.h(H_PID).store(u64::from(pid), Ordering::Relaxed);
             b.h(H_CAP).store(cap as u64, Ordering::Relaxed);
             b.h(H_ENABLED).store(enabled, Ordering::Relaxed);
@@ -554,6 +714,8 @@ impl BufferFile {
             page[0] = 0;
         }
         let base = map.as_mut_ptr();
+        #[cfg(unix)]
+        fork_guard::track_map(base, map.len());
         let mem = Arc::new(RingMem { base, cap: self.cap, _backing: Backing::Map(map) });
         mem.init(kind);
         rings.push(mem.clone());
@@ -599,6 +761,16 @@ fn write_journal(header: &memmap2::MmapMut, files: &[Option<u64>]) {
     for i in 0..JOURNAL_ENTRIES {
         let v = files.get(i).copied().flatten().map_or(0, |len| len + 1);
         header_field(header, H_JOURNAL + i * 8).store(v, Ordering::Relaxed);
+    }
+}
+
+impl Drop for BufferFile {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        {
+            fork_guard::untrack(std::os::fd::AsRawFd::as_raw_fd(&self.file));
+            fork_guard::untrack_map(self.header.as_ptr().cast_mut());
+        }
     }
 }
 

@@ -4,14 +4,16 @@
 
 use profilemate_core::{
     BatchUtilizationRow, Component, ComponentRow, CpuOperationRow, CudaGraphRow, ForwardPassRow, GraphEvent,
-    KvCacheRow, LifecycleEvent, MoeRoutingRow, Phase, PreemptionEventRow, Rows, Table,
+    KvCacheRow, LifecycleEvent, MoeRoutingRow, Outcome, Phase, PreemptionEventRow, RequestLifecycleRow, Rows,
+    StepTimelineRow, Table,
 };
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// The tables a [`TableFollower`] reads (the request lifecycle table is written only when a
-/// request finishes and carries no figure the live series need).
+/// The tables a [`TableFollower::new`] follows: those the live series need (the request
+/// lifecycle table is written only when a request finishes, the step timeline joins the
+/// others). [`TableFollower::with_tables`] reads every table, these two included.
 pub const FOLLOWED_TABLES: [Table; 8] = [
     Table::ForwardPass,
     Table::CpuOperations,
@@ -70,16 +72,16 @@ impl TableFollower {
         TableFollower { dir: dir.into(), files, skipped: 0 }
     }
 
-    /// Follows only `tables` of `dir` (those of [`FOLLOWED_TABLES`] among them), from their
-    /// beginning.
+    /// Follows only `tables` of `dir` (any of [`Table::ALL`], `request_lifecycle.csv` and
+    /// `step_timeline.csv` included), from their beginning.
     ///
     /// ```
     /// use profilemate_core::Table;
-    /// let mut follower = profilemate_sinks::TableFollower::with_tables("out", &[Table::PreemptionEvents]);
+    /// let mut follower = profilemate_sinks::TableFollower::with_tables("out", &[Table::PreemptionEvents, Table::StepTimeline]);
     /// assert!(follower.poll().is_empty());
     /// ```
     pub fn with_tables(dir: impl Into<PathBuf>, tables: &[Table]) -> TableFollower {
-        let files = FOLLOWED_TABLES
+        let files = Table::ALL
             .into_iter()
             .filter(|t| tables.contains(t))
             .map(|table| FollowedFile { table, offset: 0, columns: HashMap::new() })
@@ -193,6 +195,82 @@ fn parse_row(table: Table, r: &csv::StringRecord, c: &HashMap<String, usize>, ro
         Some(v) => Some(v.parse::<u64>().ok()?),
     };
     let phase = || text("phase").and_then(|p| Phase::ALL.into_iter().find(|x| x.as_str() == p));
+    // An optional field: `None` when empty, the row rejected when it does not parse.
+    let opt_ns = |name: &str, scale: f64| -> Option<Option<u64>> {
+        match text(name)? {
+            "" => Some(None),
+            v => v.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).map(|v| Some((v * scale).round() as u64)),
+        }
+    };
+    let opt_small = |name: &str| -> Option<Option<u32>> {
+        match text(name)? {
+            "" => Some(None),
+            v => v.parse::<u32>().ok().map(Some),
+        }
+    };
+    match table {
+        Table::RequestLifecycle => {
+            let finished_ns = opt_ns("finished_sec", 1e9)?;
+            rows.request_lifecycle.push(RequestLifecycleRow {
+                request_id: text("request_id")?.to_string(),
+                started_ns: opt_ns("started_sec", 1e9)?,
+                preempted_ns: opt_ns("preempted_sec", 1e9)?,
+                resumed_ns: opt_ns("resumed_sec", 1e9)?,
+                finished_ns,
+                total_time_ns: opt_ns("total_time_sec", 1e9)?,
+                preemption_delay_ns: opt_ns("preemption_delay_sec", 1e9)?,
+                num_preemptions: small("num_preemptions")?,
+                // Files of versions before the column: finished, or in flight at shutdown.
+                outcome: match text("outcome") {
+                    None if finished_ns.is_some() => Outcome::Finished,
+                    None => Outcome::InFlight,
+                    Some(v) => [Outcome::Finished, Outcome::Evicted, Outcome::InFlight]
+                        .into_iter()
+                        .find(|x| x.as_str() == v)?,
+                },
+            });
+            return Some(());
+        }
+        Table::StepTimeline => {
+            rows.step_timeline.push(StepTimelineRow {
+                step: int("step")?,
+                start_ns: ns("start_sec", 1e9)?,
+                phase: match text("phase")? {
+                    "" => None,
+                    _ => Some(phase()?),
+                },
+                batch_size: opt_small("batch_size")?,
+                num_tokens: opt_small("num_tokens")?,
+                forward_passes: small("forward_passes")?,
+                forward_time_ns: opt_ns("forward_time_ms", 1e6)?,
+                scheduling_ns: opt_ns("scheduling_ms", 1e6)?,
+                batch_preparation_ns: opt_ns("batch_preparation_ms", 1e6)?,
+                sampling_ns: opt_ns("sampling_ms", 1e6)?,
+                other_cpu_ns: opt_ns("other_cpu_ms", 1e6)?,
+                wall_ns: ns("step_wall_ms", 1e6)?,
+                host_gap_before_ns: opt_ns("host_gap_before_ms", 1e6)?,
+                unclaimed_ns: ns("unclaimed_ms", 1e6)?,
+                seq_utilization_pct: opt("seq_utilization_pct")?,
+                token_utilization_pct: opt("token_utilization_pct")?,
+                running_queue_len: opt_small("running_queue_len")?,
+                waiting_queue_len: opt_small("waiting_queue_len")?,
+                kv_cache_usage_pct: opt("kv_cache_usage_pct")?,
+                cuda_graph: match text("cuda_graph")? {
+                    "" => None,
+                    v => Some(GraphEvent::ALL.into_iter().find(|x| x.as_str() == v)?),
+                },
+                padded_batch_size: opt_small("padded_batch_size")?,
+                padding_pct: opt("padding_pct")?,
+                preemptions: opt_small("preemptions")?,
+                resumes: opt_small("resumes")?,
+                encoder_time_ns: opt_ns("encoder_time_ms", 1e6)?,
+                decoder_time_ns: opt_ns("decoder_time_ms", 1e6)?,
+                moe_max_over_mean: opt("moe_max_over_mean")?,
+            });
+            return Some(());
+        }
+        _ => {}
+    }
     let timestamp_ns = ns("timestamp_sec", 1e9)?;
     match table {
         Table::ForwardPass => rows.forward_pass.push(ForwardPassRow {
@@ -274,6 +352,7 @@ fn parse_row(table: Table, r: &csv::StringRecord, c: &HashMap<String, usize>, ro
             },
             step,
         }),
+        // Parsed above.
         Table::RequestLifecycle | Table::StepTimeline => return None,
     }
     Some(())

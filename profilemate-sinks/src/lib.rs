@@ -52,9 +52,11 @@ pub use metrics_sink::{
 };
 #[cfg(feature = "parquet")]
 pub use parquet_sink::{
-    parquet_file_name, ParquetSink, DEFAULT_ROW_GROUP_BYTES, DEFAULT_ROW_GROUP_ROWS, PARTIAL_SUFFIX,
+    parquet_file_name, ParquetCompletion, ParquetSink, DEFAULT_ROW_GROUP_BYTES, DEFAULT_ROW_GROUP_ROWS, PARTIAL_SUFFIX,
 };
-pub use perfetto_sink::{trace_file_name, PerfettoSink, DEFAULT_MAX_EVENTS_PER_FILE, MAX_TRACKS_PER_KIND, TRACE_FILE};
+pub use perfetto_sink::{
+    trace_file_name, PerfettoSink, TraceCompletion, DEFAULT_MAX_EVENTS_PER_FILE, MAX_TRACKS_PER_KIND, TRACE_FILE,
+};
 pub use recover::{drop_torn_line, recover_buffers, replay_buffers, BufferRecovery};
 
 use profilemate_core::{Config, Error, Sink, SinkError, SinkKind, Table};

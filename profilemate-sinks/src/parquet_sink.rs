@@ -459,6 +459,15 @@ impl TableFile {
     }
 }
 
+/// What [`ParquetSink::complete_partial`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParquetCompletion {
+    /// The Parquet files written complete (`<table>.parquet`) from their CSV tables.
+    pub completed: Vec<String>,
+    /// The `.partial` files left as they were, each with the reason.
+    pub not_completed: std::collections::BTreeMap<String, String>,
+}
+
 impl ParquetSink {
     /// Creates the Parquet files of every table `config` enables, in `dir` (as
     /// `<table>.parquet.partial` until shutdown), for this host (its name) and the rank
@@ -492,9 +501,11 @@ impl ParquetSink {
     /// footer: no reader can open them): each is written again, as a complete
     /// `<table>.parquet`, from the rows of its CSV table (complete after
     /// [`recover_buffers`](crate::recover_buffers): the same rows), with `host` and `rank` as
-    /// given. Tables a [`TableFollower`](crate::TableFollower) does not read
-    /// (`request_lifecycle`, `step_timeline`) and tables without a CSV file keep their
-    /// `.partial` file. Returns the files completed.
+    /// given. Every table the sink writes is completed so, `request_lifecycle` and
+    /// `step_timeline` included. A table is left `.partial`, with the reason in
+    /// [`ParquetCompletion::not_completed`], when it has no CSV table to be rebuilt from (the
+    /// CSV sink was off) or when lines of its CSV table do not parse (the Parquet file would
+    /// lack their rows).
     ///
     /// ```
     /// use profilemate_core::{Phase, Session, SinkKind};
@@ -510,7 +521,9 @@ impl ParquetSink {
     /// assert!(dir.path().join("forward_pass_timing.parquet.partial").exists());
     /// std::mem::forget(session);
     /// let done = profilemate_sinks::ParquetSink::complete_partial(dir.path(), "host-a", Some(0))?;
-    /// assert!(done.contains(&"forward_pass_timing.parquet".to_string()));
+    /// assert!(done.completed.contains(&"forward_pass_timing.parquet".to_string()));
+    /// assert!(done.completed.contains(&"step_timeline.parquet".to_string()));
+    /// assert!(done.not_completed.is_empty());
     /// assert!(dir.path().join("forward_pass_timing.parquet").exists());
     /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     /// ```
@@ -518,19 +531,38 @@ impl ParquetSink {
     /// # Errors
     ///
     /// A file cannot be read, written or renamed (the `.partial` files are then left).
-    pub fn complete_partial(dir: &Path, host: &str, rank: Option<i64>) -> Result<Vec<String>, SinkError> {
-        let tables: Vec<Table> = crate::FOLLOWED_TABLES
-            .into_iter()
-            .filter(|t| {
-                dir.join(format!("{}{PARTIAL_SUFFIX}", parquet_file_name(*t))).exists()
-                    && dir.join(t.file_name()).exists()
-            })
-            .collect();
-        if tables.is_empty() {
-            return Ok(Vec::new());
+    pub fn complete_partial(dir: &Path, host: &str, rank: Option<i64>) -> Result<ParquetCompletion, SinkError> {
+        let mut done = ParquetCompletion::default();
+        let mut tables = Vec::new();
+        let mut rows = Rows::default();
+        for table in Table::ALL {
+            let partial = format!("{}{PARTIAL_SUFFIX}", parquet_file_name(table));
+            if !dir.join(&partial).exists() {
+                continue;
+            }
+            if !dir.join(table.file_name()).exists() {
+                done.not_completed.insert(partial, format!("no {} to rebuild it from", table.file_name()));
+                continue;
+            }
+            let mut follower = crate::TableFollower::with_tables(dir, &[table]);
+            let table_rows = follower.poll();
+            let skipped = follower.skipped_lines();
+            if skipped > 0 {
+                done.not_completed.insert(
+                    partial,
+                    format!(
+                        "{skipped} line(s) of {} do not parse: the Parquet table would lack them",
+                        table.file_name()
+                    ),
+                );
+                continue;
+            }
+            rows.extend_from(&table_rows);
+            tables.push(table);
         }
-        let mut follower = crate::TableFollower::with_tables(dir, &tables);
-        let rows = follower.poll();
+        if tables.is_empty() {
+            return Ok(done);
+        }
         let mut sink = ParquetSink {
             dir: dir.to_path_buf(),
             tables: tables.iter().map(|t| TableFile::create(dir, *t)).collect::<Result<_, _>>()?,
@@ -546,7 +578,8 @@ impl ParquetSink {
         for t in &mut sink.tables {
             t.close().map_err(|e| format!("{}: {e}", parquet_file_name(t.table)))?;
         }
-        Ok(tables.iter().map(|t| parquet_file_name(*t)).collect())
+        done.completed = tables.iter().map(|t| parquet_file_name(*t)).collect();
+        Ok(done)
     }
 
     /// Keeps the tables within `budget` (shared with the run's other table sinks): each row

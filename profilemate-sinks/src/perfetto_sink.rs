@@ -2,7 +2,8 @@
 //! `chrome://tracing` open.
 
 use crate::numbers;
-use profilemate_core::{LifecycleEvent, Rows, RunManifest, Sink, SinkError};
+use profilemate_core::{GraphEvent, LifecycleEvent, Rows, RunManifest, Sink, SinkError};
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io::Write;
@@ -643,6 +644,230 @@ impl PerfettoSink {
             write!(out, r#""used_blocks":{}}}}}"#, r.used_blocks)?;
         }
         Ok(())
+    }
+}
+
+/// What [`PerfettoSink::complete_trace`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceCompletion {
+    /// The trace file the events were appended to (the run's last one); `None` when there was
+    /// nothing to complete (no trace, or its last file already closed).
+    pub file: Option<String>,
+    /// Events appended: rows of the tables that the trace did not show yet (less any left
+    /// out because they overlap events on every track of their kind, as the live sink leaves
+    /// them out).
+    pub events_added: u64,
+}
+
+/// One trace event, as much of it as [`PerfettoSink::complete_trace`] needs.
+#[derive(serde::Deserialize)]
+struct TraceEvent {
+    ph: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    cat: Option<String>,
+    #[serde(default)]
+    ts: Option<f64>,
+    #[serde(default)]
+    pid: Option<u32>,
+    #[serde(default)]
+    args: Option<TraceArgs>,
+}
+
+#[derive(serde::Deserialize)]
+struct TraceArgs {
+    #[serde(default)]
+    name: Option<serde_json::Value>,
+}
+
+/// What identifies a row's event in the trace: its category (or counter), its name, and its
+/// time in whole microseconds (the CSV tables' resolution).
+type EventKey = (&'static str, String, u64);
+
+fn key_us(ns: u64) -> u64 {
+    numbers::round_us(ns)
+}
+
+/// The keys of the events `rows` make in a trace, one per row that makes events, with the row's
+/// index; in the order of [`PerfettoSink::write_all_rows`].
+fn row_keys(rows: &Rows) -> Vec<(EventKey, profilemate_core::Table, usize)> {
+    use profilemate_core::Table as T;
+    let mut keys = Vec::new();
+    for (i, r) in rows.forward_pass.iter().enumerate() {
+        keys.push((("forward_pass", r.phase.as_str().to_string(), key_us(r.timestamp_ns)), T::ForwardPass, i));
+    }
+    for (i, r) in rows.cpu_operations.iter().enumerate() {
+        keys.push((("cpu_operation", r.operation.to_string(), key_us(r.timestamp_ns)), T::CpuOperations, i));
+    }
+    for (i, r) in rows.encoder_decoder.iter().enumerate() {
+        let key = ("encoder_decoder", r.component.as_str().to_string(), key_us(r.timestamp_ns));
+        keys.push((key, T::EncoderDecoder, i));
+    }
+    for (i, r) in rows.cuda_graph.iter().enumerate() {
+        if r.event == GraphEvent::Capture && r.duration_ns.is_some() {
+            keys.push((("cuda_graph", "capture".to_string(), key_us(r.timestamp_ns)), T::CudaGraphEvents, i));
+        }
+    }
+    for (i, r) in rows.preemption_events.iter().enumerate() {
+        if matches!(r.event, LifecycleEvent::Preempted | LifecycleEvent::Resumed | LifecycleEvent::Evicted) {
+            keys.push((("request", r.event.as_str().to_string(), key_us(r.timestamp_ns)), T::PreemptionEvents, i));
+        }
+    }
+    for (i, r) in rows.batch_utilization.iter().enumerate() {
+        keys.push((("counter", "queue".to_string(), key_us(r.timestamp_ns)), T::BatchUtilization, i));
+    }
+    for (i, r) in rows.kv_cache.iter().enumerate() {
+        keys.push((("counter", "kv_cache".to_string(), key_us(r.timestamp_ns)), T::KvCacheUsage, i));
+    }
+    keys
+}
+
+impl PerfettoSink {
+    /// Completes the trace of a process killed before it finished (its last trace file has no
+    /// closing `]`): the rows of `rows` (the run's tables, complete after
+    /// [`recover_buffers`](crate::recover_buffers) replayed the thread buffers) that have no
+    /// event in the trace files of `dir` yet are appended, as whole events, to the last file,
+    /// on the tracks of the process that file names. A row's event is matched by its kind,
+    /// name and time to the microsecond (the tables' resolution; the appended events' times
+    /// have that resolution too). Running it again appends nothing, and a trace whose last
+    /// file is closed is left alone. The array is left open: close it by appending `]`
+    /// (`profilemate recover` does).
+    ///
+    /// ```
+    /// use profilemate_core::{ForwardPassRow, Phase, Rows, Sink};
+    /// use profilemate_sinks::PerfettoSink;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let pass = |ms: u64| ForwardPassRow { timestamp_ns: ms * 1_000_000, phase: Phase::Decode, batch_size: 1, num_tokens: 1, forward_time_ns: 500_000, step: None };
+    /// let mut sink = PerfettoSink::create_for_process(dir.path(), 7, "engine")?;
+    /// let mut rows = Rows::default();
+    /// rows.forward_pass.push(pass(1));
+    /// sink.write_rows(&rows)?;
+    /// sink.flush()?;
+    /// std::mem::forget(sink); // killed: the array is not closed
+    /// rows.forward_pass.push(pass(2)); // a row the trace did not get
+    /// let done = PerfettoSink::complete_trace(dir.path(), &rows)?;
+    /// assert_eq!(done.events_added, 1);
+    /// assert_eq!(PerfettoSink::complete_trace(dir.path(), &rows)?.events_added, 0, "idempotent");
+    /// let mut text = std::fs::read_to_string(dir.path().join("profilemate_trace.json"))?;
+    /// text.push_str("\n]\n");
+    /// let trace: serde_json::Value = serde_json::from_str(&text)?;
+    /// let slices = trace.as_array().unwrap().iter().filter(|e| e["ph"] == "X" && e["pid"] == 7).count();
+    /// assert_eq!(slices, 2);
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A trace file cannot be read, does not parse as whole events, or cannot be written.
+    pub fn complete_trace(dir: &Path, rows: &Rows) -> Result<TraceCompletion, SinkError> {
+        let mut files = Vec::new();
+        while dir.join(trace_file_name(files.len())).exists() {
+            files.push(trace_file_name(files.len()));
+        }
+        let Some(last_name) = files.last().cloned() else { return Ok(TraceCompletion::default()) };
+        let last_path = dir.join(&last_name);
+        let text = std::fs::read(&last_path).map_err(|e| format!("{}: {e}", last_path.display()))?;
+        let trimmed = text.trim_ascii_end();
+        if trimmed.ends_with(b"]") || trimmed.is_empty() {
+            return Ok(TraceCompletion::default());
+        }
+        let body_len = trimmed.strip_suffix(b",").unwrap_or(trimmed).len();
+        // The events already in the trace, by key, counted.
+        let mut seen: HashMap<EventKey, u64> = HashMap::new();
+        let (mut pid, mut process_name, mut events_in_last) = (None, None, 0usize);
+        for (index, name) in files.iter().enumerate() {
+            let is_last = index + 1 == files.len();
+            let mut bytes = if is_last {
+                text[..body_len].to_vec()
+            } else {
+                std::fs::read(dir.join(name)).map_err(|e| format!("{name}: {e}"))?
+            };
+            if is_last {
+                bytes.extend_from_slice(b"\n]");
+            }
+            let events: Vec<TraceEvent> =
+                serde_json::from_slice(&bytes).map_err(|e| format!("{name} does not end with a whole event: {e}"))?;
+            for e in events {
+                let ts = e.ts.map(|us| us.round().max(0.0) as u64);
+                let key: Option<EventKey> = match (e.ph.as_str(), e.cat.as_deref(), e.name, ts) {
+                    ("X" | "i", Some(cat), Some(name), Some(ts)) => {
+                        let cat = ["forward_pass", "cpu_operation", "encoder_decoder", "cuda_graph", "request"]
+                            .into_iter()
+                            .find(|c| *c == cat);
+                        cat.map(|c| (c, name, ts))
+                    }
+                    ("C", _, Some(name), Some(ts)) if name == "queue" || name == "kv_cache" => {
+                        Some(("counter", name, ts))
+                    }
+                    ("M", _, Some(name), _) if name == "process_name" && is_last && pid.is_none() => {
+                        pid = e.pid;
+                        process_name = e.args.and_then(|a| a.name).and_then(|n| n.as_str().map(String::from));
+                        None
+                    }
+                    _ => None,
+                };
+                if is_last && e.ph != "M" {
+                    events_in_last += 1;
+                }
+                if let Some(key) = key {
+                    *seen.entry(key).or_insert(0) += 1;
+                }
+            }
+        }
+        let mut missing = Rows::default();
+        let mut added = 0u64;
+        for (key, table, i) in row_keys(rows) {
+            if let Some(n) = seen.get_mut(&key).filter(|n| **n > 0) {
+                *n -= 1;
+                continue;
+            }
+            added += 1;
+            use profilemate_core::Table as T;
+            match table {
+                T::ForwardPass => missing.forward_pass.push(rows.forward_pass[i].clone()),
+                T::CpuOperations => missing.cpu_operations.push(rows.cpu_operations[i].clone()),
+                T::EncoderDecoder => missing.encoder_decoder.push(rows.encoder_decoder[i].clone()),
+                T::CudaGraphEvents => missing.cuda_graph.push(rows.cuda_graph[i].clone()),
+                T::PreemptionEvents => missing.preemption_events.push(rows.preemption_events[i].clone()),
+                T::BatchUtilization => missing.batch_utilization.push(rows.batch_utilization[i].clone()),
+                T::KvCacheUsage => missing.kv_cache.push(rows.kv_cache[i].clone()),
+                _ => {}
+            }
+        }
+        if added == 0 {
+            return Ok(TraceCompletion { file: Some(last_name), events_added: 0 });
+        }
+        // Appended after the last whole event (a trailing comma, if any, cut first).
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&last_path)
+            .map_err(|e| format!("cannot append to {}: {e}", last_path.display()))?;
+        if body_len < text.len() {
+            file.set_len(body_len as u64).map_err(|e| format!("{}: {e}", last_path.display()))?;
+        }
+        let pid = pid.unwrap_or(0);
+        let mut sink = PerfettoSink {
+            dir: dir.to_path_buf(),
+            max_events: DEFAULT_MAX_EVENTS_PER_FILE,
+            out: Some(EventWriter::new(file)),
+            file_index: files.len() - 1,
+            events_in_file: events_in_last,
+            pid,
+            process_name: process_name.unwrap_or_else(|| format!("profilemate pid {pid}")),
+            tracks: Vec::new(),
+            lanes: Default::default(),
+            requests_track: false,
+            left_out: 0,
+            order: Vec::new(),
+            finished: false,
+        };
+        sink.write_rows(&missing)?;
+        sink.flush()?;
+        // Events that overlap others on every track of their kind are left out again, as the
+        // live sink left them out.
+        Ok(TraceCompletion { file: Some(trace_file_name(sink.file_index)), events_added: added - sink.left_out })
     }
 }
 

@@ -86,9 +86,11 @@ pub struct BufferRecovery {
 /// [`profilemate_core::replay_dead_buffers`] for what "dead" means and why the replay is
 /// exactly once): each table's torn last line is dropped, then the records still in the
 /// buffers are appended as rows, and the buffer files removed. Summaries, the manifest, the
-/// Perfetto trace and Parquet tables are not touched (the replayed rows reach the CSV tables
-/// only). `profilemate recover DIR` (`profilemate_cli::recover`) does this with
-/// [`replay_buffers`], records the figures in the manifest, then removes the files.
+/// Perfetto trace and Parquet tables are not touched here (the replayed rows reach the CSV
+/// tables only). `profilemate recover DIR` (`profilemate_cli::recover`) does this with
+/// [`replay_buffers`], then completes the trace ([`PerfettoSink::complete_trace`](crate::PerfettoSink::complete_trace))
+/// and the Parquet tables from the CSV tables, records the figures in the manifest, and removes
+/// the files.
 ///
 /// ```
 /// let dir = tempfile::tempdir()?;

@@ -198,3 +198,68 @@ fn gethostname_for_test() -> String {
     let manifest = common::manifest();
     manifest.host
 }
+
+/// The CSV and Parquet tables of four batches of rows of every table, as a process killed after
+/// its last flush leaves them: the CSV tables whole, every Parquet table `.partial`.
+fn killed_run(dir: &Path) {
+    let config = Config::default();
+    let mut csv = CsvSink::create(dir, &config).unwrap();
+    let mut parquet = ParquetSink::create(dir, &config).unwrap().with_row_group_rows(3);
+    for b in 0..4 {
+        let rows = common::rows(b);
+        csv.write_rows(&rows).unwrap();
+        parquet.write_rows(&rows).unwrap();
+        csv.flush().unwrap();
+        parquet.flush().unwrap();
+    }
+    // Killed: no footer, nothing renamed.
+    std::mem::forget(parquet);
+    drop(csv);
+    for table in Table::ALL {
+        assert!(dir.join(format!("{}.parquet.partial", table.name())).exists(), "{table:?}");
+    }
+}
+
+#[test]
+fn recovery_completes_every_tables_partial_parquet_file_from_its_csv_table() {
+    let dir = tempfile::tempdir().unwrap();
+    killed_run(dir.path());
+    let done = ParquetSink::complete_partial(dir.path(), "node-7", Some(5)).unwrap();
+    let every: Vec<String> = Table::ALL.iter().map(|t| format!("{}.parquet", t.name())).collect();
+    assert_eq!(done.completed, every);
+    assert!(done.not_completed.is_empty(), "{:?}", done.not_completed);
+    // Each table, the request lifecycle and the step timeline included: every row, every value
+    // (nulls where the CSV is empty), host and rank as given.
+    let counts = assert_parquet_matches_csv(dir.path(), "node-7", Some(5));
+    assert!(counts.iter().all(|(_, n)| *n > 0), "every table has rows: {counts:?}");
+    assert!(counts.contains(&(Table::RequestLifecycle, 8)), "{counts:?}");
+    assert!(counts.contains(&(Table::StepTimeline, 8)), "{counts:?}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // Again: nothing left to complete.
+    assert_eq!(ParquetSink::complete_partial(dir.path(), "node-7", Some(5)).unwrap(), Default::default());
+}
+
+#[test]
+fn a_partial_parquet_file_recovery_cannot_rebuild_stays_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    killed_run(dir.path());
+    // No CSV table to rebuild the step timeline from; a request lifecycle line that does not parse.
+    std::fs::remove_file(dir.path().join("step_timeline.csv")).unwrap();
+    let lifecycle = dir.path().join("request_lifecycle.csv");
+    let mut text = std::fs::read_to_string(&lifecycle).unwrap();
+    text.push_str("r9,not-a-number,,,,,,0,finished\n");
+    std::fs::write(&lifecycle, text).unwrap();
+    let done = ParquetSink::complete_partial(dir.path(), "node-7", None).unwrap();
+    assert_eq!(done.completed.len(), Table::ALL.len() - 2, "{:?}", done.completed);
+    let why = |f: &str| done.not_completed.get(f).cloned().unwrap_or_default();
+    assert!(why("step_timeline.parquet.partial").contains("no step_timeline.csv"), "{:?}", done.not_completed);
+    assert!(why("request_lifecycle.parquet.partial").contains("1 line(s) of request_lifecycle.csv do not parse"));
+    assert!(dir.path().join("step_timeline.parquet.partial").exists());
+    assert!(dir.path().join("request_lifecycle.parquet.partial").exists());
+    assert!(!dir.path().join("request_lifecycle.parquet").exists());
+}
