@@ -320,6 +320,10 @@ def hook_cost(llm, prompts) -> float:
 
     base = per_call(plain)
     inproc = per_call(lambda: step(True)) - base
+    if getattr(STATE, "worker_here", False):
+        # The engine core of a split engine has no model runner in its process: its outputs
+        # carry the step id and phase to the workers.
+        STATE.worker_here = False
     split = per_call(lambda: step(False)) - base
     print(
         f"\nper-step cost of the plugin (decode step, batch {len(so.num_scheduled_tokens)}; best of 7 x 20000, "

@@ -159,11 +159,15 @@ def _update_from_output(orig):
             out = orig(self, scheduler_output, model_runner_output)
             n = S.engine_step
             if n:
-                # Closes the step (inlined: this runs every step).
-                try:
-                    sid = scheduler_output.profilemate_step  # STEP_ATTR
-                except AttributeError:
-                    sid = 0  # an empty output: its step was cancelled
+                # Closes the step (inlined: this runs every step): the engine core's own last
+                # output, or (scheduled ahead, a batch queue) the output of the open step.
+                if scheduler_output is S.last_so:
+                    sid = n
+                else:
+                    try:
+                        sid = scheduler_output.profilemate_step  # STEP_ATTR
+                    except AttributeError:
+                        sid = 0  # an empty output: its step was cancelled
                 if sid == n:
                     S.engine_step = 0
                     p = S.path
@@ -221,6 +225,7 @@ def _execute_model(v2: bool):
                     # worker_step_begins began the step).
                     if so is S.last_so:
                         p.execute_begin()
+                        S.worker_here = True
                     out = orig(self, so, intermediate_tensors)
                     p.execute_end(True)
                     if S.moe is not None or not S.idle_armed or (out is not None and S.worker_step):

@@ -678,7 +678,7 @@ def step_empty() -> None:
 def step_ends(so: Any) -> None:
     """After ``update_from_output(so)``: closes the step ``so`` carries if it is the open one.
     (The exact wrapper of ``update_from_output`` does the same inline.)"""
-    if getattr(so, STEP_ATTR, 0) == S.engine_step:
+    if so is S.last_so or getattr(so, STEP_ATTR, 0) == S.engine_step:
         S.engine_step = 0
         if S.rec is not None:
             S.rec.end_step()
@@ -741,9 +741,10 @@ def after_schedule(sched: Any, out: Any, p: Any) -> None:
             p.end_step()
         S.rec.begin_step(n)
         S.engine_step = n
-    out.profilemate_step = n  # STEP_ATTR
     phase, nseq = classify(out, S.recompute)
-    out.profilemate_phase = phase  # PHASE_ATTR
+    if not S.worker_here:  # for model runners in other processes
+        out.profilemate_step = n  # STEP_ATTR
+        out.profilemate_phase = phase  # PHASE_ATTR
     S.last_so = out
     S.last_phase = phase
     S.last_nseq = nseq
@@ -874,7 +875,11 @@ def begin_step(runner: Any, so: Any, v2: bool) -> Any:
         return None
     # The step id the engine core gave this output: opened here in a worker process (in one
     # process the engine core's side holds it open already).
-    sid = getattr(so, STEP_ATTR, 0)
+    if so is S.last_so:
+        S.worker_here = True
+        sid = S.engine_step
+    else:
+        sid = getattr(so, STEP_ATTR, 0)
     if sid and sid != S.engine_step:
         if S.worker_step:
             r.end_step()
