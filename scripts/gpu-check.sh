@@ -12,7 +12,7 @@
 #    points every driver from CUDA 12.0 on exports. Without it, a machine with no nvcc gets
 #    cudarc's newest bindings (CUDA 13), which need a driver of CUDA 12.8 or later.
 #
-#    and the vLLM binding's abi3 wheel (any Python >= 3.9; maturin is in the vLLM test environment):
+#    and the vLLM binding's abi3 wheel (any Python >= 3.10; maturin is in the vLLM test environment):
 #
 #      (cd profilemate-vllm && maturin build --release -o ../target/wheels)
 #

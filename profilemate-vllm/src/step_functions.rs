@@ -105,6 +105,44 @@ fn clamp_u32(v: i64) -> u32 {
 
 // --- the functions ------------------------------------------------------------------------------
 
+/// A `METH_NOARGS` method: `$body` on the recorder `$r`, returning `None`.
+macro_rules! no_args {
+    ($name:ident, |$r:ident| $body:expr) => {
+        unsafe extern "C" fn $name(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
+            unsafe {
+                with_recorder(slf, |$r| {
+                    $body;
+                    none()
+                })
+            }
+        }
+    };
+}
+
+/// A `METH_O` method taking a Python `int` (as `$v`, an `i64`): `$body` on the recorder `$r`,
+/// returning `None`.
+macro_rules! one_int {
+    ($name:ident, |$r:ident, $v:ident| $body:expr) => {
+        unsafe extern "C" fn $name(slf: *mut ffi::PyObject, arg: *mut ffi::PyObject) -> *mut ffi::PyObject {
+            unsafe {
+                with_recorder(slf, |$r| {
+                    let $v = int(arg)?;
+                    $body;
+                    none()
+                })
+            }
+        }
+    };
+}
+
+no_args!(execute_begin, |r| r.step.execute_begin());
+no_args!(forward_begin, |r| r.step.forward_begin());
+no_args!(forward_end, |r| r.step.forward_end());
+no_args!(sample_end, |r| r.step.sample_end());
+no_args!(end_step, |r| r.steps.close());
+one_int!(op_begin, |r, op| r.step.op_begin(usize::try_from(op).unwrap_or(usize::MAX)));
+one_int!(op_end, |r, op| r.step.op_end(usize::try_from(op).unwrap_or(usize::MAX)));
+
 /// Opens engine step `step` (a Python `int`); `ValueError` for an id out of range.
 unsafe fn open_step(r: &Recorder, step: *mut ffi::PyObject) -> Result<*mut ffi::PyObject, ()> {
     let step = unsafe { int(step)? };
@@ -153,15 +191,6 @@ unsafe extern "C" fn scheduled(
     }
 }
 
-unsafe extern "C" fn execute_begin(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    unsafe {
-        with_recorder(slf, |r| {
-            r.step.execute_begin();
-            none()
-        })
-    }
-}
-
 unsafe extern "C" fn execute_begin_with(
     slf: *mut ffi::PyObject,
     args: *mut *mut ffi::PyObject,
@@ -189,62 +218,8 @@ unsafe extern "C" fn execute_end(slf: *mut ffi::PyObject, forward: *mut ffi::PyO
     }
 }
 
-unsafe extern "C" fn forward_begin(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    unsafe {
-        with_recorder(slf, |r| {
-            r.step.forward_begin();
-            none()
-        })
-    }
-}
-
-unsafe extern "C" fn forward_end(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    unsafe {
-        with_recorder(slf, |r| {
-            r.step.forward_end();
-            none()
-        })
-    }
-}
-
-unsafe extern "C" fn op_begin(slf: *mut ffi::PyObject, op: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    unsafe {
-        with_recorder(slf, |r| {
-            r.step.op_begin(usize::try_from(int(op)?).unwrap_or(usize::MAX));
-            none()
-        })
-    }
-}
-
-unsafe extern "C" fn op_end(slf: *mut ffi::PyObject, op: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    unsafe {
-        with_recorder(slf, |r| {
-            r.step.op_end(usize::try_from(int(op)?).unwrap_or(usize::MAX));
-            none()
-        })
-    }
-}
-
 unsafe extern "C" fn sample_begin(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
     unsafe { with_recorder(slf, |r| boolean(r.step.sample_begin())) }
-}
-
-unsafe extern "C" fn sample_end(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    unsafe {
-        with_recorder(slf, |r| {
-            r.step.sample_end();
-            none()
-        })
-    }
-}
-
-unsafe extern "C" fn end_step(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    unsafe {
-        with_recorder(slf, |r| {
-            r.steps.close();
-            none()
-        })
-    }
 }
 
 // --- the table ----------------------------------------------------------------------------------
