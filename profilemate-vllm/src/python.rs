@@ -87,7 +87,7 @@ fn runs(dir: PathBuf) -> Vec<String> {
 
 /// One process's recording session, writing into its own part directory.
 #[pyclass(frozen, module = "profilemate_vllm._native")]
-pub(crate) struct Recorder {
+struct Recorder {
     session: Mutex<Option<Session>>,
     forward: ForwardPass,
     cpu: CpuTiming,
@@ -97,8 +97,8 @@ pub(crate) struct Recorder {
     kv_cache: KvCacheUsage,
     cuda_graphs: CudaGraphs,
     moe: MoeRouting,
-    pub(crate) steps: Steps,
-    pub(crate) step: StepPath,
+    steps: Steps,
+    step: StepPath,
     trackers: Vec<&'static str>,
     dir: String,
     timing: String,
@@ -171,6 +171,7 @@ impl Recorder {
                 session.batch_utilization(),
                 session.components(),
                 session.kv_cache(),
+                session.steps(),
             ),
             trackers: enabled,
             session: Mutex::new(Some(session)),
@@ -295,7 +296,7 @@ impl Recorder {
     /// clock is read natively (see `step_path` for what each records, and `step_functions` for
     /// why this type is written against the C API).
     fn step_path<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        crate::step_functions::step_path(slf)
+        crate::step_functions::step_path(slf.as_any(), &slf.get().step)
     }
 
     /// Whether a model runner's step is under way in this process.

@@ -9,44 +9,43 @@
 //! costs about 6 ns, which the interpreter calls directly, and an integer read with
 //! `PyLong_AsLongLong` about 2. That difference, some 0.15 µs a step, is the reason this one type
 //! is written by hand (`PyType_FromSpec`, in the limited API since Python 3.10): an instance
-//! holds a reference to its `Recorder`, and each method converts its integers itself and calls
-//! [`StepPath`](crate::step_path::StepPath).
+//! holds a reference to the Python object that owns its [`StepPath`] (the `Recorder`), and each
+//! method converts its integers itself and calls the step path.
 //!
 //! The methods never unwind into Python: a panic would abort the process, so each body runs
 //! under `catch_unwind` and a panic becomes a `RuntimeError`. Wrong arguments raise `TypeError`
 //! (how many) or the integer conversion's own error (`OverflowError`, `TypeError`). Everything
 //! else of the recorder stays a PyO3 method.
 
-use crate::python::Recorder;
+use crate::step_path::StepPath;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::Borrowed;
 use std::ffi::{c_int, CStr};
 use std::os::raw::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::OnceLock;
 
-/// An instance: the object header, then a strong reference to its `Recorder`.
+/// An instance: the object header, a strong reference to the object that owns the step path,
+/// and the step path (inside that owner, so alive as long as the instance).
 #[repr(C)]
 struct Instance {
     header: ffi::PyObject,
-    recorder: *mut ffi::PyObject,
+    owner: *mut ffi::PyObject,
+    path: *const StepPath,
 }
 
-/// Runs `f` on the recorder of the instance `slf`: `NULL` (with a Python error set) when it
+/// Runs `f` on the step path of the instance `slf`: `NULL` (with a Python error set) when it
 /// panicked or failed, else a new reference.
 #[inline(always)]
-unsafe fn with_recorder(
+unsafe fn with_path(
     slf: *mut ffi::PyObject,
-    f: impl FnOnce(&Recorder) -> Result<*mut ffi::PyObject, ()>,
+    f: impl FnOnce(&StepPath) -> Result<*mut ffi::PyObject, ()>,
 ) -> *mut ffi::PyObject {
-    // SAFETY: CPython calls a method with the GIL held and `slf` an instance of the type
-    // (method descriptors check it); the instance holds its recorder for its whole life.
-    let py = unsafe { Python::assume_attached() };
-    let recorder = unsafe { Borrowed::from_ptr(py, (*slf.cast::<Instance>()).recorder) };
-    let recorder = unsafe { recorder.cast_unchecked::<Recorder>() };
-    match catch_unwind(AssertUnwindSafe(|| f(recorder.get()))) {
+    // SAFETY: CPython calls a method with the GIL held and `slf` an instance of the type (method
+    // descriptors check it); the instance holds the path's owner for its whole life.
+    let path = unsafe { &*(*slf.cast::<Instance>()).path };
+    match catch_unwind(AssertUnwindSafe(|| f(path))) {
         Ok(Ok(result)) => result,
         Ok(Err(())) => ptr::null_mut(),
         Err(_) => {
@@ -105,12 +104,12 @@ fn clamp_u32(v: i64) -> u32 {
 
 // --- the functions ------------------------------------------------------------------------------
 
-/// A `METH_NOARGS` method: `$body` on the recorder `$r`, returning `None`.
+/// A `METH_NOARGS` method: `$body` on the step path `$r`, returning `None`.
 macro_rules! no_args {
     ($name:ident, |$r:ident| $body:expr) => {
         unsafe extern "C" fn $name(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
             unsafe {
-                with_recorder(slf, |$r| {
+                with_path(slf, |$r| {
                     $body;
                     none()
                 })
@@ -119,13 +118,13 @@ macro_rules! no_args {
     };
 }
 
-/// A `METH_O` method taking a Python `int` (as `$v`, an `i64`): `$body` on the recorder `$r`,
+/// A `METH_O` method taking a Python `int` (as `$v`, an `i64`): `$body` on the step path `$r`,
 /// returning `None`.
 macro_rules! one_int {
     ($name:ident, |$r:ident, $v:ident| $body:expr) => {
         unsafe extern "C" fn $name(slf: *mut ffi::PyObject, arg: *mut ffi::PyObject) -> *mut ffi::PyObject {
             unsafe {
-                with_recorder(slf, |$r| {
+                with_path(slf, |$r| {
                     let $v = int(arg)?;
                     $body;
                     none()
@@ -135,18 +134,18 @@ macro_rules! one_int {
     };
 }
 
-no_args!(execute_begin, |r| r.step.execute_begin());
-no_args!(forward_begin, |r| r.step.forward_begin());
-no_args!(forward_end, |r| r.step.forward_end());
-no_args!(sample_end, |r| r.step.sample_end());
-no_args!(end_step, |r| r.steps.close());
-one_int!(op_begin, |r, op| r.step.op_begin(usize::try_from(op).unwrap_or(usize::MAX)));
-one_int!(op_end, |r, op| r.step.op_end(usize::try_from(op).unwrap_or(usize::MAX)));
+no_args!(execute_begin, |r| r.execute_begin());
+no_args!(forward_begin, |r| r.forward_begin());
+no_args!(forward_end, |r| r.forward_end());
+no_args!(sample_end, |r| r.sample_end());
+no_args!(end_step, |r| r.close_step());
+one_int!(op_begin, |r, op| r.op_begin(usize::try_from(op).unwrap_or(usize::MAX)));
+one_int!(op_end, |r, op| r.op_end(usize::try_from(op).unwrap_or(usize::MAX)));
 
 /// Opens engine step `step` (a Python `int`); `ValueError` for an id out of range.
-unsafe fn open_step(r: &Recorder, step: *mut ffi::PyObject) -> Result<*mut ffi::PyObject, ()> {
+unsafe fn open_step(r: &StepPath, step: *mut ffi::PyObject) -> Result<*mut ffi::PyObject, ()> {
     let step = unsafe { int(step)? };
-    if u64::try_from(step).is_ok_and(|s| r.steps.open(s)) || !r.steps.is_enabled() {
+    if u64::try_from(step).is_ok_and(|s| r.open_step(s)) {
         none()
     } else {
         let msg = format!("step id {step}: expected 1 to {}\0", profilemate::MAX_STEP);
@@ -157,15 +156,15 @@ unsafe fn open_step(r: &Recorder, step: *mut ffi::PyObject) -> Result<*mut ffi::
 
 unsafe extern "C" fn schedule_begin(slf: *mut ffi::PyObject, step: *mut ffi::PyObject) -> *mut ffi::PyObject {
     unsafe {
-        with_recorder(slf, |r| {
-            r.step.schedule_begin();
+        with_path(slf, |r| {
+            r.schedule_begin();
             open_step(r, step)
         })
     }
 }
 
 unsafe extern "C" fn begin_step(slf: *mut ffi::PyObject, step: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    unsafe { with_recorder(slf, |r| open_step(r, step)) }
+    unsafe { with_path(slf, |r| open_step(r, step)) }
 }
 
 unsafe extern "C" fn scheduled(
@@ -174,9 +173,9 @@ unsafe extern "C" fn scheduled(
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
     unsafe {
-        with_recorder(slf, |r| {
+        with_path(slf, |r| {
             let [phase, seqs, tokens, running, waiting, free, queries, hits] = ints::<8>(c"scheduled", args, nargs)?;
-            r.step.scheduled(
+            r.scheduled(
                 usize::try_from(phase).unwrap_or(usize::MAX),
                 clamp_u32(seqs),
                 clamp_u32(tokens),
@@ -197,9 +196,9 @@ unsafe extern "C" fn execute_begin_with(
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
     unsafe {
-        with_recorder(slf, |r| {
+        with_path(slf, |r| {
             let [phase, seqs, tokens] = ints::<3>(c"execute_begin_with", args, nargs)?;
-            r.step.execute_begin_with(usize::try_from(phase).unwrap_or(2), clamp_u32(seqs), clamp_u32(tokens));
+            r.execute_begin_with(usize::try_from(phase).unwrap_or(2), clamp_u32(seqs), clamp_u32(tokens));
             none()
         })
     }
@@ -207,19 +206,19 @@ unsafe extern "C" fn execute_begin_with(
 
 unsafe extern "C" fn execute_end(slf: *mut ffi::PyObject, forward: *mut ffi::PyObject) -> *mut ffi::PyObject {
     unsafe {
-        with_recorder(slf, |r| {
+        with_path(slf, |r| {
             let forward = match ffi::PyObject_IsTrue(forward) {
                 -1 => return Err(()),
                 v => v != 0,
             };
-            r.step.execute_end(forward);
+            r.execute_end(forward);
             none()
         })
     }
 }
 
 unsafe extern "C" fn sample_begin(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    unsafe { with_recorder(slf, |r| boolean(r.step.sample_begin())) }
+    unsafe { with_path(slf, |r| boolean(r.sample_begin())) }
 }
 
 // --- the table ----------------------------------------------------------------------------------
@@ -321,14 +320,15 @@ const DOC: &CStr = c"The step path of one Recorder (Recorder.step_path()): each 
 step is a call when it begins and one when it ends; the clock is read natively.";
 
 unsafe extern "C" fn dealloc(slf: *mut ffi::PyObject) {
-    // SAFETY: CPython deallocates an instance of our heap type once: its recorder reference is
+    // SAFETY: CPython deallocates an instance of our heap type once: its owner reference is
     // released, its memory freed with the type's own `tp_free`, and the reference every instance
     // of a heap type holds to its type released.
     unsafe {
         let instance = slf.cast::<Instance>();
-        let recorder = std::mem::replace(&mut (*instance).recorder, ptr::null_mut());
-        if !recorder.is_null() {
-            ffi::Py_DecRef(recorder);
+        (*instance).path = ptr::null();
+        let owner = std::mem::replace(&mut (*instance).owner, ptr::null_mut());
+        if !owner.is_null() {
+            ffi::Py_DecRef(owner);
         }
         let tp = ffi::Py_TYPE(slf);
         let free: ffi::freefunc = std::mem::transmute(ffi::PyType_GetSlot(tp, ffi::Py_tp_free));
@@ -337,16 +337,19 @@ unsafe extern "C" fn dealloc(slf: *mut ffi::PyObject) {
     }
 }
 
-/// A new `StepPath` of `recorder`.
-pub(crate) fn step_path<'py>(recorder: &Bound<'py, Recorder>) -> PyResult<Bound<'py, PyAny>> {
-    let py = recorder.py();
+/// A new `StepPath` object for `path`, which `owner` holds (a field of a frozen PyO3 class: it
+/// stays where it is while the owner lives, and the object keeps the owner alive).
+pub(crate) fn step_path<'py>(owner: &Bound<'py, PyAny>, path: &StepPath) -> PyResult<Bound<'py, PyAny>> {
+    let py = owner.py();
     let tp = step_path_type()?;
     // SAFETY: `tp` is our type; `PyType_GenericAlloc` zeroes the instance and takes a reference
-    // to the type; the instance then takes one to the recorder.
+    // to the type; the instance then takes one to the owner, which keeps `path` alive.
     unsafe {
         let obj = ffi::PyType_GenericAlloc(tp, 0);
         let obj = Bound::from_owned_ptr_or_err(py, obj)?;
-        (*obj.as_ptr().cast::<Instance>()).recorder = ffi::Py_NewRef(recorder.as_ptr());
+        let instance = obj.as_ptr().cast::<Instance>();
+        (*instance).owner = ffi::Py_NewRef(owner.as_ptr());
+        (*instance).path = ptr::from_ref(path);
         Ok(obj)
     }
 }

@@ -20,7 +20,7 @@
 
 use profilemate::{
     BatchSample, BatchUtilization, Component, Components, CpuOp, CpuTiming, ForwardPass, HostClock, KvCacheSample,
-    KvCacheUsage, Phase,
+    KvCacheUsage, Phase, Steps,
 };
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
@@ -39,6 +39,7 @@ pub(crate) struct StepPath {
     batch: BatchUtilization,
     components: Components,
     kv_cache: KvCacheUsage,
+    steps: Steps,
     // The scheduler's limits (set once per scheduler): max_num_seqs, max_num_batched_tokens, and
     // the KV cache's blocks (-1: no reading).
     max_num_seqs: AtomicU32,
@@ -72,6 +73,7 @@ impl StepPath {
         batch: BatchUtilization,
         components: Components,
         kv_cache: KvCacheUsage,
+        steps: Steps,
     ) -> Self {
         StepPath {
             clock: HostClock::new(),
@@ -80,6 +82,7 @@ impl StepPath {
             batch,
             components,
             kv_cache,
+            steps,
             max_num_seqs: AtomicU32::new(0),
             max_tokens: AtomicU32::new(0),
             kv_total_blocks: AtomicI64::new(-1),
@@ -121,6 +124,20 @@ impl StepPath {
         self.max_num_seqs.store(max_num_seqs, Relaxed);
         self.max_tokens.store(max_tokens, Relaxed);
         self.kv_total_blocks.store(kv_total_blocks, Relaxed);
+    }
+
+    /// Opens engine step `step`: every row recorded until [`close_step`](Self::close_step)
+    /// carries it. `false` for an id out of range (0, or above `profilemate::MAX_STEP`) while
+    /// steps are recorded.
+    #[inline]
+    pub(crate) fn open_step(&self, step: u64) -> bool {
+        self.steps.open(step) || !self.steps.is_enabled()
+    }
+
+    /// Closes the open step (nothing when none is open).
+    #[inline]
+    pub(crate) fn close_step(&self) {
+        self.steps.close();
     }
 
     /// `Scheduler.schedule` begins.
@@ -318,6 +335,7 @@ mod tests {
             session.batch_utilization(),
             session.components(),
             session.kv_cache(),
+            session.steps(),
         )
     }
 
