@@ -11,11 +11,8 @@ use crate::types::DropReason;
 /// dropped and counted as [`DropReason::TextTooLong`].
 pub const MAX_TEXT_BYTES: usize = 4096;
 
-pub(crate) const SLOT: usize = 64;
-
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-pub(crate) struct Slot(pub(crate) [u8; SLOT]);
+// The ring's element: one record is one or more slots (the layout is below, in `impl Slot`).
+pub(crate) use crate::ring::{Slot, SLOT};
 
 pub(crate) const K_FORWARD: u8 = 1;
 pub(crate) const K_CPU: u8 = 2;
@@ -45,8 +42,6 @@ pub(crate) const MOE_DATA_AT: usize = 32;
 pub(crate) const F_PADDED: u8 = 4;
 
 impl Slot {
-    pub(crate) const ZERO: Slot = Slot([0; SLOT]);
-
     #[inline(always)]
     pub(crate) fn head(kind: u8, tag: u8, flags: u8) -> Slot {
         let mut s = Slot::ZERO;

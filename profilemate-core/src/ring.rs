@@ -84,11 +84,22 @@
 //! - With an output budget that rolls a table file over during the pass of the kill, that pass's
 //!   rows in the rolled file are not truncated.
 
-use crate::record::{Slot, SLOT};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Bytes in a slot, the ring's element.
+pub(crate) const SLOT: usize = 64;
+
+/// One slot of a ring: a record is one or more of them (`record.rs` gives their layout).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Slot(pub(crate) [u8; SLOT]);
+
+impl Slot {
+    pub(crate) const ZERO: Slot = Slot([0; SLOT]);
+}
 
 /// The file name prefix of a session's buffers in its output directory.
 pub(crate) const BUFFER_FILE_PREFIX: &str = ".profilemate_buffers.";
