@@ -165,14 +165,7 @@ impl Recorder {
             cuda_graphs: session.cuda_graphs(),
             moe: session.moe_experts(),
             steps: session.steps(),
-            step: StepPath::new(
-                session.forward_pass(),
-                session.cpu_timing(),
-                session.batch_utilization(),
-                session.components(),
-                session.kv_cache(),
-                session.steps(),
-            ),
+            step: StepPath::new(&session),
             trackers: enabled,
             session: Mutex::new(Some(session)),
             dir: part_dir.to_string_lossy().into_owned(),
@@ -304,35 +297,9 @@ impl Recorder {
         self.step.in_step()
     }
 
-    /// The phase code of the model runner's current (or last) step.
-    fn step_phase(&self) -> usize {
-        self.step.phase()
-    }
-
     /// Steps recorded so far through the step path (the idle flusher watches it).
     fn activity(&self) -> u64 {
         self.step.activity()
-    }
-
-    /// A model runner step that ended now, in one call: `model_execution` (skipped when
-    /// negative), the forward pass and the language model's (decoder) time (a negative
-    /// `forward_ns` is dropped and counted for both).
-    fn executed(&self, phase: usize, num_seqs: u32, num_tokens: u32, execution_ns: i64, forward_ns: i64) {
-        let Some(&p) = PHASES.get(phase) else { return };
-        if let Ok(ns) = u64::try_from(execution_ns) {
-            self.cpu.record(CpuOp::MODEL_EXECUTION, Duration::from_nanos(ns), PHASE_CONTEXT[phase]);
-        }
-        match u64::try_from(forward_ns) {
-            Ok(ns) => {
-                let forward = Duration::from_nanos(ns);
-                self.forward.record(p, num_seqs, num_tokens, forward);
-                self.components.record(Component::Decoder, "language_model", forward);
-            }
-            Err(_) => {
-                self.forward.record_ms(p, num_seqs, num_tokens, ns_to_ms(forward_ns));
-                self.components.record_ms(Component::Decoder, "language_model", ns_to_ms(forward_ns));
-            }
-        }
     }
 
     /// The request began running.

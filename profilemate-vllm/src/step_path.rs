@@ -20,7 +20,7 @@
 
 use profilemate::{
     BatchSample, BatchUtilization, Component, Components, CpuOp, CpuTiming, ForwardPass, HostClock, KvCacheSample,
-    KvCacheUsage, Phase, Steps,
+    KvCacheUsage, Phase, Session, Steps,
 };
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
@@ -67,22 +67,16 @@ pub(crate) struct StepPath {
 }
 
 impl StepPath {
-    pub(crate) fn new(
-        forward: ForwardPass,
-        cpu: CpuTiming,
-        batch: BatchUtilization,
-        components: Components,
-        kv_cache: KvCacheUsage,
-        steps: Steps,
-    ) -> Self {
+    /// The step path of `session`, recording through its handles.
+    pub(crate) fn new(session: &Session) -> Self {
         StepPath {
             clock: HostClock::new(),
-            forward,
-            cpu,
-            batch,
-            components,
-            kv_cache,
-            steps,
+            forward: session.forward_pass(),
+            cpu: session.cpu_timing(),
+            batch: session.batch_utilization(),
+            components: session.components(),
+            kv_cache: session.kv_cache(),
+            steps: session.steps(),
             max_num_seqs: AtomicU32::new(0),
             max_tokens: AtomicU32::new(0),
             kv_total_blocks: AtomicI64::new(-1),
@@ -312,11 +306,6 @@ impl StepPath {
         self.in_step.load(Relaxed)
     }
 
-    /// The phase code of the model runner's current (or last) step.
-    pub(crate) fn phase(&self) -> usize {
-        self.phase.load(Relaxed)
-    }
-
     /// Steps recorded so far (scheduled and executed), for the idle flusher.
     pub(crate) fn activity(&self) -> u64 {
         self.activity.load(Relaxed)
@@ -326,18 +315,7 @@ impl StepPath {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use profilemate::{MemorySink, Session};
-
-    fn path(session: &Session) -> StepPath {
-        StepPath::new(
-            session.forward_pass(),
-            session.cpu_timing(),
-            session.batch_utilization(),
-            session.components(),
-            session.kv_cache(),
-            session.steps(),
-        )
-    }
+    use profilemate::MemorySink;
 
     fn spin(d: Duration) {
         let t = std::time::Instant::now();
@@ -351,7 +329,7 @@ mod tests {
     fn one_step_records_every_region_with_the_scheduled_phase_and_batch() {
         let memory = MemorySink::new();
         let session = Session::builder().in_memory_only().sink(memory.clone()).build().unwrap();
-        let p = path(&session);
+        let p = StepPath::new(&session);
         p.set_limits(8, 512, 100);
         p.schedule_begin();
         spin(Duration::from_micros(50));
@@ -410,7 +388,7 @@ mod tests {
     fn regions_outside_a_step_or_without_a_beginning_record_nothing() {
         let memory = MemorySink::new();
         let session = Session::builder().in_memory_only().sink(memory.clone()).build().unwrap();
-        let p = path(&session);
+        let p = StepPath::new(&session);
         p.forward_begin();
         p.forward_end();
         p.op_begin(1);
@@ -424,7 +402,6 @@ mod tests {
         p.scheduled(1, 2, 2, 2, 0, 5, 0, 0); // no schedule_begin, no KV total: batch row only
         assert_eq!(memory.rows().cpu_operations.len(), 0);
         p.execute_begin_with(7, 2, 2); // phase clamped to mixed
-        assert_eq!(p.phase(), 2);
         p.execute_end(true);
         p.execute_begin_with(1, 3, 3);
         p.execute_end(false);

@@ -755,14 +755,14 @@ def test_native_step_methods_give_rows_their_step(tmp_path, monkeypatch):
     rec.cpu(0, 100_000, 1)  # scheduling outside any step
     rec.begin_step(1)
     rec.cpu(0, 200_000, 1)
-    rec.executed(1, 2, 2, 900_000, 800_000)
+    rec.forward(1, 2, 2, 800_000)
     rec.end_step()
     rec.begin_step(2)  # opened, then the scheduler had nothing to run
     rec.cancel_step()
     rec.begin_step(2)
     rec.cpu(0, 300_000, 1)
     rec.forward_of_step(1, 1, 2, 2, 500_000)  # resolved late: step 1's pass
-    rec.executed(1, 2, 2, 700_000, 600_000)
+    rec.forward(1, 2, 2, 600_000)
     rec.end_step()
     try:
         rec.begin_step(0)
