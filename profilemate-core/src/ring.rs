@@ -271,20 +271,7 @@ impl RingProducer {
     /// Writes one slot and publishes it. `Err` when the ring is full.
     #[inline(always)]
     pub(crate) fn push(&mut self, slot: Slot) -> Result<(), ()> {
-        if !self.has_room(1) {
-            return Err(());
-        }
-        let end = self.write + 1;
-        // SAFETY: `index < cap`, and the slot is free: the consumer's committed position is at
-        // most `cap` slots behind.
-        unsafe { self.slot_ptr(self.index).write(slot) };
-        self.index += 1;
-        if self.index == self.cap {
-            self.index = 0;
-        }
-        self.write = end;
-        self.field(R_WRITE).store(end, Ordering::Release);
-        Ok(())
+        self.push_in_place(|s| *s = slot)
     }
 
     /// Fills the next free slot in place with `fill` and publishes it. `Err` when the ring is
@@ -297,8 +284,8 @@ impl RingProducer {
             return Err(());
         }
         let end = self.write + 1;
-        // SAFETY: `index < cap`, and the slot is free (as in `push`); nothing else refers to it
-        // until `write` is published below.
+        // SAFETY: `index < cap`, and the slot is free: the consumer's committed position is at
+        // most `cap` slots behind; nothing else refers to it until `write` is published below.
         fill(unsafe { &mut *self.slot_ptr(self.index) });
         self.index += 1;
         if self.index == self.cap {
