@@ -101,10 +101,10 @@ for phase in ["prefill", "decode", "mixed"]:
 for phase in ["decode", "mixed"]:
     m = get("slower", phase, "forward_time_ms", "p50")
     print(f"forward x1.1, {phase} median forward: {fmt(m)}")
-    # The engine's model time is 10 % longer; a step's measured forward time also holds the
-    # timer's and the scheduler's fixed costs, so the measured change is a little under 10 %
-    # (seen: +8.0 % [+3.2 %, +9.7 %] on a loaded machine). The interval must reach the 5 % of
-    # the regression gate and not go past 15 %.
+    # The engine's model time is 10 % longer, but a step's measured forward time also holds the
+    # machine's noise: the measured change and its interval move around +10 % from run to run
+    # (seen: +8.0 % [+3.2 %, +9.7 %], +13.9 % [+11.4 %, +17.7 %]). The interval must reach the
+    # 5 % of the regression gate and not start past 15 %.
     assert m["ci"][1] >= 5.0 and m["ci"][0] <= 15.0, m
 # Decode steps (most steps, each shorter than a scheduler time slice) must resolve it; the
 # long mixed steps of a loaded machine may leave 0 inside their interval.
