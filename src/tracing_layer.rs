@@ -399,8 +399,14 @@ mod tests {
                 }
                 bounds.push((inner, outer.elapsed()));
             }
-            let _nested =
-                tracing::info_span!("schedule").in_scope(|| tracing::info_span!("detokenize").in_scope(|| work(10)));
+            // Work on both sides of the inner span, so that the outer one starts well before it
+            // and ends well after it: a row's end is the clock read when it is recorded, a little
+            // after the span closed (more when the thread is descheduled in between).
+            let _nested = tracing::info_span!("schedule").in_scope(|| {
+                work(500_000);
+                tracing::info_span!("detokenize").in_scope(|| work(10));
+                work(500_000)
+            });
         });
         session.shutdown().unwrap();
         let rows = memory.rows().cpu_operations;
@@ -416,8 +422,11 @@ mod tests {
         }
         // The nested spans: the inner one closes first and lies within the outer one.
         let (inner, outer) = (&rows[3], &rows[4]);
-        assert!(outer.timestamp_ns <= inner.timestamp_ns + 1_000);
-        assert!(inner.timestamp_ns + inner.duration_ns <= outer.timestamp_ns + outer.duration_ns + 1_000);
+        assert!(outer.timestamp_ns < inner.timestamp_ns, "{outer:?} starts before {inner:?}");
+        assert!(
+            inner.timestamp_ns + inner.duration_ns < outer.timestamp_ns + outer.duration_ns,
+            "{inner:?} ends before {outer:?}"
+        );
     }
 
     #[test]
