@@ -78,8 +78,15 @@ fn end(shared: &Shared, kind: ProfilerKind, t: Timed, slot: &mut Slot) -> bool {
 /// Fills words 1 and 2 of `slot` for a region that ended now and lasted `ns`.
 #[inline(always)]
 fn measured(shared: &Shared, ns: u64, slot: &mut Slot) {
+    measured_at(ns, shared.now(), slot);
+}
+
+/// Fills words 1 and 2 of `slot` for a region that ended at `end_raw` (a [`HostClock`](crate::HostClock) reading)
+/// and lasted `ns`.
+#[inline(always)]
+fn measured_at(ns: u64, end_raw: u64, slot: &mut Slot) {
     slot.0[2] |= F_DURATION;
-    slot.set_word(1, shared.now());
+    slot.set_word(1, end_raw);
     slot.set_word(2, ns);
 }
 
@@ -141,6 +148,35 @@ impl ForwardPass {
             s.open_step_for_forward();
             let mut slot = forward_slot(phase, batch_size, num_tokens);
             measured(s, dur_ns(duration), &mut slot);
+            s.push(ProfilerKind::ForwardPass, slot);
+        }
+    }
+
+    /// Records a pass that took `duration` and ended at `end_raw`: a reading of a [`HostClock`](crate::HostClock)
+    /// that the caller took anyway, where the pass ended. Every `HostClock` of a process reads
+    /// the one counter that the session stamps its rows with, so one reading serves both the
+    /// caller's duration and the row's timestamp (a clock read less per record: the vLLM
+    /// binding's step path reads the clock once per region boundary this way). A reading of
+    /// anything else gives the row a meaningless timestamp.
+    ///
+    /// ```
+    /// use profilemate_core::{HostClock, Phase, Session};
+    /// use std::time::Duration;
+    /// let session = Session::builder().in_memory_only().build()?;
+    /// let clock = HostClock::new();
+    /// let start = clock.raw();
+    /// // ... run the model ...
+    /// let end = clock.raw();
+    /// let took = Duration::from_nanos(clock.delta_ns(start, end));
+    /// session.forward_pass().record_ended_at(Phase::Decode, 8, 8, took, end);
+    /// # Ok::<(), profilemate_core::Error>(())
+    /// ```
+    #[inline]
+    pub fn record_ended_at(&self, phase: Phase, batch_size: u32, num_tokens: u32, duration: Duration, end_raw: u64) {
+        if let Some(s) = &self.shared {
+            s.open_step_for_forward();
+            let mut slot = forward_slot(phase, batch_size, num_tokens);
+            measured_at(dur_ns(duration), end_raw, &mut slot);
             s.push(ProfilerKind::ForwardPass, slot);
         }
     }
@@ -293,6 +329,30 @@ impl CpuTiming {
         }
     }
 
+    /// Records `op` that took `duration` and ended at `end_raw`, a [`HostClock`](crate::HostClock) reading the
+    /// caller took where it ended (see [`ForwardPass::record_ended_at`]).
+    ///
+    /// ```
+    /// use profilemate_core::{CpuOp, HostClock, Session};
+    /// use std::time::Duration;
+    /// let session = Session::builder().in_memory_only().build()?;
+    /// let clock = HostClock::new();
+    /// let start = clock.raw();
+    /// // ... schedule ...
+    /// let end = clock.raw();
+    /// let took = Duration::from_nanos(clock.delta_ns(start, end));
+    /// session.cpu_timing().record_ended_at(CpuOp::SCHEDULING, took, end, "phase=decode");
+    /// # Ok::<(), profilemate_core::Error>(())
+    /// ```
+    #[inline]
+    pub fn record_ended_at(&self, op: CpuOp, duration: Duration, end_raw: u64, context: &str) {
+        if let Some(s) = &self.shared {
+            let mut slot = cpu_slot(op, context);
+            measured_at(dur_ns(duration), end_raw, &mut slot);
+            s.push_text(ProfilerKind::CpuTiming, slot, CPU_TEXT_AT, &[context.as_bytes()]);
+        }
+    }
+
     /// Records `op` that took `ms` milliseconds and ended now. Negative, NaN or infinite values
     /// are dropped and counted as [`DropReason::InvalidValue`].
     #[inline]
@@ -415,13 +475,38 @@ impl BatchUtilization {
     #[inline]
     pub fn record(&self, sample: &BatchSample) {
         if let Some(s) = &self.shared {
-            let mut slot = Slot::head(K_BATCH, sample.phase as u8, 0);
-            slot.set_word(1, s.now());
-            slot.set_pair(2, sample.num_seqs, sample.max_num_seqs);
-            slot.set_pair(3, sample.num_tokens, sample.max_tokens);
-            slot.set_pair(4, sample.running_queue_len, sample.waiting_queue_len);
-            s.push(ProfilerKind::BatchUtilization, slot);
+            self.push(s, sample, s.now());
         }
+    }
+
+    /// Records one scheduled batch at `at_raw`, a [`HostClock`](crate::HostClock) reading the caller took (see
+    /// [`ForwardPass::record_ended_at`]).
+    ///
+    /// ```
+    /// use profilemate_core::{BatchSample, HostClock, Phase, Session};
+    /// let session = Session::builder().in_memory_only().build()?;
+    /// let sample = BatchSample {
+    ///     num_seqs: 12, max_num_seqs: 16, num_tokens: 12, max_tokens: 2048,
+    ///     phase: Phase::Decode, running_queue_len: 12, waiting_queue_len: 0,
+    /// };
+    /// session.batch_utilization().record_at(&sample, HostClock::new().raw());
+    /// # Ok::<(), profilemate_core::Error>(())
+    /// ```
+    #[inline]
+    pub fn record_at(&self, sample: &BatchSample, at_raw: u64) {
+        if let Some(s) = &self.shared {
+            self.push(s, sample, at_raw);
+        }
+    }
+
+    #[inline(always)]
+    fn push(&self, s: &Arc<Shared>, sample: &BatchSample, at_raw: u64) {
+        let mut slot = Slot::head(K_BATCH, sample.phase as u8, 0);
+        slot.set_word(1, at_raw);
+        slot.set_pair(2, sample.num_seqs, sample.max_num_seqs);
+        slot.set_pair(3, sample.num_tokens, sample.max_tokens);
+        slot.set_pair(4, sample.running_queue_len, sample.waiting_queue_len);
+        s.push(ProfilerKind::BatchUtilization, slot);
     }
 }
 
@@ -588,6 +673,26 @@ impl Components {
         }
     }
 
+    /// Records `component` that took `duration` and ended at `end_raw`, a [`HostClock`](crate::HostClock)
+    /// reading the caller took where it ended (see [`ForwardPass::record_ended_at`]).
+    ///
+    /// ```
+    /// use profilemate_core::{Component, HostClock, Session};
+    /// use std::time::Duration;
+    /// let session = Session::builder().in_memory_only().build()?;
+    /// let end = HostClock::new().raw();
+    /// session.components().record_ended_at(Component::Decoder, "language_model", Duration::from_micros(900), end);
+    /// # Ok::<(), profilemate_core::Error>(())
+    /// ```
+    #[inline]
+    pub fn record_ended_at(&self, component: Component, context: &str, duration: Duration, end_raw: u64) {
+        if let Some(s) = &self.shared {
+            let mut slot = component_slot(component, context);
+            measured_at(dur_ns(duration), end_raw, &mut slot);
+            s.push_text(ProfilerKind::EncoderDecoder, slot, COMPONENT_TEXT_AT, &[context.as_bytes()]);
+        }
+    }
+
     /// Records `component` that took `ms` milliseconds and ended now. Negative, NaN or infinite
     /// values are dropped and counted as [`DropReason::InvalidValue`].
     #[inline]
@@ -696,13 +801,35 @@ impl KvCacheUsage {
     #[inline]
     pub fn record(&self, sample: &KvCacheSample) {
         if let Some(s) = &self.shared {
-            let mut slot = Slot::head(K_KV_CACHE, 0, 0);
-            slot.set_word(1, s.now());
-            slot.set_pair(2, sample.used_blocks, sample.total_blocks);
-            slot.set_word(3, sample.prefix_cache_queries);
-            slot.set_word(4, sample.prefix_cache_hits);
-            s.push(ProfilerKind::KvCache, slot);
+            self.push(s, sample, s.now());
         }
+    }
+
+    /// Records one reading at `at_raw`, a [`HostClock`](crate::HostClock) reading the caller took (see
+    /// [`ForwardPass::record_ended_at`]).
+    ///
+    /// ```
+    /// use profilemate_core::{HostClock, KvCacheSample, Session};
+    /// let session = Session::builder().in_memory_only().build()?;
+    /// let sample = KvCacheSample { used_blocks: 30, total_blocks: 100, prefix_cache_queries: 4, prefix_cache_hits: 1 };
+    /// session.kv_cache().record_at(&sample, HostClock::new().raw());
+    /// # Ok::<(), profilemate_core::Error>(())
+    /// ```
+    #[inline]
+    pub fn record_at(&self, sample: &KvCacheSample, at_raw: u64) {
+        if let Some(s) = &self.shared {
+            self.push(s, sample, at_raw);
+        }
+    }
+
+    #[inline(always)]
+    fn push(&self, s: &Arc<Shared>, sample: &KvCacheSample, at_raw: u64) {
+        let mut slot = Slot::head(K_KV_CACHE, 0, 0);
+        slot.set_word(1, at_raw);
+        slot.set_pair(2, sample.used_blocks, sample.total_blocks);
+        slot.set_word(3, sample.prefix_cache_queries);
+        slot.set_word(4, sample.prefix_cache_hits);
+        s.push(ProfilerKind::KvCache, slot);
     }
 }
 

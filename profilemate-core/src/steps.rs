@@ -134,22 +134,61 @@ impl Steps {
     /// # Ok::<(), profilemate_core::Error>(())
     /// ```
     pub fn open(&self, id: u64) -> bool {
-        let guard = self.begin_with_id(id);
-        let opened = guard.shared.is_some();
-        if let Some(s) = guard.shared {
-            s.step_start.store(guard.start_raw, Ordering::Relaxed);
+        match &self.shared {
+            Some(s) => self.open_at(id, s.now()),
+            None => false,
         }
-        // The step stays open: the guard's close is what `close` does later.
-        std::mem::forget(guard);
-        opened
     }
 
     /// Closes the step [`open`](Self::open) opened, and records it; nothing when none is open.
     pub fn close(&self) {
         if let Some(s) = &self.shared {
+            self.close_at(s.now());
+        }
+    }
+
+    /// [`open`](Self::open), with the step starting at `start_raw`: a reading of a [`HostClock`]
+    /// that the caller took anyway (every `HostClock` of a process reads the one counter that
+    /// the session stamps its rows with), so that one reading serves two purposes. The vLLM
+    /// binding opens a step where its scheduling time starts.
+    ///
+    /// ```
+    /// use profilemate_core::{HostClock, Session};
+    /// let session = Session::builder().in_memory_only().build()?;
+    /// let (steps, clock) = (session.steps(), HostClock::new());
+    /// let start = clock.raw(); // also the start of something the engine times itself
+    /// assert!(steps.open_at(7, start));
+    /// steps.close_at(clock.raw());
+    /// assert_eq!(steps.current(), None);
+    /// # Ok::<(), profilemate_core::Error>(())
+    /// ```
+    ///
+    /// [`HostClock`]: crate::HostClock
+    pub fn open_at(&self, id: u64, start_raw: u64) -> bool {
+        match &self.shared {
+            Some(s) if (1..=MAX_STEP_ID).contains(&id) => {
+                s.last_step.fetch_max(id, Ordering::Relaxed);
+                s.step.store(id << 1 | 1, Ordering::Relaxed);
+                s.step_start.store(start_raw, Ordering::Relaxed);
+                true
+            }
+            Some(s) => {
+                s.count_drop(ProfilerKind::ForwardPass, DropReason::InvalidValue);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// [`close`](Self::close), with the step ending at `end_raw`, a [`HostClock`] reading as
+    /// for [`open_at`](Self::open_at).
+    ///
+    /// [`HostClock`]: crate::HostClock
+    pub fn close_at(&self, end_raw: u64) {
+        if let Some(s) = &self.shared {
             let id = s.current_step();
             if id != 0 {
-                drop(StepGuard { shared: Some(s), id, start_raw: s.step_start.load(Ordering::Relaxed) });
+                close_and_push(s, id, s.step_start.load(Ordering::Relaxed), end_raw);
             }
         }
     }
@@ -243,17 +282,22 @@ impl StepGuard<'_> {
     pub fn stop(self) {}
 }
 
+#[inline]
+fn close_and_push(s: &Arc<Shared>, id: u64, start_raw: u64, end_raw: u64) {
+    // Close it unless another guard has opened a step since.
+    let _ = s.step.compare_exchange(id << 1 | 1, 0, Ordering::Relaxed, Ordering::Relaxed);
+    let mut slot = Slot::head(K_STEP, 0, 0);
+    slot.set_step(id);
+    slot.set_word(1, start_raw);
+    slot.set_word(2, end_raw);
+    s.push_step(slot);
+}
+
 impl Drop for StepGuard<'_> {
     #[inline]
     fn drop(&mut self) {
         if let Some(s) = self.shared {
-            // Close it unless another guard has opened a step since.
-            let _ = s.step.compare_exchange(self.id << 1 | 1, 0, Ordering::Relaxed, Ordering::Relaxed);
-            let mut slot = Slot::head(K_STEP, 0, 0);
-            slot.set_step(self.id);
-            slot.set_word(1, self.start_raw);
-            slot.set_word(2, s.now());
-            s.push_step(slot);
+            close_and_push(s, self.id, self.start_raw, s.now());
         }
     }
 }

@@ -399,6 +399,7 @@ impl Recorder {
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Recorder>()?;
+    crate::step_functions::add_functions(m)?;
     m.add_class::<crate::live::PyPartsSeries>()?;
     m.add_function(wrap_pyfunction!(resolve_config, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;

@@ -106,9 +106,17 @@ impl StepPath {
     /// Nanoseconds since the mark in `slot`, which is cleared; `None` without a mark.
     #[inline(always)]
     fn since(&self, slot: &AtomicU64) -> Option<u64> {
+        self.since_until(slot, self.clock.raw())
+    }
+
+    /// Nanoseconds from the mark in `slot` (cleared) to the reading `end`; `None` without a
+    /// mark. A region's end reading is also the timestamp of what it records (the handles'
+    /// `record_ended_at`/`record_at`): one clock read per region boundary.
+    #[inline(always)]
+    fn since_until(&self, slot: &AtomicU64, end: u64) -> Option<u64> {
         match slot.swap(0, Relaxed) {
             0 => None,
-            start => Some(self.clock.delta_ns(start, self.clock.raw())),
+            start => Some(self.clock.delta_ns(start, end)),
         }
     }
 
@@ -134,10 +142,13 @@ impl StepPath {
         self.steps.close();
     }
 
-    /// `Scheduler.schedule` begins.
+    /// `Scheduler.schedule` begins: its scheduling time starts, and engine step `step` opens
+    /// at the same clock reading (the result as for [`open_step`](Self::open_step)).
     #[inline]
-    pub(crate) fn schedule_begin(&self) {
-        self.schedule_mark.store(self.mark(), Relaxed);
+    pub(crate) fn schedule_begin(&self, step: u64) -> bool {
+        let t = self.mark();
+        self.schedule_mark.store(t, Relaxed);
+        self.steps.open_at(step, t) || !self.steps.is_enabled()
     }
 
     /// `Scheduler.schedule` returned a step with tokens to run: its scheduling time (since
@@ -162,10 +173,11 @@ impl StepPath {
             self.schedule_mark.store(0, Relaxed);
             return;
         };
-        if let Some(ns) = self.since(&self.schedule_mark) {
-            self.cpu.record(CpuOp::SCHEDULING, Duration::from_nanos(ns), PHASE_CONTEXT[phase]);
+        let now = self.clock.raw();
+        if let Some(ns) = self.since_until(&self.schedule_mark, now) {
+            self.cpu.record_ended_at(CpuOp::SCHEDULING, Duration::from_nanos(ns), now, PHASE_CONTEXT[phase]);
         }
-        self.batch.record(&BatchSample {
+        let batch = BatchSample {
             num_seqs,
             max_num_seqs: self.max_num_seqs.load(Relaxed),
             num_tokens,
@@ -173,16 +185,18 @@ impl StepPath {
             phase: p,
             running_queue_len,
             waiting_queue_len,
-        });
+        };
+        self.batch.record_at(&batch, now);
         if let (Ok(free_blocks), Ok(total_blocks)) =
             (u32::try_from(kv_free_blocks), u32::try_from(self.kv_total_blocks.load(Relaxed)))
         {
-            self.kv_cache.record(&KvCacheSample {
+            let kv = KvCacheSample {
                 used_blocks: total_blocks.saturating_sub(free_blocks),
                 total_blocks,
                 prefix_cache_queries: u64::try_from(prefix_cache_queries).unwrap_or(0),
                 prefix_cache_hits: u64::try_from(prefix_cache_hits).unwrap_or(0),
-            });
+            };
+            self.kv_cache.record_at(&kv, now);
         }
         self.scheduled_phase.store(phase, Relaxed);
         self.scheduled_seqs.store(num_seqs, Relaxed);
@@ -229,17 +243,19 @@ impl StepPath {
         if !self.in_step.swap(false, Relaxed) {
             return;
         }
-        let Some(ns) = self.since(&self.execute_mark) else { return };
+        let now = self.clock.raw();
+        let Some(ns) = self.since_until(&self.execute_mark, now) else { return };
         let phase = self.phase.load(Relaxed);
-        self.cpu.record(CpuOp::MODEL_EXECUTION, Duration::from_nanos(ns), PHASE_CONTEXT[phase]);
+        self.cpu.record_ended_at(CpuOp::MODEL_EXECUTION, Duration::from_nanos(ns), now, PHASE_CONTEXT[phase]);
         if forward {
             let forward = match self.forward_ns.load(Relaxed) {
                 0 => ns,
                 f => f,
             };
             let forward = Duration::from_nanos(forward);
-            self.forward.record(PHASES[phase], self.num_seqs.load(Relaxed), self.num_tokens.load(Relaxed), forward);
-            self.components.record(Component::Decoder, "language_model", forward);
+            let (seqs, tokens) = (self.num_seqs.load(Relaxed), self.num_tokens.load(Relaxed));
+            self.forward.record_ended_at(PHASES[phase], seqs, tokens, forward, now);
+            self.components.record_ended_at(Component::Decoder, "language_model", forward, now);
         }
         self.sample_pending.store(true, Relaxed);
         self.activity.fetch_add(1, Relaxed);
@@ -276,8 +292,10 @@ impl StepPath {
     #[inline]
     pub(crate) fn op_end(&self, op: usize) {
         if let Some(slot) = self.op_marks.get(op) {
-            if let Some(ns) = self.since(slot) {
-                self.cpu.record(OPS[op], Duration::from_nanos(ns), PHASE_CONTEXT[self.phase.load(Relaxed)]);
+            let now = self.clock.raw();
+            if let Some(ns) = self.since_until(slot, now) {
+                let context = PHASE_CONTEXT[self.phase.load(Relaxed)];
+                self.cpu.record_ended_at(OPS[op], Duration::from_nanos(ns), now, context);
             }
         }
     }
@@ -331,7 +349,7 @@ mod tests {
         let session = Session::builder().in_memory_only().sink(memory.clone()).build().unwrap();
         let p = StepPath::new(&session);
         p.set_limits(8, 512, 100);
-        p.schedule_begin();
+        assert!(p.schedule_begin(3));
         spin(Duration::from_micros(50));
         p.scheduled(2, 5, 40, 5, 3, 70, 4, 1);
         p.execute_begin();

@@ -785,3 +785,62 @@ def test_native_step_methods_give_rows_their_step(tmp_path, monkeypatch):
     assert [(r["step"], r["forward_passes"], r["forward_time_ms"]) for r in timeline] == [
         ("1", "2", "1.300000"), ("2", "1", "0.600000")
     ]
+
+
+def test_step_path_reads_queue_lengths_natively_and_has_zero_scans_counts(tmp_path, monkeypatch):
+    """``StepPath.scheduled`` takes each queue as a length or as the queue: a list, a queue of
+    the ``set_queue_type`` type (its base's C length), anything else through ``len()``; the rows
+    hold those lengths. Wrong arguments raise naming what is expected. ``has_zero`` is
+    ``not all(counts)`` for lists, other iterables, bools and floats."""
+    import collections
+
+    from profilemate_vllm import _native
+
+    for k in list(os.environ):
+        if k.startswith(("VLLM_PROFILING_", "PROFILEMATE_")):
+            monkeypatch.delenv(k)
+
+    class Fcfs(collections.deque):
+        def __len__(self):  # as vLLM's FCFSRequestQueue: the deque's own length
+            return super().__len__()
+
+    class Odd(collections.deque):
+        def __len__(self):  # not registered: measured by len()
+            return 7
+
+    rec = _native.Recorder(str(tmp_path / "part"))
+    rec.set_limits(8, 64, -1)
+    p = rec.step_path()
+    p.set_queue_type(Fcfs, collections.deque)
+    for step, (running, waiting, held) in enumerate(
+        [([1, 2, 3], Fcfs([1, 2]), Fcfs([3])), (5, 4, 0), (Fcfs(), Odd([1]), [9, 9])], start=1
+    ):
+        p.schedule_begin(step)
+        p.scheduled(1, 2, 2, running, waiting, held, -1, 0, 0)
+        p.end_step()
+    for bad, why in [
+        (lambda: p.set_queue_type(int, collections.deque), "subclass of base"),
+        (lambda: p.set_queue_type(Fcfs, 3), "subclass of base"),
+        (lambda: p.set_queue_type(Fcfs, object), "no C length function"),
+        (lambda: p.scheduled(1, 2, 2, 3, 4, -1, 0, 0), "takes 9 arguments (8 given)"),
+        (lambda: p.scheduled(1, 2, 2, object(), 4, 0, -1, 0, 0), "has no len()"),
+    ]:
+        try:
+            bad()
+            raise AssertionError(f"accepted: {why}")
+        except TypeError as e:
+            assert why in str(e), e
+    rec.shutdown()
+    with open(tmp_path / "part" / "batch_utilization.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["running_queue_len"], r["waiting_queue_len"]) for r in rows] == [("3", "3"), ("5", "4"), ("0", "9")]
+
+    has_zero = _native.has_zero
+    for counts in ([], [1, 2, 3], [0], [4, 0, 5], (1, 0), [True, False], [1, 0.0], [2.5], [10**30, 10**30 - 10**30]):
+        assert has_zero(counts) == (not all(counts)), counts
+    assert has_zero(iter([2, 3])) is False and has_zero(c for c in [2, 0]) is True
+    try:
+        has_zero(5)
+        raise AssertionError("an int accepted as counts")
+    except TypeError:
+        pass

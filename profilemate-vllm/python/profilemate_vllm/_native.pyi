@@ -1,7 +1,7 @@
 """The native module: recording through the profilemate core (Rust)."""
 
 from os import PathLike
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Sized, Union
 
 __version__: str
 
@@ -122,15 +122,25 @@ class StepPath:
         phase: int,
         num_seqs: int,
         num_tokens: int,
-        running_queue_len: int,
-        waiting_queue_len: int,
+        running: Union[int, Sized],
+        waiting: Union[int, Sized],
+        waiting2: Union[int, Sized],
         kv_free_blocks: int,
         prefix_cache_queries: int,
         prefix_cache_hits: int,
     ) -> None:
         """A non-empty step seen by the scheduler: the scheduling time since ``schedule_begin``,
         the batch against the recorder's limits, and a KV cache reading (skipped if
-        ``kv_free_blocks`` or the limits' total is negative). Kept for ``execute_begin``."""
+        ``kv_free_blocks`` or the limits' total is negative). Kept for ``execute_begin``.
+
+        ``running``, ``waiting`` and ``waiting2`` are queue lengths, or the queues themselves
+        (a ``list``, an object of the ``set_queue_type`` type, anything with ``len()``): the
+        running queue's length, and the waiting queue's as ``waiting + waiting2``."""
+    def set_queue_type(self, queue_type: type, base: type) -> None:
+        """Queues of exactly ``queue_type`` given to ``scheduled`` are measured by ``base``'s C
+        length function (``base``: a base class of ``queue_type`` with one, such as
+        ``collections.deque``), without a Python frame; the caller vouches that
+        ``len()`` of a ``queue_type`` returns what ``base``'s does. ``TypeError`` otherwise."""
     def execute_begin(self) -> None:
         """The model runner's step begins, with the step ``scheduled`` recorded last."""
     def execute_begin_with(self, phase: int, num_seqs: int, num_tokens: int) -> None:
@@ -150,3 +160,8 @@ class StepPath:
         """Opens engine step ``step`` (a worker process opens the engine core's id)."""
     def end_step(self) -> None:
         """Closes the open step."""
+
+
+def has_zero(counts: Iterable[int]) -> bool:
+    """Whether ``counts`` holds a 0 (``not all(counts)``), scanned natively: for a list of ints a
+    comparison of each item against CPython's cached 0, about 1.5 ns a count."""
