@@ -334,56 +334,41 @@ unsafe extern "C" fn has_zero(_module: *mut ffi::PyObject, counts: *mut ffi::PyO
     // borrowed item of a list we do not change; the GIL is held throughout.
     unsafe {
         let truth = |item: *mut ffi::PyObject| -> Result<bool, ()> {
+            if item.is_null() {
+                return Err(()); // the list shrank under an item's `__bool__` (IndexError is set)
+            }
             if ptr::eq(item, zero) {
                 return Ok(false);
             }
             if ffi::PyLong_CheckExact(item) != 0 {
                 return Ok(true);
             }
-            match ffi::PyObject_IsTrue(item) {
+            // Python code may run (`__bool__`): the item is held while it does.
+            let item = ffi::Py_NewRef(item);
+            let v = ffi::PyObject_IsTrue(item);
+            ffi::Py_DecRef(item);
+            match v {
                 -1 => Err(()),
                 v => Ok(v != 0),
             }
         };
-        let found = if ffi::PyList_CheckExact(counts) != 0 {
-            let mut found = Ok(false);
-            for i in 0..ffi::PyList_Size(counts) {
-                match truth(ffi::PyList_GetItem(counts, i)) {
-                    Ok(true) => {}
-                    other => {
-                        found = other.map(|_| true);
-                        break;
-                    }
-                }
-            }
-            found
-        } else {
-            let iter = ffi::PyObject_GetIter(counts);
-            if iter.is_null() {
-                return ptr::null_mut();
-            }
-            let mut found = Ok(false);
-            loop {
-                let item = ffi::PyIter_Next(iter);
-                if item.is_null() {
-                    if !ffi::PyErr_Occurred().is_null() {
-                        found = Err(());
-                    }
+        // Another iterable becomes a list first (an allocation, off the path vLLM takes).
+        let list =
+            if ffi::PyList_CheckExact(counts) != 0 { ffi::Py_NewRef(counts) } else { ffi::PySequence_List(counts) };
+        if list.is_null() {
+            return ptr::null_mut();
+        }
+        let mut found = Ok(false);
+        for i in 0..ffi::PyList_Size(list) {
+            match truth(ffi::PyList_GetItem(list, i)) {
+                Ok(true) => {}
+                other => {
+                    found = other.map(|_| true);
                     break;
                 }
-                let t = truth(item);
-                ffi::Py_DecRef(item);
-                match t {
-                    Ok(true) => {}
-                    other => {
-                        found = other.map(|_| true);
-                        break;
-                    }
-                }
             }
-            ffi::Py_DecRef(iter);
-            found
-        };
+        }
+        ffi::Py_DecRef(list);
         match found {
             Ok(b) => boolean(b).unwrap_or(ptr::null_mut()),
             Err(()) => ptr::null_mut(),
