@@ -98,6 +98,11 @@ def inproc_basic(model, tmp_path_factory) -> Run:
 
 
 @pytest.fixture(scope="session")
+def inproc_priority(model, tmp_path_factory) -> Run:
+    return run_vllm(model, tmp_path_factory.mktemp("inproc-priority"), "priority", multiprocessing=False)
+
+
+@pytest.fixture(scope="session")
 def mp_basic(model, tmp_path_factory) -> Run:
     return run_vllm(model, tmp_path_factory.mktemp("mp-basic"), "basic", multiprocessing=True)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 import contract
 from conftest import REPORT, Run
 
@@ -80,6 +82,31 @@ def test_batch_rows_match_the_scheduler_outputs(basic: Run):
     if not basic.counts["multiprocessing"]:
         # All requests were added before the first step.
         assert int(rows[0]["running_queue_len"]) + int(rows[0]["waiting_queue_len"]) == n_requests
+
+
+@pytest.mark.parametrize("name", ["inproc_basic", "inproc_priority", "inproc_preempt"])
+def test_queue_lengths_and_kv_blocks_equal_the_schedulers_own_counts(name: str, request):
+    """Each step's running and waiting queue lengths, and its KV cache blocks used, are what
+    vLLM's own ``get_request_counts`` and ``get_num_free_blocks`` say right after scheduling:
+    read natively past vLLM's methods for its first-come-first-served queues (basic, preempt),
+    through the method under priority scheduling."""
+    run = request.getfixturevalue(name)
+    seen = run.counts["at_schedule"]
+    batch = contract.read_csv(os.path.join(run.dir, "batch_utilization.csv"))
+    kv = contract.read_csv(os.path.join(run.dir, "kv_cache_usage.csv"))
+    assert len(batch) == len(kv) == len(seen) == len(run.counts["iterations"]) > 0
+    for step, (b, k, (running, waiting, free, blocks)) in enumerate(zip(batch, kv, seen), start=1):
+        assert (int(b["running_queue_len"]), int(b["waiting_queue_len"])) == (running, waiting), step
+        # One block of the pool is vLLM's null block, never free and never used by a request.
+        assert (int(k["used_blocks"]), int(k["total_blocks"])) == (blocks - 1 - free, blocks - 1), step
+    assert max(w for _, w, _, _ in seen) > 0, "requests must wait"
+    assert len({f for _, _, f, _ in seen}) > 1, "the KV cache's use must change"
+    assert run.counts["plugin"]["sched_reader"] == {"fast_counts": name != "inproc_priority", "fast_free": True}
+    REPORT.append(
+        f"{name}: queue lengths and KV blocks of {len(seen)} steps equal vLLM's get_request_counts and "
+        f"get_num_free_blocks (waiting up to {max(w for _, w, _, _ in seen)}, used blocks "
+        f"{min(blocks - 1 - f for _, _, f, blocks in seen)} to {max(blocks - 1 - f for _, _, f, blocks in seen)})"
+    )
 
 
 def test_one_lifecycle_row_per_request(basic: Run):

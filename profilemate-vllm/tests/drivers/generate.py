@@ -84,6 +84,12 @@ def scenario(name: str):
             enable_chunked_prefill=True,
         )
         lengths = [(10, 100) for _ in range(8)]
+    elif name == "priority":
+        # The basic workload under priority scheduling: the scheduler's queues are not the
+        # first-come-first-served deques the plugin reads natively, so it asks vLLM's
+        # ``get_request_counts`` (priorities are given in ``main``).
+        args = dict(common, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64, scheduling_policy="priority")
+        lengths = [(23, 12), (150, 8), (40, 20), (90, 16), (7, 24), (64, 10)]
     elif name == "bench":
         args = dict(common, max_model_len=512, max_num_seqs=16, max_num_batched_tokens=512)
         lengths = [(rng.randint(16, 64), 128) for _ in range(16)]
@@ -110,7 +116,9 @@ def plugin_state():
         if func is not None and hasattr(func, WRAPPED_ATTR):
             wrapped.append(f"{spec.module}.{spec.cls}.{spec.method}")
     loaded = [s.module for s in SPECS if s.module in _sys.modules]
+    reader = S.sched_reader  # how the scheduler's queues and free blocks were read (in-process)
     return {
+        "sched_reader": None if reader is None else {"fast_counts": reader[2], "fast_free": reader[5]},
         "register_calls": S.register_calls,
         "active": S.active,
         "wrapped": wrapped,
@@ -172,6 +180,29 @@ def watch_phases(engine, seen) -> None:
         return out
 
     sched._preempt_request = _preempt_request
+    sched.schedule = _schedule
+
+
+def watch_accounting(engine, seen) -> None:
+    """In-process: vLLM's own counts at each non-empty step, read with its own methods right
+    after ``Scheduler.schedule`` returns, where the plugin reads them: the running and waiting
+    requests (``Scheduler.get_request_counts``), and the blocks free in the KV cache's pool
+    (``BlockPool.get_num_free_blocks``) with the pool's size."""
+    core = getattr(engine.engine_core, "engine_core", None)
+    if core is None:
+        return
+    sched = core.scheduler
+    pool = sched.kv_cache_manager.block_pool
+    schedule = sched.schedule
+    seen["at_schedule"] = []
+
+    def _schedule(*a, **k):
+        out = schedule(*a, **k)
+        if out.total_num_scheduled_tokens:
+            running, waiting = sched.get_request_counts()
+            seen["at_schedule"].append([running, waiting, pool.get_num_free_blocks(), pool.num_gpu_blocks])
+        return out
+
     sched.schedule = _schedule
 
 
@@ -247,9 +278,11 @@ def main() -> int:
     t_ready = time.monotonic()
     for i, (ids, max_tokens) in enumerate(prompts):
         params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
-        engine.add_request(f"req-{i}", {"prompt_token_ids": ids}, params)
+        priority = (i * 7) % 3 if args.scenario == "priority" else 0
+        engine.add_request(f"req-{i}", {"prompt_token_ids": ids}, params, priority=priority)
     if args.scenario == "recompute":
         watch_phases(engine, seen)
+    watch_accounting(engine, seen)
     outputs = {}
     steps = 0
     aborted = []
