@@ -9,7 +9,7 @@ use crate::manifest::{OutputBudgetReport, RunManifest, FORMAT_VERSION, MANIFEST_
 use crate::moe_counts::LayerSnapshot;
 use crate::profilers::*;
 use crate::record::*;
-use crate::recorder::{DropCounters, MoeSource, Shared, ThreadBuffer, Timing};
+use crate::recorder::{warn_once, DropCounters, MoeSource, Shared, ThreadBuffer, Timing};
 use crate::rows::{Rows, Table};
 use crate::sink::{write_atomic, Sink};
 use crate::step_timeline::StepTimeline;
@@ -996,16 +996,6 @@ fn log_summaries(s: &Summaries, steps: u64) {
         line += &format!("; encoder {:.1}%", e.encoder_pct);
     }
     eprintln!("{line}");
-}
-
-pub(crate) fn warn_once(msg: &str) {
-    use std::sync::Mutex;
-    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    if !seen.iter().any(|m| m == msg) {
-        seen.push(msg.to_string());
-        eprintln!("profilemate: {msg}");
-    }
 }
 
 #[cfg(test)]

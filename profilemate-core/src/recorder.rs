@@ -144,7 +144,7 @@ impl Shared {
         if let Some(file) = &self.buffer_file {
             match file.new_ring(kind) {
                 Ok(ring) => return ring,
-                Err(e) => crate::collector::warn_once(&format!(
+                Err(e) => warn_once(&format!(
                     "cannot add a thread buffer to {} ({e}): this thread records into memory, which a kill \
                      of the process loses",
                     file.path().display()
@@ -310,5 +310,17 @@ impl Shared {
         drop(incoming);
         buffers.push(LocalBuffer { session: self.id, producer, drops, shared, moe: None });
         buffers.len() - 1
+    }
+}
+
+/// Prints `msg` to stderr once per process (a message said again is not repeated): a profiler
+/// that cannot do part of its job says why once, off the hot path.
+pub(crate) fn warn_once(msg: &str) {
+    use std::sync::Mutex;
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if !seen.iter().any(|m| m == msg) {
+        seen.push(msg.to_string());
+        eprintln!("profilemate: {msg}");
     }
 }
