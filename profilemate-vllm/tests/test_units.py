@@ -844,3 +844,51 @@ def test_step_path_reads_queue_lengths_natively_and_has_zero_scans_counts(tmp_pa
         raise AssertionError("an int accepted as counts")
     except TypeError:
         pass
+
+
+def test_has_zero_follows_all_when_an_items_bool_changes_the_list():
+    """``has_zero`` is ``not all(counts)`` even when an item's ``__bool__`` shrinks or grows the
+    list being scanned (``all`` reads the list's length again at each item): no ``IndexError``,
+    and items appended while scanning are scanned. Its references are balanced."""
+    import sys
+
+    from profilemate_vllm._native import has_zero
+
+    class Clears:
+        def __init__(self, counts):
+            self.counts = counts
+
+        def __bool__(self):
+            self.counts.clear()
+            return True
+
+    class Appends:
+        def __init__(self, counts, value):
+            self.counts, self.value = counts, value
+
+        def __bool__(self):
+            self.counts.append(self.value)
+            return True
+
+    def cases():
+        a = [1, 2]
+        a.insert(0, Clears(a))  # the 2 left items are gone once it is tested
+        yield a
+        b = [0]
+        b.insert(0, Clears(b))  # its 0 too
+        yield b
+        c = [3]
+        c.append(Appends(c, 0))  # a 0 appended while scanning
+        yield c
+        d = [3]
+        d.append(Appends(d, 5))
+        yield d
+
+    for expected, counts in zip(cases(), cases()):
+        assert has_zero(counts) == (not all(expected)), expected
+    item = Appends([], 1)
+    counts = [7, item, 0]
+    before = (sys.getrefcount(counts), sys.getrefcount(item))
+    for _ in range(100):
+        assert has_zero(counts) is True
+    assert (sys.getrefcount(counts), sys.getrefcount(item)) == before
