@@ -52,7 +52,7 @@ impl StepAcc {
 }
 
 fn add(slot: &mut Option<u64>, ns: u64) {
-    *slot = Some(slot.unwrap_or(0) + ns);
+    *slot = Some(slot.unwrap_or(0).saturating_add(ns));
 }
 
 /// Statistics of one phase's steps in `step_timeline_summary.json`. Totals are milliseconds.
@@ -218,8 +218,8 @@ impl StepTimeline {
             a.span(start, start + ns);
             a.components = true;
             match component {
-                Component::Encoder => a.encoder += ns,
-                Component::Decoder => a.decoder += ns,
+                Component::Encoder => a.encoder = a.encoder.saturating_add(ns),
+                Component::Decoder => a.decoder = a.decoder.saturating_add(ns),
                 Component::CrossAttention => {}
             }
         }
@@ -275,8 +275,9 @@ impl StepTimeline {
         let wall = end.saturating_sub(start);
         let gap = self.last_end.map(|e| start.saturating_sub(e));
         self.last_end = Some(end);
-        let claimed: u64 =
-            [a.forward_ns, a.scheduling, a.preparation, a.sampling, a.other_cpu].iter().map(|v| v.unwrap_or(0)).sum();
+        let claimed = [a.forward_ns, a.scheduling, a.preparation, a.sampling, a.other_cpu]
+            .iter()
+            .fold(0u64, |sum, v| sum.saturating_add(v.unwrap_or(0)));
         let unclaimed = wall.saturating_sub(claimed);
         let phase = a.forward_phase.or(a.batch_phase);
         let (cuda_graph, padded, padding) = match a.graph {
@@ -325,15 +326,20 @@ impl StepTimeline {
         if let Some(p) = row.phase {
             let agg = &mut self.phases[p.index()];
             agg.wall.record(row.wall_ns);
-            let t = &mut agg.totals;
-            t[0] += row.forward_time_ns.unwrap_or(0);
-            t[1] += row.scheduling_ns.unwrap_or(0);
-            t[2] += row.batch_preparation_ns.unwrap_or(0);
-            t[3] += row.sampling_ns.unwrap_or(0);
-            t[4] += row.other_cpu_ns.unwrap_or(0);
-            t[5] += row.unclaimed_ns;
-            t[6] += row.host_gap_before_ns.unwrap_or(0);
-            t[7] += row.encoder_time_ns.unwrap_or(0);
+            let parts = [
+                row.forward_time_ns.unwrap_or(0),
+                row.scheduling_ns.unwrap_or(0),
+                row.batch_preparation_ns.unwrap_or(0),
+                row.sampling_ns.unwrap_or(0),
+                row.other_cpu_ns.unwrap_or(0),
+                row.unclaimed_ns,
+                row.host_gap_before_ns.unwrap_or(0),
+                row.encoder_time_ns.unwrap_or(0),
+            ];
+            // Saturating: a duration given by the engine may be anything up to `u64::MAX`.
+            for (t, ns) in agg.totals.iter_mut().zip(parts) {
+                *t = t.saturating_add(ns);
+            }
             agg.preemptions += u64::from(row.preemptions.unwrap_or(0));
         }
     }

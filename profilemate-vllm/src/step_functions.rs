@@ -327,29 +327,28 @@ fn cached_zero() -> *mut ffi::PyObject {
 /// `has_zero(counts)`: whether `counts` (a list of `int`, or any iterable) holds a 0. For a list
 /// of ints it is a scan of pointers against the cached 0 (about 1.5 ns a count, against 3.5 for
 /// `not all(counts)`: the classification's scan of every running request's output count); an item
-/// that is not exactly an `int` is tested for truth as `all()` would.
+/// that is not exactly an `int` is tested for truth as `all()` would, and the scan follows the
+/// list as `all()` does when that test changes it.
 unsafe extern "C" fn has_zero(_module: *mut ffi::PyObject, counts: *mut ffi::PyObject) -> *mut ffi::PyObject {
     let zero = cached_zero();
     // SAFETY: `counts` is a borrowed argument of the current call; `PyList_GetItem` returns a
     // borrowed item of a list we do not change; the GIL is held throughout.
     unsafe {
-        let truth = |item: *mut ffi::PyObject| -> Result<bool, ()> {
-            if item.is_null() {
-                return Err(()); // the list shrank under an item's `__bool__` (IndexError is set)
-            }
+        // An item's truth, and whether finding it ran Python code (`__bool__`, which may change
+        // the list; the item is held while it runs).
+        let truth = |item: *mut ffi::PyObject| -> Result<(bool, bool), ()> {
             if ptr::eq(item, zero) {
-                return Ok(false);
+                return Ok((false, false));
             }
             if ffi::PyLong_CheckExact(item) != 0 {
-                return Ok(true);
+                return Ok((true, false));
             }
-            // Python code may run (`__bool__`): the item is held while it does.
             let item = ffi::Py_NewRef(item);
             let v = ffi::PyObject_IsTrue(item);
             ffi::Py_DecRef(item);
             match v {
                 -1 => Err(()),
-                v => Ok(v != 0),
+                v => Ok((v != 0, true)),
             }
         };
         // Another iterable becomes a list first (an allocation, off the path vLLM takes).
@@ -358,15 +357,22 @@ unsafe extern "C" fn has_zero(_module: *mut ffi::PyObject, counts: *mut ffi::PyO
         if list.is_null() {
             return ptr::null_mut();
         }
-        let mut found = Ok(false);
-        for i in 0..ffi::PyList_Size(list) {
+        // As `all()` iterates a list: up to its length at each item, which only an item's
+        // `__bool__` can change (shrinking or growing the list), so it is read again after one.
+        let (mut found, mut i, mut n) = (Ok(false), 0, ffi::PyList_Size(list));
+        while i < n {
             match truth(ffi::PyList_GetItem(list, i)) {
-                Ok(true) => {}
+                Ok((true, ran_code)) => {
+                    if ran_code {
+                        n = ffi::PyList_Size(list);
+                    }
+                }
                 other => {
                     found = other.map(|_| true);
                     break;
                 }
             }
+            i += 1;
         }
         ffi::Py_DecRef(list);
         match found {

@@ -844,3 +844,122 @@ def test_step_path_reads_queue_lengths_natively_and_has_zero_scans_counts(tmp_pa
         raise AssertionError("an int accepted as counts")
     except TypeError:
         pass
+
+
+def test_has_zero_follows_all_when_an_items_bool_changes_the_list():
+    """``has_zero`` is ``not all(counts)`` even when an item's ``__bool__`` shrinks or grows the
+    list being scanned (``all`` reads the list's length again at each item): no ``IndexError``,
+    and items appended while scanning are scanned. Its references are balanced."""
+    import sys
+
+    from profilemate_vllm._native import has_zero
+
+    class Clears:
+        def __init__(self, counts):
+            self.counts = counts
+
+        def __bool__(self):
+            self.counts.clear()
+            return True
+
+    class Appends:
+        def __init__(self, counts, value):
+            self.counts, self.value = counts, value
+
+        def __bool__(self):
+            self.counts.append(self.value)
+            return True
+
+    def cases():
+        a = [1, 2]
+        a.insert(0, Clears(a))  # the 2 left items are gone once it is tested
+        yield a
+        b = [0]
+        b.insert(0, Clears(b))  # its 0 too
+        yield b
+        c = [3]
+        c.append(Appends(c, 0))  # a 0 appended while scanning
+        yield c
+        d = [3]
+        d.append(Appends(d, 5))
+        yield d
+
+    for expected, counts in zip(cases(), cases()):
+        assert has_zero(counts) == (not all(expected)), expected
+    item = Appends([], 1)
+    counts = [7, item, 0]
+    before = (sys.getrefcount(counts), sys.getrefcount(item))
+    for _ in range(100):
+        assert has_zero(counts) is True
+    assert (sys.getrefcount(counts), sys.getrefcount(item)) == before
+
+
+def test_step_path_queue_type_references_and_hostile_lengths(tmp_path, monkeypatch):
+    """``set_queue_type`` holds one reference to the registered type, releases it when replaced
+    and when the step path goes; ``scheduled`` leaves its queues' references as they were. A
+    ``__len__`` that calls back into the step path (recording a step, registering a type) is
+    measured as it returns; lengths ``len()`` refuses raise its error; huge lengths saturate."""
+    import collections
+    import gc
+    import sys
+
+    from profilemate_vllm import _native
+
+    for k in list(os.environ):
+        if k.startswith(("VLLM_PROFILING_", "PROFILEMATE_")):
+            monkeypatch.delenv(k)
+
+    class Fcfs(collections.deque):
+        def __len__(self):
+            return super().__len__()
+
+    class Other(list):
+        pass
+
+    rec = _native.Recorder(str(tmp_path / "part"))
+    rec.set_limits(8, 64, -1)
+    p = rec.step_path()
+    fcfs, other = sys.getrefcount(Fcfs), sys.getrefcount(Other)
+    p.set_queue_type(Fcfs, collections.deque)
+    p.set_queue_type(Fcfs, collections.deque)
+    assert sys.getrefcount(Fcfs) == fcfs + 1
+    p.set_queue_type(Other, list)
+    assert (sys.getrefcount(Fcfs), sys.getrefcount(Other)) == (fcfs, other + 1)
+
+    class Reenters:
+        def __len__(self):
+            p.set_queue_type(Fcfs, collections.deque)  # releases Other while it is measured
+            p.scheduled(1, 1, 1, 11, 0, 0, -1, 0, 0)
+            return 2
+
+    class Huge:
+        def __len__(self):
+            return 2**62
+
+    class Negative:
+        def __len__(self):
+            return -1
+
+    queue = Fcfs([1, 2, 3])
+    before = sys.getrefcount(queue)
+    p.schedule_begin(1)
+    p.scheduled(1, 1, 1, Reenters(), Other([1]), queue, -1, 0, 0)
+    p.end_step()
+    assert sys.getrefcount(queue) == before
+    p.schedule_begin(2)
+    p.scheduled(1, 1, 1, Huge(), Huge(), Huge(), -1, 0, 0)
+    p.end_step()
+    for bad, error in [(Negative(), ValueError), (2**70, OverflowError), (1.5, TypeError), (None, TypeError)]:
+        try:
+            p.scheduled(1, 1, 1, bad, 0, 0, -1, 0, 0)
+            raise AssertionError(f"accepted {bad!r}")
+        except error:
+            pass
+    assert (sys.getrefcount(Fcfs), sys.getrefcount(Other)) == (fcfs + 2, other)  # p's, and queue's
+    del p
+    gc.collect()
+    assert sys.getrefcount(Fcfs) == fcfs + 1  # queue's only
+    rec.shutdown()
+    with open(tmp_path / "part" / "batch_utilization.csv") as f:
+        rows = [(r["step"], r["running_queue_len"], r["waiting_queue_len"]) for r in csv.DictReader(f)]
+    assert rows == [("1", "11", "0"), ("1", "2", "4"), ("2", str(2**32 - 1), str(2**32 - 1))], rows
