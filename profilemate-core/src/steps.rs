@@ -141,6 +141,8 @@ impl Steps {
     }
 
     /// Closes the step [`open`](Self::open) opened, and records it; nothing when none is open.
+    /// It closes whatever step is open: one a [`StepGuard`] holds too, whose own row then
+    /// follows when the guard is dropped. Use guards or `open`/`close`, not both at once.
     pub fn close(&self) {
         if let Some(s) = &self.shared {
             self.close_at(s.now());

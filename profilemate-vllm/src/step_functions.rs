@@ -244,7 +244,9 @@ unsafe extern "C" fn scheduled(
 /// `set_queue_type(queue_type, base)`: objects of exactly `queue_type` passed to `scheduled` as
 /// queues are measured by `base`'s C length function (`base` a base class of `queue_type` with
 /// one, such as `collections.deque`). The caller vouches that `queue_type`'s `len()` returns
-/// what `base`'s does. `TypeError` otherwise.
+/// what `base`'s does. `TypeError` otherwise. The step path holds `queue_type` until another
+/// type replaces it or the step path is freed (the type is not tracked by Python's garbage
+/// collector: a queue type that refers back to the step path is never freed).
 unsafe extern "C" fn set_queue_type(
     slf: *mut ffi::PyObject,
     args: *mut *mut ffi::PyObject,

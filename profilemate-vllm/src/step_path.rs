@@ -143,12 +143,14 @@ impl StepPath {
     }
 
     /// `Scheduler.schedule` begins: its scheduling time starts, and engine step `step` opens
-    /// at the same clock reading (the result as for [`open_step`](Self::open_step)).
+    /// at the same clock reading (the result as for [`open_step`](Self::open_step)). An id out
+    /// of range starts no scheduling time either, as for any other id the caller cannot give.
     #[inline]
     pub(crate) fn schedule_begin(&self, step: u64) -> bool {
         let t = self.mark();
-        self.schedule_mark.store(t, Relaxed);
-        self.steps.open_at(step, t) || !self.steps.is_enabled()
+        let opened = self.steps.open_at(step, t) || !self.steps.is_enabled();
+        self.schedule_mark.store(if opened { t } else { 0 }, Relaxed);
+        opened
     }
 
     /// `Scheduler.schedule` returned a step with tokens to run: its scheduling time (since
@@ -417,7 +419,8 @@ mod tests {
         assert!(!p.sample_begin());
         p.execute_end(true);
         p.scheduled(3, 1, 1, 0, 0, 1, 0, 0); // unknown phase
-        p.scheduled(1, 2, 2, 2, 0, 5, 0, 0); // no schedule_begin, no KV total: batch row only
+        assert!(!p.schedule_begin(0), "step id 0 is refused, and starts no scheduling time");
+        p.scheduled(1, 2, 2, 2, 0, 5, 0, 0); // no scheduling start, no KV total: batch row only
         assert_eq!(memory.rows().cpu_operations.len(), 0);
         p.execute_begin_with(7, 2, 2); // phase clamped to mixed
         p.execute_end(true);
