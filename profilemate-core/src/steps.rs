@@ -106,13 +106,13 @@ impl Steps {
     #[inline]
     pub fn begin_with_id(&self, id: u64) -> StepGuard<'_> {
         match &self.shared {
-            Some(s) if (1..=MAX_STEP_ID).contains(&id) => {
-                s.last_step.fetch_max(id, Ordering::Relaxed);
-                open(s, id)
-            }
             Some(s) => {
-                s.count_drop(ProfilerKind::ForwardPass, DropReason::InvalidValue);
-                StepGuard { shared: None, id: 0, start_raw: 0 }
+                let start_raw = s.now();
+                if self.open_at(id, start_raw) {
+                    StepGuard { shared: Some(s), id, start_raw }
+                } else {
+                    StepGuard { shared: None, id: 0, start_raw: 0 }
+                }
             }
             None => StepGuard { shared: None, id: 0, start_raw: 0 },
         }
